@@ -1,0 +1,41 @@
+# aiid-proxy: `make run` starts the gateway with demo defaults, `make test` runs the whole suite.
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+AIID_HOME ?= $(CURDIR)/.aiid
+AIID_POLICIES ?= $(CURDIR)/policies
+export AIID_HOME AIID_POLICIES
+
+.PHONY: install run test lint fmt bench soak fuzz clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $$(scripts/find-python.sh) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+run: $(STAMP)
+	@$(BIN)/python scripts/demo_home.py
+	$(BIN)/aiid run
+
+lint: $(STAMP)
+	$(BIN)/ruff check aiid_proxy addons tests scripts
+	$(BIN)/ruff format --check aiid_proxy addons tests scripts
+	$(BIN)/mypy
+
+fmt: $(STAMP)
+	$(BIN)/ruff format aiid_proxy addons tests scripts
+	$(BIN)/ruff check --fix aiid_proxy addons tests scripts
+
+test: lint
+	$(BIN)/python -m pytest -q -n 2 -p no:cacheprovider
+
+bench: $(STAMP)
+	$(BIN)/python scripts/bench_policy.py
+	$(BIN)/python scripts/bench_audit.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
