@@ -64,9 +64,21 @@ class AuditError(AiidError):
 class RequestRefused(AiidError):
     """A request that the gateway answers with a refusal in the contract's JSON shape."""
 
-    def __init__(self, status: int, type_: str, message: str, rule: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        type_: str,
+        message: str,
+        rule: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.status = status
         self.type = type_
         self.message = message
         self.rule = rule
+        self.headers = headers or {}
         super().__init__(f"{status} {type_}: {message}")
+
+
+class IncompleteVerdict(AiidError):
+    """A pipeline stage ran out of order or without its prerequisites: the flow must not leave."""

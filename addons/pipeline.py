@@ -1,0 +1,559 @@
+"""The gateway as mitmproxy addons.
+
+One addon per pipeline stage (identity -> route -> policy -> rate limit -> audit -> inject),
+then ``LastGate``: each is a separate top-level addon, so an exception in one stage (which
+mitmproxy only logs) cannot skip the gate. A stage does nothing unless every stage before it
+completed; the gate kills every flow that does not carry a complete, sealed allow verdict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from mitmproxy import connection, ctx, exceptions, http, tcp, udp
+from mitmproxy.utils import human
+
+from aiid_proxy.bodies import DEFAULT_BODY_LIMIT
+from aiid_proxy.control import Answer, ApprovalBroker, ControlServer
+from aiid_proxy.errors import AiidError, RequestRefused
+from aiid_proxy.gateway import (
+    FlowState,
+    Gateway,
+    Target,
+    _token_from_value,
+    is_ip_literal,
+    refusal_body,
+)
+from aiid_proxy.home import Home
+from aiid_proxy.providers import CREDENTIAL_HEADERS, SSEUsageTracker, parse_usage
+from aiid_proxy.scrub import Scrubber
+
+log = logging.getLogger("aiid")
+
+STATE = "aiid"  # flow.metadata key holding the FlowState
+OURS = "aiid_refusal"  # flow.metadata key holding the refusal Response object we made
+
+# Options that would let traffic bypass the pipeline or weaken TLS, and the value we pin.
+PINNED: dict[str, Any] = {
+    "connection_strategy": "lazy",
+    "ssl_insecure": False,
+    "ignore_hosts": [],
+    "allow_hosts": [],
+    "tcp_hosts": [],
+    "rawtcp": False,
+    "websocket": False,
+    "http3": False,
+    "stream_large_bodies": None,
+    "validate_inbound_headers": True,
+    "onboarding": False,
+}
+TLS_OK = ("TLS1_2", "TLS1_3")
+
+
+class Runtime:
+    """Owns the library Gateway; reads options once in ``configure``."""
+
+    def __init__(self, gateway: Gateway | None = None) -> None:
+        self.gateway = gateway
+        self.on_gateway: list[Callable[[Gateway], None]] = []
+        self._key: tuple[str, str, int] | None = None
+        self.broker = ApprovalBroker()
+        self.control: ControlServer | None = None
+
+    async def running(self) -> None:
+        if self.gateway is None or self.control is not None:
+            return
+        self.control = ControlServer(self.gateway.home, self._answer)
+        try:
+            await self.control.start()
+        except OSError as e:
+            log.warning("approval control channel unavailable: %s", e)
+            self.control = None
+
+    def _answer(self, msg: dict[str, Any]) -> str:
+        answer = msg.get("answer")
+        if answer not in ("approve", "deny"):
+            raise AiidError("answer must be approve or deny")
+        ttl = msg.get("ttl")
+        return self.broker.answer(
+            str(msg.get("tenant")),
+            str(msg.get("request_id")),
+            Answer(
+                approved=answer == "approve",
+                by=str(msg.get("by") or "unknown")[:100],
+                reason=str(msg.get("reason") or "")[:300],
+                ttl=float(ttl) if isinstance(ttl, (int, float)) else None,
+            ),
+        )
+
+    def load(self, loader: Any) -> None:
+        loader.add_option("aiid_home", str, "", "aiid home directory (default $AIID_HOME or ./.aiid)")
+        loader.add_option(
+            "aiid_policies", str, "", "policy directory (default $AIID_POLICIES or ./policies)"
+        )
+        loader.add_option(
+            "aiid_body_limit", int, DEFAULT_BODY_LIMIT, "largest request body accepted, bytes"
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        opts = ctx.options
+        for name, want in PINNED.items():
+            if name in updated and hasattr(opts, name) and getattr(opts, name) != want:
+                raise exceptions.OptionsError(
+                    f"aiid-proxy requires {name}={want!r}: other values let traffic bypass checks"
+                )
+        for name in ("tls_version_client_min", "tls_version_server_min"):
+            if name in updated and getattr(opts, name) not in TLS_OK:
+                raise exceptions.OptionsError(f"aiid-proxy requires {name} of TLS1_2 or higher")
+        if not str(opts.mode[0] if opts.mode else "regular").startswith("regular"):
+            raise exceptions.OptionsError("aiid-proxy runs in regular proxy mode only")
+        if "aiid_body_limit" in updated or "body_size_limit" in updated:
+            limit = opts.aiid_body_limit
+            current = opts.body_size_limit
+            if current is None or human.parse_size(current) != limit:
+                opts.update(body_size_limit=str(limit))
+        if self.gateway is not None and self._key is None:
+            return  # injected (tests)
+        home = Home.resolve(opts.aiid_home or None)
+        policies = Path(opts.aiid_policies or os.environ.get("AIID_POLICIES") or "policies")
+        key = (str(home.root), str(policies.absolute()), int(opts.aiid_body_limit))
+        if key == self._key:
+            return
+        try:
+            gw = Gateway(home, policies.absolute(), body_limit=int(opts.aiid_body_limit))
+        except AiidError as e:
+            raise exceptions.OptionsError(f"aiid-proxy cannot start: {e.one_line()}") from None
+        if self.gateway is not None:
+            self.gateway.close()
+        self.gateway = gw
+        self._key = key
+        for fn in self.on_gateway:
+            fn(gw)
+
+    async def done(self) -> None:
+        if self.control is not None:
+            await self.control.stop()
+        if self.gateway is not None:
+            self.gateway.close()
+
+    def gw(self) -> Gateway:
+        if self.gateway is None:
+            raise AiidError("gateway is not configured")
+        return self.gateway
+
+
+def _headers(flow: http.HTTPFlow) -> list[tuple[str, str]]:
+    return [
+        (k.decode("latin-1"), v.decode("latin-1")) for k, v in flow.request.headers.fields
+    ]
+
+
+def state_of(flow: http.HTTPFlow) -> FlowState | None:
+    st = flow.metadata.get(STATE)
+    return st if isinstance(st, FlowState) else None
+
+
+def _pending(flow: http.HTTPFlow) -> FlowState | None:
+    """The flow's state if the pipeline should keep working on it."""
+    if flow.response is not None or flow.error is not None or not flow.live:
+        return None
+    return state_of(flow)
+
+
+async def refuse(rt: Runtime, flow: http.HTTPFlow, st: FlowState, r: RequestRefused) -> None:
+    resp = http.Response.make(
+        r.status,
+        refusal_body(r, st.request_id),
+        {"content-type": "application/json", "x-aiid-request-id": st.request_id, **r.headers},
+    )
+    flow.response = resp
+    flow.metadata[OURS] = resp
+    fut = rt.gw().record_refusal(st, r)
+    if fut is not None:
+        try:
+            await asyncio.wrap_future(fut)
+        except AiidError:
+            log.exception("deny record not written")
+
+
+class ConnectGuard:
+    """CONNECT: refuse raw IP targets; remember the connection's Proxy-Authorization."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.conn_tokens: dict[str, str] = {}
+
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
+        st = self.rt.gw().new_flow(
+            Target("https", flow.request.host, flow.request.port, "CONNECT", "")
+        )
+        flow.metadata[STATE] = st
+        if is_ip_literal(flow.request.host):
+            await refuse(
+                self.rt,
+                flow,
+                st,
+                RequestRefused(
+                    403, "policy_denied", "raw IP addresses are not allowed; use a host name",
+                    "default",
+                ),
+            )
+            return
+        value = flow.request.headers.get("proxy-authorization")
+        if value is not None:
+            try:
+                token = _token_from_value("proxy-authorization", value)
+            except RequestRefused:
+                token = ""  # malformed: every request on this connection is refused
+            self.conn_tokens[flow.client_conn.id] = token
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self.conn_tokens.pop(client.id, None)
+
+    def tcp_start(self, flow: tcp.TCPFlow) -> None:
+        flow.kill()
+
+    def udp_start(self, flow: udp.UDPFlow) -> None:
+        flow.kill()
+
+    def websocket_start(self, flow: http.HTTPFlow) -> None:
+        if flow.websocket is not None and flow.killable:
+            flow.kill()
+
+
+class Intake:
+    """requestheaders: record what the agent asked for, before any rewriting option runs."""
+
+    def __init__(self, rt: Runtime, guard: ConnectGuard) -> None:
+        self.rt = rt
+        self.guard = guard
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        flow.request.stream = False  # the body must be complete before anything is decided
+        req = flow.request
+        connect_host = None
+        if flow.client_conn.tls and flow.server_conn.address is not None:
+            connect_host = str(flow.server_conn.address[0])
+        path, _, query = req.path.partition("?")
+        st = self.rt.gw().new_flow(
+            Target(
+                scheme=req.scheme,
+                host=req.pretty_host,
+                port=req.port,
+                method=req.method,
+                path=path,
+                query=query,
+                connect_host=connect_host,
+                sni=flow.client_conn.sni,
+            ),
+            self.guard.conn_tokens.get(flow.client_conn.id),
+        )
+        flow.metadata[STATE] = st
+
+
+class IdentityStage:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        st = _pending(flow)
+        if st is None:
+            return
+        try:
+            self.rt.gw().identify(st, _headers(flow))
+        except RequestRefused as r:
+            await refuse(self.rt, flow, st, r)
+
+
+class RouteStage:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        st = _pending(flow)
+        if st is None:
+            return
+        try:
+            self.rt.gw().route(st, flow.request.headers, flow.request.raw_content or b"")
+        except RequestRefused as r:
+            await refuse(self.rt, flow, st, r)
+
+
+class PolicyStage:
+    """Decide; an `approve` decision holds the flow here until a human answers or time runs
+    out (the hook awaits, so no later stage runs and nothing leaves meanwhile)."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        st = _pending(flow)
+        if st is None:
+            return
+        gw = self.rt.gw()
+        try:
+            d = gw.decide(st)
+            if d.effect == "approve":
+                await self._hold(gw, st, d)
+        except RequestRefused as r:
+            await refuse(self.rt, flow, st, r)
+
+    async def _hold(self, gw: Gateway, st: FlowState, d: Any) -> None:
+        assert st.identity is not None
+        key = (st.identity.tenant, st.identity.agent, st.provider_name or st.target.host,
+               st.model or "", d.rule_id)
+        broker = self.rt.broker
+        by = broker.granted(key)
+        if by is not None:
+            st.approved_by = by
+            return
+        timeout = float(getattr(d, "approval_timeout", 120.0))
+        pending = broker.hold(st.identity.tenant, st.request_id, key, timeout)
+        gw.emit("pending", {"state": st, "deadline": time.time() + timeout})
+        log.info("request %s held for approval (rule %s, %ss): aiid approve %s %s",
+                 st.request_id, d.rule_id, int(timeout), st.identity.tenant, st.request_id)
+        try:
+            ans = await asyncio.wait_for(asyncio.shield(pending.future), timeout)
+        except TimeoutError:
+            ans = Answer(False, "timeout", f"no answer within {int(timeout)} s")
+        finally:
+            broker.release(st.request_id)
+        verdict = "approved" if ans.approved else "denied"
+        text = f"{verdict} by {ans.by}" + (f": {ans.reason}" if ans.reason else "")
+        fut = gw.record_approval(st, ans.approved, ans.by, text)
+        if fut is not None:
+            await asyncio.wrap_future(fut)
+        if not ans.approved:
+            raise RequestRefused(403, "policy_denied", f"approval {text}", d.rule_id)
+        st.approved_by = ans.by
+
+
+class RateLimitStage:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        st = _pending(flow)
+        if st is None:
+            return
+        try:
+            self.rt.gw().reserve(st)
+        except RequestRefused as r:
+            await refuse(self.rt, flow, st, r)
+
+
+class AuditStage:
+    """The ``request`` record is durable before the flow may leave."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        st = _pending(flow)
+        if st is None:
+            return
+        gw = self.rt.gw()
+        result = await asyncio.wrap_future(gw.audit_request(st))
+        gw.audit_done(st, result)
+
+
+class InjectStage:
+    """Strip every credential the agent sent, inject the vault key, seal the verdict."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        st = _pending(flow)
+        if st is None:
+            return
+        gw = self.rt.gw()
+        try:
+            inj = gw.inject(st)
+        except RequestRefused as r:
+            await refuse(self.rt, flow, st, r)
+            return
+        req = flow.request
+        for name in CREDENTIAL_HEADERS:
+            req.headers.pop(name, None)
+        req.headers.pop("proxy-connection", None)
+        if "key" in req.query:
+            del req.query["key"]
+        assert st.route is not None
+        if "content-encoding" in req.headers:
+            del req.headers["content-encoding"]
+            req.content = st.route.body
+        if st.route.facts is not None and st.route.facts.stream:
+            req.headers["accept-encoding"] = "identity"  # so the stream can be scrubbed
+        req.headers[inj.header] = inj.value.reveal()
+        gw.seal(st, req.method, req.url, req.raw_content or b"")
+
+
+class LastGate:
+    """The only way out: a flow leaves iff it carries a complete, sealed allow verdict."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        ok = False
+        try:
+            ok = self._passes(flow)
+        finally:
+            if not ok:
+                self._kill(flow, "no complete allow verdict")
+
+    def _passes(self, flow: http.HTTPFlow) -> bool:
+        st = state_of(flow)
+        if st is None:
+            return False
+        if flow.response is not None:
+            # only our own refusal may answer instead of the provider
+            return st.refusal is not None and flow.metadata.get(OURS) is flow.response
+        req = flow.request
+        return (
+            flow.live
+            and flow.error is None
+            and not req.stream
+            and req.scheme == "https"
+            and self.rt.gw().check_sealed(st, req.method, req.url, req.raw_content or b"")
+        )
+
+    def _kill(self, flow: http.HTTPFlow, reason: str) -> None:
+        if flow.killable:
+            flow.kill()
+        flow.response = None
+        st = state_of(flow)
+        if st is not None and self.rt.gateway is not None:
+            self.rt.gateway.record_error(st, reason)
+        else:
+            log.warning("flow killed without state: %s", reason)
+
+
+class StreamFilter:
+    """Streamed (SSE) response bodies: pass through at once, scrub, count usage."""
+
+    def __init__(self, scrubber: Scrubber, tracker: SSEUsageTracker) -> None:
+        self.scrubber = scrubber
+        self.tracker = tracker
+
+    def __call__(self, chunk: bytes) -> bytes:
+        if chunk:
+            self.tracker.feed(chunk)
+            return self.scrubber.feed(chunk)
+        self.tracker.close()  # end of stream
+        return self.scrubber.flush()
+
+
+class ResponseFilter:
+    """Responses: request id on every one; scrub the injected key; usage; audit."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        st = state_of(flow)
+        resp = flow.response
+        if st is None or resp is None:
+            return
+        resp.headers["x-aiid-request-id"] = st.request_id
+        if flow.metadata.get(OURS) is resp or not st.allows():
+            return
+        scrubber = self._scrubber(st)
+        self._scrub_headers(resp, scrubber)
+        ctype = resp.headers.get("content-type", "")
+        encoded = resp.headers.get("content-encoding", "identity").lower() != "identity"
+        if ctype.startswith("text/event-stream") and not encoded and st.route is not None:
+            if st.route.provider is not None:
+                tracker = SSEUsageTracker(st.route.provider, st.route.route)
+                sf = StreamFilter(scrubber, tracker)
+                resp.stream = sf
+                flow.metadata["aiid_stream"] = sf
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        st = state_of(flow)
+        resp = flow.response
+        if st is None or resp is None or flow.metadata.get(OURS) is resp or not st.allows():
+            return
+        gw = self.rt.gw()
+        scrubber = self._scrubber(st)
+        self._scrub_headers(resp, scrubber)
+        sf = flow.metadata.get("aiid_stream")
+        usage = None
+        hits = 0
+        if isinstance(sf, StreamFilter):
+            est_in = st.route.facts.estimated_input_tokens if st.route and st.route.facts else 0
+            usage = sf.tracker.usage() or sf.tracker.estimate(est_in)
+            hits = sf.scrubber.hits
+        else:
+            body = resp.get_content(strict=False) or b""
+            clean = scrubber.scrub(body)
+            hits = scrubber.hits
+            if hits:
+                resp.content = clean
+            if st.route is not None and st.route.provider is not None:
+                usage = parse_usage(st.route.provider, st.route.route, clean)
+        fut = gw.record_response(st, resp.status_code, usage, hits)
+        if fut is not None:
+            try:
+                await asyncio.wrap_future(fut)
+            except AiidError:
+                log.exception("response record not written")
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        st = state_of(flow)
+        if st is None or self.rt.gateway is None or st.refusal is not None:
+            return
+        msg = flow.error.msg if flow.error else "unknown error"
+        self.rt.gateway.record_error(st, f"upstream or connection error: {msg}")
+
+    @staticmethod
+    def _scrubber(st: FlowState) -> Scrubber:
+        if st.injection is None:
+            return Scrubber([])
+        value = st.injection.value.reveal()
+        raw = value.split(" ", 1)[1] if " " in value else value
+        return Scrubber([raw])
+
+    @staticmethod
+    def _scrub_headers(resp: http.Response, scrubber: Scrubber) -> None:
+        if not scrubber.active:
+            return
+        fields = []
+        changed = False
+        for k, v in resp.headers.fields:
+            nv = scrubber.scrub(v)
+            changed |= nv != v
+            fields.append((k, nv))
+        if changed:
+            resp.headers.fields = tuple(fields)
+
+
+def make_addons(rt: Runtime | None = None) -> list[Any]:
+    """Every addon, in pipeline order. Add them as separate top-level addons."""
+    rt = rt or Runtime()
+    guard = ConnectGuard(rt)
+    return [
+        rt,
+        guard,
+        Intake(rt, guard),
+        IdentityStage(rt),
+        RouteStage(rt),
+        PolicyStage(rt),
+        RateLimitStage(rt),
+        AuditStage(rt),
+        InjectStage(rt),
+        LastGate(rt),
+        ResponseFilter(rt),
+    ]
+
+
+def addon_names(addons: Sequence[Any]) -> list[str]:
+    return [type(a).__name__ for a in addons]
+

@@ -1,0 +1,93 @@
+"""``aiid run``: mitmproxy's own master, in-process, with the aiid addons."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from mitmproxy import exceptions, options
+from mitmproxy.tools.dump import DumpMaster
+
+from addons.pipeline import PINNED, Runtime, make_addons
+from aiid_proxy.home import Home
+
+log = logging.getLogger("aiid")
+
+
+class Announce:
+    """Prints, once, what an agent needs, when the proxy is listening."""
+
+    def __init__(self, home: Home, host: str, port: int) -> None:
+        self.home = home
+        self.host = host
+        self.port = port
+
+    def running(self) -> None:
+        print(
+            f"aiid-proxy listening on {self.host}:{self.port}\n"
+            f"HTTPS_PROXY=http://{self.host}:{self.port}\n"
+            f"SSL_CERT_FILE={self.home.ca_cert_path}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def build_master(
+    home: Home,
+    policies: Path,
+    host: str,
+    port: int,
+    sets: list[str],
+    console: bool,
+) -> tuple[DumpMaster, Runtime, Any]:
+    opts = options.Options()
+    master = DumpMaster(opts, with_termlog=not console, with_dumper=False)
+    rt = Runtime()
+    master.addons.add(*make_addons(rt))
+    master.addons.add(Announce(home, host, port))
+    view = None
+    if console:
+        from addons.console import ConsoleAddon
+
+        view = ConsoleAddon(rt, home, f"{host}:{port}")
+        master.addons.add(view)
+    opts.update(
+        listen_host=host,
+        listen_port=port,
+        confdir=str(home.certs_dir),
+        aiid_home=str(home.root),
+        aiid_policies=str(policies),
+        tls_version_client_min="TLS1_2",
+        tls_version_server_min="TLS1_2",
+        **PINNED,
+    )
+    if sets:
+        opts.set(*sets)
+    return master, rt, view
+
+
+def run_gateway(
+    *, home: Home, policies: Path, host: str, port: int, sets: list[str], console: bool
+) -> int:
+    logging.getLogger().setLevel(logging.INFO)
+    for noisy in ("hpack", "asyncio", "tornado", "urwid", "quic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    async def main() -> int:
+        try:
+            master, _rt, _view = build_master(home, policies, host, port, sets, console)
+        except exceptions.OptionsError as e:
+            print(f"aiid: error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 1
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, master.shutdown)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        await master.run()
+        return 0
+
+    return asyncio.run(main())

@@ -1,0 +1,441 @@
+"""The audit writer: group-committed, HMAC-chained, durable appends.
+
+``append`` queues a record and returns a future; one writer thread takes everything pending,
+chains it after the committed head and inserts it in ONE ``BEGIN IMMEDIATE ... COMMIT`` with
+``synchronous=FULL``, then resolves the futures. Concurrent writers so share fsyncs. A failed
+transaction is rolled back and fails exactly that batch; the next batch re-reads the committed
+head inside its own transaction, so there is never a seq gap or a fork of the chain.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from aiid_proxy.audit.chain import (
+    COLUMNS,
+    GENESIS_MAC,
+    MAC,
+    ChainState,
+    canonical_values,
+    dump_detail,
+    is_mac,
+    keyed_mac,
+    tenant_key,
+)
+from aiid_proxy.audit.store import (
+    BUSY_TIMEOUT_MS,
+    INSERT_SQL,
+    SELECT_SQL,
+    describe,
+    ensure_schema,
+    schema_state,
+)
+from aiid_proxy.clock import SYSTEM_CLOCK, Clock
+from aiid_proxy.errors import AuditError
+from aiid_proxy.home import validate_name
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 1024
+CHECKPOINT_INTERVAL = 0.5  # seconds of clock.monotonic() between automatic checkpoints
+
+# The fields append() takes, in COLUMNS order (event is its positional argument).
+FIELDS: tuple[str, ...] = COLUMNS[2:14]
+_TEXT = frozenset({"request_id", "agent", "provider", "model", "rule", "reason"})
+_INT = frozenset({"status", "input_tokens", "output_tokens"})
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    seq: int
+    mac: str
+
+
+_ts_cache: tuple[int, str] = (-1, "")
+
+
+def format_ts(now: float) -> str:
+    """ISO-8601 UTC with microseconds, e.g. ``2026-11-25T21:35:07.123456Z``."""
+    global _ts_cache
+    micros = round(now * 1_000_000)
+    secs, us = divmod(micros, 1_000_000)
+    cached_secs, prefix = _ts_cache
+    if secs != cached_secs:
+        prefix = datetime.fromtimestamp(secs, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _ts_cache = (secs, prefix)
+    return f"{prefix}.{us:06d}Z"
+
+
+def _text(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"audit field {name} must be a string, not {type(value).__name__}")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"audit field {name} is not valid UTF-8 text") from None
+    return str(value)
+
+
+def _integer(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"audit field {name} must be an integer")
+    if not _INT_MIN <= value <= _INT_MAX:
+        raise ValueError(f"audit field {name} is out of range")
+    return int(value)
+
+
+def _latency(name: str, value: object) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ValueError(f"audit field {name} must be a number")
+    ms = round(float(value), 3)
+    if not math.isfinite(ms) or abs(ms) >= 1e15:
+        raise ValueError(f"audit field {name} is out of range")
+    return ms + 0.0  # never -0.0: SQLite would give back 0.0
+
+
+def _detail(name: str, value: object) -> str:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ValueError(f"audit field {name} must be a JSON object") from None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"audit field {name} must be a JSON object")
+    try:
+        return _text(name, dump_detail(value))
+    except (TypeError, ValueError, RecursionError) as e:
+        raise ValueError(f"audit field {name} is not JSON-serialisable: {e}") from None
+
+
+_CHECKS: dict[str, tuple[int, Callable[[str, object], object]]] = {
+    name: (
+        i,
+        _integer
+        if name in _INT
+        else _latency
+        if name == "latency_ms"
+        else _detail
+        if name == "detail"
+        else _text,
+    )
+    for i, name in enumerate(FIELDS)
+    if name != "event"
+}
+_EVENT = FIELDS.index("event")
+
+
+def normalize(event: str, fields: Mapping[str, object]) -> tuple[object, ...]:
+    """Validate an append's fields into their stored form (COLUMNS[2:14] order).
+
+    Each value gets the exact type SQLite gives back (int, float, str), so the mac computed now
+    matches the one recomputed from the stored row. ``latency_ms`` is kept to the microsecond.
+    """
+    out: list[object] = [None] * len(FIELDS)
+    event = _text("event", event)
+    if not event:
+        raise ValueError("audit event must not be empty")
+    out[_EVENT] = event
+    for name, value in fields.items():
+        check = _CHECKS.get(name)
+        if check is None:
+            raise ValueError(f"unknown audit field {name!r}")
+        if value is not None:
+            out[check[0]] = check[1](name, value)
+    return tuple(out)
+
+
+class _Pending:
+    __slots__ = ("future", "ts", "values")
+
+    def __init__(self, ts: str, values: tuple[object, ...], future: Future[AppendResult]):
+        self.ts = ts
+        self.values = values
+        self.future = future
+
+
+_STOP = object()
+
+
+class AuditLog:
+    """The tenant's audit log, opened for appending by one gateway process."""
+
+    def __init__(
+        self,
+        path: Path,
+        tenant: str,
+        root_key: bytes,
+        *,
+        checkpoint_path: Path | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        _connect: Callable[[Path], sqlite3.Connection] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.tenant = validate_name("tenant", tenant)
+        self._key = tenant_key(root_key, tenant)
+        self._base = keyed_mac(self._key)
+        self._checkpoint_path = checkpoint_path
+        self._clock = clock
+        self._connect = _connect
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # append/close ordering
+        self._head_lock = threading.Lock()
+        self._ckpt_lock = threading.Lock()
+        self._closed = False
+        self._head: tuple[int, str] = (0, GENESIS_MAC)
+        self._last_ckpt: tuple[int, str] | None = None
+        self._last_ckpt_at = -math.inf
+        self.committed_batches = 0
+        ready: Future[None] = Future()
+        self._thread = threading.Thread(
+            target=self._run, args=(ready,), name=f"aiid-audit-{tenant}", daemon=True
+        )
+        self._thread.start()
+        try:
+            ready.result()
+        except BaseException:
+            self._closed = True
+            self._thread.join()
+            raise
+
+    def __repr__(self) -> str:
+        return f"AuditLog(path={str(self.path)!r}, tenant={self.tenant!r}, head={self.head()!r})"
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- public API ---------------------------------------------------------
+    def append(self, event: str, **fields: object) -> Future[AppendResult]:
+        """Queue a record; the future resolves once it is durably committed.
+
+        Unknown or ill-typed fields raise ValueError at once; a closed log raises AuditError.
+        """
+        values = normalize(event, fields)
+        future: Future[AppendResult] = Future()
+        with self._lock:
+            if self._closed:
+                raise AuditError("audit log is closed")
+            self._queue.put(_Pending(format_ts(self._clock.now()), values, future))
+        return future
+
+    def append_sync(self, event: str, **fields: object) -> AppendResult:
+        if threading.current_thread() is self._thread:
+            raise AuditError("append_sync called from the audit writer thread")
+        return self.append(event, **fields).result()
+
+    def head(self) -> tuple[int, str]:
+        """The last committed (seq, mac); (0, GENESIS_MAC) for an empty log."""
+        with self._head_lock:
+            return self._head
+
+    def checkpoint(self) -> None:
+        """Append the current head as ``seq:mac`` to the checkpoint file (fsync'd)."""
+        try:
+            self._write_checkpoint(self.head(), force=True)
+        except OSError as e:
+            raise AuditError(f"cannot write audit checkpoint: {describe(e)}") from None
+
+    def close(self) -> None:
+        """Commit everything pending, write a last checkpoint and stop the writer. Idempotent."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._queue.put(_STOP)
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    # -- writer thread ------------------------------------------------------
+    def _open(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self._connect is not None:
+            conn = self._connect(self.path)
+        else:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000)
+        try:
+            conn.isolation_level = None
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                ensure_schema(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            if schema_state(conn) != "pristine":
+                raise AuditError(f"audit table in {self.path} has an unexpected schema")
+            self._head = self._check_head(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _check_head(self, conn: sqlite3.Connection) -> tuple[int, str]:
+        """The committed head, refusing to extend a chain whose last record does not verify."""
+        row = conn.execute(f"{SELECT_SQL} ORDER BY seq DESC LIMIT 1").fetchone()
+        if row is None:
+            return (0, GENESIS_MAC)
+        seq = row[0]
+        prev_hex: object = GENESIS_MAC
+        if seq != 1:
+            prev = conn.execute("SELECT mac FROM audit WHERE seq = ?", (seq - 1,)).fetchone()
+            prev_hex = prev[0] if prev is not None else None
+        ok = False
+        if isinstance(prev_hex, str) and is_mac(prev_hex):
+            state = ChainState(self._key)
+            state.expected, state.prev_hex = seq, prev_hex
+            state.prev_bytes = bytes.fromhex(prev_hex)
+            ok = state.check_row(row)
+        if not ok:
+            raise AuditError(
+                f"audit chain head is invalid at seq {seq} (tampered log or wrong audit key); "
+                "refusing to extend it: run `aiid audit verify`"
+            )
+        return (seq, str(row[MAC]))
+
+    def _run(self, ready: Future[None]) -> None:
+        try:
+            conn = self._open()
+        except BaseException as e:
+            err = e if isinstance(e, AuditError) else None
+            ready.set_exception(
+                err or AuditError(f"cannot open audit log {self.path}: {describe(e)}")
+            )
+            return
+        ready.set_result(None)
+        try:
+            stop = False
+            while not stop:
+                item = self._queue.get()
+                batch: list[_Pending] = []
+                while True:
+                    if item is _STOP:
+                        stop = True
+                        break
+                    assert isinstance(item, _Pending)
+                    batch.append(item)
+                    if len(batch) >= MAX_BATCH:
+                        break
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                if batch:
+                    self._commit(conn, batch)
+                self._auto_checkpoint(force=stop)
+        except BaseException as e:  # pragma: no cover - a bug; never leave a caller hanging
+            log.exception("audit writer stopped: %s", describe(e))
+            with self._lock:
+                self._closed = True
+        finally:
+            conn.close()
+            self._fail_pending()
+
+    def _fail_pending(self) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Pending) and item.future.set_running_or_notify_cancel():
+                item.future.set_exception(AuditError("audit log is closed"))
+
+    def _commit(self, conn: sqlite3.Connection, batch: list[_Pending]) -> None:
+        live = [p for p in batch if p.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        rows: list[tuple[object, ...]] = []
+        results: list[AppendResult] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            head = conn.execute("SELECT seq, mac FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+            seq, prev_hex = (int(head[0]), str(head[1])) if head else (0, GENESIS_MAC)
+            prev = bytes.fromhex(prev_hex)
+            copy = self._base.copy
+            for p in live:
+                seq += 1
+                values = (seq, p.ts, *p.values, prev_hex)
+                h = copy()
+                h.update(prev)
+                h.update(canonical_values(values))
+                prev = h.digest()
+                prev_hex = prev.hex()
+                rows.append((*values, prev_hex))
+                results.append(AppendResult(seq, prev_hex))
+            conn.executemany(INSERT_SQL, rows)
+            conn.execute("COMMIT")
+        except Exception as e:
+            self._rollback(conn)
+            message = f"audit write failed: {describe(e)}"
+            log.error("%s (%d records refused)", message, len(live))
+            for p in live:
+                p.future.set_exception(AuditError(message))
+            return
+        with self._head_lock:
+            self._head = (seq, prev_hex)
+        self.committed_batches += 1
+        for p, result in zip(live, results, strict=True):
+            p.future.set_result(result)
+
+    @staticmethod
+    def _rollback(conn: sqlite3.Connection) -> None:
+        try:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        except sqlite3.Error:  # SQLite may already have rolled back (SQLITE_FULL, IOERR)
+            pass
+
+    # -- checkpoints --------------------------------------------------------
+    def _auto_checkpoint(self, force: bool) -> None:
+        if self._checkpoint_path is None:
+            return
+        if not force and self._clock.monotonic() - self._last_ckpt_at < CHECKPOINT_INTERVAL:
+            return
+        try:
+            self._write_checkpoint(self.head(), force=force)
+        except OSError as e:
+            log.error("cannot write audit checkpoint: %s", describe(e))
+
+    def _write_checkpoint(self, head: tuple[int, str], force: bool) -> None:
+        path = self._checkpoint_path
+        if path is None:
+            return
+        with self._ckpt_lock:
+            if head[0] == 0 or head == self._last_ckpt:
+                return
+            if not force and self._clock.monotonic() - self._last_ckpt_at < CHECKPOINT_INTERVAL:
+                return
+            created = not path.exists()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                data = memoryview(f"{head[0]}:{head[1]}\n".encode("ascii"))
+                while data:
+                    data = data[os.write(fd, data) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if created:
+                dir_fd = os.open(path.parent, os.O_RDONLY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
+            self._last_ckpt = head
+            self._last_ckpt_at = self._clock.monotonic()

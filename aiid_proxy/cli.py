@@ -1,0 +1,542 @@
+"""The ``aiid`` command line. Errors become one line on stderr (exit 1; 2 for usage)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from aiid_proxy.errors import AiidError, UsageError
+from aiid_proxy.home import Home, validate_name
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _home(ctx: click.Context) -> Home:
+    home: Home = ctx.obj["home"]
+    return home
+
+
+def _policies_dir(value: str | None) -> Path:
+    return Path(value or os.environ.get("AIID_POLICIES") or "policies").absolute()
+
+
+def _name(kind: str) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
+    def check(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return validate_name(kind, value)
+        except AiidError as e:
+            raise click.BadParameter(str(e)) from None
+
+    return check
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--home",
+    "home",
+    envvar="AIID_HOME",
+    default=".aiid",
+    show_default=True,
+    help="aiid home directory ($AIID_HOME).",
+)
+@click.version_option(package_name="aiid-proxy")
+@click.pass_context
+def main_group(ctx: click.Context, home: str) -> None:
+    """aiid-proxy: identity and access gateway between AI agents and LLM providers."""
+    ctx.ensure_object(dict)
+    ctx.obj["home"] = Home.resolve(home)
+
+
+# -- init / tenant ------------------------------------------------------------
+@main_group.command()
+@click.pass_context
+def init(ctx: click.Context) -> None:
+    """Create the home: keys and CA. Never overwrites an existing key."""
+    from aiid_proxy.admin import init_home
+
+    home = _home(ctx)
+    created = init_home(home)
+    for item in created:
+        click.echo(f"created {item}")
+    if not created:
+        click.echo(f"home {home.root} already initialised; nothing overwritten")
+    click.echo(f"agents trust: {home.ca_cert_path}")
+
+
+@main_group.group()
+def tenant() -> None:
+    """Manage tenants."""
+
+
+@tenant.command("add")
+@click.argument("name", callback=_name("tenant"))
+@click.option("--region", default=None, help="tenant region, e.g. eu or us")
+@click.pass_context
+def tenant_add(ctx: click.Context, name: str, region: str | None) -> None:
+    """Register tenant NAME and create its databases."""
+    from aiid_proxy.admin import add_tenant
+
+    home = _home(ctx)
+    home.require()
+    if region is not None:
+        validate_name("region", region)
+    if add_tenant(home, name, region):
+        click.echo(f"tenant {name} added")
+    else:
+        click.echo(f"tenant {name} already exists")
+
+
+@tenant.command("list")
+@click.pass_context
+def tenant_list(ctx: click.Context) -> None:
+    """List tenants."""
+    home = _home(ctx)
+    for t in home.tenants():
+        click.echo(f"{t}\tregion={home.tenant_region(t) or '-'}")
+
+
+# -- vault ----------------------------------------------------------------------
+@main_group.group()
+def vault() -> None:
+    """Provider keys, encrypted at rest."""
+
+
+def _vault(home: Home, tenant_name: str) -> Any:
+    from aiid_proxy.vault import MasterKeyring, Vault
+
+    home.require()
+    home.require_tenant(tenant_name)
+    return Vault(home.vault_path(tenant_name), tenant_name, MasterKeyring(home.master_keys()))
+
+
+@vault.command("put")
+@click.argument("tenant_name", metavar="TENANT", callback=_name("tenant"))
+@click.argument("provider", callback=_name("provider"))
+@click.option("--from-env", "from_env", default=None, help="read the secret from this variable")
+@click.pass_context
+def vault_put(ctx: click.Context, tenant_name: str, provider: str, from_env: str | None) -> None:
+    """Store PROVIDER's key for TENANT, read from stdin (or --from-env)."""
+    if from_env is not None:
+        secret = os.environ.get(from_env)
+        if not secret:
+            raise UsageError(f"environment variable {from_env} is not set or empty")
+    else:
+        if sys.stdin.isatty():
+            click.echo("paste the secret, then Enter and Ctrl-D:", err=True)
+        secret = sys.stdin.read()
+    secret = secret.strip("\r\n")
+    if not secret or "\n" in secret:
+        raise UsageError("expected exactly one non-empty secret line")
+    info = _vault(_home(ctx), tenant_name).put(provider, secret)
+    click.echo(f"stored {provider} for {tenant_name} (key id {info.key_id})")
+
+
+@vault.command("list")
+@click.argument("tenant_name", metavar="TENANT", callback=_name("tenant"))
+@click.pass_context
+def vault_list(ctx: click.Context, tenant_name: str) -> None:
+    """Providers, key ids, created/rotated times; never the secret."""
+    rows = _vault(_home(ctx), tenant_name).list()
+    click.echo(f"{'PROVIDER':<20} {'KEY ID':<18} {'CREATED':<28} ROTATED")
+    for r in rows:
+        click.echo(f"{r.provider:<20} {r.key_id:<18} {r.created:<28} {r.rotated or '-'}")
+
+
+@vault.command("rotate-master")
+@click.pass_context
+def vault_rotate(ctx: click.Context) -> None:
+    """Re-wrap every data key under a new master key."""
+    from aiid_proxy.vault import rotate_master
+
+    home = _home(ctx)
+    home.require()
+    n = rotate_master(home)
+    click.echo(f"re-wrapped {n} secrets under a new master key")
+
+
+# -- tokens ---------------------------------------------------------------------
+@main_group.group()
+def token() -> None:
+    """Agent tokens."""
+
+
+@token.command("issue")
+@click.argument("tenant_name", metavar="TENANT", callback=_name("tenant"))
+@click.argument("agent", callback=_name("agent"))
+@click.option("--ttl", default="15m", show_default=True, help="lifetime, at most 24h")
+@click.pass_context
+def token_issue(ctx: click.Context, tenant_name: str, agent: str, ttl: str) -> None:
+    """Print an agent token, alone, on stdout."""
+    from aiid_proxy.admin import issue_token, parse_ttl
+
+    home = _home(ctx)
+    home.require()
+    home.require_tenant(tenant_name)
+    click.echo(issue_token(home, tenant_name, agent, parse_ttl(ttl)))
+
+
+@token.command("revoke")
+@click.argument("tenant_name", metavar="TENANT", callback=_name("tenant"))
+@click.argument("jti")
+@click.pass_context
+def token_revoke(ctx: click.Context, tenant_name: str, jti: str) -> None:
+    """Refuse token JTI from now on (a running gateway too, within 2 s)."""
+    from aiid_proxy.admin import revoke_token
+
+    home = _home(ctx)
+    home.require()
+    home.require_tenant(tenant_name)
+    revoke_token(home, tenant_name, jti)
+    click.echo(f"revoked {jti}")
+
+
+# -- run ------------------------------------------------------------------------
+@main_group.command(context_settings={"ignore_unknown_options": False})
+@click.option("--listen", default="127.0.0.1:8080", show_default=True, help="HOST:PORT")
+@click.option("--policies", default=None, help="policy directory ($AIID_POLICIES, ./policies)")
+@click.option("--set", "sets", multiple=True, metavar="OPTION=VALUE", help="mitmproxy option")
+@click.option("--no-console", is_flag=True, help="plain log lines instead of the live console")
+@click.pass_context
+def run(
+    ctx: click.Context, listen: str, policies: str | None, sets: Sequence[str], no_console: bool
+) -> None:
+    """Run the gateway (mitmproxy with the aiid addons)."""
+    host, sep, port_s = listen.rpartition(":")
+    if not sep or not port_s.isdigit() or not (0 < int(port_s) < 65536):
+        raise UsageError(f"--listen must be HOST:PORT, got {listen!r}")
+    for s in sets:
+        if "=" not in s:
+            raise UsageError(f"--set expects OPTION=VALUE, got {s!r}")
+    home = _home(ctx)
+    home.require()
+    # The gateway's mitmproxy side lives in addons/; imported here only, never by the library.
+    import importlib
+
+    runner = importlib.import_module("addons.runner")
+    code = runner.run_gateway(
+        home=home,
+        policies=_policies_dir(policies),
+        host=host.strip("[]") or "127.0.0.1",
+        port=int(port_s),
+        sets=list(sets),
+        console=not no_console,
+    )
+    sys.exit(code)
+
+
+# -- policy ---------------------------------------------------------------------
+@main_group.group()
+def policy() -> None:
+    """Policy files."""
+
+
+@policy.command("check")
+@click.argument("directory", required=False)
+@click.option("--policies", default=None, help="policy directory ($AIID_POLICIES, ./policies)")
+def policy_check(directory: str | None, policies: str | None) -> None:
+    """Validate every policy file; exit 1 with file:line: reason on any error."""
+    from aiid_proxy.policy import load_policy_dir
+
+    d = Path(directory).absolute() if directory else _policies_dir(policies)
+    if not d.is_dir():
+        raise UsageError(f"policy directory {d} does not exist")
+    loaded, errors = load_policy_dir(d)
+    for e in errors:
+        click.echo(e.one_line(), err=True)
+    if errors:
+        sys.exit(1)
+    for name, p in sorted(loaded.items()):
+        click.echo(f"ok {name}: {len(p.rules)} rules, {len(p.overrides)} overrides")
+    click.echo(f"OK {len(loaded)} policies")
+
+
+def _param(values: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in values:
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise UsageError(f"--param expects k=v, got {item!r}")
+        k = k.strip()
+        if k in ("max_tokens", "n"):
+            try:
+                out[k] = int(v)
+            except ValueError:
+                raise UsageError(f"--param {k} must be an integer") from None
+        elif k in ("temperature", "top_p"):
+            try:
+                out[k] = float(v)
+            except ValueError:
+                raise UsageError(f"--param {k} must be a number") from None
+        elif k in ("stream", "tools"):
+            if v.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise UsageError(f"--param {k} must be true or false")
+            out[k] = v.lower() in ("true", "1", "yes")
+        else:
+            raise UsageError(
+                f"unknown --param {k!r} (max_tokens, temperature, top_p, n, stream, tools)"
+            )
+    return out
+
+
+@policy.command("explain")
+@click.argument("tenant_name", metavar="TENANT", callback=_name("tenant"))
+@click.option("--agent", required=True, callback=_name("agent"))
+@click.option("--provider", default=None, callback=_name("provider"))
+@click.option("--model", default=None)
+@click.option("--host", default=None, help="for non-LLM egress rules")
+@click.option("--method", default="POST", show_default=True)
+@click.option("--path", "path_", default="/", show_default=True)
+@click.option("--param", "params", multiple=True, metavar="K=V")
+@click.option("--at", "at", default=None, help="evaluate at this ISO time (default now)")
+@click.option("--policies", default=None, help="policy directory ($AIID_POLICIES, ./policies)")
+def policy_explain(
+    tenant_name: str,
+    agent: str,
+    provider: str | None,
+    model: str | None,
+    host: str | None,
+    method: str,
+    path_: str,
+    params: Sequence[str],
+    at: str | None,
+    policies: str | None,
+) -> None:
+    """Print the decision and the rule that made it, without traffic."""
+    from datetime import datetime
+
+    from aiid_proxy.policy import RequestContext, load_policy_file
+    from aiid_proxy.providers import Registry
+
+    if provider is None and host is None:
+        raise UsageError("give --provider (and --model) or --host")
+    d = _policies_dir(policies)
+    f = d / f"{tenant_name}.yaml"
+    if not f.exists():
+        raise UsageError(f"no policy file {f}")
+    pol = load_policy_file(f)
+    now = time.time()
+    if at is not None:
+        try:
+            now = datetime.fromisoformat(at.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            raise UsageError(f"--at must be an ISO 8601 time, got {at!r}") from None
+    region = None
+    if provider is not None:
+        reg = Registry.builtin()
+        try:
+            prov = reg.get(provider)
+        except (AiidError, KeyError):
+            raise UsageError(f"unknown provider {provider!r}") from None
+        region = prov.region
+        host = host or (prov.hosts[0] if prov.hosts else provider)
+    ctxt = RequestContext(
+        tenant=tenant_name,
+        agent=agent,
+        provider=provider,
+        model=model,
+        host=(host or "").lower(),
+        method=method.upper(),
+        path=path_,
+        now=now,
+        region=region,
+        **_param(params),
+    )
+    ex = pol.explain(ctxt)
+    dec = ex.decision
+    click.echo(f"decision: {dec.effect}")
+    click.echo(f"rule: {dec.rule_id}")
+    if dec.reason:
+        click.echo(f"reason: {dec.reason}")
+    if dec.override:
+        click.echo(f"override: {dec.override}")
+    click.echo("considered:")
+    for tr in ex.traces:
+        mark = "match" if tr.matched else "skip "
+        click.echo(f"  {mark} {tr.kind:<8} {tr.rule_id:<28} {tr.effect or '':<8} {tr.why}")
+
+
+# -- audit ----------------------------------------------------------------------
+@main_group.group()
+def audit() -> None:
+    """The tenant's tamper-evident audit log."""
+
+
+@audit.command("verify")
+@click.argument("tenant_name", metavar="TENANT", callback=_name("tenant"))
+@click.option("--expect-head", default=None, metavar="SEQ:MAC")
+@click.pass_context
+def audit_verify(ctx: click.Context, tenant_name: str, expect_head: str | None) -> None:
+    """Exit 0 and `OK <n> records` when the chain holds; exit 1 naming the first bad seq."""
+    from aiid_proxy.audit import parse_head, tenant_key, verify_db
+
+    home = _home(ctx)
+    home.require()
+    home.require_tenant(tenant_name)
+    head = parse_head(expect_head) if expect_head else None
+    path = home.audit_path(tenant_name)
+    if not path.exists():
+        raise AiidError(f"no audit database for tenant {tenant_name} at {path}")
+    res = verify_db(
+        path,
+        tenant_key(home.audit_key(), tenant_name),
+        checkpoint_path=home.checkpoint_path(tenant_name),
+        expect_head=head,
+    )
+    if res.ok:
+        tail = f" (head {res.head[0]}:{res.head[1]})" if res.head else ""
+        click.echo(f"OK {res.count} records{tail}")
+        return
+    click.echo(f"FAILED at seq {res.first_bad_seq}: {res.reason}")
+    sys.exit(1)
+
+
+@audit.command("tail")
+@click.argument("tenant_name", metavar="TENANT", callback=_name("tenant"))
+@click.option("-n", "count", default=20, show_default=True, help="records to show first")
+@click.option("-f", "follow", is_flag=True, help="keep printing new records")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object a line")
+@click.option("--interval", default=0.5, show_default=True, help="poll interval with -f, seconds")
+@click.pass_context
+def audit_tail(
+    ctx: click.Context, tenant_name: str, count: int, follow: bool, as_json: bool, interval: float
+) -> None:
+    """The latest records, human-readable; -f follows."""
+    from aiid_proxy.audit import format_row, read_rows
+
+    home = _home(ctx)
+    home.require()
+    home.require_tenant(tenant_name)
+    path = home.audit_path(tenant_name)
+    if not path.exists():
+        raise AiidError(f"no audit database for tenant {tenant_name}")
+    color = sys.stdout.isatty() and not as_json
+
+    def show(rows: list[dict[str, Any]]) -> int:
+        last = 0
+        for r in rows:
+            if as_json:
+                d = dict(r)
+                if isinstance(d.get("detail"), str):
+                    d["detail"] = json.loads(d["detail"])
+                click.echo(json.dumps(d, separators=(",", ":")))
+            else:
+                line = format_row(r)
+                if color:
+                    fg = {"deny": "red", "error": "magenta", "response": "green"}.get(
+                        str(r.get("event")), None
+                    )
+                    line = click.style(line, fg=fg)
+                click.echo(line)
+            last = int(r["seq"])
+        return last
+
+    last = show(read_rows(path, last=count))
+    if not follow:
+        return
+    try:
+        while True:
+            time.sleep(interval)
+            rows = read_rows(path, after_seq=last)
+            if rows:
+                last = show(rows)
+    except KeyboardInterrupt:
+        return
+
+
+@audit.command("export")
+@click.argument("tenant_name", metavar="TENANT", callback=_name("tenant"))
+@click.option("--format", "fmt", type=click.Choice(["jsonl"]), default="jsonl", show_default=True)
+@click.pass_context
+def audit_export(ctx: click.Context, tenant_name: str, fmt: str) -> None:
+    """Every record, one JSON object a line, with its mac."""
+    from aiid_proxy.audit import export_jsonl
+
+    home = _home(ctx)
+    home.require()
+    home.require_tenant(tenant_name)
+    path = home.audit_path(tenant_name)
+    if not path.exists():
+        raise AiidError(f"no audit database for tenant {tenant_name}")
+    export_jsonl(path, sys.stdout)
+
+
+# -- approvals ------------------------------------------------------------------
+def _answer(home: Home, tenant_name: str, request_id: str, payload: dict[str, Any]) -> None:
+    from aiid_proxy.control import send_answer
+
+    home.require()
+    home.require_tenant(tenant_name)
+    reply = send_answer(home, {"tenant": tenant_name, "request_id": request_id, **payload})
+    click.echo(reply)
+
+
+@main_group.command()
+@click.argument("tenant_name", metavar="TENANT", callback=_name("tenant"))
+@click.argument("request_id")
+@click.option("--ttl", default=None, help="also approve matching requests for this long")
+@click.option("--as", "who", default=None, help="who decided (default $USER)")
+@click.pass_context
+def approve(
+    ctx: click.Context, tenant_name: str, request_id: str, ttl: str | None, who: str | None
+) -> None:
+    """Approve a request held by an `approve` rule."""
+    from aiid_proxy.admin import parse_ttl
+
+    seconds = parse_ttl(ttl) if ttl else None
+    by = who or os.environ.get("USER") or "unknown"
+    _answer(
+        _home(ctx), tenant_name, request_id, {"answer": "approve", "ttl": seconds, "by": by}
+    )
+
+
+@main_group.command()
+@click.argument("tenant_name", metavar="TENANT", callback=_name("tenant"))
+@click.argument("request_id")
+@click.option("--reason", default="denied by operator")
+@click.option("--as", "who", default=None, help="who decided (default $USER)")
+@click.pass_context
+def deny(
+    ctx: click.Context, tenant_name: str, request_id: str, reason: str, who: str | None
+) -> None:
+    """Deny a request held by an `approve` rule."""
+    by = who or os.environ.get("USER") or "unknown"
+    _answer(_home(ctx), tenant_name, request_id, {"answer": "deny", "reason": reason, "by": by})
+
+
+def _fail(msg: str, code: int) -> NoReturn:
+    click.echo(f"aiid: error: {msg}", err=True)
+    sys.exit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        main_group.main(args=argv, prog_name="aiid", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.Abort:
+        _fail("aborted", 1)
+    except click.UsageError as e:
+        _fail(" ".join(e.format_message().split()), 2)
+    except click.ClickException as e:
+        _fail(" ".join(e.format_message().split()), 1)
+    except UsageError as e:
+        _fail(e.one_line(), 2)
+    except AiidError as e:
+        _fail(e.one_line(), 1)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except OSError as e:
+        _fail(f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Human-in-the-loop approvals: the broker that holds `approve` flows, and the local control
+channel (`aiid approve` / `aiid deny`) that answers them.
+
+The channel is a Unix socket in ``runtime/control/`` (directory 0700, socket 0600), and the
+server also checks the peer's uid (SO_PEERCRED): only the gateway's own user can answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiid_proxy.clock import SYSTEM_CLOCK, Clock
+from aiid_proxy.errors import AiidError
+from aiid_proxy.home import Home
+
+log = logging.getLogger("aiid.control")
+SOCKET_NAME = "aiid.sock"
+MAX_MESSAGE = 4096
+
+
+def socket_path(home: Home) -> Path:
+    return home.control_dir / SOCKET_NAME
+
+
+@dataclass(frozen=True)
+class Answer:
+    approved: bool
+    by: str
+    reason: str = ""
+    ttl: float | None = None
+
+
+@dataclass
+class Pending:
+    tenant: str
+    request_id: str
+    key: tuple[str, ...]
+    deadline: float
+    future: asyncio.Future[Answer] = field(repr=False)
+
+
+class ApprovalBroker:
+    """Pending approvals by request id, plus TTL grants (approve once or for a while)."""
+
+    def __init__(self, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.clock = clock
+        self.pending: dict[str, Pending] = {}
+        self.grants: dict[tuple[str, ...], tuple[float, str]] = {}
+
+    def granted(self, key: tuple[str, ...]) -> str | None:
+        g = self.grants.get(key)
+        if g is None:
+            return None
+        until, by = g
+        if self.clock.now() >= until:
+            del self.grants[key]
+            return None
+        return by
+
+    def hold(self, tenant: str, request_id: str, key: tuple[str, ...], timeout: float) -> Pending:
+        loop = asyncio.get_running_loop()
+        p = Pending(tenant, request_id, key, self.clock.now() + timeout, loop.create_future())
+        self.pending[request_id] = p
+        return p
+
+    def release(self, request_id: str) -> None:
+        self.pending.pop(request_id, None)
+
+    def answer(self, tenant: str, request_id: str, ans: Answer) -> str:
+        p = self.pending.get(request_id)
+        if p is None or p.tenant != tenant:
+            raise AiidError(f"no pending request {request_id} for tenant {tenant}")
+        if p.future.done():
+            raise AiidError(f"request {request_id} was already answered")
+        if ans.approved and ans.ttl:
+            self.grants[p.key] = (self.clock.now() + ans.ttl, ans.by)
+        p.future.set_result(ans)
+        return f"{'approved' if ans.approved else 'denied'} {request_id}"
+
+
+def _peer_uid(sock: socket.socket) -> int | None:
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (OSError, AttributeError):
+        return None
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+class ControlServer:
+    def __init__(self, home: Home, handler: Callable[[dict[str, Any]], str]) -> None:
+        self.home = home
+        self.handler = handler
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        d = self.home.control_dir
+        d.mkdir(parents=True, exist_ok=True)
+        d.chmod(0o700)
+        path = socket_path(self.home)
+        if path.exists() or path.is_symlink():
+            path.unlink()
+        old = os.umask(0o177)
+        try:
+            self.server = await asyncio.start_unix_server(self._serve, path=str(path))
+        finally:
+            os.umask(old)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            sock = writer.get_extra_info("socket")
+            if sock is None or _peer_uid(sock) != os.getuid():
+                writer.write(b'{"ok": false, "message": "refused: not the gateway user"}\n')
+                return
+            line = await asyncio.wait_for(reader.readline(), timeout=5)
+            if len(line) > MAX_MESSAGE:
+                raise AiidError("message too large")
+            msg = json.loads(line)
+            if not isinstance(msg, dict):
+                raise AiidError("expected a JSON object")
+            reply = {"ok": True, "message": self.handler(msg)}
+        except (AiidError, ValueError, TimeoutError) as e:
+            reply = {"ok": False, "message": " ".join(str(e).split())}
+        except Exception as e:  # answer the client, keep serving
+            log.exception("control request failed")
+            reply = {"ok": False, "message": f"internal error: {type(e).__name__}"}
+        try:
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+        try:
+            socket_path(self.home).unlink()
+        except OSError:
+            pass
+
+
+def send_answer(home: Home, payload: dict[str, Any], timeout: float = 10.0) -> str:
+    path = socket_path(home)
+    if not path.exists():
+        raise AiidError(f"no running gateway for home {home.root} (no {path})")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(str(path))
+        except OSError as e:
+            raise AiidError(f"cannot reach the gateway: {e.strerror or e}") from None
+        s.sendall(json.dumps(payload).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n") and len(data) < MAX_MESSAGE:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        raise AiidError("the gateway sent no valid reply") from None
+    if not reply.get("ok"):
+        raise AiidError(str(reply.get("message")))
+    return str(reply.get("message"))

@@ -1,0 +1,515 @@
+"""The compiled decision engine behind :class:`~aiid_proxy.policy.model.Policy`.
+
+Everything is compiled once, when a policy is built: globs become anchored regexes, hours become
+minute ranges, every rule's :class:`Decision` is built in advance. :meth:`Engine.decide` parses
+nothing; it caches which rules can match a given agent, (agent, provider) and
+(agent, provider, model), so a decision only evaluates the dynamic parts (``when``, override
+expiry; host, method and path for egress) of a handful of candidate rules.
+
+:meth:`Engine.explain` is a deliberately separate, plain walk over every rule that says why each
+one did or did not match; tests check that it always reaches the same decision as ``decide``.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+from urllib.parse import unquote
+from zoneinfo import ZoneInfo
+
+from aiid_proxy.policy.model import (
+    DEFAULT_RULE_ID,
+    REGION_RULE_ID,
+    BudgetSpec,
+    Decision,
+    Explanation,
+    Hours,
+    LimitSpec,
+    Override,
+    Range,
+    RequestContext,
+    Rule,
+    RuleTrace,
+    When,
+)
+
+if TYPE_CHECKING:
+    from aiid_proxy.policy.model import Policy
+
+DEFAULT_REASON = "no rule allows this request"
+_CACHE_MAX = 8192
+
+# -- globs ---------------------------------------------------------------------------------------
+
+
+def glob_to_regex(glob: str) -> str:
+    """Translate a glob (``*`` any run, may cross ``/``; ``?`` one char; ``[a-z]``/``[!x]``
+    classes) to a regex body. Raises ValueError on an empty glob or unbalanced brackets."""
+    if not glob:
+        raise ValueError("empty glob")
+    out: list[str] = []
+    i, n = 0, len(glob)
+    while i < n:
+        c = glob[i]
+        if c == "*":
+            if not out or out[-1] != ".*":
+                out.append(".*")
+        elif c == "?":
+            out.append(".")
+        elif c == "[":
+            j = glob.find("]", i + 1)
+            if j == -1:
+                raise ValueError(f"unbalanced '[' in glob {glob!r}")
+            body = glob[i + 1 : j]
+            negate = body[:1] in ("!", "^")
+            if negate:
+                body = body[1:]
+            if not body:
+                raise ValueError(f"empty character class in glob {glob!r}")
+            if "[" in body:
+                raise ValueError(f"nested '[' in glob {glob!r}")
+            members = "".join("-" if ch == "-" else re.escape(ch) for ch in body)
+            out.append(f"[{'^' if negate else ''}{members}]")
+            i = j
+        elif c == "]":
+            raise ValueError(f"unbalanced ']' in glob {glob!r}")
+        else:
+            out.append(re.escape(c))
+        i += 1
+    body = "".join(out)
+    try:
+        re.compile(body)
+    except re.error as e:
+        raise ValueError(f"bad glob {glob!r}: {e}") from None
+    return body
+
+
+def compile_globs(globs: tuple[str, ...], *, lower: bool = False) -> re.Pattern[str]:
+    """One anchored-by-fullmatch regex matching any of ``globs``."""
+    parts = [glob_to_regex(g.lower() if lower else g) for g in globs]
+    return re.compile("|".join(f"(?:{p})" for p in parts), re.DOTALL)
+
+
+# -- paths and time ------------------------------------------------------------------------------
+
+
+def normalize_path(path: str) -> str:
+    """The path a server would route: query and fragment dropped, ``.``/``..`` segments resolved
+    (also percent-encoded ones) and empty segments dropped, so ``/repos/../admin`` cannot pass
+    for ``/repos/*`` and ``//admin`` cannot slip past a deny on ``/admin*``."""
+    path = path.partition("?")[0].partition("#")[0]
+    if not path.startswith("/") or ("." not in path and "%" not in path and "//" not in path):
+        return path
+    segments = path.split("/")[1:]
+    last = len(segments) - 1
+    out: list[str] = []
+    for i, seg in enumerate(segments):
+        decoded = unquote(seg)
+        if decoded in (".", ".."):
+            if decoded == ".." and out:
+                out.pop()
+            if i == last:
+                out.append("")  # "/a/b/.." is the directory "/a/"
+        elif seg or i == last:
+            out.append(seg)
+    return "/" + "/".join(out)
+
+
+def fmt_ts(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _hhmm(minute: int) -> str:
+    return f"{minute // 60:02d}:{minute % 60:02d}"
+
+
+class _CompiledHours:
+    __slots__ = ("_cache", "_zone", "end", "start", "text", "tz")
+
+    def __init__(self, hours: Hours) -> None:
+        self.start = hours.start
+        self.end = hours.end
+        self.tz = hours.tz
+        self.text = hours.text
+        self._zone = None if hours.tz == "UTC" else ZoneInfo(hours.tz)
+        self._cache: tuple[int, int] = (-1, 0)  # (epoch minute, local minute of day)
+
+    def local_minute(self, now: float) -> int:
+        epoch_minute = int(now // 60)
+        if self._zone is None:
+            return epoch_minute % 1440
+        cached = self._cache
+        if cached[0] == epoch_minute:
+            return cached[1]
+        dt = datetime.fromtimestamp(now, self._zone)
+        minute = dt.hour * 60 + dt.minute
+        self._cache = (epoch_minute, minute)
+        return minute
+
+    def contains(self, minute: int) -> bool:
+        if self.start < self.end:
+            return self.start <= minute < self.end
+        return minute >= self.start or minute < self.end
+
+
+# -- when ----------------------------------------------------------------------------------------
+
+_RANGE_FIELDS = ("max_tokens", "temperature", "top_p", "n")
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else str(v)
+
+
+class _CompiledWhen:
+    __slots__ = ("hours", "ranges", "stream", "tools")
+
+    def __init__(self, when: When) -> None:
+        self.ranges: tuple[tuple[str, float, float, Range], ...] = tuple(
+            (
+                name,
+                float("-inf") if r.min is None else r.min,
+                float("inf") if r.max is None else r.max,
+                r,
+            )
+            for name in _RANGE_FIELDS
+            if (r := getattr(when, name)) is not None
+        )
+        self.stream = when.stream
+        self.tools = when.tools
+        self.hours = None if when.hours is None else _CompiledHours(when.hours)
+
+    def holds(self, ctx: RequestContext) -> bool:
+        for name, lo, hi, _ in self.ranges:
+            v = getattr(ctx, name)
+            if v is None or not lo <= v <= hi:
+                return False
+        if self.stream is not None and ctx.stream != self.stream:
+            return False
+        if self.tools is not None and ctx.tools != self.tools:
+            return False
+        h = self.hours
+        return h is None or h.contains(h.local_minute(ctx.now))
+
+    def failures(self, ctx: RequestContext) -> list[str]:
+        out: list[str] = []
+        for name, lo, hi, r in self.ranges:
+            v = getattr(ctx, name)
+            if v is None:
+                want = " and ".join(
+                    f"{side} {_num(b)}"
+                    for side, b in (("min", r.min), ("max", r.max))
+                    if b is not None
+                )
+                out.append(f"{name} not set (rule needs {want})")
+            elif v < lo:
+                out.append(f"{name} {_num(v)} < min {_num(lo)}")
+            elif v > hi:
+                out.append(f"{name} {_num(v)} > max {_num(hi)}")
+            elif not lo <= v <= hi:  # NaN compares false both ways; `holds` refuses it too
+                out.append(f"{name} {v} is not a number")
+        for name, want_flag in (("stream", self.stream), ("tools", self.tools)):
+            have = getattr(ctx, name)
+            if want_flag is not None and bool(have) is not want_flag:
+                out.append(
+                    f"{name} is {str(bool(have)).lower()}, rule needs {str(want_flag).lower()}"
+                )
+        h = self.hours
+        if h is not None:
+            minute = h.local_minute(ctx.now)
+            if not h.contains(minute):
+                out.append(f"time {_hhmm(minute)} {h.tz} outside hours {h.text}")
+        return out
+
+
+# -- rules ---------------------------------------------------------------------------------------
+
+
+def _opt(globs: tuple[str, ...] | None, *, lower: bool = False) -> re.Pattern[str] | None:
+    return None if globs is None else compile_globs(globs, lower=lower)
+
+
+def _listed(globs: tuple[str, ...] | None) -> str:
+    return "[" + ", ".join(repr(g) for g in globs or ()) + "]"
+
+
+class _CompiledRule:
+    """A rule (or override) with its globs compiled and its decision built in advance."""
+
+    __slots__ = (
+        "agents",
+        "decision",
+        "expires",
+        "hosts",
+        "is_host",
+        "methods",
+        "models",
+        "paths",
+        "providers",
+        "rule",
+        "when",
+    )
+
+    def __init__(self, rule: Rule, approval_timeout: float) -> None:
+        self.rule = rule
+        self.is_host = rule.hosts is not None
+        self.agents = _opt(rule.agents)
+        self.providers = _opt(rule.providers)
+        self.models = _opt(rule.models)
+        self.hosts = _opt(rule.hosts, lower=True)
+        self.methods = None if rule.methods is None else frozenset(m.upper() for m in rule.methods)
+        self.paths = _opt(rule.paths)
+        self.when = None if rule.when is None else _CompiledWhen(rule.when)
+        self.expires = rule.expires if isinstance(rule, Override) else float("inf")
+        self.decision = _decision_for(rule, approval_timeout)
+
+    def agent_match(self, agent: str) -> bool:
+        return self.agents is None or self.agents.fullmatch(agent) is not None
+
+    def provider_match(self, provider: str) -> bool:
+        return self.providers is None or self.providers.fullmatch(provider) is not None
+
+    def model_match(self, model: str | None) -> bool:
+        """A request without a model matches only rules that leave ``models`` out."""
+        return self.models is None or (
+            model is not None and self.models.fullmatch(model) is not None
+        )
+
+    def host_match(self, host: str, method: str, path: str) -> bool:
+        """Host, method and path, for a host rule (checked on every request)."""
+        return (
+            self.hosts is not None
+            and self.hosts.fullmatch(host) is not None
+            and (self.methods is None or method in self.methods)
+            and (self.paths is None or self.paths.fullmatch(path) is not None)
+        )
+
+    def failures(self, ctx: RequestContext, host: str, method: str, path: str) -> list[str]:
+        """Why this rule does not match ``ctx`` (empty = it matches). For explain only."""
+        r = self.rule
+        out: list[str] = []
+        if isinstance(r, Override) and ctx.now >= r.expires:
+            out.append(f"override expired at {fmt_ts(r.expires)}")
+        if ctx.provider is None and not self.is_host:
+            return [*out, f"LLM rule; request is non-LLM egress to host {host!r}"]
+        if ctx.provider is not None and self.is_host:
+            return [*out, f"host rule; request is an LLM call to provider {ctx.provider!r}"]
+        if self.agents is not None and self.agents.fullmatch(ctx.agent) is None:
+            out.append(f"agent {ctx.agent!r} not in {_listed(r.agents)}")
+        if ctx.provider is None:
+            if self.hosts is not None and self.hosts.fullmatch(host) is None:
+                out.append(f"host {host!r} not in {_listed(r.hosts)}")
+            if self.methods is not None and method not in self.methods:
+                out.append(f"method {method!r} not in {_listed(r.methods)}")
+            if self.paths is not None and self.paths.fullmatch(path) is None:
+                out.append(f"path {path!r} not in {_listed(r.paths)}")
+        else:
+            if self.providers is not None and self.providers.fullmatch(ctx.provider) is None:
+                out.append(f"provider {ctx.provider!r} not in {_listed(r.providers)}")
+            if self.models is not None:
+                if ctx.model is None:
+                    out.append(f"request names no model; rule needs one of {_listed(r.models)}")
+                elif self.models.fullmatch(ctx.model) is None:
+                    out.append(f"model {ctx.model!r} not in {_listed(r.models)}")
+        if self.when is not None:
+            out.extend(self.when.failures(ctx))
+        return out
+
+
+def _decision_for(rule: Rule, approval_timeout: float) -> Decision:
+    inject = rule.inject if rule.effect != "deny" else None
+    if isinstance(rule, Override):
+        reason = f"override {rule.id} approved by {rule.approved_by} until {fmt_ts(rule.expires)}"
+        if rule.reason:
+            reason = f"{reason}: {rule.reason}"
+        return Decision(rule.effect, rule.id, reason, rule.id, inject, approval_timeout)
+    verb = {"allow": "allowed", "deny": "denied", "approve": "held for approval"}[rule.effect]
+    reason = rule.reason or f"{verb} by rule {rule.id}"
+    return Decision(rule.effect, rule.id, reason, None, inject, approval_timeout)
+
+
+_Group = tuple[_CompiledRule, ...]
+_Candidates = tuple[_Group, _Group, _Group]  # overrides, deny rules, allow/approve rules
+
+
+def _split(overrides: list[_CompiledRule], rules: list[_CompiledRule]) -> _Candidates:
+    return (
+        tuple(overrides),
+        tuple(r for r in rules if r.rule.effect == "deny"),
+        tuple(r for r in rules if r.rule.effect != "deny"),
+    )
+
+
+class Engine:
+    """The compiled form of one policy; built by ``Policy.__post_init__``.
+
+    Three caches, each bounded (cleared when full): per agent, the rules whose ``agents`` globs
+    match it, split into LLM and host rules; per (agent, provider) and per (agent, provider,
+    model), the LLM rules that also match those. A decision then evaluates only ``when`` and
+    expiry (LLM) or host/method/path/``when`` (egress) of its candidates. The caches hold only
+    results derived from the immutable policy, so a race between threads at worst recomputes.
+    """
+
+    def __init__(self, policy: Policy) -> None:
+        timeout = policy.approval_timeout
+        self._tenant = policy.tenant
+        self._region = policy.region
+        self._timeout = timeout
+        self._overrides = tuple(_CompiledRule(o, timeout) for o in policy.overrides)
+        self._rules = tuple(_CompiledRule(r, timeout) for r in policy.rules)
+        self._default = Decision("deny", DEFAULT_RULE_ID, DEFAULT_REASON, approval_timeout=timeout)
+        self._views: dict[str, tuple[_Candidates, _Candidates]] = {}
+        self._provider_cache: dict[tuple[str, str], _Candidates] = {}
+        self._llm_cache: dict[tuple[str, str, str | None], _Candidates] = {}
+        self._agent_limits = tuple((compile_globs((g,)), s) for g, s in policy.agent_limits)
+        self._agent_budgets = tuple((compile_globs((g,)), s) for g, s in policy.agent_budgets)
+
+    # -- decide ----------------------------------------------------------------------------------
+    def _wrong_tenant(self, tenant: str) -> Decision:
+        """A caller bug (a tenant's request checked against another tenant's policy): deny."""
+        return Decision(
+            "deny",
+            DEFAULT_RULE_ID,
+            f"policy of tenant {self._tenant!r} does not apply to tenant {tenant!r}",
+            approval_timeout=self._timeout,
+        )
+
+    def _region_deny(self, region: str) -> Decision:
+        return Decision(
+            "deny",
+            REGION_RULE_ID,
+            f"provider region {region!r} is outside the tenant region {self._region!r}",
+            approval_timeout=self._timeout,
+        )
+
+    def _view(self, agent: str) -> tuple[_Candidates, _Candidates]:
+        """(LLM candidates, host candidates) for ``agent``."""
+        ovs = [o for o in self._overrides if o.agent_match(agent)]
+        rules = [r for r in self._rules if r.agent_match(agent)]
+        view = (
+            _split([o for o in ovs if not o.is_host], [r for r in rules if not r.is_host]),
+            _split([o for o in ovs if o.is_host], [r for r in rules if r.is_host]),
+        )
+        if len(self._views) >= _CACHE_MAX:
+            self._views.clear()
+        self._views[agent] = view
+        return view
+
+    def _llm_candidates(self, key: tuple[str, str, str | None], view: _Candidates) -> _Candidates:
+        agent, provider, model = key
+        by_provider = self._provider_cache.get((agent, provider))
+        if by_provider is None:
+            by_provider = (
+                tuple(o for o in view[0] if o.provider_match(provider)),
+                tuple(r for r in view[1] if r.provider_match(provider)),
+                tuple(r for r in view[2] if r.provider_match(provider)),
+            )
+            if len(self._provider_cache) >= _CACHE_MAX:
+                self._provider_cache.clear()
+            self._provider_cache[(agent, provider)] = by_provider
+        found = (
+            tuple(o for o in by_provider[0] if o.model_match(model)),
+            tuple(r for r in by_provider[1] if r.model_match(model)),
+            tuple(r for r in by_provider[2] if r.model_match(model)),
+        )
+        if len(self._llm_cache) >= _CACHE_MAX:
+            self._llm_cache.clear()
+        self._llm_cache[key] = found
+        return found
+
+    def decide(self, ctx: RequestContext) -> Decision:
+        if ctx.tenant != self._tenant:
+            return self._wrong_tenant(ctx.tenant)
+        if self._region is not None and ctx.region is not None and ctx.region != self._region:
+            return self._region_deny(ctx.region)
+        agent = ctx.agent
+        view = self._views.get(agent) or self._view(agent)
+        now = ctx.now
+        provider = ctx.provider
+        if provider is None:
+            host = ctx.host.lower().rstrip(".")
+            method = ctx.method.upper()
+            path = normalize_path(ctx.path)
+            overrides, denies, others = view[1]
+            for r in overrides:
+                if (
+                    now < r.expires
+                    and r.host_match(host, method, path)
+                    and (r.when is None or r.when.holds(ctx))
+                ):
+                    return r.decision
+            for group in (denies, others):
+                for r in group:
+                    if r.host_match(host, method, path) and (r.when is None or r.when.holds(ctx)):
+                        return r.decision
+            return self._default
+        key = (agent, provider, ctx.model)
+        overrides, denies, others = self._llm_cache.get(key) or self._llm_candidates(key, view[0])
+        for r in overrides:
+            if now < r.expires and (r.when is None or r.when.holds(ctx)):
+                return r.decision
+        for group in (denies, others):
+            for r in group:
+                if r.when is None or r.when.holds(ctx):
+                    return r.decision
+        return self._default
+
+    # -- explain ---------------------------------------------------------------------------------
+    def explain(self, ctx: RequestContext) -> Explanation:
+        host = ctx.host.lower().rstrip(".")
+        method = ctx.method.upper()
+        path = normalize_path(ctx.path)
+        traces: list[RuleTrace] = []
+        decision: Decision | None = None
+        if self._region is not None:
+            region = None
+            if ctx.region is not None and ctx.region != self._region:
+                region = self._region_deny(ctx.region)
+                why = region.reason
+            elif ctx.region is None:
+                why = "request carries no provider region"
+            else:
+                why = f"provider region {ctx.region!r} is the tenant region"
+            traces.append(RuleTrace(REGION_RULE_ID, "region", region is not None, "deny", why))
+            decision = region
+        for o in self._overrides:
+            fails = o.failures(ctx, host, method, path)
+            ov = o.rule
+            assert isinstance(ov, Override)
+            why = (
+                "; ".join(fails)
+                if fails
+                else f"active until {fmt_ts(ov.expires)}, approved by {ov.approved_by}"
+            )
+            traces.append(RuleTrace(ov.id, "override", not fails, ov.effect, why))
+            if not fails and decision is None:
+                decision = o.decision
+        first_deny: Decision | None = None
+        first_other: Decision | None = None
+        for r in self._rules:
+            fails = r.failures(ctx, host, method, path)
+            why = "; ".join(fails) if fails else "all conditions hold"
+            traces.append(RuleTrace(r.rule.id, "rule", not fails, r.rule.effect, why))
+            if not fails:
+                if r.rule.effect == "deny" and first_deny is None:
+                    first_deny = r.decision
+                elif r.rule.effect != "deny" and first_other is None:
+                    first_other = r.decision
+        decision = decision or first_deny or first_other or self._default
+        if ctx.tenant != self._tenant:
+            decision = self._wrong_tenant(ctx.tenant)
+        return Explanation(decision, tuple(traces))
+
+    # -- limits ----------------------------------------------------------------------------------
+    def agent_limit(self, agent: str) -> LimitSpec | None:
+        for pattern, spec in self._agent_limits:
+            if pattern.fullmatch(agent) is not None:
+                return spec
+        return None
+
+    def agent_budget(self, agent: str) -> BudgetSpec | None:
+        for pattern, spec in self._agent_budgets:
+            if pattern.fullmatch(agent) is not None:
+                return spec
+        return None

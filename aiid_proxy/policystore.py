@@ -1,0 +1,173 @@
+"""Live policies: load every tenant's file, reload on change, keep the last good one on error."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiid_proxy.clock import SYSTEM_CLOCK, Clock
+from aiid_proxy.errors import AiidError, InvalidName, PolicyError
+from aiid_proxy.home import NAME_RE
+from aiid_proxy.policy import NON_POLICY_FILES, Policy, load_policy_file
+
+log = logging.getLogger("aiid.policy")
+
+
+@dataclass(frozen=True)
+class PolicyEvent:
+    tenant: str
+    ok: bool
+    at: float
+    source_hash: str | None
+    error: str | None
+    removed: bool = False
+
+    def describe(self) -> str:
+        if self.removed:
+            return f"policy {self.tenant}: file removed, last good policy stays in force"
+        if self.ok:
+            return f"policy {self.tenant}: loaded {self.source_hash and self.source_hash[:12]}"
+        return f"policy {self.tenant}: edit refused, last good policy stays: {self.error}"
+
+
+def _policy_files(directory: Path) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    if not directory.is_dir():
+        return out
+    for p in sorted(directory.iterdir()):
+        if (
+            p.suffix in (".yaml", ".yml")
+            and not p.name.startswith(".")
+            and p.name not in NON_POLICY_FILES
+            and p.is_file()
+        ):
+            out[p.stem] = p
+    return out
+
+
+class PolicyStore:
+    """Holds the current good policy per tenant.
+
+    ``get`` is a dict lookup (no I/O). ``refresh`` re-reads files whose (mtime, size) changed;
+    it is driven by watchdog events and by a 1 s poll, so an edit applies within 2 s even where
+    file events are unavailable.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        on_event: Callable[[PolicyEvent], None] | None = None,
+    ) -> None:
+        self.directory = directory
+        self._clock = clock
+        self._on_event = on_event
+        self._policies: dict[str, Policy] = {}
+        self._loaded_at: dict[str, float] = {}
+        self._stamps: dict[str, tuple[int, int]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._observer: object | None = None
+
+    def get(self, tenant: str) -> Policy | None:
+        return self._policies.get(tenant)
+
+    def loaded_at(self, tenant: str) -> float | None:
+        return self._loaded_at.get(tenant)
+
+    def tenants(self) -> list[str]:
+        return sorted(self._policies)
+
+    def refresh(self) -> list[PolicyEvent]:
+        """Reload changed files. Returns (and reports) one event per change."""
+        events: list[PolicyEvent] = []
+        with self._lock:
+            files = _policy_files(self.directory)
+            for tenant, path in files.items():
+                try:
+                    st = path.stat()
+                except OSError:
+                    continue
+                stamp = (st.st_mtime_ns, st.st_size)
+                if self._stamps.get(tenant) == stamp:
+                    continue
+                self._stamps[tenant] = stamp
+                events.append(self._load(tenant, path))
+            for tenant in list(self._stamps):
+                if tenant not in files:
+                    del self._stamps[tenant]
+                    events.append(
+                        PolicyEvent(tenant, True, self._clock.now(), None, None, removed=True)
+                    )
+        for ev in events:
+            log.info(ev.describe())
+            if self._on_event is not None:
+                self._on_event(ev)
+        return events
+
+    def _load(self, tenant: str, path: Path) -> PolicyEvent:
+        now = self._clock.now()
+        try:
+            if NAME_RE.fullmatch(tenant) is None:
+                raise PolicyError("file name is not a valid tenant name", str(path))
+            policy = load_policy_file(path)
+        except (AiidError, InvalidName, OSError) as e:
+            msg = e.one_line() if isinstance(e, AiidError) else f"{path}: {e.strerror}"
+            return PolicyEvent(tenant, False, now, None, msg)
+        self._policies[tenant] = policy
+        self._loaded_at[tenant] = now
+        return PolicyEvent(tenant, True, now, policy.source_hash, None)
+
+    # -- watching -----------------------------------------------------------
+    def start(self) -> None:
+        """Start watching the directory (watchdog + 1 s poll fallback)."""
+        if self._thread is not None:
+            return
+        try:
+            from watchdog.events import FileSystemEventHandler
+            from watchdog.observers import Observer
+
+            store = self
+
+            class _Handler(FileSystemEventHandler):  # type: ignore[misc]
+                def on_any_event(self, event: object) -> None:
+                    store._wake.set()
+
+            observer = Observer()
+            observer.schedule(_Handler(), str(self.directory), recursive=False)
+            observer.daemon = True
+            observer.start()
+            self._observer = observer
+        except Exception as e:  # inotify limits etc.: the poll below still applies edits
+            log.warning("policy file watching unavailable (%s); polling every second", e)
+        self._thread = threading.Thread(target=self._run, name="aiid-policy-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(1.0)
+            if self._stop.is_set():
+                return
+            if self._wake.is_set():
+                self._wake.clear()
+                self._stop.wait(0.1)  # debounce editors that write in several steps
+            try:
+                self.refresh()
+            except Exception:
+                log.exception("policy refresh failed; last good policies stay")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        obs = self._observer
+        if obs is not None:
+            obs.stop()  # type: ignore[attr-defined]
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None

@@ -1,0 +1,527 @@
+"""The provider registry: which hosts are LLM providers, where their key goes, which paths
+they serve. The built-in providers are data (``aiid_proxy/data/providers.yaml``); a file given
+to :meth:`Registry.load` replaces or adds providers by name without code changes.
+
+Matching is deliberately strict, so that a host or a path the gateway does not understand is
+never mistaken for one it does:
+
+* hosts are compared as ASCII, lowercased, with one trailing dot removed; a host that is not a
+  valid DNS name (IP literals, ports, non-ASCII, empty labels) never matches;
+* ``*.suffix`` globs match exactly one DNS label, so ``a.b.openai.azure.com`` does not match
+  ``*.openai.azure.com`` and ``api.openai.com.evil.com`` matches nothing;
+* paths are matched whole, byte for byte: no percent-decoding, no ``.``/``//`` collapsing.
+  Anything else on a known host is a :class:`RouteMatch` with ``route=None``.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from aiid_proxy.errors import ConfigError
+from aiid_proxy.home import NAME_RE
+
+CREDENTIAL_HEADERS: tuple[str, ...] = (
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "x-goog-api-key",
+    "proxy-authorization",
+)
+"""Every request header an agent may put a credential in; all are stripped before upstream."""
+
+CREDENTIAL_QUERY_PARAMS: tuple[str, ...] = ("key",)
+"""Query parameters some providers accept a key in (Gemini's ``?key=``); strip them too."""
+
+USAGE_FORMATS: tuple[str, ...] = ("openai", "anthropic", "gemini")
+MODEL_FROM_BODY = "body"
+MODEL_FROM_NONE = "none"
+MODEL_FROM_PATH_PREFIX = "path:"
+
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_HOST_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+_TLD_RE = re.compile(r"[a-z][a-z0-9-]*")
+_HEADER_RE = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
+_METHOD_RE = re.compile(r"[A-Z]{1,16}")
+_KIND_RE = re.compile(r"[a-z][a-z0-9_]{0,39}")
+_PARAM_RE = re.compile(r"[a-z_][a-z0-9_]{0,31}")
+_REGION_RE = re.compile(r"[a-z][a-z0-9-]{0,31}")
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9-]{0,31}")
+_PATH_CHARS_RE = re.compile(r"[A-Za-z0-9._~!$&'()+,;=:@/%-]*")
+_TEMPLATE_TOKEN_RE = re.compile(r"\{([^{}]*)\}|\*")
+
+
+# -- data classes -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Route:
+    """One API endpoint of a provider.
+
+    ``path`` is the template as written in the data (``/v1/chat/completions``,
+    ``/openai/deployments/{deployment}/chat/completions``); ``pattern`` is its compiled form,
+    matched against the whole request path. ``wire_format`` is the body dialect (one of
+    :data:`USAGE_FORMATS`; the provider's ``usage_format`` unless the route says otherwise).
+    """
+
+    kind: str
+    methods: tuple[str, ...]
+    path: str
+    json: bool
+    model_from: str
+    wire_format: str
+    pattern: re.Pattern[str] = field(compare=False, repr=False)
+
+    @classmethod
+    def build(
+        cls,
+        kind: str,
+        path: str,
+        methods: Iterable[str] = ("POST",),
+        json: bool | None = None,
+        model_from: str | None = None,
+        wire_format: str = "openai",
+    ) -> Route:
+        """Validate and compile one route; raises ConfigError on any bad field."""
+        where = f"route {path!r}"
+        if not isinstance(kind, str) or _KIND_RE.fullmatch(kind) is None:
+            raise ConfigError(f"{where}: kind must match ^[a-z][a-z0-9_]*$, got {kind!r}")
+        meths = tuple(methods)
+        if not meths:
+            raise ConfigError(f"{where}: methods must not be empty")
+        for m in meths:
+            if not isinstance(m, str) or _METHOD_RE.fullmatch(m) is None:
+                raise ConfigError(f"{where}: method must be an upper-case HTTP method, got {m!r}")
+        if len(set(meths)) != len(meths):
+            raise ConfigError(f"{where}: duplicate method")
+        if wire_format not in USAGE_FORMATS:
+            raise ConfigError(f"{where}: format must be one of {', '.join(USAGE_FORMATS)}")
+        pattern, params = compile_path_template(path)
+        if json is None:
+            json = all(m in _BODY_METHODS for m in meths)
+        if model_from is None:
+            model_from = MODEL_FROM_BODY if json else MODEL_FROM_NONE
+        if model_from == MODEL_FROM_BODY:
+            if not json:
+                raise ConfigError(f"{where}: model_from 'body' needs a JSON route (json: true)")
+        elif model_from.startswith(MODEL_FROM_PATH_PREFIX):
+            name = model_from[len(MODEL_FROM_PATH_PREFIX) :]
+            if name not in params:
+                raise ConfigError(f"{where}: model_from {model_from!r} names no {{{name}}} in path")
+        elif model_from != MODEL_FROM_NONE:
+            raise ConfigError(
+                f"{where}: model_from must be 'body', 'none' or 'path:<param>', got {model_from!r}"
+            )
+        return cls(
+            kind=kind,
+            methods=meths,
+            path=path,
+            json=json,
+            model_from=model_from,
+            wire_format=wire_format,
+            pattern=pattern,
+        )
+
+    def match_path(self, path: str) -> dict[str, str] | None:
+        """The path parameters if ``path`` (no query string) is this route's path, else None."""
+        m = self.pattern.fullmatch(path)
+        return None if m is None else m.groupdict()
+
+    @property
+    def model_param(self) -> str | None:
+        """The path parameter that names the model, if the model comes from the path."""
+        if self.model_from.startswith(MODEL_FROM_PATH_PREFIX):
+            return self.model_from[len(MODEL_FROM_PATH_PREFIX) :]
+        return None
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    hosts: tuple[str, ...]
+    region: str | None
+    auth_header: str
+    auth_scheme: str | None
+    extra_headers: tuple[tuple[str, str], ...]
+    routes: tuple[Route, ...]
+    usage_format: str
+
+    def auth_value(self, secret: str) -> str:
+        """The value of :attr:`auth_header` that carries ``secret``."""
+        return f"{self.auth_scheme} {secret}" if self.auth_scheme else secret
+
+    @property
+    def strip_headers(self) -> tuple[str, ...]:
+        """Headers to remove from an agent's request: every credential header, and this
+        provider's own key header when it is not one of them."""
+        if self.auth_header in CREDENTIAL_HEADERS:
+            return CREDENTIAL_HEADERS
+        return (*CREDENTIAL_HEADERS, self.auth_header)
+
+    def match_route(self, method: str, path: str) -> tuple[Route, dict[str, str]] | None:
+        """The first route serving ``method`` at ``path``, with its path parameters."""
+        for route in self.routes:
+            if method not in route.methods:
+                continue
+            params = route.match_path(path)
+            if params is not None:
+                return route, params
+        return None
+
+
+@dataclass(frozen=True)
+class RouteMatch:
+    """A request on a provider host. ``route`` is None when the path (or method) is unknown."""
+
+    provider: Provider
+    route: Route | None
+    params: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+
+# -- path templates and hosts -----------------------------------------------------------------
+def compile_path_template(template: str) -> tuple[re.Pattern[str], tuple[str, ...]]:
+    """Compile ``/a/{name}/b*`` into an anchored pattern and its parameter names.
+
+    ``{name}`` matches one path segment (``[^/]+``), also inside a segment such as
+    ``{model}:generateContent``; ``*`` matches within one segment (``[^/]*``).
+    """
+    if not isinstance(template, str) or not template.startswith("/"):
+        raise ConfigError(f"path {template!r} must be a string starting with '/'")
+    out: list[str] = []
+    params: list[str] = []
+    pos = 0
+    for tok in _TEMPLATE_TOKEN_RE.finditer(template):
+        out.append(_literal(template, template[pos : tok.start()]))
+        name = tok.group(1)
+        if name is None:
+            out.append("[^/]*")
+        else:
+            if _PARAM_RE.fullmatch(name) is None:
+                raise ConfigError(f"path {template!r}: bad parameter name {{{name}}}")
+            if name in params:
+                raise ConfigError(f"path {template!r}: parameter {{{name}}} appears twice")
+            params.append(name)
+            out.append(f"(?P<{name}>[^/]+)")
+        pos = tok.end()
+    out.append(_literal(template, template[pos:]))
+    return re.compile("".join(out)), tuple(params)
+
+
+def _literal(template: str, text: str) -> str:
+    if "{" in text or "}" in text or _PATH_CHARS_RE.fullmatch(text) is None or "//" in text:
+        raise ConfigError(f"path {template!r}: unexpected characters in {text!r}")
+    return re.escape(text)
+
+
+def normalize_host(host: str) -> str | None:
+    """``host`` as the registry compares it, or None if it can never be a provider host.
+
+    ASCII only (checked before lowercasing: ``"\\u212a".lower()`` is ``"k"``), lowercased, one
+    trailing dot removed, valid DNS labels, not an IP literal, no port.
+    """
+    if not isinstance(host, str) or not host.isascii():
+        return None
+    h = host.lower()
+    if h.endswith("."):
+        h = h[:-1]
+    if not h or len(h) > 253 or _HOST_RE.fullmatch(h) is None:
+        return None
+    if _is_ip_like(h):
+        return None
+    return h
+
+
+def _is_ip_like(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        # "127.1" and friends: a numeric last label is never a DNS name we route by.
+        return host.rsplit(".", 1)[-1].isdigit()
+    return True
+
+
+def _validate_host(spec: object, where: str) -> str:
+    if not isinstance(spec, str):
+        raise ConfigError(f"{where}: host must be a string, got {spec!r}")
+    if spec != spec.lower():
+        raise ConfigError(f"{where}: host {spec!r} must be lowercase")
+    body = spec[2:] if spec.startswith("*.") else spec
+    norm = normalize_host(body)
+    if norm is None or norm != body or _TLD_RE.fullmatch(body.rsplit(".", 1)[-1]) is None:
+        raise ConfigError(f"{where}: {spec!r} is not a DNS host name or '*.suffix' glob")
+    if spec.startswith("*.") and body.count(".") < 1:
+        raise ConfigError(f"{where}: glob {spec!r} is too broad (needs at least two labels)")
+    return spec
+
+
+# -- the registry -----------------------------------------------------------------------------
+class Registry:
+    """An immutable set of providers, indexed by host."""
+
+    def __init__(self, providers: Iterable[Provider]) -> None:
+        self._by_name: dict[str, Provider] = {}
+        self._exact: dict[str, Provider] = {}
+        self._globs: dict[str, Provider] = {}  # ".suffix" -> provider
+        for p in providers:
+            if p.name in self._by_name:
+                raise ConfigError(f"provider {p.name!r} defined twice")
+            self._by_name[p.name] = p
+            for h in p.hosts:
+                table, key = (self._globs, h[1:]) if h.startswith("*.") else (self._exact, h)
+                other = table.get(key)
+                if other is not None:
+                    raise ConfigError(
+                        f"host {h!r} claimed by both provider {other.name!r} and {p.name!r}"
+                    )
+                table[key] = p
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any], source: str = "providers") -> Registry:
+        """Build from the parsed YAML shape (``{version: 1, providers: {name: {...}}}``)."""
+        providers = _providers_section(data, source)
+        out: list[Provider] = []
+        for name, spec in providers.items():
+            if spec is None:
+                continue  # removed by an override file
+            out.append(_provider_from_data(name, spec, source))
+        try:
+            return cls(out)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def builtin(cls) -> Registry:
+        """The built-in registry from ``aiid_proxy/data/providers.yaml``."""
+        return _builtin()
+
+    @classmethod
+    def load(cls, path: Path | None) -> Registry:
+        """The built-in registry, with the providers in ``path`` (if any) replacing built-ins
+        of the same name or adding new ones; a provider mapped to ``null`` is removed."""
+        if path is None:
+            return cls.builtin()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"providers file {path} unreadable: {e}") from None
+        extra = _load_yaml(text, str(path))
+        extra_providers = _providers_section(extra, str(path))
+        merged = dict(_providers_section(_builtin_data(), "builtin providers.yaml"))
+        merged.update(extra_providers)
+        return cls.from_data({"version": 1, "providers": merged}, source=str(path))
+
+    # -- queries --------------------------------------------------------------------------
+    @property
+    def providers(self) -> tuple[Provider, ...]:
+        return tuple(self._by_name.values())
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._by_name)
+
+    def get(self, name: str) -> Provider:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise ConfigError(f"unknown provider {name!r}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def match_host(self, host: str) -> Provider | None:
+        h = normalize_host(host)
+        if h is None:
+            return None
+        exact = self._exact.get(h)
+        if exact is not None:
+            return exact
+        dot = h.find(".")
+        if dot <= 0:
+            return None
+        # "*.suffix" covers exactly one label: look up everything after the first label.
+        return self._globs.get(h[dot:])
+
+    def match(self, host: str, method: str, path: str) -> RouteMatch | None:
+        """None for a host that is no provider; else the provider and its route (or None)."""
+        provider = self.match_host(host)
+        if provider is None:
+            return None
+        for sep in ("?", "#"):
+            path = path.split(sep, 1)[0]
+        found = provider.match_route(method, path)
+        if found is None:
+            return RouteMatch(provider, None)
+        return RouteMatch(provider, found[0], found[1])
+
+
+# -- data parsing -----------------------------------------------------------------------------
+_PROVIDER_KEYS = frozenset({"hosts", "region", "auth", "extra_headers", "usage_format", "routes"})
+_ROUTE_KEYS = frozenset({"kind", "methods", "path", "json", "model_from", "format"})
+
+
+class _NoDuplicatesLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping key given twice (YAML would keep the last)."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[object] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            line = key_node.start_mark.line + 1
+            raise ConfigError(f"line {line}: duplicate key {key!r}")
+        seen.add(key)
+    loader.flatten_mapping(node)
+    return dict(loader.construct_pairs(node, deep=True))
+
+
+_NoDuplicatesLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping
+)
+
+
+def _load_yaml(text: str, source: str) -> Mapping[str, Any]:
+    try:
+        data = yaml.load(text, Loader=_NoDuplicatesLoader)  # noqa: S506 - a SafeLoader
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: must be a mapping with 'version' and 'providers'")
+    return data
+
+
+def _providers_section(data: Mapping[str, Any], source: str) -> Mapping[str, Any]:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: must be a mapping with 'version' and 'providers'")
+    for key in data:
+        if not isinstance(key, str) or (
+            key not in ("version", "providers") and not key.startswith("x-")
+        ):
+            raise ConfigError(f"{source}: unknown key {key!r} (expected version, providers)")
+    if "version" in data and (type(data["version"]) is not int or data["version"] != 1):
+        raise ConfigError(f"{source}: version must be 1, got {data['version']!r}")
+    providers = data.get("providers")
+    if not isinstance(providers, Mapping):
+        raise ConfigError(f"{source}: 'providers' must be a mapping of name to provider")
+    for name in providers:
+        if not isinstance(name, str) or NAME_RE.fullmatch(name) is None:
+            raise ConfigError(
+                f"{source}: invalid provider name {name!r}: must match ^[a-z0-9][a-z0-9_-]{{0,62}}$"
+            )
+    return providers
+
+
+def _provider_from_data(name: str, spec: object, source: str) -> Provider:
+    where = f"{source}: provider {name!r}"
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"{where}: must be a mapping (or null to remove it)")
+    unknown = sorted(str(k) for k in spec if k not in _PROVIDER_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    for key in ("hosts", "auth", "usage_format", "routes"):
+        if key not in spec:
+            raise ConfigError(f"{where}: missing {key!r}")
+
+    hosts_v = spec["hosts"]
+    if not isinstance(hosts_v, list) or not hosts_v:
+        raise ConfigError(f"{where}: hosts must be a non-empty list")
+    hosts = tuple(_validate_host(h, where) for h in hosts_v)
+    if len(set(hosts)) != len(hosts):
+        raise ConfigError(f"{where}: duplicate host")
+
+    region = spec.get("region")
+    if region is not None and (not isinstance(region, str) or _REGION_RE.fullmatch(region) is None):
+        raise ConfigError(f"{where}: region must be a lowercase name or null, got {region!r}")
+
+    auth = spec["auth"]
+    if not isinstance(auth, Mapping) or set(auth) - {"header", "scheme"} or "header" not in auth:
+        raise ConfigError(f"{where}: auth must be {{header: <name>, scheme: <Bearer|null>}}")
+    header = auth["header"]
+    if not isinstance(header, str) or _HEADER_RE.fullmatch(header) is None:
+        raise ConfigError(f"{where}: auth header must be a lowercase header name, got {header!r}")
+    if header in ("host", "content-length", "transfer-encoding", "cookie", "connection"):
+        raise ConfigError(f"{where}: auth header {header!r} is not allowed")
+    scheme = auth.get("scheme")
+    if scheme is not None and (not isinstance(scheme, str) or _SCHEME_RE.fullmatch(scheme) is None):
+        raise ConfigError(f"{where}: auth scheme must be a word such as Bearer, or null")
+
+    extra_v = spec.get("extra_headers") or {}
+    if not isinstance(extra_v, Mapping):
+        raise ConfigError(f"{where}: extra_headers must be a mapping of header to value")
+    extra: list[tuple[str, str]] = []
+    for k, v in extra_v.items():
+        if not isinstance(k, str) or _HEADER_RE.fullmatch(k) is None:
+            raise ConfigError(f"{where}: extra header name must be lowercase, got {k!r}")
+        if k in CREDENTIAL_HEADERS or k == header:
+            raise ConfigError(f"{where}: extra header {k!r} would carry a credential")
+        if not isinstance(v, str) or not v.isprintable() or not v.isascii():
+            raise ConfigError(f"{where}: extra header {k!r} value must be printable ASCII")
+        extra.append((k, v))
+
+    fmt = spec["usage_format"]
+    if fmt not in USAGE_FORMATS:
+        raise ConfigError(f"{where}: usage_format must be one of {', '.join(USAGE_FORMATS)}")
+
+    routes_v = spec["routes"]
+    if not isinstance(routes_v, list):
+        raise ConfigError(f"{where}: routes must be a list")
+    routes: list[Route] = []
+    for i, r in enumerate(routes_v, 1):
+        try:
+            routes.append(_route_from_data(r, fmt))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: route {i}: {e}") from None
+
+    return Provider(
+        name=name,
+        hosts=hosts,
+        region=region,
+        auth_header=header,
+        auth_scheme=scheme,
+        extra_headers=tuple(extra),
+        routes=tuple(routes),
+        usage_format=fmt,
+    )
+
+
+def _route_from_data(spec: object, default_format: str) -> Route:
+    if not isinstance(spec, Mapping):
+        raise ConfigError("must be a mapping with kind and path")
+    unknown = sorted(str(k) for k in spec if k not in _ROUTE_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)}")
+    if "kind" not in spec or "path" not in spec:
+        raise ConfigError("needs 'kind' and 'path'")
+    methods = spec.get("methods", ["POST"])
+    if not isinstance(methods, list):
+        raise ConfigError("methods must be a list")
+    json_v = spec.get("json")
+    if json_v is not None and not isinstance(json_v, bool):
+        raise ConfigError("json must be true or false")
+    model_from = spec.get("model_from")
+    if model_from is not None and not isinstance(model_from, str):
+        raise ConfigError("model_from must be a string")
+    wire_format = spec.get("format", default_format)
+    return Route.build(spec["kind"], spec["path"], methods, json_v, model_from, wire_format)
+
+
+@functools.cache
+def _builtin_data() -> Mapping[str, Any]:
+    text = resources.files("aiid_proxy").joinpath("data/providers.yaml").read_text("utf-8")
+    return _load_yaml(text, "builtin providers.yaml")
+
+
+@functools.cache
+def _builtin() -> Registry:
+    return Registry.from_data(_builtin_data(), source="builtin providers.yaml")

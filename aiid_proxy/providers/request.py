@@ -1,0 +1,317 @@
+"""What policy needs to know about a request body, read strictly.
+
+The gateway decides on these facts and then forwards the *same bytes* upstream, so any
+ambiguity in how the body could be read is refused rather than guessed: duplicate keys at any
+depth, non-JSON constants (``NaN``), invalid UTF-8, a model name with Unicode look-alikes or
+invisible characters, a key given under two spellings that the provider treats as one
+(Gemini accepts both ``generationConfig`` and ``generation_config``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from aiid_proxy.errors import RequestRefused
+from aiid_proxy.providers.registry import MODEL_FROM_BODY, Route
+
+MAX_MODEL_CHARS = 256
+CHARS_PER_TOKEN = 4
+TOKENS_PER_MESSAGE = 4
+
+_MODEL_RE = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no space
+_MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+_TEXT_FIELDS = ("messages", "input", "system", "prompt", "instructions")
+_MESSAGE_LISTS = ("messages", "input")
+# Keys under which text (or nested text) sits inside a message or content part.
+_TEXT_KEYS = ("text", "content", "parts", "output", "arguments", "tool_calls", "function")
+
+
+@dataclass(frozen=True)
+class RequestFacts:
+    model: str | None
+    max_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    n: int | None
+    stream: bool
+    tools: bool
+    include_usage: bool
+    prompt_chars: int
+    estimated_input_tokens: int
+    """An estimate, not a count: ``ceil(prompt_chars / 4) + 4`` per message. Good enough to
+    reserve rate-limit tokens before the provider reports the real number."""
+
+
+def bad_request(message: str) -> RequestRefused:
+    return RequestRefused(400, "bad_request", message)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+class _BadConstant(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
+def _no_constants(name: str) -> Any:
+    raise _BadConstant(name)
+
+
+def _shown(text: str, limit: int = 64) -> str:
+    """A safe, bounded rendering of agent-supplied text for an error message."""
+    shown = ascii(text[:limit])
+    return shown + ("..." if len(text) > limit else "")
+
+
+def decode_json_object(body: bytes) -> dict[str, Any]:
+    """``body`` as a JSON object, or RequestRefused(400) saying exactly why not."""
+    if not body.strip():
+        raise bad_request("request body is empty; this endpoint expects a JSON object")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise bad_request("request body is not valid UTF-8") from None
+    try:
+        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+    except _DuplicateKey as e:
+        raise bad_request(f"duplicate key {_shown(e.key)} in JSON body") from None
+    except _BadConstant as e:
+        raise bad_request(f"JSON body contains {e}, which is not valid JSON") from None
+    except RecursionError:
+        raise bad_request("JSON body is nested too deeply") from None
+    except ValueError as e:
+        raise bad_request(f"request body is not valid JSON: {' '.join(str(e).split())}") from None
+    if not isinstance(value, dict):
+        raise bad_request(f"request body must be a JSON object, not {_json_type(value)}")
+    return value
+
+
+def _json_type(value: object) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return "null"
+
+
+# -- field readers ----------------------------------------------------------------------------
+def check_model(model: object, where: str = "model") -> str:
+    """A model name is non-empty printable ASCII without whitespace, at most 256 chars.
+
+    Nothing is normalised: ``gpt\\u20114o`` (non-breaking hyphen) or a zero-width space could
+    slip past a policy glob while the provider reads a different (or the same) model, so such
+    names are refused outright.
+    """
+    if not isinstance(model, str):
+        raise bad_request(f"{where} must be a string")
+    if not model:
+        raise bad_request(f"{where} must not be empty")
+    if len(model) > MAX_MODEL_CHARS:
+        raise bad_request(f"{where} is longer than {MAX_MODEL_CHARS} characters")
+    if _MODEL_RE.fullmatch(model) is None:
+        raise bad_request(
+            f"{where} {_shown(model)} contains whitespace, control or non-ASCII characters"
+        )
+    return model
+
+
+def _opt_int(obj: Mapping[str, Any], key: str, minimum: int) -> int | None:
+    v = obj.get(key)
+    if v is None:
+        return None
+    if type(v) is not int or v < minimum:
+        what = "a non-negative integer" if minimum == 0 else f"an integer >= {minimum}"
+        raise bad_request(f"{key} must be {what}")
+    return v
+
+
+def _opt_number(obj: Mapping[str, Any], key: str) -> float | None:
+    v = obj.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise bad_request(f"{key} must be a finite number")
+    return float(v)
+
+
+def _opt_bool(obj: Mapping[str, Any], key: str) -> bool:
+    v = obj.get(key)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise bad_request(f"{key} must be true or false")
+    return v
+
+
+def _opt_list(obj: Mapping[str, Any], key: str) -> list[Any]:
+    v = obj.get(key)
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        raise bad_request(f"{key} must be an array")
+    return v
+
+
+def _opt_object(obj: Mapping[str, Any], key: str) -> dict[str, Any]:
+    v = obj.get(key)
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise bad_request(f"{key} must be an object")
+    return v
+
+
+def _largest(values: list[int | None]) -> int | None:
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
+
+
+def text_chars(value: object) -> int:
+    """Characters of text in a prompt-like value: strings, content-part ``text`` fields,
+    nested ``content``/``parts``; a bare integer (a token id) counts as one token's worth."""
+    total = 0
+    stack: list[object] = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            total += len(v)
+        elif isinstance(v, bool) or v is None:
+            continue
+        elif isinstance(v, int):
+            total += CHARS_PER_TOKEN
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            stack.extend(v[k] for k in _TEXT_KEYS if k in v)
+    return total
+
+
+def _estimate(prompt_chars: int, messages: int) -> int:
+    return -(-prompt_chars // CHARS_PER_TOKEN) + TOKENS_PER_MESSAGE * messages
+
+
+# -- the entry point --------------------------------------------------------------------------
+def parse_request(
+    route: Route, body: bytes, path_params: Mapping[str, str] | None = None
+) -> RequestFacts:
+    """The facts policy decides on. Raises RequestRefused(400, "bad_request") on any body the
+    gateway cannot read unambiguously (JSON routes only; other routes ignore the body)."""
+    params = path_params or {}
+    path_model: str | None = None
+    param = route.model_param
+    if param is not None:
+        raw = params.get(param)
+        if raw is None:
+            raise bad_request(f"the request path names no {param}")
+        path_model = check_model(raw, f"{param} in path")
+        if "%" in path_model:
+            # The provider would percent-decode it and see another name than policy did.
+            raise bad_request(f"{param} in path must not be percent-encoded")
+
+    if not route.json:
+        return RequestFacts(
+            model=path_model,
+            max_tokens=None,
+            temperature=None,
+            top_p=None,
+            n=None,
+            stream=False,
+            tools=False,
+            include_usage=False,
+            prompt_chars=0,
+            estimated_input_tokens=0,
+        )
+    obj = decode_json_object(body)
+    if route.wire_format == "gemini":
+        return _gemini_facts(route, obj, path_model)
+    return _generic_facts(route, obj, path_model)
+
+
+def _generic_facts(route: Route, obj: dict[str, Any], path_model: str | None) -> RequestFacts:
+    """OpenAI-, Anthropic- and Mistral-style bodies: every knob at the top level."""
+    model = path_model
+    if route.model_from == MODEL_FROM_BODY and obj.get("model") is not None:
+        model = check_model(obj["model"])
+    if obj.get("models") is not None:
+        # OpenRouter's fallback list: the provider may serve any of them, policy sees one.
+        raise bad_request("a 'models' fallback list is not supported; name one model")
+    max_tokens = _largest([_opt_int(obj, k, 0) for k in _MAX_TOKEN_FIELDS])
+    tools = bool(_opt_list(obj, "tools")) or bool(_opt_list(obj, "functions"))
+    tools = tools or bool(_opt_list(obj, "mcp_servers"))
+    for choice in ("tool_choice", "function_call"):
+        if obj.get(choice) not in (None, "none"):
+            tools = True
+    stream_options = obj.get("stream_options")
+    include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+    prompt_chars = sum(text_chars(obj.get(k)) for k in _TEXT_FIELDS)
+    messages = sum(len(v) for k in _MESSAGE_LISTS if isinstance(v := obj.get(k), list))
+    return RequestFacts(
+        model=model,
+        max_tokens=max_tokens,
+        temperature=_opt_number(obj, "temperature"),
+        top_p=_opt_number(obj, "top_p"),
+        n=_opt_int(obj, "n", 1),
+        stream=_opt_bool(obj, "stream"),
+        tools=tools,
+        include_usage=include_usage,
+        prompt_chars=prompt_chars,
+        estimated_input_tokens=_estimate(prompt_chars, messages),
+    )
+
+
+def _alias(obj: Mapping[str, Any], camel: str, snake: str) -> Any:
+    """Gemini (proto3 JSON) accepts both spellings of a field; both at once is ambiguous."""
+    if camel in obj and snake in obj:
+        raise bad_request(f"both {camel} and {snake} given; use one")
+    return obj.get(camel, obj.get(snake))
+
+
+def _gemini_facts(route: Route, obj: dict[str, Any], path_model: str | None) -> RequestFacts:
+    body_model = obj.get("model")
+    if body_model is not None and body_model not in (path_model, f"models/{path_model}"):
+        raise bad_request("the body's model differs from the model in the request path")
+    config_v = _alias(obj, "generationConfig", "generation_config")
+    config = _opt_object({"generationConfig": config_v}, "generationConfig")
+    knobs: dict[str, Any] = {
+        "maxOutputTokens": _alias(config, "maxOutputTokens", "max_output_tokens"),
+        "temperature": config.get("temperature"),
+        "topP": _alias(config, "topP", "top_p"),
+        "candidateCount": _alias(config, "candidateCount", "candidate_count"),
+    }
+    tools = bool(_opt_list(obj, "tools")) or _alias(obj, "toolConfig", "tool_config") is not None
+    contents = _opt_list(obj, "contents")
+    system = _alias(obj, "systemInstruction", "system_instruction")
+    prompt_chars = text_chars(contents) + text_chars(system)
+    return RequestFacts(
+        model=path_model,
+        max_tokens=_opt_int(knobs, "maxOutputTokens", 0),
+        temperature=_opt_number(knobs, "temperature"),
+        top_p=_opt_number(knobs, "topP"),
+        n=_opt_int(knobs, "candidateCount", 1),
+        stream=route.kind == "stream_generate_content",
+        tools=tools,
+        include_usage=True,  # Gemini reports usageMetadata in every response
+        prompt_chars=prompt_chars,
+        estimated_input_tokens=_estimate(prompt_chars, len(contents)),
+    )

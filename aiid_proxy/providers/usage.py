@@ -1,0 +1,340 @@
+"""Token usage as providers report it, in whole responses and in server-sent event streams.
+
+Nothing here raises on a malformed response: a provider (or anything pretending to be one)
+may send junk, and junk yields ``None`` (or is counted in :attr:`SSEUsageTracker.junk`).
+Response bodies must already be decoded (no gzip).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from aiid_proxy.providers.registry import Provider, Route
+
+MAX_EVENT_BYTES = 1 << 20
+"""An SSE event larger than this is dropped (and counted in ``dropped``), never buffered."""
+
+_EOL = re.compile(rb"\r\n|\r|\n")
+_CHARS_PER_TOKEN = 4
+_RESPONSES_FINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+_RESPONSES_TEXT = frozenset(
+    {
+        "response.output_text.delta",
+        "response.refusal.delta",
+        "response.function_call_arguments.delta",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Usage:
+    input_tokens: int
+    output_tokens: int
+    estimated: bool = False
+
+
+def _count(v: object) -> int | None:
+    """A token count: a non-negative int (bools are not counts)."""
+    return v if type(v) is int and v >= 0 else None
+
+
+def _optional_count(obj: Mapping[str, Any], key: str) -> int | None:
+    """0 when absent or null, the count when valid, None when present but junk."""
+    v = obj.get(key)
+    return 0 if v is None else _count(v)
+
+
+def _openai_usage(usage: object) -> Usage | None:
+    """Chat/completions/embeddings (prompt/completion) or Responses (input/output)."""
+    if not isinstance(usage, dict):
+        return None
+    for inp, out in (("prompt_tokens", "completion_tokens"), ("input_tokens", "output_tokens")):
+        if inp in usage:
+            i = _count(usage[inp])
+            o = _optional_count(usage, out)  # embeddings report no output
+            return None if i is None or o is None else Usage(i, o)
+    return None
+
+
+def _anthropic_input(usage: Mapping[str, Any]) -> int | None:
+    """input_tokens plus cache writes and reads: all of them are input the tenant pays for."""
+    base = _count(usage.get("input_tokens"))
+    created = _optional_count(usage, "cache_creation_input_tokens")
+    read = _optional_count(usage, "cache_read_input_tokens")
+    if base is None or created is None or read is None:
+        return None
+    return base + created + read
+
+
+def _anthropic_usage(usage: object) -> Usage | None:
+    if not isinstance(usage, dict):
+        return None
+    i = _anthropic_input(usage)
+    o = _count(usage.get("output_tokens"))
+    return None if i is None or o is None else Usage(i, o)
+
+
+def _gemini_usage(meta: object) -> Usage | None:
+    """promptTokenCount in; candidatesTokenCount plus thoughtsTokenCount (billed as output)."""
+    if not isinstance(meta, dict):
+        return None
+    i = _count(meta.get("promptTokenCount"))
+    o = _optional_count(meta, "candidatesTokenCount")
+    t = _optional_count(meta, "thoughtsTokenCount")
+    return None if i is None or o is None or t is None else Usage(i, o + t)
+
+
+def _loads(data: bytes | str) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+
+
+def parse_usage(provider: Provider, route: Route | None, body: bytes) -> Usage | None:
+    """The usage a whole (non-streamed) response body reports, or None."""
+    fmt = route.wire_format if route is not None else provider.usage_format
+    obj = _loads(body)
+    if fmt == "gemini":
+        # streamGenerateContent without alt=sse answers with an array of responses.
+        items = obj if isinstance(obj, list) else [obj]
+        for item in reversed(items):
+            if isinstance(item, dict) and "usageMetadata" in item:
+                return _gemini_usage(item["usageMetadata"])
+        return None
+    if not isinstance(obj, dict):
+        return None
+    if fmt == "anthropic":
+        return _anthropic_usage(obj.get("usage"))
+    return _openai_usage(obj.get("usage"))
+
+
+class SSEUsageTracker:
+    """Reads a streamed (``text/event-stream``) response as it passes, for its usage.
+
+    Feed it the bytes in whatever chunks they arrive: events may be split anywhere, lines end
+    in CRLF, LF or CR, and ``data:`` may span lines. Memory is bounded by the current
+    incomplete event, itself capped at :data:`MAX_EVENT_BYTES`.
+    """
+
+    def __init__(self, provider: Provider, route: Route | None) -> None:
+        self._format = route.wire_format if route is not None else provider.usage_format
+        self.events = 0
+        """Events dispatched (each with at least one ``data:`` line)."""
+        self.junk = 0
+        """Events whose data is not a JSON object."""
+        self.dropped = 0
+        """Events over :data:`MAX_EVENT_BYTES`, skipped unread."""
+        self.output_chars = 0
+        """Characters of generated text (and tool-call arguments) seen in deltas."""
+        self.finished = False
+        """A terminal marker was seen ([DONE], message_stop, response.completed, ...)."""
+        self._line = bytearray()
+        self._line_len = 0
+        self._data: list[str] = []
+        self._data_bytes = 0
+        self._event_name: str | None = None
+        self._dropping = False
+        self._pending_cr = False
+        self._final: Usage | None = None
+        self._input: int | None = None  # input tokens known before the final usage
+        self._output: int | None = None
+
+    # -- the byte level ---------------------------------------------------------------------
+    def feed(self, chunk: bytes) -> None:
+        pos, end = 0, len(chunk)
+        if end and self._pending_cr:
+            self._pending_cr = False
+            if chunk[0] == 0x0A:
+                pos = 1  # the LF of a CRLF split across chunks
+        while pos < end:
+            m = _EOL.search(chunk, pos)
+            if m is None:
+                self._append(chunk[pos:])
+                return
+            self._append(chunk[pos : m.start()])
+            self._end_line()
+            self._pending_cr = m.group() == b"\r" and m.end() == end
+            pos = m.end()
+
+    def close(self) -> None:
+        """End of stream: treat a last unterminated line and event as complete (lenient)."""
+        if self._line_len:
+            self._end_line()
+        self._end_line()
+
+    def _append(self, segment: bytes) -> None:
+        if not segment:
+            return
+        self._line_len += len(segment)
+        if self._dropping:
+            return
+        if self._data_bytes + len(self._line) + len(segment) > MAX_EVENT_BYTES:
+            self._dropping = True
+            self.dropped += 1
+            self._line.clear()
+            self._data.clear()
+            self._data_bytes = 0
+            return
+        self._line += segment
+
+    def _end_line(self) -> None:
+        blank = self._line_len == 0
+        line = bytes(self._line)
+        self._line.clear()
+        self._line_len = 0
+        if blank:
+            if self._dropping:
+                self._dropping = False
+            elif self._data:
+                self._dispatch(self._event_name, "\n".join(self._data))
+            self._data.clear()
+            self._data_bytes = 0
+            self._event_name = None
+            return
+        if self._dropping:
+            return
+        text = line.decode("utf-8", errors="replace")
+        if text.startswith(":"):
+            return  # comment / keep-alive
+        name, _, value = text.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            self._data.append(value)
+            self._data_bytes += len(line)
+        elif name == "event":
+            self._event_name = value
+
+    # -- the event level --------------------------------------------------------------------
+    def _dispatch(self, name: str | None, data: str) -> None:
+        self.events += 1
+        if data.strip() == "[DONE]":
+            self.finished = True
+            return
+        obj = _loads(data)
+        if not isinstance(obj, dict):
+            self.junk += 1
+            return
+        if self._format == "anthropic":
+            self._anthropic(obj)
+        elif self._format == "gemini":
+            self._gemini(obj)
+        else:
+            kind = obj.get("type")
+            if isinstance(kind, str) and kind.startswith("response."):
+                self._responses(kind, obj)
+            elif name is not None and name.startswith("response."):
+                self._responses(name, obj)
+            else:
+                self._chat(obj)
+
+    def _chat(self, obj: dict[str, Any]) -> None:
+        usage = obj.get("usage")
+        if usage is None and isinstance(obj.get("x_groq"), dict):
+            usage = obj["x_groq"].get("usage")
+        found = _openai_usage(usage)
+        if found is not None:
+            self._final = found
+            self.finished = True
+        choices = obj.get("choices")
+        if not isinstance(choices, list):
+            return
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            self._text(choice.get("text"))  # legacy completions
+            delta = choice.get("delta")
+            if not isinstance(delta, dict):
+                continue
+            self._text(delta.get("content"))
+            calls = delta.get("tool_calls")
+            for call in calls if isinstance(calls, list) else []:
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict):
+                    self._text(fn.get("arguments"))
+
+    def _responses(self, kind: str, obj: dict[str, Any]) -> None:
+        if kind in _RESPONSES_TEXT:
+            self._text(obj.get("delta"))
+        elif kind in _RESPONSES_FINAL:
+            self.finished = True
+            response = obj.get("response")
+            if isinstance(response, dict):
+                found = _openai_usage(response.get("usage"))
+                if found is not None:
+                    self._final = found
+
+    def _anthropic(self, obj: dict[str, Any]) -> None:
+        kind = obj.get("type")
+        if kind == "message_start":
+            message = obj.get("message")
+            usage = message.get("usage") if isinstance(message, dict) else None
+            if isinstance(usage, dict):
+                self._input = _anthropic_input(usage)
+                self._output = _count(usage.get("output_tokens"))
+        elif kind == "message_delta":
+            usage = obj.get("usage")
+            if not isinstance(usage, dict):
+                return
+            out = _count(usage.get("output_tokens"))  # cumulative: the last one wins
+            if "input_tokens" in usage:  # newer API versions repeat (updated) input counts
+                inp = _anthropic_input(usage)
+                if inp is not None:
+                    self._input = inp
+            if out is not None:
+                self._output = out
+                if self._input is not None:
+                    self._final = Usage(self._input, out)
+        elif kind == "content_block_delta":
+            delta = obj.get("delta")
+            if isinstance(delta, dict):
+                for key in ("text", "partial_json", "thinking"):
+                    self._text(delta.get(key))
+        elif kind == "message_stop":
+            self.finished = True
+
+    def _gemini(self, obj: dict[str, Any]) -> None:
+        if "usageMetadata" in obj:
+            found = _gemini_usage(obj["usageMetadata"])
+            if found is not None:
+                self._final = found  # cumulative: the last one wins
+                self._input = found.input_tokens
+        candidates = obj.get("candidates")
+        for cand in candidates if isinstance(candidates, list) else []:
+            if not isinstance(cand, dict):
+                continue
+            if cand.get("finishReason") is not None:
+                self.finished = True
+            content = cand.get("content")
+            parts = content.get("parts") if isinstance(content, dict) else None
+            for part in parts if isinstance(parts, list) else []:
+                if isinstance(part, dict):
+                    self._text(part.get("text"))
+
+    def _text(self, value: object) -> None:
+        if isinstance(value, str):
+            self.output_chars += len(value)
+
+    # -- results ----------------------------------------------------------------------------
+    @property
+    def buffered(self) -> int:
+        """Bytes held for the current incomplete event (never above MAX_EVENT_BYTES)."""
+        return len(self._line) + self._data_bytes
+
+    def usage(self) -> Usage | None:
+        """The usage the provider reported at the end of the stream, if it did."""
+        return self._final
+
+    def estimate(self, input_tokens: int = 0) -> Usage:
+        """A stand-in when :meth:`usage` is None: input as far as the stream told it (else
+        ``input_tokens``, the caller's own estimate), output from the text seen (chars / 4,
+        at least 1 if there was any text)."""
+        output = -(-self.output_chars // _CHARS_PER_TOKEN)
+        if self._output is not None:
+            output = max(output, self._output)
+        inp = self._input if self._input is not None else max(0, input_tokens)
+        return Usage(inp, output, estimated=True)

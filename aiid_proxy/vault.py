@@ -1,0 +1,493 @@
+"""The per-tenant secret vault: provider keys encrypted at rest with envelope encryption.
+
+Each entry has its own random 256-bit data key (DEK). The secret is encrypted with the DEK
+(AES-256-GCM), and the DEK is wrapped with the current vault master key (AES-256-GCM).
+
+Associated data binds every ciphertext to where it belongs, so a row copied to another
+provider name or into another tenant's vault does not decrypt:
+
+* wrapped DEK: ``b"aiid-vault-v1\\0dek\\0" + tenant + b"\\0" + provider + b"\\0" + key_id``
+* secret:      ``b"aiid-vault-v1\\0secret\\0" + tenant + b"\\0" + provider``
+
+The secret's associated data deliberately leaves out the master key id: the secret is
+encrypted under its DEK, not under the master key, so rotating the master key (see
+:meth:`Vault.rewrap`) only re-wraps the 32-byte DEK and never touches the secret's ciphertext.
+The two distinct labels keep the two kinds of ciphertext from ever being confused.
+
+Nothing here caches plaintext: :meth:`Vault.get` decrypts on each call and returns a
+:class:`Secret`, whose ``repr``/``str`` never show the value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import hmac
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from aiid_proxy.clock import SYSTEM_CLOCK, Clock
+from aiid_proxy.errors import ConfigError, SecretNotFound, UsageError, VaultError
+from aiid_proxy.home import MASTER_KEY_ENV, Home, encode_key, replace_private, validate_name
+
+KEY_BYTES = 32
+NONCE_BYTES = 12
+TAG_BYTES = 16
+MAX_SECRET_BYTES = 64 * 1024
+_AAD_PREFIX = b"aiid-vault-v1\0"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS secrets (
+    provider    TEXT PRIMARY KEY,
+    key_id      TEXT NOT NULL,
+    wrapped_dek BLOB NOT NULL,
+    dek_nonce   BLOB NOT NULL,
+    nonce       BLOB NOT NULL,
+    ciphertext  BLOB NOT NULL,
+    created     TEXT NOT NULL,
+    rotated     TEXT
+)
+"""
+
+
+class Secret:
+    """A secret string that does not show itself: ``repr``/``str`` give ``Secret('***')``.
+
+    ``reveal()`` returns the value. Equality is a constant-time comparison. Pickling and
+    copying are refused so the value cannot leak through serialisation.
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        if not isinstance(value, str):
+            raise TypeError("Secret wraps a str")
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        return repr(self)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Secret):
+            other_value = other._value
+        elif isinstance(other, str):
+            other_value = other
+        else:
+            return NotImplemented
+        return hmac.compare_digest(self._value.encode("utf-8"), other_value.encode("utf-8"))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __reduce_ex__(self, protocol: Any) -> NoReturn:
+        raise TypeError("Secret cannot be pickled or copied")
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("Secret cannot be pickled or copied")
+
+    def __getstate__(self) -> NoReturn:
+        raise TypeError("Secret cannot be pickled or copied")
+
+
+@dataclass(frozen=True)
+class SecretInfo:
+    provider: str
+    key_id: str
+    created: str
+    rotated: str | None
+
+
+def key_id_of(key: bytes) -> str:
+    """The public id of a master key: first 8 bytes of its SHA-256, hex."""
+    return hashlib.sha256(key).digest()[:8].hex()
+
+
+class MasterKeyring:
+    """Vault master keys, current first; one AESGCM instance per key, built once."""
+
+    def __init__(self, keys: Sequence[bytes]) -> None:
+        if not keys:
+            raise ConfigError("no vault master key")
+        self._aeads: dict[str, AESGCM] = {}
+        order: list[str] = []
+        for key in keys:
+            if not isinstance(key, bytes) or len(key) != KEY_BYTES:
+                raise ConfigError("vault master key must be 32 bytes")
+            kid = key_id_of(key)
+            if kid not in self._aeads:
+                self._aeads[kid] = AESGCM(key)
+                order.append(kid)
+        self.current_id: str = order[0]
+        self.key_ids: tuple[str, ...] = tuple(order)
+
+    @classmethod
+    def from_home(cls, home: Home, env: Mapping[str, str] | None = None) -> MasterKeyring:
+        return cls(home.master_keys(env))
+
+    def __repr__(self) -> str:
+        return f"MasterKeyring(key_ids={list(self.key_ids)!r})"
+
+    def __contains__(self, key_id: object) -> bool:
+        return key_id in self._aeads
+
+    def aead(self, key_id: str) -> AESGCM:
+        try:
+            return self._aeads[key_id]
+        except (KeyError, TypeError):
+            raise VaultError() from None
+
+
+class ReloadingKeyring:
+    """Callable returning the home's current :class:`MasterKeyring`, re-read on change.
+
+    Each call costs one ``stat`` of ``runtime/master.key``; the file is re-read only when its
+    (inode, mtime, size) changed. With ``$AIID_MASTER_KEY`` set the keyring never changes.
+    Pass it as a :class:`Vault`'s keyring so a running gateway follows ``rotate-master``.
+    """
+
+    def __init__(self, home: Home, env: Mapping[str, str] | None = None) -> None:
+        self._home = home
+        self._env = dict(os.environ if env is None else env)
+        self._lock = threading.Lock()
+        self._stat: tuple[int, int, int] | None = None
+        self._keyring: MasterKeyring | None = None
+
+    def __repr__(self) -> str:
+        return f"ReloadingKeyring({self._home.master_key_path})"
+
+    def __call__(self) -> MasterKeyring:
+        with self._lock:
+            if self._env.get(MASTER_KEY_ENV):
+                if self._keyring is None:
+                    self._keyring = MasterKeyring.from_home(self._home, self._env)
+                return self._keyring
+            try:
+                st = self._home.master_key_path.stat()
+                key: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
+            except OSError:
+                key = None
+            if self._keyring is None or key != self._stat:
+                self._keyring = MasterKeyring.from_home(self._home, self._env)
+                self._stat = key
+            return self._keyring
+
+
+KeyringSource = MasterKeyring | Callable[[], MasterKeyring]
+
+
+def _dek_aad(tenant: str, provider: str, key_id: str) -> bytes:
+    return b"%sdek\0%s\0%s\0%s" % (
+        _AAD_PREFIX,
+        tenant.encode("utf-8"),
+        provider.encode("utf-8"),
+        key_id.encode("utf-8"),
+    )
+
+
+def _secret_aad(tenant: str, provider: str) -> bytes:
+    return b"%ssecret\0%s\0%s" % (_AAD_PREFIX, tenant.encode("utf-8"), provider.encode("utf-8"))
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def ensure_schema(path: Path) -> None:
+    """Create ``path`` (0600) with the vault schema if it does not exist yet."""
+    conn = _connect(path)
+    conn.close()
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(fd)
+        except FileExistsError:
+            pass
+    conn = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA secure_delete=ON")
+        conn.execute(_SCHEMA)
+    except sqlite3.Error:
+        conn.close()
+        raise
+    return conn
+
+
+class Vault:
+    """One tenant's vault file. Thread-safe; one SQLite connection per instance."""
+
+    def __init__(
+        self,
+        path: Path,
+        tenant: str,
+        keyring: KeyringSource,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.path = Path(path)
+        self.tenant = validate_name("tenant", tenant)
+        self._keyring_source = keyring
+        self._clock = clock
+        self._lock = threading.RLock()
+        try:
+            self._conn = _connect(self.path)
+        except sqlite3.Error as e:
+            raise ConfigError(f"vault {self.path} unusable: {e}") from None
+
+    def __repr__(self) -> str:
+        return f"Vault(tenant={self.tenant!r}, path={str(self.path)!r})"
+
+    def __enter__(self) -> Vault:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @property
+    def keyring(self) -> MasterKeyring:
+        src = self._keyring_source
+        return src if isinstance(src, MasterKeyring) else src()
+
+    def use_keyring(self, keyring: KeyringSource) -> None:
+        with self._lock:
+            self._keyring_source = keyring
+
+    # -- writes ----------------------------------------------------------------------------
+    def put(self, provider: str, secret: str) -> SecretInfo:
+        validate_name("provider", provider)
+        if not isinstance(secret, str) or not secret:
+            raise UsageError("refusing to store an empty secret")
+        raw = secret.encode("utf-8")
+        if len(raw) > MAX_SECRET_BYTES:
+            raise UsageError(f"secret too large (max {MAX_SECRET_BYTES} bytes)")
+        keyring = self.keyring
+        key_id = keyring.current_id
+        dek = AESGCM.generate_key(bit_length=256)
+        nonce = os.urandom(NONCE_BYTES)
+        dek_nonce = os.urandom(NONCE_BYTES)
+        ciphertext = AESGCM(dek).encrypt(nonce, raw, _secret_aad(self.tenant, provider))
+        wrapped = keyring.aead(key_id).encrypt(
+            dek_nonce, dek, _dek_aad(self.tenant, provider, key_id)
+        )
+        now = _iso(self._clock.now())
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._conn.execute(
+                    "SELECT created FROM secrets WHERE provider = ?", (provider,)
+                ).fetchone()
+                created = row[0] if row is not None else now
+                rotated = now if row is not None else None
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO secrets (provider, key_id, wrapped_dek, dek_nonce,"
+                    " nonce, ciphertext, created, rotated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (provider, key_id, wrapped, dek_nonce, nonce, ciphertext, created, rotated),
+                )
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        return SecretInfo(provider=provider, key_id=key_id, created=created, rotated=rotated)
+
+    def delete(self, provider: str) -> bool:
+        validate_name("provider", provider)
+        with self._lock:
+            cur = self._conn.execute("DELETE FROM secrets WHERE provider = ?", (provider,))
+            return cur.rowcount > 0
+
+    def rewrap(self, keyring_new: MasterKeyring) -> int:
+        """Re-wrap every DEK under ``keyring_new``'s current key, in one transaction.
+
+        Each DEK is unwrapped with the key named by its row (looked up in ``keyring_new``,
+        then in this vault's keyring) and the secret is checked to decrypt before the DEK is
+        re-wrapped with a fresh nonce; the secret's ciphertext is unchanged (its associated
+        data does not name the master key). Any failure rolls everything back (VaultError).
+        Afterwards the WAL is checkpointed so the retired wrappings leave the disk.
+        Returns the number of entries re-wrapped; entries already under the new key are left.
+        """
+        old = self.keyring
+        new_id = keyring_new.current_id
+        new_aead = keyring_new.aead(new_id)
+        count = 0
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                rows = self._conn.execute(
+                    "SELECT provider, key_id, wrapped_dek, dek_nonce, nonce, ciphertext"
+                    " FROM secrets"
+                ).fetchall()
+                for provider, key_id, wrapped, dek_nonce, nonce, ciphertext in rows:
+                    if key_id == new_id:
+                        continue
+                    ring = keyring_new if key_id in keyring_new else old
+                    dek = self._unwrap(ring, provider, key_id, wrapped, dek_nonce)
+                    self._open(dek, provider, nonce, ciphertext)
+                    fresh_nonce = os.urandom(NONCE_BYTES)
+                    rewrapped = new_aead.encrypt(
+                        fresh_nonce, dek, _dek_aad(self.tenant, provider, new_id)
+                    )
+                    self._conn.execute(
+                        "UPDATE secrets SET key_id = ?, wrapped_dek = ?, dek_nonce = ?"
+                        " WHERE provider = ?",
+                        (new_id, rewrapped, fresh_nonce, provider),
+                    )
+                    count += 1
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            if isinstance(self._keyring_source, MasterKeyring):
+                self._keyring_source = keyring_new
+            if count:
+                self._purge_old_pages()
+        return count
+
+    def _purge_old_pages(self) -> None:
+        """Push the WAL into the database and truncate it, so DEKs wrapped under a retired
+        master key do not linger on disk (freed cells are zeroed by ``secure_delete``).
+        Best effort: a concurrent reader may hold the WAL; the next checkpoint finishes it."""
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    # -- reads -----------------------------------------------------------------------------
+    def get(self, provider: str) -> Secret:
+        validate_name("provider", provider)
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT key_id, wrapped_dek, dek_nonce, nonce, ciphertext"
+                " FROM secrets WHERE provider = ?",
+                (provider,),
+            ).fetchone()
+        if row is None:
+            raise SecretNotFound(f"tenant {self.tenant!r} has no secret for {provider!r}")
+        key_id, wrapped, dek_nonce, nonce, ciphertext = row
+        keyring = self.keyring
+        if key_id not in keyring and not isinstance(self._keyring_source, MasterKeyring):
+            # A rotation may have just started: the source re-reads the key file on change.
+            keyring = self._keyring_source()
+        dek = self._unwrap(keyring, provider, key_id, wrapped, dek_nonce)
+        return Secret(self._open(dek, provider, nonce, ciphertext))
+
+    def list(self) -> list[SecretInfo]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT provider, key_id, created, rotated FROM secrets ORDER BY provider"
+            ).fetchall()
+        return [SecretInfo(provider=r[0], key_id=r[1], created=r[2], rotated=r[3]) for r in rows]
+
+    def providers(self) -> set[str]:
+        with self._lock:
+            rows = self._conn.execute("SELECT provider FROM secrets").fetchall()
+        return {r[0] for r in rows}
+
+    # -- crypto helpers (every failure is the same opaque VaultError) -----------------------
+    def _unwrap(
+        self, keyring: MasterKeyring, provider: str, key_id: object, wrapped: object, nonce: object
+    ) -> bytes:
+        if (
+            not isinstance(key_id, str)
+            or not isinstance(wrapped, bytes)
+            or not isinstance(nonce, bytes)
+            or len(nonce) != NONCE_BYTES
+            or len(wrapped) != KEY_BYTES + TAG_BYTES
+        ):
+            raise VaultError()
+        try:
+            return keyring.aead(key_id).decrypt(
+                nonce, wrapped, _dek_aad(self.tenant, provider, key_id)
+            )
+        except (InvalidTag, ValueError):
+            raise VaultError() from None
+
+    def _open(self, dek: bytes, provider: str, nonce: object, ciphertext: object) -> str:
+        if (
+            not isinstance(nonce, bytes)
+            or not isinstance(ciphertext, bytes)
+            or len(nonce) != NONCE_BYTES
+            or len(ciphertext) <= TAG_BYTES
+        ):
+            raise VaultError()
+        try:
+            raw = AESGCM(dek).decrypt(nonce, ciphertext, _secret_aad(self.tenant, provider))
+            return raw.decode("utf-8")
+        except (InvalidTag, ValueError):
+            raise VaultError() from None
+
+
+def rotate_master(home: Home, env: Mapping[str, str] | None = None) -> int:
+    """Rotate the vault master key with no downtime; returns the entries re-wrapped.
+
+    1. ``runtime/master.key`` becomes "new, then every old key" (atomic replace), so a running
+       gateway that re-reads the file (:class:`ReloadingKeyring`) can unwrap both generations;
+    2. every tenant's vault is re-wrapped under the new key (one transaction per tenant), then
+       swept once more for entries a concurrent ``vault put`` wrapped under an old key;
+    3. the file is replaced by the new key alone.
+
+    Rotations are serialised by an exclusive lock on ``runtime/master.key.lock``. An
+    interrupted rotation leaves a file with several keys, which keeps working; running it
+    again finishes the job. Refused when ``$AIID_MASTER_KEY`` is set: rotation is done on
+    the file.
+    """
+    env = os.environ if env is None else env
+    if env.get(MASTER_KEY_ENV):
+        raise ConfigError(
+            f"{MASTER_KEY_ENV} is set: unset it to rotate the key file, or rotate the "
+            "environment value out of band"
+        )
+    lock_path = home.master_key_path.with_name(home.master_key_path.name + ".lock")
+    lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        return _rotate_locked(home)
+    finally:
+        os.close(lock_fd)
+
+
+def _rotate_locked(home: Home) -> int:
+    old = home.master_keys({})  # the file, never the environment
+    new = AESGCM.generate_key(bit_length=256)
+    while key_id_of(new) in {key_id_of(k) for k in old}:  # pragma: no cover - 2**-64
+        new = AESGCM.generate_key(bit_length=256)
+    both = [new, *old]
+    replace_private(home.master_key_path, "".join(encode_key(k) + "\n" for k in both).encode())
+    keyring = MasterKeyring(both)
+    total = 0
+    for _sweep in range(2):
+        for tenant in home.tenants():
+            path = home.vault_path(tenant)
+            if not path.exists():
+                continue
+            with Vault(path, tenant, keyring) as vault:
+                try:
+                    total += vault.rewrap(keyring)
+                except VaultError:
+                    raise VaultError(
+                        f"tenant {tenant!r}: a vault entry cannot be decrypted; rotation not "
+                        "finished (old and new keys both kept), fix or re-put it and run again"
+                    ) from None
+    replace_private(home.master_key_path, (encode_key(new) + "\n").encode())
+    return total

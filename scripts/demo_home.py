@@ -1,0 +1,46 @@
+"""`make run` helper: create the demo home if there is none, then print the agent lines.
+
+Idempotent: an existing home, tenant or vault entry is kept. The demo tenant gets a placeholder
+OpenAI/Anthropic key unless $OPENAI_KEY_FOR_VAULT / $ANTHROPIC_KEY_FOR_VAULT hold real ones.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+AIID = str(BIN / "aiid")
+
+
+def aiid(*args: str, stdin: str | None = None) -> str:
+    p = subprocess.run([AIID, *args], input=stdin, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"aiid {' '.join(args)}: {p.stderr.strip()}")
+    return p.stdout
+
+
+def main() -> None:
+    home = Path(os.environ.get("AIID_HOME", ".aiid"))
+    listen = os.environ.get("AIID_LISTEN", "127.0.0.1:8080")
+    aiid("init")
+    if not (home / "tenants" / "demo" / "tenant.json").exists():
+        aiid("tenant", "add", "demo")
+    have = aiid("vault", "list", "demo")
+    for provider, var in (("openai", "OPENAI_KEY_FOR_VAULT"), ("anthropic", "ANTHROPIC_KEY_FOR_VAULT")):
+        if f"\n{provider} " not in "\n" + have:
+            secret = os.environ.get(var) or f"sk-demo-placeholder-{provider}"
+            aiid("vault", "put", "demo", provider, stdin=secret + "\n")
+    token = aiid("token", "issue", "demo", "demo-agent", "--ttl", "24h").strip()
+    ca = (home / "certs" / "mitmproxy-ca-cert.pem").absolute()
+    print("Point an agent at the gateway with these three lines:")
+    print(f"HTTPS_PROXY=http://{listen}")
+    print(f"SSL_CERT_FILE={ca}")
+    print(f"OPENAI_API_KEY={token}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
