@@ -338,7 +338,7 @@ class AuditLog:
                         break
                 if batch:
                     self._commit(conn, batch)
-                self._auto_checkpoint(force=stop)
+            self._auto_checkpoint(force=True)
         except BaseException as e:  # pragma: no cover - a bug; never leave a caller hanging
             log.exception("audit writer stopped: %s", describe(e))
             with self._lock:
@@ -390,6 +390,7 @@ class AuditLog:
         with self._head_lock:
             self._head = (seq, prev_hex)
         self.committed_batches += 1
+        self._auto_checkpoint(force=False)  # before resolving: a due checkpoint is on disk too
         for p, result in zip(live, results, strict=True):
             p.future.set_result(result)
 

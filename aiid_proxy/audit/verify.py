@@ -141,7 +141,10 @@ def _fast(conn: sqlite3.Connection, state: ChainState) -> bool:
     anchor = state.anchors.next_seq
     expected = state.expected
     prev = state.prev_bytes
-    cur = conn.execute(FAST_SQL, (expected,))
+    try:
+        cur = conn.execute(FAST_SQL, (expected,))  # runs the first step: may fail already
+    except sqlite3.Error:
+        return False
     while True:
         try:
             batch = cur.fetchmany(FETCH_BATCH)
