@@ -55,8 +55,19 @@ class ConsoleAddon:
             c.denials += 1
             if r.status == 429:
                 c.rate_limited += 1
-            s.add_flow(FlowRow(now, st.request_id, tenant, agent, st.provider_name or st.target.host,
-                               st.model or "", "deny", r.rule or "-", str(r.status)))
+            s.add_flow(
+                FlowRow(
+                    now,
+                    st.request_id,
+                    tenant,
+                    agent,
+                    st.provider_name or st.target.host,
+                    st.model or "",
+                    "deny",
+                    r.rule or "-",
+                    str(r.status),
+                )
+            )
             s.add_denial(now, tenant, agent, r.rule or "-", r.message)
         elif kind == "response":
             u = data.get("usage")
@@ -65,13 +76,36 @@ class ConsoleAddon:
                 toks = f"{u.input_tokens}/{u.output_tokens}{'~' if u.estimated else ''}"
                 c.tokens += u.input_tokens + u.output_tokens
             c.requests += 1
-            s.add_flow(FlowRow(now, st.request_id, tenant, agent, st.provider_name or st.target.host,
-                               st.model or "", "allow", st.decision.rule_id if st.decision else "-",
-                               str(data.get("status")), data.get("latency_ms"), toks))
+            s.add_flow(
+                FlowRow(
+                    now,
+                    st.request_id,
+                    tenant,
+                    agent,
+                    st.provider_name or st.target.host,
+                    st.model or "",
+                    "allow",
+                    st.decision.rule_id if st.decision else "-",
+                    str(data.get("status")),
+                    data.get("latency_ms"),
+                    toks,
+                )
+            )
         elif kind == "error":
             c.requests += 1
-            s.add_flow(FlowRow(now, st.request_id, tenant, agent, st.provider_name or st.target.host,
-                               st.model or "", "error", "-", "killed"))
+            s.add_flow(
+                FlowRow(
+                    now,
+                    st.request_id,
+                    tenant,
+                    agent,
+                    st.provider_name or st.target.host,
+                    st.model or "",
+                    "error",
+                    "-",
+                    "killed",
+                )
+            )
             s.add_denial(now, tenant, agent, "error", str(data.get("reason")))
         elif kind == "pending":
             s.pending[st.request_id] = (now, tenant, agent, st.model or "", data["deadline"])
@@ -87,8 +121,9 @@ class ConsoleAddon:
         for t in gw.tenants():
             pol = gw.policies.get(t.name)
             self.state.tenants[t.name] = dict(
-                tenant_info(pol.source_hash if pol else None, gw.policies.loaded_at(t.name),
-                            t.audit.head())
+                tenant_info(
+                    pol.source_hash if pol else None, gw.policies.loaded_at(t.name), t.audit.head()
+                )
             )
 
     async def _loop(self) -> None:
@@ -119,8 +154,13 @@ class ConsoleAddon:
         root.addHandler(fh)
         self._refresh_tenants()
         size = self.console.size
-        self._live = Live(render(self.state, size.width, size.height), console=self.console,
-                          auto_refresh=False, screen=True, transient=False)
+        self._live = Live(
+            render(self.state, size.width, size.height),
+            console=self.console,
+            auto_refresh=False,
+            screen=True,
+            transient=False,
+        )
         self._live.start()
         self._task = asyncio.get_running_loop().create_task(self._loop())
 

@@ -93,7 +93,9 @@ class Runtime:
         )
 
     def load(self, loader: Any) -> None:
-        loader.add_option("aiid_home", str, "", "aiid home directory (default $AIID_HOME or ./.aiid)")
+        loader.add_option(
+            "aiid_home", str, "", "aiid home directory (default $AIID_HOME or ./.aiid)"
+        )
         loader.add_option(
             "aiid_policies", str, "", "policy directory (default $AIID_POLICIES or ./policies)"
         )
@@ -149,9 +151,7 @@ class Runtime:
 
 
 def _headers(flow: http.HTTPFlow) -> list[tuple[str, str]]:
-    return [
-        (k.decode("latin-1"), v.decode("latin-1")) for k, v in flow.request.headers.fields
-    ]
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in flow.request.headers.fields]
 
 
 def state_of(flow: http.HTTPFlow) -> FlowState | None:
@@ -200,7 +200,9 @@ class ConnectGuard:
                 flow,
                 st,
                 RequestRefused(
-                    403, "policy_denied", "raw IP addresses are not allowed; use a host name",
+                    403,
+                    "policy_denied",
+                    "raw IP addresses are not allowed; use a host name",
                     "default",
                 ),
             )
@@ -306,8 +308,13 @@ class PolicyStage:
 
     async def _hold(self, gw: Gateway, st: FlowState, d: Any) -> None:
         assert st.identity is not None
-        key = (st.identity.tenant, st.identity.agent, st.provider_name or st.target.host,
-               st.model or "", d.rule_id)
+        key = (
+            st.identity.tenant,
+            st.identity.agent,
+            st.provider_name or st.target.host,
+            st.model or "",
+            d.rule_id,
+        )
         broker = self.rt.broker
         by = broker.granted(key)
         if by is not None:
@@ -316,8 +323,14 @@ class PolicyStage:
         timeout = float(getattr(d, "approval_timeout", 120.0))
         pending = broker.hold(st.identity.tenant, st.request_id, key, timeout)
         gw.emit("pending", {"state": st, "deadline": time.time() + timeout})
-        log.info("request %s held for approval (rule %s, %ss): aiid approve %s %s",
-                 st.request_id, d.rule_id, int(timeout), st.identity.tenant, st.request_id)
+        log.info(
+            "request %s held for approval (rule %s, %ss): aiid approve %s %s",
+            st.request_id,
+            d.rule_id,
+            int(timeout),
+            st.identity.tenant,
+            st.request_id,
+        )
         try:
             ans = await asyncio.wait_for(asyncio.shield(pending.future), timeout)
         except TimeoutError:
@@ -469,12 +482,11 @@ class ResponseFilter:
         self._scrub_headers(resp, scrubber)
         ctype = resp.headers.get("content-type", "")
         encoded = resp.headers.get("content-encoding", "identity").lower() != "identity"
-        if ctype.startswith("text/event-stream") and not encoded and st.route is not None:
-            if st.route.provider is not None:
-                tracker = SSEUsageTracker(st.route.provider, st.route.route)
-                sf = StreamFilter(scrubber, tracker)
-                resp.stream = sf
-                flow.metadata["aiid_stream"] = sf
+        route = st.route
+        if ctype.startswith("text/event-stream") and not encoded and route and route.provider:
+            sf = StreamFilter(scrubber, SSEUsageTracker(route.provider, route.route))
+            resp.stream = sf
+            flow.metadata["aiid_stream"] = sf
 
     async def response(self, flow: http.HTTPFlow) -> None:
         st = state_of(flow)
@@ -556,4 +568,3 @@ def make_addons(rt: Runtime | None = None) -> list[Any]:
 
 def addon_names(addons: Sequence[Any]) -> list[str]:
     return [type(a).__name__ for a in addons]
-

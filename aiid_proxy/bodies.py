@@ -16,7 +16,9 @@ DEFAULT_BODY_LIMIT = 32 * 1024 * 1024
 
 
 def too_large(limit: int) -> RequestRefused:
-    return RequestRefused(413, "too_large", f"request body exceeds the gateway limit of {limit} bytes")
+    return RequestRefused(
+        413, "too_large", f"request body exceeds the gateway limit of {limit} bytes"
+    )
 
 
 def _zlib(data: bytes, limit: int, wbits: int) -> bytes:
@@ -82,7 +84,9 @@ _DECODERS: dict[str, Callable[[bytes, int], bytes]] = {
 }
 
 
-def decode_body(data: bytes, content_encoding: str | None, limit: int = DEFAULT_BODY_LIMIT) -> bytes:
+def decode_body(
+    data: bytes, content_encoding: str | None, limit: int = DEFAULT_BODY_LIMIT
+) -> bytes:
     """Undo every ``content-encoding`` (applied in order, so undone in reverse).
 
     Raises RequestRefused 413 when the raw or decoded size exceeds ``limit`` and 400 when the

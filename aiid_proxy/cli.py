@@ -432,7 +432,7 @@ def audit_tail(
                 line = format_row(r)
                 if color:
                     fg = {"deny": "red", "error": "magenta", "response": "green"}.get(
-                        str(r.get("event")), None
+                        str(r.get("event"))
                     )
                     line = click.style(line, fg=fg)
                 click.echo(line)
@@ -493,9 +493,7 @@ def approve(
 
     seconds = parse_ttl(ttl) if ttl else None
     by = who or os.environ.get("USER") or "unknown"
-    _answer(
-        _home(ctx), tenant_name, request_id, {"answer": "approve", "ttl": seconds, "by": by}
-    )
+    _answer(_home(ctx), tenant_name, request_id, {"answer": "approve", "ttl": seconds, "by": by})
 
 
 @main_group.command()

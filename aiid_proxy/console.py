@@ -103,8 +103,10 @@ def render(state: ConsoleState, width: int = 80, height: int = 24) -> Renderable
         head_s = info.get("head") or "-"
         loaded = info.get("loaded")
         loaded_s = f" @{_t(loaded)}" if isinstance(loaded, (int, float)) else ""
-        head.add_row(Text(f"tenant {name}: policy {pol}{loaded_s}", overflow="ellipsis"),
-                     Text(f"audit head {head_s}", overflow="ellipsis"))
+        head.add_row(
+            Text(f"tenant {name}: policy {pol}{loaded_s}", overflow="ellipsis"),
+            Text(f"audit head {head_s}", overflow="ellipsis"),
+        )
 
     budget = max(3, height - 8 - len(state.tenants))
     n_pending = min(len(state.pending), 4)
@@ -143,8 +145,13 @@ def render(state: ConsoleState, width: int = 80, height: int = 24) -> Renderable
 
     parts: list[RenderableType] = [head, flows]
     if state.pending:
-        pend = Table(expand=True, box=None, title="pending approvals", title_justify="left",
-                     title_style="bold yellow")
+        pend = Table(
+            expand=True,
+            box=None,
+            title="pending approvals",
+            title_justify="left",
+            title_style="bold yellow",
+        )
         pend.add_column("request")
         pend.add_column("agent")
         pend.add_column("model")
@@ -155,29 +162,53 @@ def render(state: ConsoleState, width: int = 80, height: int = 24) -> Renderable
         parts.append(pend)
     lines: list[Text] = []
     for at, tenant, agent, rule, reason in list(state.denials)[-n_events:]:
-        lines.append(Text.assemble((f"{_t(at)} deny ", "red"), f"{tenant}/{agent} [{rule}] {reason}",
-                                   overflow="ellipsis", no_wrap=True))
+        lines.append(
+            Text.assemble(
+                (f"{_t(at)} deny ", "red"),
+                f"{tenant}/{agent} [{rule}] {reason}",
+                overflow="ellipsis",
+                no_wrap=True,
+            )
+        )
     for at, ok, text in list(state.policy_events)[-2:]:
-        lines.append(Text(f"{_t(at)} {text}", style="green" if ok else "bold red",
-                          overflow="ellipsis", no_wrap=True))
+        lines.append(
+            Text(
+                f"{_t(at)} {text}",
+                style="green" if ok else "bold red",
+                overflow="ellipsis",
+                no_wrap=True,
+            )
+        )
     if wide and state.agents:
         ag = Table(expand=True, box=None, title="agents", title_justify="left", title_style="bold")
         for col in ("agent", "requests", "denials", "tokens", "429s"):
             ag.add_column(col, justify="right" if col != "agent" else "left")
         for (tenant, agent), c in sorted(state.agents.items())[:6]:
-            ag.add_row(f"{tenant}/{agent}", str(c.requests), str(c.denials), str(c.tokens),
-                       str(c.rate_limited))
+            ag.add_row(
+                f"{tenant}/{agent}",
+                str(c.requests),
+                str(c.denials),
+                str(c.tokens),
+                str(c.rate_limited),
+            )
         parts.append(ag)
     if state.overrides:
-        lines.append(Text("overrides: " + ", ".join(f"{o[0]} until {o[2]}" for o in state.overrides),
-                          style="yellow", overflow="ellipsis", no_wrap=True))
+        lines.append(
+            Text(
+                "overrides: " + ", ".join(f"{o[0]} until {o[2]}" for o in state.overrides),
+                style="yellow",
+                overflow="ellipsis",
+                no_wrap=True,
+            )
+        )
     if lines:
-        parts.append(Group(*lines[-(n_events + 2):]))
+        parts.append(Group(*lines[-(n_events + 2) :]))
     return Panel(Group(*parts), padding=(0, 1), height=height, width=width)
 
 
-def tenant_info(policy_hash: str | None, loaded_at: float | None,
-                head: tuple[int, str] | None) -> Mapping[str, Any]:
+def tenant_info(
+    policy_hash: str | None, loaded_at: float | None, head: tuple[int, str] | None
+) -> Mapping[str, Any]:
     return {
         "policy": policy_hash[:12] if policy_hash else None,
         "loaded": loaded_at,

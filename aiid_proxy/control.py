@@ -8,6 +8,7 @@ server also checks the peer's uid (SO_PEERCRED): only the gateway's own user can
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -143,10 +144,8 @@ class ControlServer:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
-        try:
+        with contextlib.suppress(OSError):
             socket_path(self.home).unlink()
-        except OSError:
-            pass
 
 
 def send_answer(home: Home, payload: dict[str, Any], timeout: float = 10.0) -> str:

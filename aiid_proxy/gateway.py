@@ -503,7 +503,10 @@ class Gateway:
             secret_name, header, scheme = spec.secret, spec.header.lower(), spec.scheme
         else:
             raise RequestRefused(
-                403, "policy_denied", "egress rule names no secret to inject", state.decision.rule_id
+                403,
+                "policy_denied",
+                "egress rule names no secret to inject",
+                state.decision.rule_id,
             )
         try:
             secret = rt.vault.get(secret_name)

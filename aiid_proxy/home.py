@@ -43,9 +43,7 @@ def validate_name(kind: str, name: str) -> str:
     """
     if not isinstance(name, str) or NAME_RE.fullmatch(name) is None:
         shown = name if isinstance(name, str) and len(name) <= 80 else "<too long>"
-        raise InvalidName(
-            f"invalid {kind} name {shown!r}: must match ^[a-z0-9][a-z0-9_-]{{0,62}}$"
-        )
+        raise InvalidName(f"invalid {kind} name {shown!r}: must match ^[a-z0-9][a-z0-9_-]{{0,62}}$")
     return name
 
 

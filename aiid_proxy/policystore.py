@@ -135,7 +135,7 @@ class PolicyStore:
 
             store = self
 
-            class _Handler(FileSystemEventHandler):  # type: ignore[misc]
+            class _Handler(FileSystemEventHandler):
                 def on_any_event(self, event: object) -> None:
                     store._wake.set()
 

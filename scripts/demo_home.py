@@ -29,7 +29,10 @@ def main() -> None:
     if not (home / "tenants" / "demo" / "tenant.json").exists():
         aiid("tenant", "add", "demo")
     have = aiid("vault", "list", "demo")
-    for provider, var in (("openai", "OPENAI_KEY_FOR_VAULT"), ("anthropic", "ANTHROPIC_KEY_FOR_VAULT")):
+    for provider, var in (
+        ("openai", "OPENAI_KEY_FOR_VAULT"),
+        ("anthropic", "ANTHROPIC_KEY_FOR_VAULT"),
+    ):
         if f"\n{provider} " not in "\n" + have:
             secret = os.environ.get(var) or f"sk-demo-placeholder-{provider}"
             aiid("vault", "put", "demo", provider, stdin=secret + "\n")

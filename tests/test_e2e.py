@@ -69,8 +69,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, Sta
     home = make_home(
         root,
         {
-            "acme": {"openai": OPENAI_CANARY, "anthropic": ANTHROPIC_CANARY,
-                     "github": GITHUB_CANARY},
+            "acme": {
+                "openai": OPENAI_CANARY,
+                "anthropic": ANTHROPIC_CANARY,
+                "github": GITHUB_CANARY,
+            },
             "other": {},
         },
     )
@@ -111,8 +114,9 @@ def audit_rows(gw: Gateway, tenant: str) -> list[sqlite3.Row]:
         con.close()
 
 
-def test_openai_chat_allowed_with_vault_key_upstream(agent: Gateway,
-                                                    env: tuple[Gateway, StandIn]) -> None:
+def test_openai_chat_allowed_with_vault_key_upstream(
+    agent: Gateway, env: tuple[Gateway, StandIn]
+) -> None:
     _, si = env
     token = agent.token("acme", "support-1")
     client = openai.OpenAI(api_key=token, max_retries=0)
@@ -164,7 +168,8 @@ def test_anthropic_messages_and_stream(agent: Gateway, env: tuple[Gateway, Stand
     token = agent.token("acme", "writer")
     client = anthropic.Anthropic(api_key=token, max_retries=0)
     msg = client.messages.create(
-        model="claude-3-5-haiku-latest", max_tokens=100,
+        model="claude-3-5-haiku-latest",
+        max_tokens=100,
         messages=[{"role": "user", "content": "hi"}],
     )
     assert msg.content[0].text == "Hello from the stand-in"
@@ -172,7 +177,8 @@ def test_anthropic_messages_and_stream(agent: Gateway, env: tuple[Gateway, Stand
     assert rec.header("x-api-key") == ANTHROPIC_CANARY
     assert rec.header("authorization") is None
     with client.messages.stream(
-        model="claude-3-5-haiku-latest", max_tokens=100,
+        model="claude-3-5-haiku-latest",
+        max_tokens=100,
         messages=[{"role": "user", "content": "hi"}],
     ) as s:
         streamed = "".join(s.text_stream)
@@ -187,9 +193,7 @@ def test_denied_model_gets_403_with_rule(agent: Gateway, env: tuple[Gateway, Sta
     before = si.hits()
     client = openai.OpenAI(api_key=agent.token("acme", "support-1"), max_retries=0)
     with pytest.raises(openai.PermissionDeniedError) as ei:
-        client.chat.completions.create(
-            model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
-        )
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     body = ei.value.body
     assert isinstance(body, dict)
     assert body["type"] == "policy_denied" and body["rule"] == "no-gpt-4o"
@@ -223,9 +227,20 @@ def test_bad_tokens_get_401(agent: Gateway, env: tuple[Gateway, StandIn], key: s
 
 def curl(gw: Gateway, *args: str) -> tuple[int, dict[str, str], str]:
     p = subprocess.run(
-        ["curl", "-sS", "-i", "--max-time", "20", "--proxy", gw.proxy, "--cacert", str(gw.ca),
-         *args],
-        capture_output=True, timeout=30,
+        [
+            "curl",
+            "-sS",
+            "-i",
+            "--max-time",
+            "20",
+            "--proxy",
+            gw.proxy,
+            "--cacert",
+            str(gw.ca),
+            *args,
+        ],
+        capture_output=True,
+        timeout=30,
     )
     assert p.returncode == 0, p.stderr
     # skip the CONNECT response block
@@ -246,17 +261,40 @@ def curl(gw: Gateway, *args: str) -> tuple[int, dict[str, str], str]:
 def test_curl_x_api_key_and_proxy_authorization(env: tuple[Gateway, StandIn]) -> None:
     gw, si = env
     token = gw.token("acme", "writer")
-    body = json.dumps({"model": "claude-3-5-haiku-latest", "max_tokens": 10,
-                       "messages": [{"role": "user", "content": "hi"}]})
-    status, headers, _ = curl(gw, "https://api.anthropic.com/v1/messages",
-                              "-H", f"x-api-key: {token}", "-H", "anthropic-version: 2023-06-01",
-                              "-H", "content-type: application/json", "-d", body)
+    body = json.dumps(
+        {
+            "model": "claude-3-5-haiku-latest",
+            "max_tokens": 10,
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+    )
+    status, headers, _ = curl(
+        gw,
+        "https://api.anthropic.com/v1/messages",
+        "-H",
+        f"x-api-key: {token}",
+        "-H",
+        "anthropic-version: 2023-06-01",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        body,
+    )
     assert status == 200 and headers["x-aiid-request-id"].startswith("req_")
     assert si.last().header("x-api-key") == ANTHROPIC_CANARY
     # Proxy-Authorization on the CONNECT identifies the agent; the SDK header is junk
-    status, _, _ = curl(gw, "https://api.anthropic.com/v1/messages", "--proxy-user",
-                        f"agent:{token}", "-H", "x-api-key: whatever-the-sdk-sends",
-                        "-H", "content-type: application/json", "-d", body)
+    status, _, _ = curl(
+        gw,
+        "https://api.anthropic.com/v1/messages",
+        "--proxy-user",
+        f"agent:{token}",
+        "-H",
+        "x-api-key: whatever-the-sdk-sends",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        body,
+    )
     assert status == 200
     rec = si.last()
     assert rec.header("x-api-key") == ANTHROPIC_CANARY
@@ -290,9 +328,23 @@ def test_connect_to_raw_ip_refused(env: tuple[Gateway, StandIn]) -> None:
     gw, si = env
     before = si.hits()
     p = subprocess.run(
-        ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_connect}", "--max-time", "10",
-         "--proxy", gw.proxy, "-k", f"https://127.0.0.1:{si.port}/v1/models"],
-        capture_output=True, text=True, timeout=30,
+        [
+            "curl",
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_connect}",
+            "--max-time",
+            "10",
+            "--proxy",
+            gw.proxy,
+            "-k",
+            f"https://127.0.0.1:{si.port}/v1/models",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert p.stdout.strip() == "403"
     assert si.hits() == before
@@ -302,17 +354,20 @@ def test_connect_to_raw_ip_refused(env: tuple[Gateway, StandIn]) -> None:
 def test_egress_rule_injects_tenant_secret(env: tuple[Gateway, StandIn]) -> None:
     gw, si = env
     token = gw.token("acme", "coder-1")
-    status, _, body = curl(gw, "https://api.github.com/repos/a/b",
-                           "-H", f"authorization: Bearer {token}")
+    status, _, body = curl(
+        gw, "https://api.github.com/repos/a/b", "-H", f"authorization: Bearer {token}"
+    )
     assert status == 200, body
     assert si.last().header("authorization") == f"Bearer {GITHUB_CANARY}"
-    status, _, _ = curl(gw, "-X", "POST", "https://api.github.com/repos/a/b",
-                        "-H", f"authorization: Bearer {token}")
+    status, _, _ = curl(
+        gw, "-X", "POST", "https://api.github.com/repos/a/b", "-H", f"authorization: Bearer {token}"
+    )
     assert status == 403
 
 
-def test_tenant_without_key_gets_clear_refusal(agent: Gateway,
-                                               env: tuple[Gateway, StandIn]) -> None:
+def test_tenant_without_key_gets_clear_refusal(
+    agent: Gateway, env: tuple[Gateway, StandIn]
+) -> None:
     _, si = env
     before = si.hits()
     client = openai.OpenAI(api_key=agent.token("other", "support-1"), max_retries=0)
@@ -326,8 +381,11 @@ def test_tenant_without_key_gets_clear_refusal(agent: Gateway,
 
 
 def test_echoed_key_is_scrubbed(agent: Gateway, env: tuple[Gateway, StandIn]) -> None:
-    client = openai.OpenAI(api_key=agent.token("acme", "support-1"), max_retries=0,
-                           default_headers={"x-standin-echo-key": "1"})
+    client = openai.OpenAI(
+        api_key=agent.token("acme", "support-1"),
+        max_retries=0,
+        default_headers={"x-standin-echo-key": "1"},
+    )
     with pytest.raises(openai.AuthenticationError) as ei:
         client.chat.completions.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
@@ -382,8 +440,9 @@ def test_policy_edit_and_bad_edit_apply_live(agent: Gateway, env: tuple[Gateway,
     assert wait_for(lambda: not gpt4o_allowed())
 
 
-def test_revocation_applies_to_running_gateway(agent: Gateway,
-                                               env: tuple[Gateway, StandIn]) -> None:
+def test_revocation_applies_to_running_gateway(
+    agent: Gateway, env: tuple[Gateway, StandIn]
+) -> None:
     token = agent.token("acme", "support-2")
     client = openai.OpenAI(api_key=token, max_retries=0)
     client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
@@ -414,8 +473,13 @@ def test_sdk_as_separate_process(env: tuple[Gateway, StandIn]) -> None:
     )
     import sys
 
-    p = subprocess.run([sys.executable, "-c", code], env=gw.agent_env(gw.token("acme", "bot")),
-                       capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-c", code],
+        env=gw.agent_env(gw.token("acme", "bot")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "Hello from the stand-in"
 
