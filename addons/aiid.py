@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mitmproxy import ctx
+from mitmproxy import ctx, hooks
 
 from addons.pipeline import make_addons
 
@@ -20,7 +20,12 @@ class _Install:
         self.parts = make_addons()
 
     def load(self, loader: Any) -> None:
-        ctx.master.addons.add(*self.parts)
+        manager = ctx.master.addons
+        manager.add(*self.parts)
+        # The chain was configured before these were added: configure them now, once.
+        everything = set(ctx.options.keys())
+        for part in self.parts:
+            manager.invoke_addon_sync(part, hooks.ConfigureHook(everything))
 
 
 addons = [_Install()]

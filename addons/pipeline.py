@@ -105,11 +105,17 @@ class Runtime:
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
+        pin: dict[str, Any] = {}
         for name, want in PINNED.items():
-            if name in updated and hasattr(opts, name) and getattr(opts, name) != want:
+            if name not in updated or not hasattr(opts, name) or getattr(opts, name) == want:
+                continue
+            if opts.has_changed(name):
                 raise exceptions.OptionsError(
                     f"aiid-proxy requires {name}={want!r}: other values let traffic bypass checks"
                 )
+            pin[name] = want  # a mitmproxy default (e.g. under mitmdump -s): pin it
+        if pin:
+            opts.update(**pin)
         for name in ("tls_version_client_min", "tls_version_server_min"):
             if name in updated and getattr(opts, name) not in TLS_OK:
                 raise exceptions.OptionsError(f"aiid-proxy requires {name} of TLS1_2 or higher")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from aiid_proxy.audit import AuditLog, tenant_key, verify_db  # noqa: E402
+from aiid_proxy.audit import AuditLog, tenant_key, verify_db
 
 ROOT_KEY = os.urandom(32)
 TENANT = "bench"

@@ -11,6 +11,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -93,7 +94,10 @@ def sql(path: Path, *statements: str, params: tuple[object, ...] = ()) -> None:
 def row_of(path: Path, seq: int) -> tuple[object, ...]:
     conn = sqlite3.connect(path)
     try:
-        return conn.execute("SELECT * FROM audit WHERE seq = ?", (seq,)).fetchone()
+        row: tuple[object, ...] = conn.execute(
+            "SELECT * FROM audit WHERE seq = ?", (seq,)
+        ).fetchone()
+        return row
     finally:
         conn.close()
 
@@ -271,7 +275,9 @@ TAMPER: list[object] = [
     pytest.param("UPDATE audit SET request_id = 'rX' WHERE seq = 2", 2, id="request_id"),
     pytest.param("UPDATE audit SET agent = 'support-9' WHERE seq = 5", 5, id="agent"),
     pytest.param("UPDATE audit SET event = 'response' WHERE seq = 1", 1, id="event"),
-    pytest.param("UPDATE audit SET provider = 'azure' WHERE seq = 6", 6, id="provider-null-to-text"),
+    pytest.param(
+        "UPDATE audit SET provider = 'azure' WHERE seq = 6", 6, id="provider-null-to-text"
+    ),
     pytest.param("UPDATE audit SET model = 'gpt-4o' WHERE seq = 8", 8, id="model-last-row"),
     pytest.param("UPDATE audit SET rule = NULL WHERE seq = 1", 1, id="rule-to-null"),
     pytest.param("UPDATE audit SET status = 201 WHERE seq = 2", 2, id="status-int"),
@@ -284,8 +290,11 @@ TAMPER: list[object] = [
     pytest.param("UPDATE audit SET latency_ms = 'fast' WHERE seq = 2", 2, id="latency-to-text"),
     pytest.param("UPDATE audit SET latency_ms = 9e999 WHERE seq = 7", 7, id="latency-infinite"),
     pytest.param("UPDATE audit SET reason = 'allowed' WHERE seq = 3", 3, id="reason"),
-    pytest.param("""UPDATE audit SET detail = '{"b":[1,2],"a":"é\\n"}' WHERE seq = 3""", 3,
-                 id="detail-key-order"),  # fmt: skip
+    pytest.param(
+        """UPDATE audit SET detail = '{"b":[1,2],"a":"é\\n"}' WHERE seq = 3""",
+        3,
+        id="detail-key-order",
+    ),  # fmt: skip
     pytest.param("UPDATE audit SET reason = x'00' WHERE seq = 4", 4, id="blob"),
     pytest.param("UPDATE audit SET ts = x'' WHERE seq = 1", 1, id="blob-first-row"),
     pytest.param("UPDATE audit SET agent = CAST(x'ff' AS TEXT) WHERE seq = 5", 5, id="bad-utf8"),
@@ -297,9 +306,16 @@ TAMPER: list[object] = [
     pytest.param(_renumber_after_delete, 4, id="delete-and-renumber"),
     pytest.param(_forge_append, N + 1, id="insert-forged"),
     pytest.param(lambda db: _swap(db, 3, 6), 3, id="swap-contents"),
-    pytest.param(lambda db: sql(db, f"INSERT INTO audit SELECT {N + 1}, "
-                 + ", ".join(COLUMNS[1:]) + " FROM audit WHERE seq = 3"), N + 1,
-                 id="replay-row"),  # fmt: skip
+    pytest.param(
+        lambda db: sql(
+            db,
+            f"INSERT INTO audit SELECT {N + 1}, "
+            + ", ".join(COLUMNS[1:])
+            + " FROM audit WHERE seq = 3",
+        ),
+        N + 1,
+        id="replay-row",
+    ),  # fmt: skip
     pytest.param(lambda db: _rebuild(db, [1, 2, 3, 4, 4, 5, 6, 7, 8]), 4, id="duplicate-seq"),
     pytest.param(lambda db: _rebuild(db, [1, 2, 3, 4, 5, 6, 7, 8, 2]), 2, id="duplicate-at-end"),
     pytest.param(lambda db: _rebuild(db, [1, 2, 3, 5, 4, 6, 7, 8]), 4, id="reordered"),
@@ -325,6 +341,27 @@ def test_tampering_is_detected(tmp_path: Path, mode: str, tamper: object, first_
     assert res.head is None or res.head[0] == res.count
     if "duplicate" not in res.reason and "out of order" not in res.reason:
         assert res.count == min(first_bad - 1, N)  # everything before it verified
+
+
+def test_fast_path_accepts_authentic_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite's JSON of authentic records is byte-identical to the canonical bytes, so the
+    fast path never falls back to fetching a record again (which is correct but slow)."""
+    db = tmp_path / "a.db"
+    fill(db)
+    odd = '\x00\x01\x1f\x7f\u2028\u2029"\\/é😀\ufeff'
+    with make_log(db) as log:
+        log.append_sync(
+            "request", agent=odd, reason=odd, detail={odd: [odd, 1.5, None]},
+            latency_ms=987654321.123, status=-(2**63), input_tokens=2**63 - 1,
+        )  # fmt: skip
+
+    def refetch(*args: object) -> None:
+        raise AssertionError("fast path fell back")
+
+    monkeypatch.setattr(verify_mod, "_fetch_row", refetch)
+    assert verify_db(db, KEY).count == N + 1
 
 
 def test_truncation(tmp_path: Path, mode: str) -> None:
@@ -537,6 +574,32 @@ def test_group_commit_16_threads(tmp_path: Path) -> None:
     assert (res.ok, res.count) == (True, 3200)
 
 
+def test_verify_while_appending(tmp_path: Path) -> None:
+    """Checkpoint lines are read before the database snapshot, so a verification racing the
+    writer never mistakes a record committed after its snapshot for a truncation."""
+    db, ckpt = tmp_path / "a.db", tmp_path / "ck"
+    log = make_log(db, checkpoint_path=ckpt)
+    log.append_sync("request")
+    stop = threading.Event()
+
+    def writer() -> None:
+        while not stop.is_set():
+            for f in [log.append("request", input_tokens=i) for i in range(20)]:
+                f.result()
+            log.checkpoint()
+
+    th = threading.Thread(target=writer)
+    th.start()
+    try:
+        results = [verify_db(db, KEY, checkpoint_path=ckpt) for _ in range(20)]
+    finally:
+        stop.set()
+        th.join()
+        log.close()
+    assert all(r.ok for r in results), [r.reason for r in results if not r.ok]
+    assert results[-1].count > 1
+
+
 class Hooks:
     def __init__(self) -> None:
         self.block_begin = False
@@ -548,7 +611,7 @@ class Hooks:
 class FaultyConnection(sqlite3.Connection):
     hooks: Hooks
 
-    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:  # type: ignore[override]
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
         h = self.hooks
         if sql == "BEGIN IMMEDIATE" and h.block_begin:
             h.block_begin = False
@@ -556,13 +619,14 @@ class FaultyConnection(sqlite3.Connection):
             assert h.release.wait(WAIT)
         if sql == "COMMIT" and h.commit_fails and h.commit_fails.pop(0):
             raise sqlite3.OperationalError("database or disk is full")
-        return super().execute(sql, *args)  # type: ignore[arg-type]
+        return super().execute(sql, parameters)
 
 
 def faulty(hooks: Hooks) -> Callable[[Path], sqlite3.Connection]:
     def connect(path: Path) -> sqlite3.Connection:
         conn = sqlite3.connect(path, factory=FaultyConnection, check_same_thread=False)
-        conn.hooks = hooks  # type: ignore[attr-defined]
+        assert isinstance(conn, FaultyConnection)
+        conn.hooks = hooks
         return conn
 
     return connect
@@ -633,12 +697,21 @@ def test_disk_full_then_space_again(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("tamper", "why"),
     [
-        pytest.param("UPDATE audit SET reason = 'x' WHERE seq = 8", "head is invalid at seq 8",
-                     id="last-row-modified"),  # fmt: skip
-        pytest.param("DELETE FROM audit WHERE seq = 7", "head is invalid at seq 8",
-                     id="row-before-head-deleted"),  # fmt: skip
-        pytest.param("UPDATE audit SET mac = 'zz' WHERE seq = 7", "head is invalid at seq 8",
-                     id="prev-mac-malformed"),  # fmt: skip
+        pytest.param(
+            "UPDATE audit SET reason = 'x' WHERE seq = 8",
+            "head is invalid at seq 8",
+            id="last-row-modified",
+        ),  # fmt: skip
+        pytest.param(
+            "DELETE FROM audit WHERE seq = 7",
+            "head is invalid at seq 8",
+            id="row-before-head-deleted",
+        ),  # fmt: skip
+        pytest.param(
+            "UPDATE audit SET mac = 'zz' WHERE seq = 7",
+            "head is invalid at seq 8",
+            id="prev-mac-malformed",
+        ),  # fmt: skip
         pytest.param("ALTER TABLE audit ADD COLUMN extra TEXT", "unexpected schema", id="schema"),
     ],
 )

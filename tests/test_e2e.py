@@ -505,3 +505,87 @@ def test_zz_audit_verifies_then_detects_edit_and_no_canary_anywhere(
     p = aiid(gw.home, "audit", "verify", "acme", check=False)
     assert p.returncode == 1
     assert "seq 3" in p.stdout + p.stderr
+
+
+def test_same_addons_under_plain_mitmdump(env: tuple[Gateway, StandIn]) -> None:
+    """Teams that already run mitmproxy load the same pipeline with `mitmdump -s`."""
+    import os
+    import socket
+    import sys
+
+    from e2e import free_port
+
+    gw, si = env
+    port = free_port()
+    script = Path(__file__).resolve().parent.parent / "addons" / "aiid.py"
+    mitmdump = str(Path(sys.executable).parent / "mitmdump")
+    log = gw.home.parent / "mitmdump.log"
+    proc = subprocess.Popen(
+        [
+            mitmdump,
+            "-q",
+            "-s",
+            str(script),
+            "--listen-host",
+            "127.0.0.1",
+            "--listen-port",
+            str(port),
+            "--set",
+            f"confdir={gw.home / 'certs'}",
+            "--set",
+            f"aiid_home={gw.home}",
+            "--set",
+            f"aiid_policies={gw.policies}",
+            "--set",
+            f"ssl_verify_upstream_trusted_ca={si.ca_path}",
+            "--set",
+            f"map_remote=|//api.openai.com/|//localhost:{si.port}/",
+        ],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "AIID_HOME": str(gw.home)},
+    )
+    try:
+        assert wait_for(lambda: _connectable(socket, port), 20), log.read_text()
+        proxy = f"http://127.0.0.1:{port}"
+        body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
+        for key, want in ((gw.token("acme", "bot"), 200), ("junk", 401)):
+            p = subprocess.run(
+                [
+                    "curl",
+                    "-sS",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "--max-time",
+                    "20",
+                    "--proxy",
+                    proxy,
+                    "--cacert",
+                    str(gw.ca),
+                    "https://api.openai.com/v1/chat/completions",
+                    "-H",
+                    f"authorization: Bearer {key}",
+                    "-H",
+                    "content-type: application/json",
+                    "-d",
+                    body,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert p.stdout.strip() == str(want), log.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+def _connectable(socket_mod, port: int) -> bool:  # type: ignore[no-untyped-def]
+    try:
+        socket_mod.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False

@@ -52,7 +52,6 @@ CHECKPOINT_INTERVAL = 0.5  # seconds of clock.monotonic() between automatic chec
 
 # The fields append() takes, in COLUMNS order (event is its positional argument).
 FIELDS: tuple[str, ...] = COLUMNS[2:14]
-_TEXT = frozenset({"request_id", "agent", "provider", "model", "rule", "reason"})
 _INT = frozenset({"status", "input_tokens", "output_tokens"})
 _INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
 

@@ -1,14 +1,19 @@
 """Verify an audit database on disk, streaming, against its chain and its checkpoints.
 
-Speed: on a database with the pristine schema, SQLite renders the text and integer columns of
-each record as JSON (exactly the bytes Python's encoder gives for them: both escape every
-character the same way) while Python renders ``latency_ms`` itself with ``float.__repr__``, as
-:func:`~aiid_proxy.audit.chain.canonical_bytes` does. Whenever that fast rendering does not
-reproduce the record's mac, the record is fetched again and checked by the exact, pure
-:class:`~aiid_proxy.audit.chain.ChainState`, which alone decides a failure and names it. A
-record passes the fast path only if the HMAC of its fast rendering matches, i.e. that rendering
-is the authentic canonical encoding; SQLite's JSON of integers and text is lossless, so the
-stored values are then the authentic ones.
+Speed (pristine schema only): SQLite renders each record as the JSON array of its 15 maced
+columns (``json_array``) and Python only HMACs those bytes. The exact, pure
+:class:`~aiid_proxy.audit.chain.ChainState` decides every failure and names it: a record whose
+fast rendering does not reproduce its mac is fetched again and checked exactly.
+
+Why a fast match is sound: a matching HMAC (keyed, chained on the verified previous mac) means
+the rendered bytes are an authentic record's canonical bytes. SQLite's JSON of integers and
+text is lossless (and, for every code point, byte-identical to Python's), and a REAL never
+renders like an integer, text or null token, so those stored values equal the authentic ones.
+The one lossy rendering is a REAL's (15 significant digits), so the fast path takes a
+``latency_ms`` only when it is the double nearest a 3-decimal number below 1e9 (at most 12
+significant digits, as the writer stores it): two such doubles cannot share a 15-digit
+rendering, so the stored value is the authentic one too. Anything else (another float, a
+BLOB, invalid UTF-8, an altered schema) takes the exact path.
 """
 
 from __future__ import annotations
