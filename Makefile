@@ -3,8 +3,8 @@ SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-AIID_HOME ?= $(CURDIR)/.aiid
-AIID_POLICIES ?= $(CURDIR)/policies
+AIID_HOME := $(or $(AIID_HOME),$(CURDIR)/.aiid)
+AIID_POLICIES := $(or $(AIID_POLICIES),$(CURDIR)/policies)
 export AIID_HOME AIID_POLICIES
 
 .PHONY: install run test lint fmt bench soak fuzz clean

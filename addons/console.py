@@ -1,33 +1,141 @@
-"""The live operator console in `aiid run` (rich), fed by gateway events."""
+"""The live operator console in `aiid run` (rich), fed by gateway events.
+
+- The view is redrawn from :class:`ConsoleState` at most every ``REFRESH_S``, and only when the
+  state changed (or the terminal was resized, or a pending approval's countdown moved): an idle
+  gateway costs one cheap wake-up per ``REFRESH_S`` and no drawing.
+- Keys (stdin in cbreak mode, read by the event loop): ``a`` approves the selected (or oldest)
+  pending approval once, ``A`` approves it for ``APPROVE_TTL_S``, ``d`` denies it, up/down (or
+  ``k``/``j``) move the selection, ``q`` stops the gateway. The terminal is restored on exit.
+- While the view is on, log lines go to ``<home>/gateway.log`` so nothing scrolls over it.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
+import getpass
 import logging
+import os
+import sys
+import termios
 import time
-from collections.abc import Mapping
+import tty
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from rich.console import Console
 from rich.live import Live
 
 from addons.pipeline import Runtime
-from aiid_proxy.console import ConsoleState, FlowRow, render, tenant_info
+from aiid_proxy.console import (
+    ConsoleState,
+    FlowRow,
+    OverrideRow,
+    PendingRow,
+    TenantInfo,
+    parse_keys,
+    render,
+    tenant_info,
+)
+from aiid_proxy.control import Answer
+from aiid_proxy.errors import AiidError
 from aiid_proxy.gateway import FlowState, Gateway
 from aiid_proxy.home import Home
+from aiid_proxy.policy.model import Override
 
 log = logging.getLogger("aiid")
-REFRESH_S = 0.5
+REFRESH_S = 0.5  # the most often the view is redrawn
+IDLE_REDRAW_S = 60.0  # redraw at least this often (clock-dependent parts: overrides expiring)
+APPROVE_TTL_S = 600.0  # the `A` key: approve for ten minutes
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def operator_name() -> str:
+    try:
+        return os.environ.get("USER") or getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def _scope(o: Override) -> str:
+    parts = []
+    for name in ("agents", "providers", "models", "hosts"):
+        v = getattr(o, name)
+        if v is not None:
+            parts.append(f"{name}={','.join(v)}")
+    return " ".join(parts) or "everything"
+
+
+class KeyReader:
+    """stdin in cbreak mode, read by the event loop; ``stop`` restores the terminal."""
+
+    def __init__(self, on_keys: Callable[[list[str]], None], fd: int | None = None) -> None:
+        self.on_keys = on_keys
+        self.fd = sys.stdin.fileno() if fd is None else fd
+        self._saved: list[Any] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> bool:
+        if not os.isatty(self.fd):
+            return False
+        self._saved = termios.tcgetattr(self.fd)
+        atexit.register(self.stop)  # even if `done` never runs
+        tty.setcbreak(self.fd, termios.TCSANOW)
+        loop.add_reader(self.fd, self._readable)
+        self._loop = loop
+        return True
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self.fd, 256)
+        except OSError:
+            data = b""
+        if not data:  # stdin closed: stop listening, keep running
+            self._remove_reader()
+            return
+        keys = parse_keys(data)
+        if keys:
+            self.on_keys(keys)
+
+    def _remove_reader(self) -> None:
+        if self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self.fd)
+            self._loop = None
+
+    def stop(self) -> None:
+        self._remove_reader()
+        if self._saved is not None:
+            with contextlib.suppress(termios.error, OSError):
+                termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+            self._saved = None
 
 
 class ConsoleAddon:
-    def __init__(self, rt: Runtime, home: Home, listen: str) -> None:
+    def __init__(
+        self,
+        rt: Runtime,
+        home: Home,
+        listen: str,
+        *,
+        console: Console | None = None,
+        user: str | None = None,
+        shutdown: Callable[[], None] | None = None,
+    ) -> None:
         self.rt = rt
         self.home = home
         self.state = ConsoleState(listen=listen)
-        self.console = Console(stderr=False)
+        self.console = console or Console()
+        self.user = user or operator_name()
+        self._shutdown = shutdown
         self._task: asyncio.Task[None] | None = None
         self._live: Live | None = None
+        self._keys: KeyReader | None = None
+        self._drawn_version = -1
+        self._drawn_at = 0.0
+        self._drawn_size: tuple[int, int] | None = None
+        self.draws = 0
         rt.on_gateway.append(self._attach)
         if rt.gateway is not None:
             self._attach(rt.gateway)
@@ -35,19 +143,39 @@ class ConsoleAddon:
     def _attach(self, gw: Gateway) -> None:
         gw.listeners.append(self._on_event)
 
-    # -- events (called on the event loop thread or the policy watcher thread) --
+    # -- events (on the event loop thread; policy events from the watcher thread) -------------
     def _on_event(self, kind: str, data: Mapping[str, Any]) -> None:
         now = time.time()
         s = self.state
         if kind == "policy":
             ev = data["event"]
-            s.add_policy_event(ev.at, ev.ok, ev.describe())
+            text = ev.describe()
+            s.add_policy_event(ev.at, ev.ok, text.removeprefix("policy "))
             return
         st = data.get("state")
         if not isinstance(st, FlowState):
             return
         tenant = st.tenant or "-"
         agent = st.identity.agent if st.identity else "-"
+        provider = st.provider_name or st.target.host
+        model = st.model or ""
+        rule = st.decision.rule_id if st.decision else "-"
+        if kind == "pending":
+            s.add_pending(
+                PendingRow(
+                    st.request_id,
+                    tenant,
+                    agent,
+                    f"{provider}/{model}" if model else provider,
+                    rule,
+                    now,
+                    float(data["deadline"]),
+                )
+            )
+            return
+        if kind == "resolved":
+            s.resolve(st.request_id, now, bool(data.get("approved")), str(data.get("by")))
+            return
         c = s.counters(tenant, agent)
         if kind == "deny":
             r = data["refusal"]
@@ -55,26 +183,32 @@ class ConsoleAddon:
             c.denials += 1
             if r.status == 429:
                 c.rate_limited += 1
+                c.last_limited = now
             s.add_flow(
                 FlowRow(
                     now,
                     st.request_id,
                     tenant,
                     agent,
-                    st.provider_name or st.target.host,
-                    st.model or "",
+                    provider,
+                    model,
                     "deny",
-                    r.rule or "-",
+                    r.rule or rule,
                     str(r.status),
+                    latency_ms=self._latency(st),
                 )
             )
-            s.add_denial(now, tenant, agent, r.rule or "-", r.message)
+            s.add_denial(now, tenant, agent, r.rule or rule, r.message)
         elif kind == "response":
             u = data.get("usage")
             toks = ""
             if u is not None:
                 toks = f"{u.input_tokens}/{u.output_tokens}{'~' if u.estimated else ''}"
                 c.tokens += u.input_tokens + u.output_tokens
+            spend = data.get("cost_usd")
+            spend_usd = float(spend) if isinstance(spend, (int, float)) else None
+            if spend_usd is not None:
+                c.spend_usd += spend_usd
             c.requests += 1
             s.add_flow(
                 FlowRow(
@@ -82,77 +216,159 @@ class ConsoleAddon:
                     st.request_id,
                     tenant,
                     agent,
-                    st.provider_name or st.target.host,
-                    st.model or "",
-                    "allow",
-                    st.decision.rule_id if st.decision else "-",
+                    provider,
+                    model,
+                    "approved" if st.approved_by else "allow",
+                    rule,
                     str(data.get("status")),
                     data.get("latency_ms"),
                     toks,
+                    spend_usd,
                 )
             )
         elif kind == "error":
             c.requests += 1
             s.add_flow(
-                FlowRow(
-                    now,
-                    st.request_id,
-                    tenant,
-                    agent,
-                    st.provider_name or st.target.host,
-                    st.model or "",
-                    "error",
-                    "-",
-                    "killed",
-                )
+                FlowRow(now, st.request_id, tenant, agent, provider, model, "error", rule, "kill")
             )
-            s.add_denial(now, tenant, agent, "error", str(data.get("reason")))
-        elif kind == "pending":
-            s.pending[st.request_id] = (now, tenant, agent, st.model or "", data["deadline"])
-            s.version += 1
-        elif kind == "resolved":
-            s.pending.pop(st.request_id, None)
-            s.version += 1
+            s.add_event(now, "error", f"{tenant}/{agent} {st.request_id}: {data.get('reason')}")
 
-    def _refresh_tenants(self) -> None:
+    def _latency(self, st: FlowState) -> float | None:
+        gw = self.rt.gateway
+        if gw is None:
+            return None
+        return (gw.clock.monotonic() - st.started) * 1000.0
+
+    # -- keys -------------------------------------------------------------------------------------
+    def handle_keys(self, keys: list[str]) -> None:
+        for key in keys:
+            self.handle_key(key)
+
+    def handle_key(self, key: str) -> None:
+        s = self.state
+        now = time.time()
+        if key in ("up", "k"):
+            s.move_selection(-1)
+        elif key in ("down", "j"):
+            s.move_selection(1)
+        elif key in ("a", "A", "d"):
+            row = s.selected_pending()
+            if row is None:
+                s.add_event(now, "console", "nothing is waiting for approval")
+                return
+            ttl = APPROVE_TTL_S if key == "A" else None
+            ans = Answer(
+                approved=key != "d",
+                by=f"{self.user} (console)",
+                reason="" if key != "d" else "denied in the console",
+                ttl=ttl,
+            )
+            try:
+                self.rt.broker.answer(row.tenant, row.request_id, ans)
+            except AiidError as e:
+                s.pending.pop(row.request_id, None)  # gone meanwhile (timed out)
+                s.add_event(now, "console", e.one_line())
+                return
+            if ttl:
+                s.add_event(
+                    now,
+                    "console",
+                    f"{row.tenant}/{row.agent} {row.target} [{row.rule}] approved for "
+                    f"{int(ttl // 60)}m by {self.user}",
+                )
+        elif key == "q":
+            s.add_event(now, "console", "stopping")
+            self._stop_gateway()
+
+    def _stop_gateway(self) -> None:
+        if self._shutdown is not None:
+            self._shutdown()
+            return
+        from mitmproxy import ctx
+
+        ctx.master.shutdown()  # type: ignore[no-untyped-call]
+
+    # -- drawing ----------------------------------------------------------------------------------
+    def refresh_static(self) -> None:
+        """Tenants (policy hash, load time, audit head) and the overrides now in force."""
         gw = self.rt.gateway
         if gw is None:
             return
+        now = gw.clock.now()
+        tenants: dict[str, TenantInfo] = {}
+        overrides: list[OverrideRow] = []
         for t in gw.tenants():
             pol = gw.policies.get(t.name)
-            self.state.tenants[t.name] = dict(
-                tenant_info(
-                    pol.source_hash if pol else None, gw.policies.loaded_at(t.name), t.audit.head()
-                )
+            tenants[t.name] = tenant_info(
+                pol.source_hash if pol else None, gw.policies.loaded_at(t.name), t.audit.head()
             )
+            for o in pol.overrides if pol else ():
+                if now < o.expires:
+                    overrides.append(
+                        OverrideRow(t.name, o.id, o.effect, _scope(o), o.expires, o.approved_by)
+                    )
+        self.state.set_tenants(tenants)
+        self.state.set_overrides(overrides)
+
+    def due(self, mono: float, size: tuple[int, int]) -> bool:
+        """Whether the view must be redrawn now."""
+        if self._drawn_version != self.state.version or size != self._drawn_size:
+            return True
+        since = mono - self._drawn_at
+        if self.state.pending and since >= 1.0:
+            return True  # the countdown of a pending approval
+        return since >= IDLE_REDRAW_S
+
+    def tick(self, mono: float) -> bool:
+        self.refresh_static()
+        size = self.console.size
+        wh = (size.width, size.height)
+        if not self.due(mono, wh):
+            return False
+        self._drawn_version = self.state.version
+        self._drawn_at = mono
+        self._drawn_size = wh
+        self.draws += 1
+        if self._live is not None:
+            self._live.update(render(self.state, wh[0], wh[1]), refresh=True)
+        return True
 
     async def _loop(self) -> None:
-        seen = -1
-        last_draw = 0.0
-        assert self._live is not None
         while True:
             await asyncio.sleep(REFRESH_S)
-            now = time.monotonic()
-            if self.state.version == seen and now - last_draw < 5:
-                continue  # idle: no redraw, no CPU
-            seen = self.state.version
-            last_draw = now
-            self._refresh_tenants()
-            size = self.console.size
-            self._live.update(render(self.state, size.width, size.height), refresh=True)
+            try:
+                self.tick(time.monotonic())
+            except Exception:  # the view must never take the gateway down
+                log.exception("console redraw failed")
 
-    def running(self) -> None:
-        if not self.console.is_terminal:
-            return
-        # Log lines must not scroll over the view: send them to a file.
-        logfile = self.home.root / "gateway.log"
+    # -- lifecycle --------------------------------------------------------------------------------
+    def _log_to(self, handler: logging.Handler) -> None:
         root = logging.getLogger()
         for h in list(root.handlers):
-            root.removeHandler(h)
-        fh = logging.FileHandler(logfile)
-        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(fh)
-        self._refresh_tenants()
+            # only what would write over the view: stream handlers on a terminal
+            if type(h) is logging.StreamHandler and getattr(h.stream, "isatty", lambda: False)():
+                root.removeHandler(h)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(handler)
+        logging.captureWarnings(True)
+
+    def running(self) -> None:
+        if self._live is not None:
+            return
+        if not self.console.is_terminal:
+            # no terminal to draw on: plain log lines on stderr instead
+            self._log_to(logging.StreamHandler(sys.stderr))
+            return
+        self._log_to(logging.FileHandler(self.home.root / "gateway.log"))
+        log.info("console on; log lines go to %s", self.home.root / "gateway.log")
+        loop = asyncio.get_running_loop()
+        keys = KeyReader(self.handle_keys)
+        try:
+            if keys.start(loop):
+                self._keys = keys
+        except (OSError, termios.error, ValueError) as e:
+            log.warning("console keys unavailable: %s", e)
+        self.refresh_static()
         size = self.console.size
         self._live = Live(
             render(self.state, size.width, size.height),
@@ -160,12 +376,21 @@ class ConsoleAddon:
             auto_refresh=False,
             screen=True,
             transient=False,
+            redirect_stdout=False,
+            redirect_stderr=False,
         )
         self._live.start()
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._drawn_size = (size.width, size.height)
+        self._drawn_at = time.monotonic()
+        self._task = loop.create_task(self._loop())
 
     def done(self) -> None:
         if self._task is not None:
             self._task.cancel()
+            self._task = None
+        if self._keys is not None:
+            self._keys.stop()
+            self._keys = None
         if self._live is not None:
             self._live.stop()
+            self._live = None

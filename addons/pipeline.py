@@ -245,7 +245,10 @@ class Intake:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         flow.request.stream = False  # the body must be complete before anything is decided
         req = flow.request
-        connect_host = None
+        # Where mitmproxy will connect: the CONNECT target in a tunnel, else the host of an
+        # absolute-form request line ("POST https://evil/... Host: api.openai.com" must not
+        # pass as api.openai.com). Route refuses it unless it equals the Host header.
+        connect_host = req.host or None
         if flow.client_conn.tls and flow.server_conn.address is not None:
             connect_host = str(flow.server_conn.address[0])
         path, _, query = req.path.partition("?")
@@ -476,7 +479,29 @@ class ResponseFilter:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
 
+    # mitmproxy only logs an addon's exception and sends the response on: kill it instead, so a
+    # failure here can never pass an unscrubbed key back to the agent.
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        try:
+            self._responseheaders(flow)
+        except Exception:
+            self._fail(flow, "responseheaders")
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        try:
+            await self._response(flow)
+        except Exception:
+            self._fail(flow, "response")
+
+    def _fail(self, flow: http.HTTPFlow, hook: str) -> None:
+        log.exception("response filter failed in %s: flow killed", hook)
+        if flow.killable:
+            flow.kill()
+        st = state_of(flow)
+        if st is not None and self.rt.gateway is not None:
+            self.rt.gateway.record_error(st, f"response filter failed in {hook}")
+
+    def _responseheaders(self, flow: http.HTTPFlow) -> None:
         st = state_of(flow)
         resp = flow.response
         if st is None or resp is None:
@@ -494,7 +519,7 @@ class ResponseFilter:
             resp.stream = sf
             flow.metadata["aiid_stream"] = sf
 
-    async def response(self, flow: http.HTTPFlow) -> None:
+    async def _response(self, flow: http.HTTPFlow) -> None:
         st = state_of(flow)
         resp = flow.response
         if st is None or resp is None or flow.metadata.get(OURS) is resp or not st.allows():

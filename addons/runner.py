@@ -28,9 +28,8 @@ class Announce:
 
     def running(self) -> None:
         print(
-            f"aiid-proxy listening on {self.host}:{self.port}\n"
-            f"HTTPS_PROXY=http://{self.host}:{self.port}\n"
-            f"SSL_CERT_FILE={self.home.ca_cert_path}",
+            f"aiid-proxy listening on {self.host}:{self.port} "
+            f"(agents trust {self.home.ca_cert_path})",
             file=sys.stderr,
             flush=True,
         )
@@ -44,6 +43,8 @@ def build_master(
     sets: list[str],
     console: bool,
 ) -> tuple[DumpMaster, Runtime, Any]:
+    if console and not sys.stdout.isatty():
+        console = False  # no terminal to draw on: plain log lines instead
     opts = options.Options()
     master = DumpMaster(opts, with_termlog=not console, with_dumper=False)
     rt = Runtime()

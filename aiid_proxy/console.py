@@ -1,16 +1,19 @@
 """The operator console: state fed by gateway events, rendered with rich.
 
-Rendering is a pure function of :class:`ConsoleState`, so it is tested into a StringIO console
-at any width. The state is bounded (recent rows only) and updated from the event loop thread.
+Rendering is a pure function of :class:`ConsoleState` (and the time), so it is tested into a
+StringIO console at any size. The screen is laid out by line budget: every section renders one
+line per item (no wrapping), and the sections share the terminal's height in priority order
+(tenants, pending approvals, overrides, events, agents, then the flows table fills the rest),
+so the view fits any terminal from 40x10 up and never scrolls. The state is bounded (recent rows
+only) and is updated from the event loop thread (policy events from the watcher thread only
+append to a deque).
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from rich.console import Group, RenderableType
 from rich.panel import Panel
@@ -19,6 +22,11 @@ from rich.text import Text
 
 MAX_FLOWS = 200
 MAX_EVENTS = 50
+WIDE = 120  # from this many columns: more flow columns, agents beside the events
+LIMITED_FOR_S = 60.0  # an agent shows as rate-limited this long after its last 429
+MIN_WIDTH = 20
+MIN_HEIGHT = 4
+KEYS_HELP = " a approve | A approve 10m | d deny | up/down select | q quit "
 
 
 @dataclass
@@ -29,11 +37,12 @@ class FlowRow:
     agent: str
     provider: str
     model: str
-    decision: str
+    decision: str  # allow | approved | deny | error
     rule: str
     status: str
     latency_ms: float | None = None
     tokens: str = ""
+    spend_usd: float | None = None
 
 
 @dataclass
@@ -42,24 +51,61 @@ class AgentCounters:
     denials: int = 0
     tokens: int = 0
     rate_limited: int = 0
+    spend_usd: float = 0.0
+    last_limited: float | None = None
+
+
+@dataclass(frozen=True)
+class PendingRow:
+    request_id: str
+    tenant: str
+    agent: str
+    target: str  # provider/model
+    rule: str
+    since: float
+    deadline: float
+
+
+@dataclass(frozen=True)
+class OverrideRow:
+    tenant: str
+    id: str
+    effect: str
+    scope: str  # "agents=support-7 models=gpt-4o"
+    until: float
+    approved_by: str
+
+
+@dataclass(frozen=True)
+class EventRow:
+    at: float
+    kind: str  # deny | error | approval | policy | refused | console
+    text: str
+
+
+@dataclass(frozen=True)
+class TenantInfo:
+    policy: str | None = None  # short source hash of the policy in force
+    loaded: float | None = None
+    head: str | None = None  # "seq:mac-prefix"
 
 
 @dataclass
 class ConsoleState:
     listen: str
     started: float = field(default_factory=time.time)
-    tenants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tenants: dict[str, TenantInfo] = field(default_factory=dict)
     flows: deque[FlowRow] = field(default_factory=lambda: deque(maxlen=MAX_FLOWS))
-    denials: deque[tuple[float, str, str, str, str]] = field(
-        default_factory=lambda: deque(maxlen=MAX_EVENTS)
-    )
-    policy_events: deque[tuple[float, bool, str]] = field(
-        default_factory=lambda: deque(maxlen=MAX_EVENTS)
-    )
-    pending: dict[str, tuple[float, str, str, str, float]] = field(default_factory=dict)
+    events: deque[EventRow] = field(default_factory=lambda: deque(maxlen=MAX_EVENTS))
+    policy_events: deque[EventRow] = field(default_factory=lambda: deque(maxlen=MAX_EVENTS))
+    pending: dict[str, PendingRow] = field(default_factory=dict)
+    selected: str | None = None
     agents: dict[tuple[str, str], AgentCounters] = field(default_factory=dict)
-    overrides: list[tuple[str, str, str]] = field(default_factory=list)
+    overrides: list[OverrideRow] = field(default_factory=list)
     version: int = 0
+
+    def changed(self) -> None:
+        self.version += 1
 
     def counters(self, tenant: str, agent: str) -> AgentCounters:
         key = (tenant, agent)
@@ -70,147 +116,406 @@ class ConsoleState:
 
     def add_flow(self, row: FlowRow) -> None:
         self.flows.append(row)
-        self.version += 1
+        self.changed()
+
+    def add_event(self, at: float, kind: str, text: str) -> None:
+        self.events.append(EventRow(at, kind, text))
+        self.changed()
 
     def add_denial(self, at: float, tenant: str, agent: str, rule: str, reason: str) -> None:
-        self.denials.append((at, tenant, agent, rule, reason))
-        self.version += 1
+        self.add_event(at, "deny", f"{tenant}/{agent} [{rule}] {reason}")
 
     def add_policy_event(self, at: float, ok: bool, text: str) -> None:
-        self.policy_events.append((at, ok, text))
-        self.version += 1
+        self.policy_events.append(EventRow(at, "policy" if ok else "refused", text))
+        self.changed()
+
+    def add_pending(self, row: PendingRow) -> None:
+        self.pending[row.request_id] = row
+        self.changed()
+
+    def resolve(self, request_id: str, at: float, approved: bool, by: str) -> None:
+        row = self.pending.pop(request_id, None)
+        if self.selected == request_id:
+            self.selected = None
+        who = f" {row.tenant}/{row.agent} {row.target}" if row else ""
+        verdict = "approved" if approved else "denied"
+        self.add_event(at, "approval", f"{request_id}{who} {verdict} by {by}")
+
+    def selected_pending(self) -> PendingRow | None:
+        """The selected pending approval, else the oldest one."""
+        if self.selected is not None and self.selected in self.pending:
+            return self.pending[self.selected]
+        return next(iter(self.pending.values()), None)
+
+    def move_selection(self, delta: int) -> None:
+        ids = list(self.pending)
+        if not ids:
+            self.selected = None
+            return
+        cur = self.selected_pending()
+        i = ids.index(cur.request_id) if cur is not None else 0
+        self.selected = ids[max(0, min(len(ids) - 1, i + delta))]
+        self.changed()
+
+    def set_tenants(self, tenants: dict[str, TenantInfo]) -> None:
+        if tenants != self.tenants:
+            self.tenants = tenants
+            self.changed()
+
+    def set_overrides(self, overrides: list[OverrideRow]) -> None:
+        if overrides != self.overrides:
+            self.overrides = overrides
+            self.changed()
 
 
+# -- formatting ---------------------------------------------------------------------------------
 def _t(ts: float) -> str:
     return time.strftime("%H:%M:%S", time.gmtime(ts))
 
 
-_STYLE = {"allow": "green", "deny": "bold red", "error": "magenta", "approve": "yellow"}
+def _date(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%MZ", time.gmtime(ts))
 
 
-def render(state: ConsoleState, width: int = 80, height: int = 24) -> RenderableType:
-    """The whole screen. Row counts adapt to ``height`` so it never scrolls."""
-    wide = width >= 120
-    head = Table.grid(expand=True)
-    head.add_column()
-    head.add_column(justify="right")
-    head.add_row(
-        Text.assemble(("aiid-proxy ", "bold cyan"), f"listening {state.listen}"),
-        Text(f"up {int(time.time() - state.started)}s"),
+def _left(seconds: float) -> str:
+    s = max(0, int(seconds + 0.999))
+    return f"{s}s" if s < 120 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _ms(v: float | None) -> str:
+    if v is None:
+        return ""
+    return f"{v:.0f}" if v < 10_000 else f"{v / 1000:.1f}s"
+
+
+def _usd(v: float | None) -> str:
+    if v is None:
+        return ""
+    return f"${v:.4f}" if v < 1 else f"${v:.2f}"
+
+
+_DECISION_STYLE = {
+    "allow": "green",
+    "approved": "green",
+    "deny": "bold red",
+    "error": "magenta",
+}
+_EVENT_STYLE = {
+    "deny": "red",
+    "error": "magenta",
+    "approval": "yellow",
+    "policy": "green",
+    "refused": "bold red",
+    "console": "cyan",
+}
+
+
+def _line(*parts: str | tuple[str, str], style: str = "") -> Text:
+    """One screen line: never wraps, ends in an ellipsis when it does not fit."""
+    return Text.assemble(*parts, style=style, no_wrap=True, overflow="ellipsis")
+
+
+def _table(**kw: object) -> Table:
+    return Table(
+        box=None,
+        expand=True,
+        pad_edge=False,
+        show_edge=False,
+        padding=(0, 1, 0, 0),
+        header_style="bold",
+        **kw,  # type: ignore[arg-type]
     )
-    for name, info in sorted(state.tenants.items()):
-        pol = info.get("policy") or "no policy"
-        head_s = info.get("head") or "-"
-        loaded = info.get("loaded")
-        loaded_s = f" @{_t(loaded)}" if isinstance(loaded, (int, float)) else ""
-        head.add_row(
-            Text(f"tenant {name}: policy {pol}{loaded_s}", overflow="ellipsis"),
-            Text(f"audit head {head_s}", overflow="ellipsis"),
+
+
+def _col(table: Table, name: str, *, right: bool = False, **kw: object) -> None:
+    table.add_column(
+        name,
+        no_wrap=True,
+        overflow="ellipsis",
+        justify="right" if right else "left",
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+# -- sections -----------------------------------------------------------------------------------
+def _tenant_lines(state: ConsoleState, n: int) -> list[Text]:
+    names = sorted(state.tenants)
+    if not names:
+        return [_line(("no tenants", "dim"))][:n]
+    if n <= 0:
+        return []
+    if len(names) > 1 and n == 1:
+        return [_line((f"{len(names)} tenants: ", "dim"), " ".join(names))]
+    shown = names if len(names) <= n else names[: n - 1]
+    out = []
+    for name in shown:
+        info = state.tenants[name]
+        pol: list[str | tuple[str, str]] = (
+            [("policy ", "dim"), info.policy] if info.policy else [("no policy", "bold red")]
         )
+        loaded = f" @{_t(info.loaded)}" if info.loaded is not None else ""
+        out.append(
+            _line(
+                (name, "bold"),
+                "  ",
+                *pol,
+                (loaded, "dim"),
+                ("  audit ", "dim"),
+                info.head or "-",
+            )
+        )
+    if len(shown) < len(names):
+        out.append(_line((f"+{len(names) - len(shown)} more tenants", "dim")))
+    return out
 
-    budget = max(3, height - 8 - len(state.tenants))
-    n_pending = min(len(state.pending), 4)
-    n_events = min(len(state.denials) + len(state.policy_events), 4 if wide else 3)
-    n_flows = max(1, budget - n_pending - n_events - (2 if n_pending else 0) - 2)
 
-    flows = Table(expand=True, box=None, pad_edge=False, header_style="bold")
-    flows.add_column("time", no_wrap=True)
+def _pending_section(state: ConsoleState, n: int, inner: int, now: float) -> list[RenderableType]:
+    """Title plus up to ``n - 1`` rows; the request id is never shortened."""
+    rows = list(state.pending.values())
+    sel = state.selected_pending()
+    title = _line(
+        (f"pending approvals ({len(rows)})", "bold yellow"),
+        ("  aiid approve TENANT REQUEST_ID", "dim"),
+    )
+    shown = rows[: max(0, n - 1)]
+    out: list[RenderableType] = [title]
+    for r in shown:
+        mark = ">" if sel is not None and r.request_id == sel.request_id else " "
+        style = "reverse" if mark == ">" else ""
+        out.append(
+            _line(
+                (f"{mark}{_left(r.deadline - now):>5} ", "bold yellow"),
+                (r.request_id, "bold"),
+                f"  {r.tenant}/{r.agent} {r.target} [{r.rule}]",
+                style=style,
+            )
+        )
+    if len(shown) < len(rows) and shown:
+        out[-1] = _line((f"  ... and {len(rows) - len(shown) + 1} more", "yellow"))
+    return out
+
+
+def _override_lines(state: ConsoleState, n: int) -> list[Text]:
+    ovs = state.overrides
+    shown = ovs if len(ovs) <= n else ovs[: n - 1]
+    out = [
+        _line(
+            ("override ", "bold magenta"),
+            (o.id, "bold"),
+            f" {o.tenant} {o.effect} {o.scope} ",
+            ("until ", "dim"),
+            _date(o.until),
+            (f" by {o.approved_by}", "dim"),
+        )
+        for o in shown
+    ]
+    if len(shown) < len(ovs):
+        out.append(_line((f"+{len(ovs) - len(shown)} more overrides", "magenta")))
+    return out
+
+
+def _event_lines(state: ConsoleState, n: int) -> list[Text]:
+    """The latest events: up to two policy events, denials and approvals fill the rest."""
+    if n <= 0:
+        return []
+    pol = list(state.policy_events)[-min(2, n) :]
+    rest = list(state.events)[-(n - len(pol)) :] if n > len(pol) else []
+    merged = sorted(pol + rest, key=lambda e: e.at)[-n:]
+    return [
+        _line(
+            (f"{_t(e.at)} ", "dim"),
+            (f"{e.kind:<8} ", _EVENT_STYLE.get(e.kind, "")),
+            (e.text, "bold red" if e.kind == "refused" else ""),
+        )
+        for e in merged
+    ]
+
+
+def _agents_table(state: ConsoleState, n_rows: int, now: float, wide: bool) -> Table:
+    t = _table()
+    _col(t, "agent", ratio=1)
+    _col(t, "req", right=True)
+    _col(t, "deny", right=True)
+    _col(t, "tokens", right=True)
+    spend = any(c.spend_usd for c in state.agents.values())
+    if spend and wide:
+        _col(t, "spend", right=True)
+    _col(t, "rate limit")
+    ranked = sorted(state.agents.items(), key=lambda kv: (-kv[1].requests, kv[0]))
+    for (tenant, agent), c in ranked[:n_rows]:
+        if c.last_limited is not None and now - c.last_limited < LIMITED_FOR_S:
+            rl = Text(f"LIMITED ({c.rate_limited}x429)", style="bold red")
+        elif c.rate_limited:
+            rl = Text(f"ok ({c.rate_limited}x429)", style="yellow")
+        else:
+            rl = Text("ok", style="green")
+        cells: list[RenderableType] = [
+            f"{tenant}/{agent}",
+            str(c.requests),
+            str(c.denials),
+            str(c.tokens),
+        ]
+        if spend and wide:
+            cells.append(_usd(c.spend_usd))
+        cells.append(rl)
+        t.add_row(*cells)
+    return t
+
+
+def _flows_table(state: ConsoleState, n_rows: int, inner: int) -> Table:
+    wide = inner >= WIDE - 4
+    narrow = inner < 56
+    spend = wide and any(r.spend_usd is not None for r in state.flows)
+    t = _table()
+    _col(t, "time", width=8)
     if wide:
-        flows.add_column("tenant", no_wrap=True)
-    flows.add_column("agent", no_wrap=True, overflow="ellipsis", max_width=14)
-    flows.add_column("model", no_wrap=True, overflow="ellipsis", max_width=22)
-    flows.add_column("decision", no_wrap=True)
-    flows.add_column("rule", no_wrap=True, overflow="ellipsis", max_width=18)
-    flows.add_column("st", no_wrap=True, justify="right")
-    flows.add_column("ms", no_wrap=True, justify="right")
+        _col(t, "tenant", ratio=1)
+    _col(t, "agent", ratio=2)
     if wide:
-        flows.add_column("tokens", no_wrap=True, justify="right")
-        flows.add_column("request", no_wrap=True)
-    for r in list(state.flows)[-n_flows:]:
-        model = f"{r.provider}/{r.model}" if r.model else r.provider
+        _col(t, "provider", ratio=1)
+    _col(t, "model", ratio=3)
+    _col(t, "decision", width=8 if not narrow else 5)
+    if not narrow:
+        _col(t, "rule", ratio=2)
+    _col(t, "st", right=True, width=3)
+    if not narrow:
+        _col(t, "ms", right=True, width=5)
+        _col(t, "tokens", right=True, width=8)
+    if spend:
+        _col(t, "spend", right=True, width=8)
+    if wide:
+        _col(t, "request", width=28)
+    rows = list(state.flows)[-n_rows:] if n_rows > 0 else []
+    for r in rows:
         cells: list[RenderableType] = [_t(r.at)]
         if wide:
-            cells.append(r.tenant)
-        cells += [
-            r.agent,
-            model,
-            Text(r.decision, style=_STYLE.get(r.decision, "")),
-            r.rule,
-            r.status,
-            "" if r.latency_ms is None else f"{r.latency_ms:.0f}",
-        ]
+            cells += [r.tenant, r.agent, r.provider, r.model or "-"]
+        else:
+            cells += [r.agent, r.model or r.provider]
+        cells.append(Text(r.decision, style=_DECISION_STYLE.get(r.decision, "")))
+        if not narrow:
+            cells.append(r.rule)
+        cells.append(r.status)
+        if not narrow:
+            cells += [_ms(r.latency_ms), r.tokens]
+        if spend:
+            cells.append(_usd(r.spend_usd))
         if wide:
-            cells += [r.tokens, r.request_id]
-        flows.add_row(*cells)
+            cells.append(r.request_id)
+        t.add_row(*cells)
+    return t
 
-    parts: list[RenderableType] = [head, flows]
-    if state.pending:
-        pend = Table(
-            expand=True,
-            box=None,
-            title="pending approvals",
-            title_justify="left",
-            title_style="bold yellow",
-        )
-        pend.add_column("request")
-        pend.add_column("agent")
-        pend.add_column("model")
-        pend.add_column("left", justify="right")
-        now = time.time()
-        for rid, (_at, tenant, agent, model, deadline) in list(state.pending.items())[:4]:
-            pend.add_row(rid, f"{tenant}/{agent}", model, f"{max(0, int(deadline - now))}s")
-        parts.append(pend)
-    lines: list[Text] = []
-    for at, tenant, agent, rule, reason in list(state.denials)[-n_events:]:
-        lines.append(
-            Text.assemble(
-                (f"{_t(at)} deny ", "red"),
-                f"{tenant}/{agent} [{rule}] {reason}",
-                overflow="ellipsis",
-                no_wrap=True,
-            )
-        )
-    for at, ok, text in list(state.policy_events)[-2:]:
-        lines.append(
-            Text(
-                f"{_t(at)} {text}",
-                style="green" if ok else "bold red",
-                overflow="ellipsis",
-                no_wrap=True,
-            )
-        )
-    if wide and state.agents:
-        ag = Table(expand=True, box=None, title="agents", title_justify="left", title_style="bold")
-        for col in ("agent", "requests", "denials", "tokens", "429s"):
-            ag.add_column(col, justify="right" if col != "agent" else "left")
-        for (tenant, agent), c in sorted(state.agents.items())[:6]:
-            ag.add_row(
-                f"{tenant}/{agent}",
-                str(c.requests),
-                str(c.denials),
-                str(c.tokens),
-                str(c.rate_limited),
-            )
-        parts.append(ag)
+
+# -- the screen ---------------------------------------------------------------------------------
+def render(
+    state: ConsoleState, width: int = 80, height: int = 24, now: float | None = None
+) -> RenderableType:
+    """The whole screen, exactly ``width`` x ``height``: nothing wraps, nothing scrolls."""
+    now = time.time() if now is None else now
+    if width < MIN_WIDTH or height < MIN_HEIGHT:
+        n = len(state.pending)
+        text = f"aiid-proxy {state.listen}" + (f" | {n} pending" if n else "")
+        return _line(text[: max(1, width - 1)], style="bold")
+    inner_w = width - 4  # border and one column of padding each side
+    rem = height - 2  # top and bottom border
+    wide = width >= WIDE
+    parts: list[RenderableType] = []
+
+    def take(want: int, keep: int = 0) -> int:
+        nonlocal rem
+        got = max(0, min(want, rem - keep))
+        rem -= got
+        return got
+
+    # header: one line per tenant (policy hash and load time, audit head)
+    cap_t = 1 if rem < 10 else 2 if rem < 20 else 4
+    parts += _tenant_lines(state, take(min(max(1, len(state.tenants)), cap_t)))
+    # pending approvals come first: an operator has to act on them
+    if state.pending and rem > 0:
+        cap_p = 4 if rem < 20 else 8
+        parts += _pending_section(state, take(1 + min(len(state.pending), cap_p)), inner_w, now)
+    keep_flows = min(rem, 2 if rem < 10 else 4)  # the flows table keeps a header and rows
     if state.overrides:
-        lines.append(
-            Text(
-                "overrides: " + ", ".join(f"{o[0]} until {o[2]}" for o in state.overrides),
-                style="yellow",
-                overflow="ellipsis",
-                no_wrap=True,
-            )
+        parts += _override_lines(
+            state, take(min(len(state.overrides), 2 if rem < 24 else 4), keep_flows)
         )
-    if lines:
-        parts.append(Group(*lines[-(n_events + 2) :]))
-    return Panel(Group(*parts), padding=(0, 1), height=height, width=width)
+    n_events = len(state.events) + min(2, len(state.policy_events))
+    cap_e = max(2, rem // 4)
+    if wide:
+        n_ag = min(len(state.agents), cap_e)
+        want = max(min(n_events, cap_e), n_ag + 1 if n_ag else 0)
+        got = take(want, keep_flows)
+        if got:
+            bottom = Table.grid(expand=True, padding=(0, 2))
+            bottom.add_column(ratio=2)
+            bottom.add_column(ratio=3)
+            left: RenderableType = (
+                _agents_table(state, got - 1, now, True) if n_ag and got >= 2 else Text("")
+            )
+            bottom.add_row(left, Group(*_event_lines(state, got)))
+            tail: list[RenderableType] = [bottom]
+        else:
+            tail = []
+    else:
+        tail = list(_event_lines(state, take(min(n_events, cap_e), keep_flows)))
+        if state.agents and rem - keep_flows >= 3 and height >= 20:
+            got = take(1 + min(len(state.agents), 3), keep_flows)
+            tail.append(_agents_table(state, got - 1, now, False))
+    if rem >= 1:
+        parts.append(_flows_table(state, rem - 1, inner_w))
+    parts += tail
+    title = Text.assemble(
+        ("aiid-proxy", "bold cyan"),
+        f" {state.listen} ",
+        (f"since {_t(state.started)}Z ", "dim"),
+    )
+    return Panel(
+        Group(*parts),
+        title=title,
+        title_align="left",
+        subtitle=Text(KEYS_HELP, style="dim"),
+        subtitle_align="right",
+        padding=(0, 1),
+        height=height,
+        width=width,
+    )
 
 
 def tenant_info(
     policy_hash: str | None, loaded_at: float | None, head: tuple[int, str] | None
-) -> Mapping[str, Any]:
-    return {
-        "policy": policy_hash[:12] if policy_hash else None,
-        "loaded": loaded_at,
-        "head": f"{head[0]}:{head[1][:12]}" if head else None,
-    }
+) -> TenantInfo:
+    return TenantInfo(
+        policy=policy_hash[:12] if policy_hash else None,
+        loaded=loaded_at,
+        head=f"{head[0]}:{head[1][:12]}" if head else None,
+    )
+
+
+_ESCAPES = {"\x1b[A": "up", "\x1b[B": "down", "\x1bOA": "up", "\x1bOB": "down"}
+KEYS = frozenset({"a", "A", "d", "q", "j", "k", "up", "down"})
+
+
+def parse_keys(data: bytes) -> list[str]:
+    """Console key presses from raw (cbreak) terminal input; anything else is dropped."""
+    text = data.decode("utf-8", "replace")
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        if text[i] == "\x1b":
+            seq = text[i : i + 3]
+            if seq in _ESCAPES:
+                out.append(_ESCAPES[seq])
+                i += 3
+                continue
+            # some other escape sequence: skip it up to its final byte
+            j = i + 1
+            if j < len(text) and text[j] in "[O":
+                j += 1
+                while j < len(text) and not ("@" <= text[j] <= "~"):
+                    j += 1
+            i = j + 1
+            continue
+        if text[i] in KEYS:
+            out.append(text[i])
+        i += 1
+    return out

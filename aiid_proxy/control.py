@@ -77,15 +77,26 @@ class ApprovalBroker:
         self.pending.pop(request_id, None)
 
     def answer(self, tenant: str, request_id: str, ans: Answer) -> str:
+        """Answer one held request. An approval with a TTL also grants every later request
+        with the same key, and releases the ones already waiting with that key."""
         p = self.pending.get(request_id)
         if p is None or p.tenant != tenant:
             raise AiidError(f"no pending request {request_id} for tenant {tenant}")
         if p.future.done():
             raise AiidError(f"request {request_id} was already answered")
-        if ans.approved and ans.ttl:
-            self.grants[p.key] = (self.clock.now() + ans.ttl, ans.by)
         p.future.set_result(ans)
-        return f"{'approved' if ans.approved else 'denied'} {request_id}"
+        if not (ans.approved and ans.ttl):
+            return f"{'approved' if ans.approved else 'denied'} {request_id}"
+        self.grants[p.key] = (self.clock.now() + ans.ttl, ans.by)
+        also = 0
+        for other in list(self.pending.values()):
+            if other.key == p.key and not other.future.done():
+                other.future.set_result(
+                    Answer(True, ans.by, f"covered by the approval of {request_id}")
+                )
+                also += 1
+        more = f" and {also} more waiting" if also else ""
+        return f"approved {request_id}{more}, and matching requests for {int(ans.ttl)} s"
 
 
 def _peer_uid(sock: socket.socket) -> int | None:
@@ -95,6 +106,17 @@ def _peer_uid(sock: socket.socket) -> int | None:
         return None
     _pid, uid, _gid = struct.unpack("3i", creds)
     return int(uid)
+
+
+def _answers(path: Path) -> bool:
+    """Whether something listens on the socket at ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1)
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 class ControlServer:
@@ -108,27 +130,28 @@ class ControlServer:
         d.mkdir(parents=True, exist_ok=True)
         d.chmod(0o700)
         path = socket_path(self.home)
+        if path.is_socket() and _answers(path):
+            raise OSError(f"another gateway is running on this home ({path} answers)")
         if path.exists() or path.is_symlink():
-            path.unlink()
+            path.unlink()  # left over by a gateway that did not stop cleanly
         old = os.umask(0o177)
         try:
-            self.server = await asyncio.start_unix_server(self._serve, path=str(path))
+            self.server = await asyncio.start_unix_server(
+                self._serve, path=str(path), limit=MAX_MESSAGE
+            )
         finally:
             os.umask(old)
+        path.chmod(0o600)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             sock = writer.get_extra_info("socket")
-            if sock is None or _peer_uid(sock) != os.getuid():
-                writer.write(b'{"ok": false, "message": "refused: not the gateway user"}\n')
-                return
-            line = await asyncio.wait_for(reader.readline(), timeout=5)
-            if len(line) > MAX_MESSAGE:
-                raise AiidError("message too large")
-            msg = json.loads(line)
-            if not isinstance(msg, dict):
-                raise AiidError("expected a JSON object")
-            reply = {"ok": True, "message": self.handler(msg)}
+            uid = _peer_uid(sock) if sock is not None else None
+            if uid != os.getuid():
+                log.warning("control channel: refused a connection from uid %s", uid)
+                reply: dict[str, Any] = {"ok": False, "message": "refused: not the gateway user"}
+            else:
+                reply = {"ok": True, "message": self.handler(await self._read(reader))}
         except (AiidError, ValueError, TimeoutError) as e:
             reply = {"ok": False, "message": " ".join(str(e).split())}
         except Exception as e:  # answer the client, keep serving
@@ -137,8 +160,25 @@ class ControlServer:
         try:
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
+        except (ConnectionError, OSError):
+            pass
         finally:
             writer.close()
+
+    @staticmethod
+    async def _read(reader: asyncio.StreamReader) -> dict[str, Any]:
+        try:
+            line = await asyncio.wait_for(reader.readuntil(b"\n"), timeout=5)
+        except asyncio.LimitOverrunError:
+            raise AiidError("message too large") from None
+        except asyncio.IncompleteReadError as e:
+            line = e.partial
+        if len(line) > MAX_MESSAGE:
+            raise AiidError("message too large")
+        msg = json.loads(line)
+        if not isinstance(msg, dict):
+            raise AiidError("expected a JSON object")
+        return msg
 
     async def stop(self) -> None:
         if self.server is not None:

@@ -23,7 +23,7 @@ def aiid(*args: str, stdin: str | None = None) -> str:
 
 
 def main() -> None:
-    home = Path(os.environ.get("AIID_HOME", ".aiid"))
+    home = Path(os.environ.get("AIID_HOME") or ".aiid")
     listen = os.environ.get("AIID_LISTEN", "127.0.0.1:8080")
     aiid("init")
     if not (home / "tenants" / "demo" / "tenant.json").exists():

@@ -321,22 +321,10 @@ class AuditLog:
         try:
             stop = False
             while not stop:
-                item = self._queue.get()
                 batch: list[_Pending] = []
-                while True:
-                    if item is _STOP:
-                        stop = True
-                        break
-                    assert isinstance(item, _Pending)
-                    batch.append(item)
-                    if len(batch) >= MAX_BATCH:
-                        break
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
+                stop = self._take(batch, self._queue.get())
                 if batch:
-                    self._commit(conn, batch)
+                    stop = self._commit(conn, batch) or stop
             self._auto_checkpoint(force=True)
         except BaseException as e:  # pragma: no cover - a bug; never leave a caller hanging
             log.exception("audit writer stopped: %s", describe(e))
@@ -355,14 +343,37 @@ class AuditLog:
             if isinstance(item, _Pending) and item.future.set_running_or_notify_cancel():
                 item.future.set_exception(AuditError("audit log is closed"))
 
-    def _commit(self, conn: sqlite3.Connection, batch: list[_Pending]) -> None:
-        live = [p for p in batch if p.future.set_running_or_notify_cancel()]
-        if not live:
-            return
+    def _take(self, batch: list[_Pending], item: object) -> bool:
+        """Move ``item`` and whatever else is pending into ``batch`` (cancelled appends are
+        dropped); True once the stop marker is reached."""
+        while True:
+            if item is _STOP:
+                return True
+            assert isinstance(item, _Pending)
+            if item.future.set_running_or_notify_cancel():
+                batch.append(item)
+            if len(batch) >= MAX_BATCH:
+                return False
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return False
+
+    def _commit(self, conn: sqlite3.Connection, live: list[_Pending]) -> bool:
+        """Commit one batch; True if the stop marker was taken along the way."""
+        stop = False
         rows: list[tuple[object, ...]] = []
         results: list[AppendResult] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
+            # Appends queued while the write lock was being taken (writers woken by the last
+            # commit) join this transaction instead of waiting for the next fsync.
+            try:
+                more = self._queue.get_nowait() if len(live) < MAX_BATCH else None
+            except queue.Empty:
+                more = None
+            if more is not None:
+                stop = self._take(live, more)
             head = conn.execute("SELECT seq, mac FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
             seq, prev_hex = (int(head[0]), str(head[1])) if head else (0, GENESIS_MAC)
             prev = bytes.fromhex(prev_hex)
@@ -385,13 +396,14 @@ class AuditLog:
             log.error("%s (%d records refused)", message, len(live))
             for p in live:
                 p.future.set_exception(AuditError(message))
-            return
+            return stop
         with self._head_lock:
             self._head = (seq, prev_hex)
         self.committed_batches += 1
         self._auto_checkpoint(force=False)  # before resolving: a due checkpoint is on disk too
         for p, result in zip(live, results, strict=True):
             p.future.set_result(result)
+        return stop
 
     @staticmethod
     def _rollback(conn: sqlite3.Connection) -> None:

@@ -1,0 +1,1227 @@
+"""The mitmproxy addons, driven through mitmproxy's own AddonManager the way the proxy core
+drives them (no network): requestheaders -> request -> (our refusal | simulated upstream)
+-> responseheaders -> [streamed body] -> response. The manager catches and logs an exception
+per top-level addon, exactly as in production, so fail-closed behaviour is tested for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import (
+    CANARY_GITHUB,
+    CANARY_OPENAI,
+    NOKEY_TENANT,
+    TENANT,
+    audit_rows,
+    write_policies,
+)
+from mitmproxy import exceptions, http
+from mitmproxy.addons import onboarding, proxyserver, tlsconfig
+from mitmproxy.flow import Error
+from mitmproxy.proxy.layers.http import (
+    HttpConnectHook,
+    HttpErrorHook,
+    HttpRequestHeadersHook,
+    HttpRequestHook,
+    HttpResponseHeadersHook,
+    HttpResponseHook,
+)
+from mitmproxy.proxy.layers.tcp import TcpStartHook
+from mitmproxy.proxy.layers.udp import UdpStartHook
+from mitmproxy.proxy.layers.websocket import WebsocketStartHook
+from mitmproxy.proxy.server_hooks import ClientDisconnectedHook
+from mitmproxy.test import taddons, tflow, tutils
+
+from addons import pipeline
+from addons.pipeline import (
+    AuditStage,
+    IdentityStage,
+    InjectStage,
+    Intake,
+    LastGate,
+    PolicyStage,
+    RateLimitStage,
+    RouteStage,
+    Runtime,
+    make_addons,
+)
+from aiid_proxy.admin import revoke_token
+from aiid_proxy.clock import FakeClock
+from aiid_proxy.control import Answer
+from aiid_proxy.errors import SecretNotFound
+from aiid_proxy.gateway import Gateway
+from aiid_proxy.home import Home
+from aiid_proxy.providers import CREDENTIAL_HEADERS
+
+KILLED = Error.KILLED_MESSAGE
+CHAT = "/v1/chat/completions"
+OPENAI = "api.openai.com"
+
+
+def chat_body(model: str = "gpt-4o-mini", **extra: Any) -> bytes:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
+    body.update(extra)
+    return json.dumps(body).encode()
+
+
+def make_flow(
+    token: str | None = None,
+    *,
+    host: str = OPENAI,
+    port: int = 443,
+    scheme: str = "https",
+    method: str = "POST",
+    path: str = CHAT,
+    body: bytes | None = None,
+    headers: list[tuple[str, str]] | None = None,
+    host_header: str | None = None,
+    connect_host: str | None = None,
+    sni: str | None = None,
+    tls: bool = True,
+) -> http.HTTPFlow:
+    """A request as mitmproxy hands it to addons inside a CONNECT tunnel to ``host``."""
+    f = tflow.tflow()
+    req = f.request
+    req.scheme = scheme
+    req.host = host
+    req.port = port
+    req.method = method
+    req.path = path
+    req.authority = ""
+    fields: list[tuple[str, str]] = [("Host", host_header or host)]
+    if token is not None:
+        fields.append(("Authorization", f"Bearer {token}"))
+    fields.append(("content-type", "application/json"))
+    fields.extend(headers or [])
+    req.headers = http.Headers([(k.encode(), v.encode()) for k, v in fields])
+    req.content = chat_body() if body is None else body
+    f.client_conn.tls = tls
+    f.client_conn.sni = (sni or host) if tls else None
+    f.server_conn.address = (connect_host or host, port)
+    return f
+
+
+def upstream_response(
+    content: bytes | None = None, headers: dict[str, str] | None = None, status: int = 200
+) -> http.Response:
+    if content is None:
+        content = json.dumps(
+            {
+                "id": "chatcmpl-1",
+                "choices": [{"message": {"role": "assistant", "content": "hello"}}],
+                "usage": {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12},
+            }
+        ).encode()
+    return http.Response.make(status, content, headers or {"content-type": "application/json"})
+
+
+def killed(flow: http.HTTPFlow) -> bool:
+    return flow.error is not None and flow.error.msg == KILLED
+
+
+@dataclass
+class Result:
+    flow: http.HTTPFlow
+    sent: http.Request | None = None  # what left for the provider (None: nothing did)
+    streamed: list[bytes] = field(default_factory=list)  # what a stream filter released
+
+
+class Harness:
+    """The addons in a real mitmproxy AddonManager, plus the plumbing to drive flows."""
+
+    def __init__(self, gw: Gateway, home: Home, clock: FakeClock, addons: list[Any]) -> None:
+        self.gw = gw
+        self.home = home
+        self.clock = clock
+        self.addons = addons
+        self.rt: Runtime = addons[0]
+        self.tctx = taddons.context(*addons)
+        self.loop = self.tctx.master.event_loop
+        self.futures: list[Any] = []
+        for name in ("record_error", "record_refusal", "record_response", "record_approval"):
+            self._spy(name)
+
+    def _spy(self, name: str) -> None:
+        """Keep every audit future the addons start, so a test can wait for all of them."""
+        real = getattr(self.gw, name)
+
+        def spy(*a: Any, **kw: Any) -> Any:
+            fut = real(*a, **kw)
+            if fut is not None:
+                self.futures.append(fut)
+            return fut
+
+        setattr(self.gw, name, spy)
+
+    def addon(self, cls: type) -> Any:
+        return next(a for a in self.addons if type(a) is cls)
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    async def hook(self, hook: Any) -> None:
+        await self.tctx.master.addons.handle_lifecycle(hook)
+
+    async def drive(
+        self,
+        flow: http.HTTPFlow,
+        upstream: http.Response | None = None,
+        chunks: list[bytes] | None = None,
+    ) -> Result:
+        """One flow through the hooks in the order mitmproxy's HTTP layer fires them."""
+        res = Result(flow)
+        await self.hook(HttpRequestHeadersHook(flow))
+        if killed(flow):
+            return res
+        await self.hook(HttpRequestHook(flow))
+        if killed(flow):
+            await self.hook(HttpErrorHook(flow))
+            return res
+        if flow.response is None:
+            res.sent = flow.request.copy()
+            flow.response = upstream or upstream_response()
+        await self.hook(HttpResponseHeadersHook(flow))
+        if killed(flow):
+            await self.hook(HttpErrorHook(flow))
+            return res
+        stream = flow.response.stream
+        if callable(stream) and chunks is not None:
+            res.streamed = [stream(c) for c in chunks]
+            res.streamed.append(stream(b""))
+            flow.response.content = b""  # store_streamed_bodies is off
+        await self.hook(HttpResponseHook(flow))
+        return res
+
+    def send(self, flow: http.HTTPFlow, **kw: Any) -> Result:
+        res = self.run(self.drive(flow, **kw))
+        self.settle()
+        return res
+
+    def settle(self) -> None:
+        """Wait until every audit record the addons queued is committed."""
+        for fut in self.futures:
+            try:
+                fut.result(timeout=10)
+            except Exception:  # a failed append is the test's business, not ours
+                pass
+
+    def rows(self, tenant: str = TENANT, request_id: str | None = None) -> list[dict[str, Any]]:
+        self.settle()
+        rows = audit_rows(self.home, tenant)
+        if request_id is not None:
+            rows = [r for r in rows if r["request_id"] == request_id]
+        return rows
+
+    def close(self) -> None:
+        self.tctx.__exit__(None, None, None)
+
+
+@pytest.fixture
+def make_harness(
+    make_gateway: Callable[..., Gateway],
+    policies_dir: Path,
+    gateway_home: Home,
+    fake_clock: FakeClock,
+) -> Iterator[Callable[..., Harness]]:
+    made: list[Harness] = []
+
+    def make(
+        policies: Path | None = None,
+        edit: Callable[[list[Any]], list[Any]] | None = None,
+        **gw_kw: Any,
+    ) -> Harness:
+        gw = make_gateway(policies or policies_dir, **gw_kw)
+        addons = make_addons(Runtime(gateway=gw))
+        if edit is not None:
+            addons = edit(addons)
+        h = Harness(gw, gateway_home, fake_clock, addons)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.close()
+
+
+@pytest.fixture
+def h(make_harness: Callable[..., Harness]) -> Harness:
+    return make_harness()
+
+
+def refusal(flow: http.HTTPFlow) -> dict[str, Any]:
+    """The refusal we answered with, checked against the contract's shape."""
+    resp = flow.response
+    assert resp is not None
+    assert resp.headers["content-type"] == "application/json"
+    doc = json.loads(resp.content or b"")
+    assert doc["type"] == "error"
+    assert set(doc["error"]) == {"type", "message", "rule", "request_id"}
+    assert isinstance(doc["error"]["message"], str) and doc["error"]["message"]
+    assert doc["error"]["request_id"] == resp.headers["x-aiid-request-id"]
+    assert doc["error"]["request_id"].startswith("req_")
+    return doc["error"]
+
+
+def rid_of(flow: http.HTTPFlow) -> str:
+    st = pipeline.state_of(flow)
+    assert st is not None
+    return st.request_id
+
+
+# --------------------------------------------------------------------------------------------
+# allowed requests
+# --------------------------------------------------------------------------------------------
+
+
+def _basic(token: str) -> str:
+    return "Basic " + base64.b64encode(f"agent:{token}".encode()).decode()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param(
+            lambda t: [
+                ("Authorization", f"Bearer {t}"),
+                ("AUTHORIZATION", f"bearer {t}"),
+                ("X-Api-Key", t),
+                ("api-KEY", t),
+                ("x-goog-api-key", t),
+                ("X-GOOG-API-KEY", t),
+            ],
+            id="same-token-in-every-sdk-header-repeated-odd-case",
+        ),
+        pytest.param(
+            lambda t: [
+                ("Proxy-Authorization", _basic(t)),
+                ("Authorization", "Bearer sk-junk-from-the-sdk"),
+                ("authorization", "Bearer other-junk"),
+                ("x-API-key", "junk"),
+                ("Api-Key", "junk2"),
+                ("x-goog-api-key", "junk3"),
+                ("PROXY-AUTHORIZATION", f"Bearer {t}"),
+            ],
+            id="proxy-authorization-wins-junk-elsewhere",
+        ),
+    ],
+)
+def test_allowed_request_strips_every_credential_and_injects_the_vault_key(
+    h: Harness, issue: Callable[..., str], headers: Callable[[str], list[tuple[str, str]]]
+) -> None:
+    flow = make_flow(headers=headers(issue()), path=CHAT + "?key=agent-key&keep=1")
+    seen_at_gate: list[list[dict[str, Any]]] = []
+    gate = h.addon(LastGate)
+    real_gate = gate.request
+
+    def spying_gate(f: http.HTTPFlow) -> None:
+        seen_at_gate.append(audit_rows(h.home))  # what is committed when the gate runs
+        real_gate(f)
+
+    gate.request = spying_gate
+
+    res = h.send(flow)
+
+    assert not killed(flow)
+    assert res.sent is not None, "the request should have gone upstream"
+    sent = res.sent
+    for name in CREDENTIAL_HEADERS:
+        if name != "authorization":
+            assert sent.headers.get_all(name) == [], name
+    assert sent.headers.get_all("authorization") == [f"Bearer {CANARY_OPENAI}"]
+    assert "key" not in sent.query and sent.query.get("keep") == "1"
+    assert "proxy-connection" not in sent.headers
+    assert sent.content == chat_body()
+    assert sent.host == OPENAI and sent.scheme == "https"
+
+    rid = rid_of(flow)
+    assert len(seen_at_gate) == 1
+    before_gate = [r for r in seen_at_gate[0] if r["request_id"] == rid]
+    assert [r["event"] for r in before_gate] == ["request"]
+    req = before_gate[0]
+    assert (req["agent"], req["provider"], req["model"], req["rule"]) == (
+        "bot",
+        "openai",
+        "gpt-4o-mini",
+        "small-models",
+    )
+    assert req["seq"] >= 1 and req["mac"]
+    events = [r["event"] for r in h.rows(request_id=rid)]
+    assert events == ["request", "response"]
+    assert flow.response is not None and flow.response.headers["x-aiid-request-id"] == rid
+
+
+def test_no_secret_or_token_is_written_to_the_audit_log(
+    h: Harness, issue: Callable[..., str]
+) -> None:
+    token = issue()
+    h.send(make_flow(token))
+    h.send(make_flow(token, body=chat_body("gpt-4o")))
+    dump = json.dumps(h.rows(), default=str)
+    assert CANARY_OPENAI not in dump
+    assert token not in dump
+    assert '"hi"' not in dump  # record_prompts is off
+
+
+def test_gzip_body_is_decoded_for_policy_and_forwarded_decoded(
+    h: Harness, issue: Callable[..., str]
+) -> None:
+    flow = make_flow(issue(), headers=[("content-encoding", "gzip")])
+    flow.request.raw_content = gzip.compress(chat_body())
+    res = h.send(flow)
+    assert res.sent is not None
+    assert "content-encoding" not in res.sent.headers
+    assert res.sent.raw_content == chat_body()
+    assert res.sent.headers["content-length"] == str(len(chat_body()))
+
+
+def test_host_egress_rule_injects_its_secret(h: Harness, issue: Callable[..., str]) -> None:
+    flow = make_flow(issue(), host="api.github.com", method="GET", path="/repos/a/b", body=b"")
+    res = h.send(flow)
+    assert res.sent is not None
+    assert res.sent.headers.get_all("authorization") == [f"Bearer {CANARY_GITHUB}"]
+    # the canary contains "/": its JSON-escaped form is scrubbed too
+    echo = json.dumps({"seen": CANARY_GITHUB}).replace("/", "\\/").encode()
+    flow2 = make_flow(issue(), host="api.github.com", method="GET", path="/repos/a/b", body=b"")
+    h.send(flow2, upstream=upstream_response(echo))
+    assert flow2.response is not None
+    assert b"canary" not in (flow2.response.content or b"")
+
+
+# --------------------------------------------------------------------------------------------
+# refusals: status, shape, audit
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    build: Callable[[Harness, Callable[..., str]], http.HTTPFlow]
+    status: int
+    type: str
+    rule: str | None = None
+    tenant: str | None = TENANT  # where the deny record goes; None: unauthenticated, no record
+    setup: Callable[[Harness], None] | None = None
+
+
+def _flow(**kw: Any) -> Callable[[Harness, Callable[..., str]], http.HTTPFlow]:
+    def build(h: Harness, issue: Callable[..., str]) -> http.HTTPFlow:
+        return make_flow(issue(), **kw)
+
+    return build
+
+
+def _expired(h: Harness, issue: Callable[..., str]) -> http.HTTPFlow:
+    token = issue(ttl=60)
+    h.clock.advance(60 + 31)  # past exp plus the verifier's leeway
+    return make_flow(token)
+
+
+def _revoked(h: Harness, issue: Callable[..., str]) -> http.HTTPFlow:
+    token = issue()
+    jti = h.gw.verifier.verify(token).jti
+    revoke_token(h.home, TENANT, jti)
+    h.clock.advance(2)  # past the revocation list's re-stat interval
+    return make_flow(token)
+
+
+def _gzip_flow(
+    payload: bytes, coding: str = "gzip"
+) -> Callable[[Harness, Callable[..., str]], http.HTTPFlow]:
+    """A request whose raw body is ``payload`` sent as ``Content-Encoding: coding``."""
+
+    def build(h: Harness, issue: Callable[..., str]) -> http.HTTPFlow:
+        f = make_flow(issue())
+        f.request.headers["Content-Encoding"] = coding
+        f.request.raw_content = payload
+        return f
+
+    return build
+
+
+def _set_body_limit(h: Harness) -> None:
+    h.gw.body_limit = 1024
+
+
+def ref(
+    build: Callable[[Harness, Callable[..., str]], http.HTTPFlow],
+    status: int,
+    type_: str,
+    rule: str | None = None,
+    *,
+    tenant: str | None = TENANT,
+    setup: Callable[[Harness], None] | None = None,
+    events: tuple[str, ...] = ("deny",),
+    id: str,
+) -> Any:
+    return pytest.param(build, status, type_, rule, tenant, setup, events, id=id)
+
+
+ANON = {"tenant": None}  # unauthenticated: no tenant to audit in
+SMALL = {"setup": _set_body_limit}
+
+REFUSALS = [
+    ref(_flow(body=chat_body("gpt-4o")), 403, "policy_denied", "no-gpt-4o", id="denied-model"),
+    ref(_flow(body=chat_body("gpt-3.5-turbo")), 403, "policy_denied", "default", id="no-rule-default-deny"),
+    ref(lambda h, i: make_flow(None), 401, "unauthenticated", **ANON, id="missing-token"),
+    ref(lambda h, i: make_flow(""), 401, "unauthenticated", **ANON, id="empty-bearer"),
+    ref(lambda h, i: make_flow("not-a-jwt"), 401, "unauthenticated", **ANON, id="bad-token"),
+    ref(lambda h, i: make_flow(i()[:-4] + "AAAA"), 401, "unauthenticated", **ANON, id="bad-signature"),
+    ref(_expired, 401, "unauthenticated", **ANON, id="expired-token"),
+    ref(_revoked, 401, "unauthenticated", **ANON, id="revoked-token"),
+    ref(lambda h, i: make_flow("sk-proj-abcdefghijklmnopqrstuvwxyz012345"), 401, "unauthenticated", **ANON, id="raw-provider-key"),
+    ref(lambda h, i: make_flow(i(), headers=[("x-api-key", i("other"))]), 401, "unauthenticated", **ANON, id="two-different-tokens"),
+    ref(lambda h, i: make_flow(headers=[("Authorization", "Digest abc")]), 401, "unauthenticated", **ANON, id="unsupported-scheme"),
+    ref(lambda h, i: make_flow(headers=[("Proxy-Authorization", "Basic !!!")]), 401, "unauthenticated", **ANON, id="malformed-basic"),
+    # routing
+    ref(_flow(host="example.com", path="/"), 403, "policy_denied", "default", id="unknown-host"),
+    ref(_flow(host="93.184.216.34"), 403, "policy_denied", "default", id="raw-ipv4-host"),
+    ref(_flow(host="127.1"), 403, "policy_denied", "default", id="shorthand-ip-host"),
+    ref(_flow(host="::1", host_header="[::1]"), 403, "policy_denied", "default", id="raw-ipv6-host"),
+    ref(_flow(port=8443), 403, "policy_denied", "default", id="port-not-443"),
+    ref(_flow(scheme="http", tls=False), 403, "policy_denied", "default", id="plain-http"),
+    ref(_flow(connect_host="evil.example"), 403, "policy_denied", "default", id="host-connect-mismatch"),
+    ref(_flow(sni="evil.example"), 403, "policy_denied", "default", id="sni-mismatch"),
+    ref(_flow(host="evil.example", host_header=OPENAI, tls=False), 403, "policy_denied", "default", id="absolute-form-host-header-mismatch"),
+    ref(_flow(headers=[("Connection", "Upgrade"), ("Upgrade", "websocket")]), 403, "policy_denied", "default", id="websocket-upgrade"),
+    ref(_flow(path="/v1/fine_tuning/jobs"), 403, "policy_denied", "default", id="unknown-provider-path"),
+    ref(_flow(method="DELETE", path="/repos/a/b", host="api.github.com", body=b""), 403, "policy_denied", "default", id="host-rule-wrong-method"),
+    # bodies
+    ref(_gzip_flow(gzip.compress(chat_body("gpt-4o"))), 403, "policy_denied", "no-gpt-4o", id="gzip-hides-denied-model"),
+    ref(_gzip_flow(b"\x1f\x8b not gzip at all"), 400, "bad_request", id="undecodable-gzip"),
+    ref(_gzip_flow(gzip.compress(chat_body())[:-6]), 400, "bad_request", id="truncated-gzip"),
+    ref(_gzip_flow(chat_body(), "compress"), 400, "bad_request", id="unknown-encoding"),
+    ref(_flow(body=b"model=gpt-4o-mini"), 400, "bad_request", id="non-json"),
+    ref(_flow(body=b'["gpt-4o-mini"]'), 400, "bad_request", id="json-not-object"),
+    ref(_flow(body=b'{"model": "gpt-4o-mini", "model": "gpt-4o"}'), 400, "bad_request", id="duplicate-json-keys"),
+    ref(_flow(body=chat_body(user="x" * 2000)), 413, "too_large", **SMALL, id="body-over-limit"),
+    ref(_gzip_flow(gzip.compress(b" " * 5000)), 413, "too_large", **SMALL, id="gzip-bomb-over-limit"),
+    # credentials
+    ref(lambda h, i: make_flow(i(tenant=NOKEY_TENANT)), 403, "no_credential", "everything-openai", tenant=NOKEY_TENANT, events=("request", "deny"), id="tenant-without-vault-key"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("build", "status", "type_", "rule", "tenant", "setup", "events"), REFUSALS
+)
+def test_refusals(
+    h: Harness,
+    issue: Callable[..., str],
+    build: Callable[[Harness, Callable[..., str]], http.HTTPFlow],
+    status: int,
+    type_: str,
+    rule: str | None,
+    tenant: str | None,
+    setup: Callable[[Harness], None] | None,
+    events: tuple[str, ...],
+) -> None:
+    if setup is not None:
+        setup(h)
+    flow = build(h, issue)
+    res = h.send(flow)
+
+    assert res.sent is None, "a refused request must not leave"
+    assert not killed(flow)
+    assert flow.response is not None and flow.response.status_code == status
+    err = refusal(flow)
+    assert err["type"] == type_
+    if rule is not None:
+        assert err["rule"] == rule
+    rid = err["request_id"]
+    assert rid == rid_of(flow)
+    if tenant is None:
+        assert not h.rows(request_id=rid)
+        assert not h.rows(NOKEY_TENANT, request_id=rid)
+    else:
+        rows = h.rows(tenant, request_id=rid)
+        assert tuple(r["event"] for r in rows) == events
+        deny = rows[-1]
+        assert deny["status"] == status
+        if rule is not None:
+            assert deny["rule"] == rule
+        assert deny["agent"] == "bot"
+        assert deny["reason"].startswith(type_)
+
+
+# --------------------------------------------------------------------------------------------
+# Proxy-Authorization on the CONNECT
+# --------------------------------------------------------------------------------------------
+
+
+def connect_flow(like: http.HTTPFlow, host: str, proxy_auth: str | None) -> http.HTTPFlow:
+    """The CONNECT that opened ``like``'s client connection."""
+    headers = http.Headers()
+    if proxy_auth is not None:
+        headers["Proxy-Authorization"] = proxy_auth
+    req = tutils.treq(
+        method=b"CONNECT",
+        scheme=b"",
+        host=host,
+        port=443,
+        authority=f"{host}:443".encode(),
+        path=b"",
+        headers=headers,
+        content=b"",
+    )
+    return tflow.tflow(client_conn=like.client_conn, req=req)
+
+
+@pytest.mark.parametrize(
+    ("connect_auth", "sdk_auth", "status"),
+    [
+        pytest.param(lambda t: _basic(t), "Bearer sk-anything", 200, id="basic-token-junk-sdk-key"),
+        pytest.param(lambda t: f"Bearer {t}", "Bearer sk-anything", 200, id="bearer-token"),
+        pytest.param(lambda t: _basic(t), None, 200, id="no-sdk-key-at-all"),
+        pytest.param(lambda t: "Basic !!notbase64", None, 401, id="malformed-connect-auth"),
+        pytest.param(lambda t: _basic("garbage"), None, 401, id="bad-token-on-connect"),
+        pytest.param(lambda t: _basic("garbage"), "token", 401, id="valid-sdk-key-does-not-override"),
+    ],
+)
+def test_connect_proxy_authorization_identifies_the_connection(
+    h: Harness,
+    issue: Callable[..., str],
+    connect_auth: Callable[[str], str],
+    sdk_auth: str | None,
+    status: int,
+) -> None:
+    token = issue()
+    headers = [] if sdk_auth is None else [("Authorization", sdk_auth.replace("token", token))]
+    flow = make_flow(headers=headers)
+    conn = connect_flow(flow, OPENAI, connect_auth(token))
+    h.run(h.hook(HttpConnectHook(conn)))
+    assert conn.response is None  # a host name: the tunnel is allowed
+
+    res = h.send(flow)
+    assert not killed(flow)
+    assert flow.response is not None
+    if status == 200:
+        assert res.sent is not None
+        assert res.sent.headers.get_all("authorization") == [f"Bearer {CANARY_OPENAI}"]
+    else:
+        assert res.sent is None
+        assert flow.response.status_code == status
+        assert refusal(flow)["type"] == "unauthenticated"
+
+
+def test_connect_token_is_forgotten_when_the_client_disconnects(
+    h: Harness, issue: Callable[..., str]
+) -> None:
+    flow = make_flow()
+    h.run(h.hook(HttpConnectHook(connect_flow(flow, OPENAI, _basic(issue())))))
+    guard = h.addon(pipeline.ConnectGuard)
+    assert flow.client_conn.id in guard.conn_tokens
+    h.run(h.hook(ClientDisconnectedHook(flow.client_conn)))
+    assert flow.client_conn.id not in guard.conn_tokens
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        pytest.param("10.0.0.1", id="ipv4"),
+        pytest.param("::1", id="ipv6"),
+        pytest.param("2130706433", id="decimal-ipv4"),
+        pytest.param("0x7f.1", id="hex-shorthand"),
+    ],
+)
+def test_connect_to_a_raw_ip_is_refused(h: Harness, host: str) -> None:
+    conn = connect_flow(make_flow(), host, None)
+    h.run(h.hook(HttpConnectHook(conn)))
+    assert conn.response is not None and conn.response.status_code == 403
+    assert refusal(conn)["type"] == "policy_denied"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(tflow.ttcpflow, id="tcp"),
+        pytest.param(tflow.tudpflow, id="udp"),
+    ],
+)
+def test_tcp_and_udp_flows_are_killed(h: Harness, make: Callable[[], Any]) -> None:
+    f = make()
+    hook = TcpStartHook(f) if make is tflow.ttcpflow else UdpStartHook(f)
+    h.run(h.hook(hook))
+    assert f.error is not None and f.error.msg == KILLED
+
+
+def test_websocket_start_kills(h: Harness) -> None:
+    f = tflow.twebsocketflow()
+    h.run(h.hook(WebsocketStartHook(f)))
+    assert killed(f)
+
+
+# --------------------------------------------------------------------------------------------
+# rate limits
+# --------------------------------------------------------------------------------------------
+
+
+def test_rate_limit_refuses_the_extra_request_until_time_passes(
+    h: Harness, issue: Callable[..., str]
+) -> None:
+    token = issue("limited-1")
+    for _ in range(2):
+        res = h.send(make_flow(token))
+        assert res.sent is not None
+    flow = make_flow(token)
+    res = h.send(flow)
+    assert res.sent is None
+    assert flow.response is not None and flow.response.status_code == 429
+    err = refusal(flow)
+    assert err["type"] == "rate_limited"
+    retry = int(flow.response.headers["retry-after"])
+    assert retry >= 1
+    rows = h.rows(request_id=err["request_id"])
+    assert [(r["event"], r["status"]) for r in rows] == [("deny", 429)]
+
+    # another agent is not limited by limited-1's bucket
+    assert h.send(make_flow(issue("bot"))).sent is not None
+
+    h.clock.advance(retry)
+    assert h.send(make_flow(token)).sent is not None
+
+
+def test_a_refusal_after_the_rate_limit_stage_gives_the_reservation_back(
+    h: Harness, issue: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """limited-* may send 2 a minute: one refused at inject (no key) then two allowed."""
+    vault = h.gw.tenant(TENANT).vault
+    real_get = vault.get
+    missing = {"on": True}
+
+    def get(name: str) -> Any:
+        if missing["on"]:
+            raise SecretNotFound(name)
+        return real_get(name)
+
+    monkeypatch.setattr(vault, "get", get)
+    token = issue("limited-2")
+    denied = make_flow(token)
+    h.send(denied)
+    assert denied.response is not None and denied.response.status_code == 403
+    assert refusal(denied)["type"] == "no_credential"
+    missing["on"] = False
+    for _ in range(2):
+        assert h.send(make_flow(token)).sent is not None
+
+
+# --------------------------------------------------------------------------------------------
+# approvals
+# --------------------------------------------------------------------------------------------
+
+
+async def _held(h: Harness, flow: http.HTTPFlow, answer: Answer | None) -> tuple[Result, str]:
+    """Drive ``flow`` until the policy stage holds it, answer, and let it finish."""
+    pending = asyncio.Event()
+    h.gw.listeners.append(lambda kind, data: pending.set() if kind == "pending" else None)
+    task = asyncio.ensure_future(h.drive(flow))
+    await asyncio.wait_for(pending.wait(), 10)
+    st = pipeline.state_of(flow)
+    assert st is not None and st.request_id in h.rt.broker.pending
+    assert not task.done()  # nothing left while held
+    assert not any(r["request_id"] == st.request_id for r in audit_rows(h.home))
+    if answer is not None:
+        h.rt.broker.answer(TENANT, st.request_id, answer)
+    res = await asyncio.wait_for(task, 10)
+    assert st.request_id not in h.rt.broker.pending
+    return res, st.request_id
+
+
+@pytest.mark.parametrize(
+    ("answer", "passes", "decided_by"),
+    [
+        pytest.param(Answer(True, "alice"), True, "alice", id="approved"),
+        pytest.param(Answer(False, "bob", "too expensive"), False, "bob", id="denied"),
+    ],
+)
+def test_approve_rule_holds_until_a_human_answers(
+    h: Harness, issue: Callable[..., str], answer: Answer, passes: bool, decided_by: str
+) -> None:
+    flow = make_flow(issue(), body=chat_body("o1-mini"))
+    res, rid = h.run(_held(h, flow, answer))
+    h.settle()
+    rows = h.rows(request_id=rid)
+    approval = next(r for r in rows if r["event"] == "approval")
+    assert json.loads(approval["detail"])["decided_by"] == decided_by
+    assert decided_by in approval["reason"]
+    assert approval["rule"] == "big-needs-human"
+    if passes:
+        assert res.sent is not None
+        assert res.sent.headers["authorization"] == f"Bearer {CANARY_OPENAI}"
+        assert [r["event"] for r in rows] == ["approval", "request", "response"]
+        assert json.loads(rows[1]["detail"])["approved_by"] == "alice"
+    else:
+        assert res.sent is None
+        assert flow.response is not None and flow.response.status_code == 403
+        err = refusal(flow)
+        assert err["rule"] == "big-needs-human" and "bob" in err["message"]
+        assert [r["event"] for r in rows] == ["approval", "deny"]
+
+
+def test_approval_with_ttl_grants_later_identical_requests(
+    h: Harness, issue: Callable[..., str]
+) -> None:
+    token = issue()
+    res, _ = h.run(_held(h, make_flow(token, body=chat_body("o1-mini")), Answer(True, "alice", ttl=60)))
+    assert res.sent is not None
+    # granted: no hold this time (the harness would hang on a hold: nobody answers)
+    again = make_flow(token, body=chat_body("o1-mini"))
+    res2 = h.run(asyncio.wait_for(h.drive(again), 10))
+    assert res2.sent is not None
+
+
+def test_approval_timeout_denies(
+    make_harness: Callable[..., Harness], issue: Callable[..., str], tmp_path: Path
+) -> None:
+    h = make_harness(write_policies(tmp_path / "quick", approval_timeout="0.01s"))
+    flow = make_flow(issue(), body=chat_body("o1-mini"))
+    res, rid = h.run(_held(h, flow, None))
+    assert res.sent is None
+    assert flow.response is not None and flow.response.status_code == 403
+    assert "timeout" in refusal(flow)["message"]
+    assert [r["event"] for r in h.rows(request_id=rid)] == ["approval", "deny"]
+
+
+# --------------------------------------------------------------------------------------------
+# fail closed
+# --------------------------------------------------------------------------------------------
+
+
+def error_rows(h: Harness, flow: http.HTTPFlow) -> list[dict[str, Any]]:
+    st = pipeline.state_of(flow)
+    if st is None:
+        return []
+    return [r for r in h.rows(request_id=st.request_id) if r["event"] == "error"]
+
+
+def assert_killed(res: Result, *, recorded: bool) -> None:
+    flow = res.flow
+    assert killed(flow), flow.error
+    assert res.sent is None, "a killed flow must not leave"
+    assert flow.response is None
+    st = pipeline.state_of(flow)
+    if recorded:
+        assert st is not None and st.error_recorded
+
+
+def _without(cls: type) -> Callable[[list[Any]], list[Any]]:
+    return lambda addons: [a for a in addons if type(a) is not cls]
+
+
+@pytest.mark.parametrize(
+    ("cls", "identified"),
+    [
+        pytest.param(Intake, False, id="no-intake-no-flowstate"),
+        pytest.param(IdentityStage, False, id="no-identity"),
+        pytest.param(RouteStage, True, id="no-route"),
+        pytest.param(PolicyStage, True, id="no-policy"),
+        pytest.param(RateLimitStage, True, id="no-ratelimit"),
+        pytest.param(AuditStage, True, id="no-audit"),
+        pytest.param(InjectStage, True, id="no-inject"),
+    ],
+)
+def test_a_missing_stage_kills_the_flow(
+    make_harness: Callable[..., Harness], issue: Callable[..., str], cls: type, identified: bool
+) -> None:
+    h = make_harness(edit=_without(cls))
+    flow = make_flow(issue())
+    res = h.send(flow)
+    assert_killed(res, recorded=identified)
+    if identified:
+        rows = error_rows(h, flow)
+        assert len(rows) == 1 and "verdict" in rows[0]["reason"]
+    else:
+        assert error_rows(h, flow) == []
+
+
+class Foreign:
+    """Another addon in the chain doing something to the flow in its ``request`` hook."""
+
+    def __init__(self, name: str, act: Callable[[http.HTTPFlow], None]) -> None:
+        self.name = name
+        self.act = act
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        self.act(flow)
+
+
+def _before(cls: type, foreign: Foreign) -> Callable[[list[Any]], list[Any]]:
+    def edit(addons: list[Any]) -> list[Any]:
+        i = next(i for i, a in enumerate(addons) if type(a) is cls)
+        return [*addons[:i], foreign, *addons[i:]]
+
+    return edit
+
+
+def _set(attr: str, value: Any) -> Callable[[http.HTTPFlow], None]:
+    return lambda f: setattr(f.request, attr, value)
+
+
+def _fake_response(f: http.HTTPFlow) -> None:
+    f.response = http.Response.make(200, b'{"fake": true}')
+
+
+@pytest.mark.parametrize(
+    ("act", "before", "identified"),
+    [
+        pytest.param(_set("content", chat_body("gpt-4o")), LastGate, True, id="body-after-seal"),
+        pytest.param(_set("host", "evil.example"), LastGate, True, id="host-after-seal"),
+        pytest.param(_set("port", 8443), LastGate, True, id="port-after-seal"),
+        pytest.param(_set("method", "PUT"), LastGate, True, id="method-after-seal"),
+        pytest.param(_set("path", "/v1/embeddings"), LastGate, True, id="path-after-seal"),
+        pytest.param(_set("scheme", "http"), LastGate, True, id="scheme-after-seal"),
+        pytest.param(_set("stream", True), LastGate, True, id="streaming-after-seal"),
+        pytest.param(lambda f: f.request.query.update({"x": "1"}), LastGate, True, id="query-after-seal"),
+        pytest.param(_fake_response, LastGate, True, id="foreign-response-before-gate"),
+        pytest.param(_fake_response, IdentityStage, False, id="foreign-response-first"),
+        pytest.param(lambda f: f.metadata.pop("aiid"), LastGate, False, id="state-removed"),
+    ],
+)  # fmt: skip
+def test_tampering_after_the_verdict_kills_the_flow(
+    make_harness: Callable[..., Harness],
+    issue: Callable[..., str],
+    act: Callable[[http.HTTPFlow], None],
+    before: type,
+    identified: bool,
+) -> None:
+    h = make_harness(edit=_before(before, Foreign("tamper", act)))
+    flow = make_flow(issue())
+    res = h.send(flow)
+    assert_killed(res, recorded=identified)
+    assert len(error_rows(h, flow)) == (1 if identified else 0)
+
+
+@pytest.mark.parametrize(
+    ("cls", "hook", "identified"),
+    [
+        pytest.param(Intake, "requestheaders", False, id="intake"),
+        pytest.param(IdentityStage, "request", False, id="identity-stage"),
+        pytest.param(RouteStage, "request", True, id="route-stage"),
+        pytest.param(PolicyStage, "request", True, id="policy-stage"),
+        pytest.param(RateLimitStage, "request", True, id="ratelimit-stage"),
+        pytest.param(AuditStage, "request", True, id="audit-stage"),
+        pytest.param(InjectStage, "request", True, id="inject-stage"),
+        pytest.param(LastGate, "_passes", True, id="gate-itself"),
+    ],
+)
+def test_an_exception_in_any_stage_kills_the_flow(
+    h: Harness, issue: Callable[..., str], cls: type, hook: str, identified: bool
+) -> None:
+    addon = h.addon(cls)
+
+    def boom(*a: Any, **kw: Any) -> None:
+        raise RuntimeError("injected fault")
+
+    setattr(addon, hook, boom)
+    flow = make_flow(issue())
+    res = h.send(flow)
+    assert_killed(res, recorded=identified)
+    assert len(error_rows(h, flow)) == (1 if identified else 0)
+
+
+@pytest.mark.parametrize(
+    ("method", "identified"),
+    [
+        pytest.param("new_flow", False, id="new_flow"),
+        pytest.param("identify", False, id="identify"),
+        pytest.param("route", True, id="route"),
+        pytest.param("decide", True, id="decide"),
+        pytest.param("reserve", True, id="reserve"),
+        pytest.param("audit_request", True, id="audit_request"),
+        pytest.param("audit_done", True, id="audit_done"),
+        pytest.param("inject", True, id="inject"),
+        pytest.param("seal", True, id="seal"),
+        pytest.param("check_sealed", True, id="check_sealed"),
+        pytest.param("policy_for", True, id="policy_for"),
+    ],
+)
+def test_an_exception_in_the_library_kills_the_flow(
+    h: Harness,
+    issue: Callable[..., str],
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    identified: bool,
+) -> None:
+    def boom(*a: Any, **kw: Any) -> None:
+        raise RuntimeError(f"injected fault in {method}")
+
+    monkeypatch.setattr(h.gw, method, boom)
+    flow = make_flow(issue())
+    res = h.send(flow)
+    assert_killed(res, recorded=identified)
+    assert len(error_rows(h, flow)) == (1 if identified else 0)
+
+
+def test_an_audit_failure_kills_the_flow(
+    h: Harness, issue: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The audit writer reports failure through the future: nothing may leave unrecorded."""
+    from concurrent.futures import Future
+
+    from aiid_proxy.errors import AuditError
+
+    audit = h.gw.tenant(TENANT).audit
+    real_append = audit.append
+
+    def append(event: str, **fields: Any) -> Future[Any]:
+        if event == "request":
+            fut: Future[Any] = Future()
+            fut.set_exception(AuditError("disk full"))
+            return fut
+        return real_append(event, **fields)
+
+    monkeypatch.setattr(audit, "append", append)
+    flow = make_flow(issue())
+    res = h.send(flow)
+    assert_killed(res, recorded=True)
+    assert len(error_rows(h, flow)) == 1
+
+
+@pytest.mark.parametrize(
+    "hook",
+    [
+        pytest.param("responseheaders", id="responseheaders"),
+        pytest.param("response", id="response"),
+    ],
+)
+def test_an_exception_in_the_response_filter_kills_the_flow(
+    h: Harness, issue: Callable[..., str], monkeypatch: pytest.MonkeyPatch, hook: str
+) -> None:
+    """An echo of the key must not reach the agent unscrubbed because the scrubber failed."""
+    calls = {"n": 0}
+    real = pipeline.ResponseFilter._scrubber
+
+    def failing(st: Any) -> Any:
+        calls["n"] += 1
+        if (hook == "responseheaders") == (calls["n"] == 1):
+            raise RuntimeError("injected fault")
+        return real(st)
+
+    monkeypatch.setattr(pipeline.ResponseFilter, "_scrubber", staticmethod(failing))
+    flow = make_flow(issue())
+    h.send(flow, upstream=upstream_response(f'{{"echo": "{CANARY_OPENAI}"}}'.encode()))
+    assert killed(flow)
+    assert len(error_rows(h, flow)) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# responses
+# --------------------------------------------------------------------------------------------
+
+
+def response_row(h: Harness, flow: http.HTTPFlow) -> dict[str, Any]:
+    rows = [r for r in h.rows(request_id=rid_of(flow)) if r["event"] == "response"]
+    assert len(rows) == 1
+    return rows[0]
+
+
+def test_allowed_response_carries_the_request_id_and_usage_is_recorded(
+    h: Harness, issue: Callable[..., str]
+) -> None:
+    flow = make_flow(issue())
+    h.send(flow)
+    assert flow.response is not None and flow.response.status_code == 200
+    assert flow.response.headers["x-aiid-request-id"] == rid_of(flow)
+    row = response_row(h, flow)
+    assert (row["status"], row["input_tokens"], row["output_tokens"]) == (200, 7, 5)
+    assert row["model"] == "gpt-4o-mini" and row["agent"] == "bot"
+
+
+def _gzip_resp(body: bytes) -> http.Response:
+    r = http.Response.make(
+        200, b"", {"content-type": "application/json", "content-encoding": "gzip"}
+    )
+    r.raw_content = gzip.compress(body)
+    return r
+
+
+ECHO = json.dumps(
+    {
+        "error": {"message": f"Incorrect API key provided: {CANARY_OPENAI}; {CANARY_OPENAI}"},
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2},
+    }
+).encode()
+
+
+@pytest.mark.parametrize(
+    "upstream",
+    [
+        pytest.param(
+            lambda: http.Response.make(
+                401,
+                ECHO,
+                {"content-type": "application/json", "x-echo": f"Bearer {CANARY_OPENAI}"},
+            ),
+            id="identity-body-and-header",
+        ),
+        pytest.param(lambda: _gzip_resp(ECHO), id="gzip-body"),
+        pytest.param(
+            lambda: http.Response.make(
+                200, ECHO.replace(b"/", b"\\/"), {"content-type": "text/plain"}
+            ),
+            id="plain-text",
+        ),
+    ],
+)
+def test_the_injected_key_never_comes_back(
+    h: Harness, issue: Callable[..., str], upstream: Callable[[], http.Response]
+) -> None:
+    flow = make_flow(issue())
+    h.send(flow, upstream=upstream())
+    resp = flow.response
+    assert resp is not None
+    raw = b"".join(k + v for k, v in resp.headers.fields) + (resp.raw_content or b"")
+    body = resp.get_content(strict=True) or b""
+    for blob in (raw, body):
+        assert CANARY_OPENAI.encode() not in blob
+    assert body.count(b"[REDACTED]") == 2
+    if "x-echo" in resp.headers:
+        assert resp.headers["x-echo"] == "Bearer [REDACTED]"
+    row = response_row(h, flow)
+    assert json.loads(row["detail"]).get("scrubbed_secrets", 0) >= 2
+    assert (row["input_tokens"], row["output_tokens"]) == (3, 2)
+
+
+def _sse(*events: dict[str, Any]) -> bytes:
+    return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + (
+        b"data: [DONE]\n\n"
+    )
+
+
+def test_streamed_response_is_scrubbed_across_chunks_and_usage_counted(
+    h: Harness, issue: Callable[..., str]
+) -> None:
+    flow = make_flow(issue(), body=chat_body(stream=True, stream_options={"include_usage": True}))
+    stream = _sse(
+        {"choices": [{"delta": {"content": "your key is " + CANARY_OPENAI}}]},
+        {"choices": [{"delta": {"content": "!"}}]},
+        {"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 4}},
+    )
+    at = stream.index(CANARY_OPENAI.encode())
+    cuts = [0, at + 3, at + 10, at + len(CANARY_OPENAI) - 1, len(stream)]
+    chunks = [stream[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
+    upstream = http.Response.make(200, b"", {"content-type": "text/event-stream"})
+
+    res = h.send(flow, upstream=upstream, chunks=chunks)
+
+    assert res.sent is not None
+    assert res.sent.headers["accept-encoding"] == "identity"
+    assert callable(flow.response.stream) if flow.response else False
+    out = b"".join(res.streamed)
+    assert out == stream.replace(CANARY_OPENAI.encode(), b"[REDACTED]")
+    # nothing is held back once the key is complete and an event ends
+    assert res.streamed[-1] == b""
+    assert flow.response is not None
+    assert flow.response.headers["x-aiid-request-id"] == rid_of(flow)
+    row = response_row(h, flow)
+    assert (row["input_tokens"], row["output_tokens"]) == (11, 4)
+    assert json.loads(row["detail"])["scrubbed_secrets"] == 1
+
+
+def test_refusal_responses_are_not_scrubbed_or_recorded_as_responses(
+    h: Harness, issue: Callable[..., str]
+) -> None:
+    flow = make_flow(issue(), body=chat_body("gpt-4o"))
+    h.send(flow)
+    rows = h.rows(request_id=rid_of(flow))
+    assert [r["event"] for r in rows] == ["deny"]
+
+
+def test_upstream_error_is_audited(h: Harness, issue: Callable[..., str]) -> None:
+    flow = make_flow(issue())
+
+    async def go() -> None:
+        await h.hook(HttpRequestHeadersHook(flow))
+        await h.hook(HttpRequestHook(flow))
+        flow.error = Error("connection refused")
+        await h.hook(HttpErrorHook(flow))
+
+    h.run(go())
+    rows = error_rows(h, flow)
+    assert len(rows) == 1 and "connection refused" in rows[0]["reason"]
+
+
+# --------------------------------------------------------------------------------------------
+# options
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def opts_ctx(gateway: Gateway) -> Iterator[tuple[Any, Runtime]]:
+    rt = Runtime(gateway=gateway)
+    stock = (proxyserver.Proxyserver(), tlsconfig.TlsConfig(), onboarding.Onboarding())
+    with taddons.context(*stock, *make_addons(rt)) as tctx:
+        # what `aiid run` sets at start (addons/runner.py)
+        tctx.options.update(
+            tls_version_client_min="TLS1_2", tls_version_server_min="TLS1_2", **pipeline.PINNED
+        )
+        yield tctx, rt
+
+
+REFUSED, PINNED_BACK = "refused", "pinned"
+
+
+@pytest.mark.parametrize(
+    ("opts", "outcome"),
+    [
+        pytest.param({"ssl_insecure": True}, REFUSED, id="ssl_insecure"),
+        pytest.param({"ignore_hosts": ["api.openai.com"]}, REFUSED, id="ignore_hosts"),
+        pytest.param({"allow_hosts": ["example.com"]}, REFUSED, id="allow_hosts"),
+        pytest.param({"tcp_hosts": [".*"]}, REFUSED, id="tcp_hosts"),
+        pytest.param({"stream_large_bodies": "1m"}, REFUSED, id="stream_large_bodies"),
+        pytest.param({"tls_version_client_min": "TLS1_1"}, REFUSED, id="tls-client-1.1"),
+        pytest.param({"tls_version_server_min": "UNBOUNDED"}, REFUSED, id="tls-server-any"),
+        pytest.param({"mode": ["transparent"]}, REFUSED, id="transparent-mode"),
+        # mitmproxy's own defaults: set back to the pinned value rather than refused, so that
+        # `mitmdump -s addons/aiid.py` starts; what matters is that they never take effect
+        pytest.param({"connection_strategy": "eager"}, PINNED_BACK, id="eager"),
+        pytest.param({"rawtcp": True}, PINNED_BACK, id="rawtcp"),
+        pytest.param({"websocket": True}, PINNED_BACK, id="websocket"),
+        pytest.param({"http3": True}, PINNED_BACK, id="http3"),
+    ],
+)
+def test_configure_never_lets_a_bypass_option_take_effect(
+    opts_ctx: tuple[Any, Runtime], opts: dict[str, Any], outcome: str
+) -> None:
+    tctx, rt = opts_ctx
+    name, value = next(iter(opts.items()))
+    before = getattr(tctx.options, name)
+    if outcome == REFUSED:
+        with pytest.raises(exceptions.OptionsError):
+            tctx.configure(rt, **opts)
+        assert getattr(tctx.options, name) == before  # rolled back
+    else:
+        tctx.configure(rt, **opts)
+        assert getattr(tctx.options, name) == pipeline.PINNED[name] != value
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        pytest.param({"ssl_insecure": False}, id="ssl_insecure-false"),
+        pytest.param({"connection_strategy": "lazy"}, id="lazy"),
+        pytest.param({"tls_version_client_min": "TLS1_3"}, id="tls-1.3"),
+        pytest.param({"listen_port": 9999}, id="unrelated"),
+    ],
+)
+def test_configure_accepts_safe_values(opts_ctx: tuple[Any, Runtime], opts: dict[str, Any]) -> None:
+    tctx, rt = opts_ctx
+    tctx.configure(rt, **opts)
+    for k, v in opts.items():
+        assert getattr(tctx.options, k) == v
+
+
+def test_configure_sets_body_size_limit_from_aiid_body_limit(
+    opts_ctx: tuple[Any, Runtime],
+) -> None:
+    tctx, rt = opts_ctx
+    tctx.configure(rt, aiid_body_limit=12345)
+    assert tctx.options.body_size_limit == "12345"
+    tctx.configure(rt, body_size_limit="1g")  # cannot be raised past the gateway's cap
+    assert tctx.options.body_size_limit == "12345"
