@@ -414,7 +414,8 @@ class InjectStage:
         if st.route.facts is not None and st.route.facts.stream:
             req.headers["accept-encoding"] = "identity"  # so the stream can be scrubbed
         req.headers[inj.header] = inj.value.reveal()
-        gw.seal(st, req.method, req.url, req.raw_content or b"")
+        req.trailers = None  # trailers are sent after the request hook: never forward them
+        gw.seal(st, req.method, req.url, req.raw_content or b"", req.headers.fields)
 
 
 class LastGate:
@@ -444,7 +445,10 @@ class LastGate:
             and flow.error is None
             and not req.stream
             and req.scheme == "https"
-            and self.rt.gw().check_sealed(st, req.method, req.url, req.raw_content or b"")
+            and not req.trailers
+            and self.rt.gw().check_sealed(
+                st, req.method, req.url, req.raw_content or b"", req.headers.fields
+            )
         )
 
     def _kill(self, flow: http.HTTPFlow, reason: str) -> None:

@@ -151,10 +151,17 @@ class FlowState:
         return self.route.facts.model if self.route and self.route.facts else None
 
 
-def request_digest(method: str, url: str, body: bytes) -> bytes:
+def request_digest(
+    method: str, url: str, body: bytes, headers: Iterable[tuple[bytes, bytes]] = ()
+) -> bytes:
+    """What the verdict is bound to: method, URL, every header (in order) and the body."""
     h = hashlib.sha256()
-    for part in (method.encode(), b"\0", url.encode(), b"\0", body):
+    for part in (method.encode(), b"\0", url.encode(), b"\0"):
         h.update(part)
+    for k, v in headers:
+        h.update(len(k).to_bytes(4, "big") + k + len(v).to_bytes(4, "big") + v)
+    h.update(b"\0")
+    h.update(body)
     return h.digest()
 
 
@@ -204,16 +211,17 @@ def extract_token(headers: Iterable[tuple[str, str]], connection_token: str | No
     refused.
     """
     proxy: list[str] = []
-    others: list[str] = []
+    others: list[tuple[str, str]] = []
     for name, value in headers:
         lname = name.lower()
         if lname == "proxy-authorization":
             proxy.append(_token_from_value(lname, value))
         elif lname in TOKEN_HEADERS:
-            others.append(_token_from_value(lname, value))
+            others.append((lname, value))
     if connection_token is not None:
         proxy.append(connection_token)
-    chosen = proxy if proxy else others
+    # with a proxy token the SDK's key headers may hold anything: they are not even parsed
+    chosen = proxy if proxy else [_token_from_value(n, v) for n, v in others]
     distinct = set(chosen)
     if not distinct or distinct == {""}:
         raise unauthenticated("no agent token: send it as the API key or as Proxy-Authorization")
@@ -529,17 +537,31 @@ class Gateway:
         state.mark("inject")
         return inj
 
-    def seal(self, state: FlowState, method: str, url: str, body: bytes) -> None:
+    def seal(
+        self,
+        state: FlowState,
+        method: str,
+        url: str,
+        body: bytes,
+        headers: Iterable[tuple[bytes, bytes]] = (),
+    ) -> None:
         """Bind the completed verdict to the exact request that leaves."""
         if tuple(state.done) != STAGES:
             raise IncompleteVerdict("seal before every stage completed")
-        state.digest = request_digest(method, url, body)
+        state.digest = request_digest(method, url, body, headers)
 
-    def check_sealed(self, state: FlowState, method: str, url: str, body: bytes) -> bool:
+    def check_sealed(
+        self,
+        state: FlowState,
+        method: str,
+        url: str,
+        body: bytes,
+        headers: Iterable[tuple[bytes, bytes]] = (),
+    ) -> bool:
         return (
             state.allows()
             and state.digest is not None
-            and secrets.compare_digest(state.digest, request_digest(method, url, body))
+            and secrets.compare_digest(state.digest, request_digest(method, url, body, headers))
         )
 
     # -- records ------------------------------------------------------------

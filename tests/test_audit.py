@@ -581,17 +581,23 @@ def test_verify_while_appending(tmp_path: Path) -> None:
     log = make_log(db, checkpoint_path=ckpt)
     log.append_sync("request")
     stop = threading.Event()
+    first_batch = threading.Event()
 
     def writer() -> None:
         while not stop.is_set():
             for f in [log.append("request", input_tokens=i) for i in range(20)]:
                 f.result()
             log.checkpoint()
+            first_batch.set()
 
     th = threading.Thread(target=writer)
     th.start()
     try:
-        results = [verify_db(db, KEY, checkpoint_path=ckpt) for _ in range(20)]
+        results = []
+        for i in range(20):
+            if i == 10:  # the later verifications must see the writer's records
+                assert first_batch.wait(30)
+            results.append(verify_db(db, KEY, checkpoint_path=ckpt))
     finally:
         stop.set()
         th.join()
