@@ -33,9 +33,17 @@ fmt: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q -n 2 -p no:cacheprovider
 
+# `make bench BENCH_ARGS=--quick` for a short run; results in bench/results.md.
+HEY := command -v hey >/dev/null || apt-get install -y -qq hey >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq hey >/dev/null 2>&1) || echo "hey not installed: the built-in load generator is used"
+
 bench: $(STAMP)
-	$(BIN)/python scripts/bench_policy.py
-	$(BIN)/python scripts/bench_audit.py
+	@$(HEY)
+	$(BIN)/python scripts/bench_micro.py --json bench/results.micro.json $(BENCH_ARGS)
+	$(BIN)/python scripts/bench_gateway.py --micro-json bench/results.micro.json $(BENCH_ARGS)
+
+soak: $(STAMP)
+	@$(HEY)
+	$(BIN)/python scripts/bench_gateway.py --soak 600 $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

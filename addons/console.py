@@ -126,6 +126,12 @@ class ConsoleAddon:
         self.rt = rt
         self.home = home
         self.state = ConsoleState(listen=listen)
+        self.state.hints = [
+            "no requests yet. Agents need:",
+            f"  HTTPS_PROXY=http://{listen}",
+            f"  SSL_CERT_FILE={home.ca_cert_path}",
+            "  and an agent token as their API key (aiid token issue TENANT AGENT)",
+        ]
         self.console = console or Console()
         self.user = user or operator_name()
         self._shutdown = shutdown
@@ -142,15 +148,28 @@ class ConsoleAddon:
 
     def _attach(self, gw: Gateway) -> None:
         gw.listeners.append(self._on_event)
+        # the policies loaded before we listened
+        for tenant in gw.policies.tenants():
+            pol = gw.policies.get(tenant)
+            at = gw.policies.loaded_at(tenant)
+            if pol is not None and at is not None:
+                self.state.add_policy_event(at, True, f"{tenant}: loaded {pol.source_hash[:12]}")
 
     # -- events (on the event loop thread; policy events from the watcher thread) -------------
+    def _now(self) -> float:
+        gw = self.rt.gateway
+        return gw.clock.now() if gw is not None else time.time()
+
     def _on_event(self, kind: str, data: Mapping[str, Any]) -> None:
-        now = time.time()
+        now = self._now()
         s = self.state
         if kind == "policy":
             ev = data["event"]
-            text = ev.describe()
-            s.add_policy_event(ev.at, ev.ok, text.removeprefix("policy "))
+            text = ev.describe().removeprefix("policy ")
+            gw = self.rt.gateway
+            if gw is not None:  # file:line is enough on a console line
+                text = text.replace(f"{gw.policies.directory}{os.sep}", "")
+            s.add_policy_event(ev.at, ev.ok, text)
             return
         st = data.get("state")
         if not isinstance(st, FlowState):
@@ -246,7 +265,7 @@ class ConsoleAddon:
 
     def handle_key(self, key: str) -> None:
         s = self.state
-        now = time.time()
+        now = self._now()
         if key in ("up", "k"):
             s.move_selection(-1)
         elif key in ("down", "j"):
@@ -330,7 +349,7 @@ class ConsoleAddon:
         self._drawn_size = wh
         self.draws += 1
         if self._live is not None:
-            self._live.update(render(self.state, wh[0], wh[1]), refresh=True)
+            self._live.update(render(self.state, wh[0], wh[1], self._now()), refresh=True)
         return True
 
     async def _loop(self) -> None:
@@ -362,8 +381,8 @@ class ConsoleAddon:
         self._log_to(logging.FileHandler(self.home.root / "gateway.log"))
         log.info("console on; log lines go to %s", self.home.root / "gateway.log")
         loop = asyncio.get_running_loop()
-        keys = KeyReader(self.handle_keys)
         try:
+            keys = KeyReader(self.handle_keys)
             if keys.start(loop):
                 self._keys = keys
         except (OSError, termios.error, ValueError) as e:
@@ -371,7 +390,7 @@ class ConsoleAddon:
         self.refresh_static()
         size = self.console.size
         self._live = Live(
-            render(self.state, size.width, size.height),
+            render(self.state, size.width, size.height, self._now()),
             console=self.console,
             auto_refresh=False,
             screen=True,
@@ -379,7 +398,7 @@ class ConsoleAddon:
             redirect_stdout=False,
             redirect_stderr=False,
         )
-        self._live.start()
+        self._live.start(refresh=True)
         self._drawn_size = (size.width, size.height)
         self._drawn_at = time.monotonic()
         self._task = loop.create_task(self._loop())

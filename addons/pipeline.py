@@ -28,11 +28,20 @@ from aiid_proxy.gateway import (
     Target,
     _token_from_value,
     is_ip_literal,
+    ratelimit_headers,
     refusal_body,
 )
 from aiid_proxy.home import Home
-from aiid_proxy.providers import CREDENTIAL_HEADERS, SSEUsageTracker, parse_usage
+from aiid_proxy.providers import (
+    CREDENTIAL_HEADERS,
+    CREDENTIAL_QUERY_PARAMS,
+    SSEUsageTracker,
+    Usage,
+    estimate_body_usage,
+    parse_usage,
+)
 from aiid_proxy.scrub import Scrubber
+from aiid_proxy.streaming import StreamGuard
 
 log = logging.getLogger("aiid")
 
@@ -402,19 +411,33 @@ class InjectStage:
             await refuse(self.rt, flow, st, r)
             return
         req = flow.request
-        for name in CREDENTIAL_HEADERS:
-            req.headers.pop(name, None)
-        req.headers.pop("proxy-connection", None)
-        if "key" in req.query:
-            del req.query["key"]
+        # pop() scans every header field per name: pop only the names present (same result)
+        present = {k.lower() for k, _ in req.headers.fields}
+        for name in (*CREDENTIAL_HEADERS, "proxy-connection"):
+            if name.encode() in present:
+                req.headers.pop(name, None)
+        # a key in the query string is never an identity and never leaves (any spelling);
+        # no "?" in the path: no query to parse
+        if "?" in req.path:
+            for qname in {k for k in req.query if k.lower() in CREDENTIAL_QUERY_PARAMS}:
+                del req.query[qname]
         assert st.route is not None
         if "content-encoding" in req.headers:
             del req.headers["content-encoding"]
             req.content = st.route.body
         if st.route.facts is not None and st.route.facts.stream:
             req.headers["accept-encoding"] = "identity"  # so the stream can be scrubbed
+        # Our id for this request (replacing any the agent sent): the audit record's key.
+        req.headers["x-aiid-request-id"] = st.request_id
         req.headers[inj.header] = inj.value.reveal()
         req.trailers = None  # trailers are sent after the request hook: never forward them
+        # Exact framing upstream: mitmproxy forwards an HTTP/2 request that has no
+        # content-length to an HTTP/1.1 server unframed, and the server then reads the body as
+        # a second request that no stage ever saw (smuggling). The body is complete here.
+        body = req.raw_content or b""
+        req.headers.pop("transfer-encoding", None)
+        if body or "content-length" in req.headers:
+            req.headers["content-length"] = str(len(body))
         gw.seal(st, req.method, req.url, req.raw_content or b"", req.headers.fields)
 
 
@@ -462,19 +485,36 @@ class LastGate:
             log.warning("flow killed without state: %s", reason)
 
 
-class StreamFilter:
-    """Streamed (SSE) response bodies: pass through at once, scrub, count usage."""
+class StreamFilter(StreamGuard):
+    """Streamed (SSE) response bodies: every complete event passes on at once, scrubbed, its
+    usage counted; past the output reservation the stream is cut (aiid_proxy.streaming).
 
-    def __init__(self, scrubber: Scrubber, tracker: SSEUsageTracker) -> None:
-        self.scrubber = scrubber
-        self.tracker = tracker
+    Nothing to pass on is an empty ``bytearray``, never ``b""``: mitmproxy sends a ``bytes``
+    result as one HTTP/1.1 chunk, and a zero-length chunk ends a chunked body (the agent would
+    see the stream end early), while it iterates any other result chunk by chunk (none here).
+    """
 
-    def __call__(self, chunk: bytes) -> bytes:
-        if chunk:
-            self.tracker.feed(chunk)
-            return self.scrubber.feed(chunk)
-        self.tracker.close()  # end of stream
-        return self.scrubber.flush()
+    def __call__(self, chunk: bytes) -> bytes | bytearray:  # type: ignore[override]
+        out = super().__call__(chunk)
+        return out if out else bytearray()
+
+
+def close_upstream(flow: http.HTTPFlow) -> None:
+    """Soon (not inside the layer that is feeding the stream filter): close the provider side
+    of a flow in transit, so a cut stream stops costing tokens and the agent's connection ends.
+    mitmproxy cannot kill a flow in transit, so this closes the server connection itself; the
+    flow then ends through the ``error`` hook."""
+
+    def close() -> None:
+        try:
+            ps = ctx.master.addons.get("proxyserver")
+            handler = ps.connections.get(flow.client_conn.id) if ps is not None else None
+            if handler is not None and flow.server_conn in handler.transports:
+                handler.close_connection(flow.server_conn)
+        except Exception:
+            log.exception("could not close the upstream connection of a cut stream")
+
+    asyncio.get_running_loop().call_soon(close)
 
 
 class ResponseFilter:
@@ -515,11 +555,20 @@ class ResponseFilter:
             return
         scrubber = self._scrubber(st)
         self._scrub_headers(resp, scrubber)
+        if st.rate is not None:  # our limits, not the tenant's account limits at the provider
+            for name, value in ratelimit_headers(st.rate, refused=False).items():
+                resp.headers[name] = value
         ctype = resp.headers.get("content-type", "")
         encoded = resp.headers.get("content-encoding", "identity").lower() != "identity"
         route = st.route
         if ctype.startswith("text/event-stream") and not encoded and route and route.provider:
-            sf = StreamFilter(scrubber, SSEUsageTracker(route.provider, route.route))
+            sf = StreamFilter(
+                scrubber,
+                SSEUsageTracker(route.provider, route.route),
+                output_cap=st.output_cap,
+                request_id=st.request_id,
+                on_cut=lambda: close_upstream(flow),
+            )
             resp.stream = sf
             flow.metadata["aiid_stream"] = sf
 
@@ -532,12 +581,15 @@ class ResponseFilter:
         scrubber = self._scrubber(st)
         self._scrub_headers(resp, scrubber)
         sf = flow.metadata.get("aiid_stream")
-        usage = None
+        usage: Usage | None = None
         hits = 0
+        extra: dict[str, Any] = {}
+        est_in = st.route.facts.estimated_input_tokens if st.route and st.route.facts else 0
         if isinstance(sf, StreamFilter):
-            est_in = st.route.facts.estimated_input_tokens if st.route and st.route.facts else 0
-            usage = sf.tracker.usage() or sf.tracker.estimate(est_in)
+            usage = sf.usage(est_in)
             hits = sf.scrubber.hits
+            if sf.cut:
+                extra["cut"] = sf.cut
         else:
             body = resp.get_content(strict=False) or b""
             clean = scrubber.scrub(body)
@@ -546,7 +598,9 @@ class ResponseFilter:
                 resp.content = clean
             if st.route is not None and st.route.provider is not None:
                 usage = parse_usage(st.route.provider, st.route.route, clean)
-        fut = gw.record_response(st, resp.status_code, usage, hits)
+                if usage is None and 200 <= resp.status_code < 300 and st.route.route:
+                    usage = estimate_body_usage(clean, est_in)  # no usage reported: estimate
+        fut = gw.record_response(st, resp.status_code, usage, hits, extra)
         if fut is not None:
             try:
                 await asyncio.wrap_future(fut)
@@ -558,7 +612,19 @@ class ResponseFilter:
         if st is None or self.rt.gateway is None or st.refusal is not None:
             return
         msg = flow.error.msg if flow.error else "unknown error"
-        self.rt.gateway.record_error(st, f"upstream or connection error: {msg}")
+        sf = flow.metadata.get("aiid_stream")
+        if isinstance(sf, StreamFilter) and flow.response is not None and st.allows():
+            # a stream that ended early (cut by us, or a hang-up): still the provider's output,
+            # so settle with what was counted instead of handing the reservation back
+            est_in = st.route.facts.estimated_input_tokens if st.route and st.route.facts else 0
+            sf.tracker.close()
+            extra = {"cut": sf.cut} if sf.cut else {"incomplete": msg[:200]}
+            self.rt.gateway.record_response(
+                st, flow.response.status_code, sf.usage(est_in), sf.scrubber.hits, extra
+            )
+            return
+        sent = st.allows() and flow.server_conn.timestamp_tls_setup is not None
+        self.rt.gateway.record_error(st, f"upstream or connection error: {msg}", sent=sent)
 
     @staticmethod
     def _scrubber(st: FlowState) -> Scrubber:

@@ -322,3 +322,17 @@ def revoke_token(home: Home, tenant: str, jti: str, expires_at: int | None = Non
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
+
+
+# -- audit checkpoints ------------------------------------------------------------------
+def checkpoint_key_paths(home: Home) -> tuple[Path, Path]:
+    """The audit checkpoint signing key and its public half. In ``admin/``: a gateway (or a
+    thief of ``runtime/``) can neither read the key nor sign a checkpoint."""
+    admin = home.root / "admin"
+    return admin / "checkpoint.key", admin / "checkpoint.pub"
+
+
+def checkpoint_log_path(home: Home, tenant: str) -> Path:
+    """Signed checkpoints made by ``aiid audit checkpoint``, kept in ``admin/`` too and
+    checked by every ``aiid audit verify``."""
+    return home.root / "admin" / "checkpoints" / validate_name("tenant", tenant)

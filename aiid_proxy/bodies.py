@@ -52,10 +52,19 @@ def _brotli(data: bytes, limit: int) -> bytes:
     d = brotli.Decompressor()
     out = bytearray()
     step = 64 * 1024
-    for i in range(0, len(data), step):
-        out += d.process(data[i : i + step])
+    pos = 0
+    # A few bytes of brotli can inflate to gigabytes in one call: bound every call's output
+    # (brotli >= 1.2); feed input only when it accepts more, drain with empty input.
+    while True:
+        piece = b""
+        if pos < len(data) and d.can_accept_more_data():
+            piece, pos = data[pos : pos + step], pos + step
+        produced = d.process(piece, output_buffer_limit=step)
+        out += produced
         if len(out) > limit:
             raise too_large(limit)
+        if not piece and not produced:
+            break  # no input left to give and no output left to take
     if not d.is_finished():
         raise ValueError("truncated stream")
     return bytes(out)

@@ -250,13 +250,40 @@ def policy_check(directory: str | None, policies: str | None) -> None:
     if not d.is_dir():
         raise UsageError(f"policy directory {d} does not exist")
     loaded, errors = load_policy_dir(d)
+    extras = _check_data_files(d)
     for e in errors:
         click.echo(e.one_line(), err=True)
-    if errors:
+    for line in extras:
+        click.echo(line, err=True)
+    if errors or extras:
         sys.exit(1)
     for name, p in sorted(loaded.items()):
         click.echo(f"ok {name}: {len(p.rules)} rules, {len(p.overrides)} overrides")
     click.echo(f"OK {len(loaded)} policies")
+
+
+def _check_data_files(d: Path) -> list[str]:
+    """Errors in the policy directory's ``prices.yaml`` and ``providers.yaml``, if present."""
+    from aiid_proxy.budget import PRICES_FILE, PriceTable
+    from aiid_proxy.errors import ConfigError, PolicyError
+    from aiid_proxy.providers import Registry
+
+    out: list[str] = []
+    prices = d / PRICES_FILE
+    if prices.exists():
+        try:
+            table = PriceTable.load(prices)
+            click.echo(f"ok {PRICES_FILE}: {len(table)} prices (built-in included)")
+        except PolicyError as e:
+            out.append(e.one_line())
+    providers = d / "providers.yaml"
+    if providers.exists():
+        try:
+            reg = Registry.load(providers)
+            click.echo(f"ok providers.yaml: {len(reg.providers)} providers (built-in included)")
+        except ConfigError as e:
+            out.append(e.one_line())
+    return out
 
 
 def _param(values: Sequence[str]) -> dict[str, Any]:
@@ -370,11 +397,62 @@ def audit() -> None:
     """The tenant's tamper-evident audit log."""
 
 
+def _exported_anchors(
+    home: Home, tenant_name: str, files: Sequence[str], key_file: str | None
+) -> list[Any]:
+    """Anchors from ``admin/checkpoints/<t>`` (if present) and every ``--checkpoint FILE``;
+    a forged, altered or other tenant's signed line fails the verification (exit 1)."""
+    from aiid_proxy.admin import checkpoint_key_paths, checkpoint_log_path
+    from aiid_proxy.audit.signed import CheckpointError, load_public_key, read_exported
+
+    paths = [Path(f) for f in files]
+    own = checkpoint_log_path(home, tenant_name)
+    if own.exists():
+        paths.insert(0, own)
+    if not paths:
+        return []
+    pub_path = Path(key_file) if key_file else checkpoint_key_paths(home)[1]
+    public_key = load_public_key(pub_path) if key_file or pub_path.exists() else None
+    anchors: list[Any] = []
+    for p in paths:
+        try:
+            anchors += read_exported(p, tenant_name, public_key)
+        except CheckpointError as e:
+            click.echo(f"FAILED: {e}")
+            sys.exit(1)
+    return anchors
+
+
+def _verify_failed(res: Any, suffix: str = "") -> NoReturn:
+    where = f" at seq {res.first_bad_seq}" if res.first_bad_seq is not None else ""
+    click.echo(f"FAILED{where}: {res.reason}{suffix}")
+    sys.exit(1)
+
+
 @audit.command("verify")
 @click.argument("tenant_name", metavar="TENANT", callback=_name("tenant"))
 @click.option("--expect-head", default=None, metavar="SEQ:MAC")
+@click.option(
+    "--checkpoint",
+    "checkpoints",
+    multiple=True,
+    metavar="FILE",
+    help="exported checkpoints (`aiid audit checkpoint` lines or SEQ:MAC) the chain must reach",
+)
+@click.option(
+    "--checkpoint-key",
+    default=None,
+    metavar="PEM",
+    help="public key that signed the checkpoints (default admin/checkpoint.pub)",
+)
 @click.pass_context
-def audit_verify(ctx: click.Context, tenant_name: str, expect_head: str | None) -> None:
+def audit_verify(
+    ctx: click.Context,
+    tenant_name: str,
+    expect_head: str | None,
+    checkpoints: Sequence[str],
+    checkpoint_key: str | None,
+) -> None:
     """Exit 0 and `OK <n> records` when the chain holds; exit 1 naming the first bad seq."""
     from aiid_proxy.audit import parse_head, tenant_key, verify_db
 
@@ -385,18 +463,68 @@ def audit_verify(ctx: click.Context, tenant_name: str, expect_head: str | None) 
     path = home.audit_path(tenant_name)
     if not path.exists():
         raise AiidError(f"no audit database for tenant {tenant_name} at {path}")
+    exported = _exported_anchors(home, tenant_name, checkpoints, checkpoint_key)
     res = verify_db(
         path,
         tenant_key(home.audit_key(), tenant_name),
         checkpoint_path=home.checkpoint_path(tenant_name),
         expect_head=head,
+        exported=exported,
     )
     if res.ok:
         tail = f" (head {res.head[0]}:{res.head[1]})" if res.head else ""
         click.echo(f"OK {res.count} records{tail}")
+        if exported:
+            signed = sum(1 for a in exported if a.signed)
+            last = max(a.seq for a in exported)
+            click.echo(
+                f"reached {len(exported)} exported checkpoint(s) ({signed} signed), "
+                f"the latest at seq {last}"
+            )
         return
-    click.echo(f"FAILED at seq {res.first_bad_seq}: {res.reason}")
-    sys.exit(1)
+    _verify_failed(res)
+
+
+@audit.command("checkpoint")
+@click.argument("tenant_name", metavar="TENANT", callback=_name("tenant"))
+@click.option("--out", default=None, metavar="FILE", help="also append the line to FILE")
+@click.pass_context
+def audit_checkpoint(ctx: click.Context, tenant_name: str, out: str | None) -> None:
+    """Verify the chain, then print its head signed with the admin checkpoint key.
+
+    Keep the line where the gateway host cannot write: `aiid audit verify --checkpoint FILE`
+    then detects any later rewrite of the records it covers, even with the audit key.
+    """
+    from aiid_proxy.admin import checkpoint_key_paths, checkpoint_log_path
+    from aiid_proxy.audit import GENESIS_MAC, tenant_key, verify_db
+    from aiid_proxy.audit.signed import append_line, load_or_create_key, sign_checkpoint
+
+    home = _home(ctx)
+    home.require()
+    home.require_tenant(tenant_name)
+    path = home.audit_path(tenant_name)
+    if not path.exists():
+        raise AiidError(f"no audit database for tenant {tenant_name} at {path}")
+    res = verify_db(
+        path,
+        tenant_key(home.audit_key(), tenant_name),
+        checkpoint_path=home.checkpoint_path(tenant_name),
+        exported=_exported_anchors(home, tenant_name, (), None),
+    )
+    if not res.ok:
+        _verify_failed(res, " (nothing signed)")
+    private_path, public_path = checkpoint_key_paths(home)
+    key, created = load_or_create_key(private_path, public_path)
+    if created:
+        click.echo(
+            f"created the checkpoint signing key {private_path}; auditors need {public_path}",
+            err=True,
+        )
+    line = sign_checkpoint(key, tenant_name, res.head or (0, GENESIS_MAC)).line()
+    append_line(checkpoint_log_path(home, tenant_name), line)
+    if out:
+        append_line(Path(out), line)
+    click.echo(line)
 
 
 @audit.command("tail")
@@ -431,9 +559,13 @@ def audit_tail(
             else:
                 line = format_row(r)
                 if color:
-                    fg = {"deny": "red", "error": "magenta", "response": "green"}.get(
-                        str(r.get("event"))
-                    )
+                    fg = {
+                        "deny": "red",
+                        "error": "magenta",
+                        "response": "green",
+                        "approval": "yellow",
+                        "policy": "cyan",
+                    }.get(str(r.get("event")))
                     line = click.style(line, fg=fg)
                 click.echo(line)
             last = int(r["seq"])
@@ -470,6 +602,16 @@ def audit_export(ctx: click.Context, tenant_name: str, fmt: str) -> None:
 
 
 # -- approvals ------------------------------------------------------------------
+def _operator() -> str:
+    """Who decides: $USER, else the login name of this process's user."""
+    import getpass
+
+    try:
+        return os.environ.get("USER") or getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
 def _answer(home: Home, tenant_name: str, request_id: str, payload: dict[str, Any]) -> None:
     from aiid_proxy.control import send_answer
 
@@ -492,7 +634,7 @@ def approve(
     from aiid_proxy.admin import parse_ttl
 
     seconds = parse_ttl(ttl) if ttl else None
-    by = who or os.environ.get("USER") or "unknown"
+    by = who or _operator()
     _answer(_home(ctx), tenant_name, request_id, {"answer": "approve", "ttl": seconds, "by": by})
 
 
@@ -506,7 +648,7 @@ def deny(
     ctx: click.Context, tenant_name: str, request_id: str, reason: str, who: str | None
 ) -> None:
     """Deny a request held by an `approve` rule."""
-    by = who or os.environ.get("USER") or "unknown"
+    by = who or _operator()
     _answer(_home(ctx), tenant_name, request_id, {"answer": "deny", "reason": reason, "by": by})
 
 

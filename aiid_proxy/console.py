@@ -102,6 +102,7 @@ class ConsoleState:
     selected: str | None = None
     agents: dict[tuple[str, str], AgentCounters] = field(default_factory=dict)
     overrides: list[OverrideRow] = field(default_factory=list)
+    hints: list[str] = field(default_factory=list)  # shown until the first request
     version: int = 0
 
     def changed(self) -> None:
@@ -372,11 +373,11 @@ def _flows_table(state: ConsoleState, n_rows: int, inner: int) -> Table:
         _col(t, "tenant", ratio=1)
     _col(t, "agent", ratio=2)
     if wide:
-        _col(t, "provider", ratio=1)
+        _col(t, "provider", width=10)
     _col(t, "model", ratio=3)
     _col(t, "decision", width=8 if not narrow else 5)
     if not narrow:
-        _col(t, "rule", ratio=2)
+        _col(t, "rule", ratio=3)
     _col(t, "st", right=True, width=3)
     if not narrow:
         _col(t, "ms", right=True, width=5)
@@ -414,7 +415,7 @@ def render(
     now = time.time() if now is None else now
     if width < MIN_WIDTH or height < MIN_HEIGHT:
         n = len(state.pending)
-        text = f"aiid-proxy {state.listen}" + (f" | {n} pending" if n else "")
+        text = (f"{n} pending | " if n else "") + f"aiid-proxy {state.listen}"
         return _line(text[: max(1, width - 1)], style="bold")
     inner_w = width - 4  # border and one column of padding each side
     rem = height - 2  # top and bottom border
@@ -440,11 +441,15 @@ def render(
             state, take(min(len(state.overrides), 2 if rem < 24 else 4), keep_flows)
         )
     n_events = len(state.events) + min(2, len(state.policy_events))
+    # lines the flows table will not need: the other sections may grow into them
+    flows_need = 1 + (len(state.flows) or len(state.hints))
     cap_e = max(2, rem // 4)
     if wide:
-        n_ag = min(len(state.agents), cap_e)
-        want = max(min(n_events, cap_e), n_ag + 1 if n_ag else 0)
+        spare = max(cap_e, rem - flows_need)
+        n_ag = min(len(state.agents), spare - 1)
+        want = max(min(n_events, spare), n_ag + 1 if n_ag else 0)
         got = take(want, keep_flows)
+        tail: list[RenderableType] = []
         if got:
             bottom = Table.grid(expand=True, padding=(0, 2))
             bottom.add_column(ratio=2)
@@ -453,16 +458,20 @@ def render(
                 _agents_table(state, got - 1, now, True) if n_ag and got >= 2 else Text("")
             )
             bottom.add_row(left, Group(*_event_lines(state, got)))
-            tail: list[RenderableType] = [bottom]
-        else:
-            tail = []
+            tail.append(bottom)
     else:
-        tail = list(_event_lines(state, take(min(n_events, cap_e), keep_flows)))
-        if state.agents and rem - keep_flows >= 3 and height >= 20:
-            got = take(1 + min(len(state.agents), 3), keep_flows)
+        n_ag = min(len(state.agents), 3) if height >= 20 else 0
+        spare = max(cap_e, rem - flows_need - (n_ag + 1 if n_ag else 0))
+        tail = list(_event_lines(state, take(min(n_events, spare), keep_flows)))
+        if n_ag and rem - keep_flows >= 3:
+            more = max(n_ag, rem - flows_need - 1)
+            got = take(1 + min(len(state.agents), more), keep_flows)
             tail.append(_agents_table(state, got - 1, now, False))
     if rem >= 1:
-        parts.append(_flows_table(state, rem - 1, inner_w))
+        if state.flows or not state.hints:
+            parts.append(_flows_table(state, rem - 1, inner_w))
+        else:
+            parts += [_line(h, style="dim") for h in state.hints[:rem]]
     parts += tail
     title = Text.assemble(
         ("aiid-proxy", "bold cyan"),

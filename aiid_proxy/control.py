@@ -149,6 +149,9 @@ class ControlServer:
             uid = _peer_uid(sock) if sock is not None else None
             if uid != os.getuid():
                 log.warning("control channel: refused a connection from uid %s", uid)
+                # take what it sent (unread), so the refusal reaches the client
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(reader.read(MAX_MESSAGE), 1)
                 reply: dict[str, Any] = {"ok": False, "message": "refused: not the gateway user"}
             else:
                 reply = {"ok": True, "message": self.handler(await self._read(reader))}
@@ -198,13 +201,17 @@ def send_answer(home: Home, payload: dict[str, Any], timeout: float = 10.0) -> s
             s.connect(str(path))
         except OSError as e:
             raise AiidError(f"cannot reach the gateway: {e.strerror or e}") from None
-        s.sendall(json.dumps(payload).encode() + b"\n")
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            s.sendall(json.dumps(payload).encode() + b"\n")  # a refusal may come first
         data = b""
-        while not data.endswith(b"\n") and len(data) < MAX_MESSAGE:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            data += chunk
+        try:
+            while not data.endswith(b"\n") and len(data) < MAX_MESSAGE:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        except OSError as e:
+            raise AiidError(f"no reply from the gateway: {e.strerror or e}") from None
     try:
         reply = json.loads(data)
     except ValueError:

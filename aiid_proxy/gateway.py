@@ -11,30 +11,48 @@ from __future__ import annotations
 import base64
 import binascii
 import concurrent.futures
+import functools
 import hashlib
 import ipaddress
 import json
 import logging
 import os
+import re
 import secrets
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from aiid_proxy.audit import AppendResult, AuditLog
 from aiid_proxy.bodies import DEFAULT_BODY_LIMIT, decode_body
+from aiid_proxy.budget import (
+    COSTLESS_KINDS,
+    PRICES_FILE,
+    BudgetRefusal,
+    Hold,
+    Ledger,
+    PriceBook,
+    agent_budget_of,
+    budgets_apply,
+    month_start_ts,
+    pico_to_usd,
+    reservation_tokens,
+    spend_records,
+)
 from aiid_proxy.clock import SYSTEM_CLOCK, Clock
 from aiid_proxy.errors import (
     AiidError,
+    ConfigError,
     IncompleteVerdict,
     RequestRefused,
     SecretNotFound,
     TokenError,
     VaultError,
 )
-from aiid_proxy.home import Home
+from aiid_proxy.home import MASTER_KEY_ENV, Home
 from aiid_proxy.identity import AgentIdentity, RevocationList, TokenVerifier
 from aiid_proxy.policy import Decision, Policy, RequestContext
 from aiid_proxy.policystore import PolicyEvent, PolicyStore
@@ -55,6 +73,9 @@ log = logging.getLogger("aiid.gateway")
 STAGES = ("identity", "route", "policy", "ratelimit", "audit", "inject")
 TOKEN_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
 DEFAULT_MAX_TOKENS_RESERVE = 4096
+"""Output tokens reserved (per choice) for a generating request that sets no max_tokens; a
+stream under a token limit or budget is cut when it runs past its reservation."""
+PROVIDERS_FILE = "providers.yaml"
 
 
 def new_request_id() -> str:
@@ -110,6 +131,9 @@ class FlowState:
     approved_by: str | None = None
     response_recorded: bool = False
     error_recorded: bool = False
+    rate: RateDecision | None = None  # the allowing rate decision (x-ratelimit-* headers)
+    hold: Hold | None = None  # the budget hold of the request's worst-case cost
+    output_cap: int | None = None  # output tokens reserved, enforced on streams when not None
 
     def mark(self, stage: str) -> None:
         i = STAGES.index(stage)
@@ -230,8 +254,11 @@ def extract_token(headers: Iterable[tuple[str, str]], connection_token: str | No
     return distinct.pop()
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function of the host, asked on every request
 def is_ip_literal(host: str) -> bool:
     h = host.strip("[]")
+    if h.endswith(".") and not h.endswith(".."):
+        h = h[:-1]  # "127.0.0.1." is the same address to resolvers that accept it
     try:
         ipaddress.ip_address(h)
         return True
@@ -240,6 +267,51 @@ def is_ip_literal(host: str) -> bool:
     # inet_aton-style shorthands that resolvers accept: 127.1, 0x7f.1, 2130706433
     parts = h.split(".")
     return all(p and (p.isdigit() or p.lower().startswith("0x")) for p in parts)
+
+
+# Headers some servers honour to change the method or the URL after the gateway decided.
+OVERRIDE_HEADERS = (
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
+)
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_PCT = re.compile(r"%([0-9A-Fa-f]{2})")
+
+
+def path_problem(path: str) -> str | None:
+    """Why a server could route ``path`` (no query) elsewhere than the policy read it, or None.
+
+    Refused: anything but origin-form printable ASCII, ``#`` and ``\\``; percent-encoded
+    unreserved characters (``%2e``, ``%69``: a server decodes them, the policy would not);
+    ``.``/``..`` segments (also ``..;`` and after up to three rounds of percent-decoding,
+    which catches ``%252e`` and ``..%2f``); invalid UTF-8 or controls once decoded.
+    """
+    if not path.startswith("/"):
+        return "must be an absolute path"
+    if not path.isascii() or not path.isprintable() or " " in path or "#" in path:
+        return "contains spaces, '#', control or non-ASCII characters"
+    if "\\" in path:
+        return "contains a backslash"
+    if any(chr(int(h, 16)) in _UNRESERVED for h in _PCT.findall(path)):
+        return "percent-encodes a character that needs no encoding"
+    text = path
+    for _ in range(3):
+        for seg in text.replace("\\", "/").split("/"):
+            if seg.split(";", 1)[0] in (".", ".."):
+                return "contains '.' or '..' segments"
+        if any(c < " " or c == "\x7f" for c in text):
+            return "contains control characters once decoded"
+        try:
+            decoded = unquote(text, errors="strict")
+        except UnicodeDecodeError:
+            return "does not decode as UTF-8"
+        if decoded == text:
+            break
+        text = decoded
+    return None
 
 
 @dataclass
@@ -269,7 +341,12 @@ class Gateway:
         self.home = home
         self.clock = clock
         self.body_limit = body_limit
-        self.registry = registry or Registry.builtin()
+        providers_file = policies_dir / PROVIDERS_FILE
+        self.registry = registry or Registry.load(
+            providers_file if providers_file.is_file() else None
+        )
+        self.prices = PriceBook(policies_dir / PRICES_FILE, clock)
+        self.ledger = Ledger(clock)
         self.revocations = RevocationList(home, clock=clock)
         self.verifier = TokenVerifier(
             home.verify_key_pem(), self.revocations, tenants=home.tenants, clock=clock
@@ -282,8 +359,13 @@ class Gateway:
         self._tenants: dict[str, TenantRuntime] = {}
         self._tenant_lock = threading.Lock()
         self.policies = PolicyStore(policies_dir, clock=clock, on_event=self._policy_event)
-        for t in home.tenants():
-            self.tenant(t)
+        try:
+            for t in home.tenants():
+                self.tenant(t)
+            self._check_master_key()
+        except BaseException:
+            self.close()
+            raise
         self.policies.refresh()
         if watch:
             self.policies.start()
@@ -296,6 +378,19 @@ class Gateway:
             except Exception:
                 log.exception("event listener failed")
 
+    def _check_master_key(self) -> None:
+        """Fail at start, with one clear line, when the master key in use cannot open a vault
+        entry (wrong ``AIID_MASTER_KEY`` or key file): key ids are public, keys are not shown."""
+        ring = self.keyring()
+        for rt in list(self._tenants.values()):
+            for info in rt.vault.list():
+                if info.key_id not in ring:
+                    raise ConfigError(
+                        f"the vault master key does not open tenant {rt.name!r}'s vault: entry "
+                        f"{info.provider!r} is under master key id {info.key_id}, the key in use "
+                        f"is {ring.current_id} (wrong {MASTER_KEY_ENV} or runtime/master.key?)"
+                    )
+
     def tenant(self, name: str) -> TenantRuntime:
         rt = self._tenants.get(name)
         if rt is not None:
@@ -304,6 +399,12 @@ class Gateway:
             rt = self._tenants.get(name)
             if rt is None:
                 self.home.require_tenant(name)
+                vault_path = self.home.vault_path(name)
+                if not vault_path.is_file():  # Vault() would create an empty one
+                    raise ConfigError(
+                        f"tenant {name!r}: vault database missing: {vault_path} (never created "
+                        "here: restore it from backup; every request of this tenant is refused)"
+                    )
                 rt = TenantRuntime(
                     name=name,
                     vault=Vault(self.home.vault_path(name), name, self.keyring, clock=self.clock),
@@ -313,11 +414,21 @@ class Gateway:
                         self._audit_root,
                         checkpoint_path=self.home.checkpoint_path(name),
                         clock=self.clock,
+                        create=False,  # a missing audit.db is restored, never silently restarted
                     ),
                     region=self.home.tenant_region(name),
                 )
                 self._tenants[name] = rt
+                self.rebuild_spend(name)
         return rt
+
+    def rebuild_spend(self, name: str) -> int:
+        """The tenant's spend this UTC month and day, from its audit records' ``cost_usd``."""
+        since = month_start_ts(self.clock.now())
+        n = self.ledger.load(name, spend_records(self.home.audit_path(name), since))
+        if n:
+            log.info("tenant %s: spend rebuilt from %d audit records", name, n)
+        return n
 
     def tenants(self) -> list[TenantRuntime]:
         return list(self._tenants.values())
@@ -396,6 +507,12 @@ class Gateway:
             raise RequestRefused(
                 403, "policy_denied", "TLS SNI does not match the Host header", "default"
             )
+        problem = path_problem(t.path)
+        if problem is not None:
+            raise RequestRefused(400, "bad_request", f"the request path {problem}")
+        for name in OVERRIDE_HEADERS:
+            if headers.get(name) is not None:
+                raise RequestRefused(403, "policy_denied", f"{name} is not allowed", "default")
         body = decode_body(raw_body, headers.get("content-encoding"), self.body_limit)
         match = self.registry.match(t.host, t.method, t.path)
         if match is None:
@@ -409,7 +526,7 @@ class Gateway:
                     "default",
                 )
             facts = None
-            if match.route.json or body:
+            if match.route.json or body or match.route.model_param is not None:
                 facts = parse_request(match.route, body, getattr(match, "params", None))
             info = RouteInfo(provider=match.provider, route=match.route, facts=facts, body=body)
         state.route = info
@@ -461,20 +578,22 @@ class Gateway:
         assert state.identity is not None and state.route is not None
         ident = state.identity
         policy = self.policy_for(ident.tenant)
-        tokens = 0
         f = state.route.facts
+        kind = state.route.route.kind if state.route.route is not None else None
+        est_in, out_cap = (0, 0)
         if f is not None:
-            tokens = f.estimated_input_tokens + (
-                f.max_tokens if f.max_tokens is not None else DEFAULT_MAX_TOKENS_RESERVE
+            est_in, out_cap = reservation_tokens(
+                kind, f.max_tokens, f.n, f.estimated_input_tokens, DEFAULT_MAX_TOKENS_RESERVE
             )
+        tenant_limit = policy.tenant_limit if policy else None
+        agent_limit = policy.agent_limit(ident.agent) if policy else None
+        hold = self._hold_budget(state, policy, est_in, out_cap)  # may refuse; holds nothing then
         decision, reservation = self.ratelimiter.acquire(
-            ident.tenant,
-            ident.agent,
-            policy.tenant_limit if policy else None,
-            policy.agent_limit(ident.agent) if policy else None,
-            tokens,
+            ident.tenant, ident.agent, tenant_limit, agent_limit, est_in + out_cap
         )
         if not decision.allowed or reservation is None:
+            if hold is not None:
+                self.ledger.release(hold)
             raise RequestRefused(
                 429,
                 "rate_limited",
@@ -483,8 +602,81 @@ class Gateway:
                 headers=ratelimit_headers(decision, refused=True),
             )
         state.reservation = reservation
+        state.hold = hold
+        state.rate = decision
+        token_limited = any(
+            lim is not None and lim.tokens_per_minute is not None
+            for lim in (tenant_limit, agent_limit)
+        )
+        if out_cap and (token_limited or budgets_apply(policy, ident.agent)):
+            state.output_cap = out_cap
         state.mark("ratelimit")
         return decision
+
+    def _hold_budget(
+        self, state: FlowState, policy: Policy | None, est_in: int, out_cap: int
+    ) -> Hold | None:
+        """Hold the request's worst-case cost against its budgets, or refuse it: 429
+        ``budget_exceeded`` naming the budget, or 403 when a budget applies and the model has
+        no price. None when the request costs nothing or nothing can be priced."""
+        assert state.identity is not None and state.route is not None
+        r = state.route
+        if r.provider is None or r.route is None or r.route.kind in COSTLESS_KINDS:
+            return None
+        ident = state.identity
+        price = self.prices.current().lookup(r.provider.name, state.model)
+        tenant_budget = policy.tenant_budget if policy else None
+        agent_budget = agent_budget_of(policy, ident.agent) if policy else None
+        if price is None:
+            if tenant_budget is not None or agent_budget is not None:
+                raise RequestRefused(
+                    403,
+                    "policy_denied",
+                    f"no price for model {state.model or '(none)'!r} of provider "
+                    f"{r.provider.name!r}; budgets need prices.yaml",
+                    "budgets",
+                )
+            return None
+        got = self.ledger.hold(
+            ident.tenant,
+            ident.agent,
+            price.cost(est_in, out_cap),
+            price,
+            tenant_budget,
+            agent_budget,
+        )
+        if isinstance(got, BudgetRefusal):
+            raise RequestRefused(
+                429,
+                "budget_exceeded",
+                f"{got.message}; retry after {got.retry_after} s",
+                got.budget,
+                headers={"retry-after": str(got.retry_after)},
+            )
+        return got
+
+    def _settle(self, state: FlowState, usage: Usage | None) -> int | None:
+        """Settle the rate reservation and the budget hold with the real usage (None: the
+        request produced none, e.g. a provider error). The cost in pico-USD, when priced."""
+        if state.reservation is not None:
+            actual = usage.input_tokens + usage.output_tokens if usage else 0
+            self.ratelimiter.settle(state.reservation, actual)
+            state.reservation = None
+        hold, state.hold = state.hold, None
+        if hold is None or hold.price is None:
+            return None
+        cost = hold.price.cost(usage.input_tokens, usage.output_tokens) if usage else 0
+        self.ledger.settle(hold, cost)
+        return cost if usage is not None else None
+
+    def _release(self, state: FlowState) -> None:
+        """The request never reached the provider: give back everything it reserved."""
+        if state.reservation is not None:
+            self.ratelimiter.release(state.reservation)
+            state.reservation = None
+        if state.hold is not None:
+            self.ledger.release(state.hold)
+            state.hold = None
 
     def audit_request(self, state: FlowState) -> concurrent.futures.Future[AppendResult]:
         """Append the ``request`` record; the caller awaits durability, then calls
@@ -526,6 +718,13 @@ class Gateway:
                 state.decision.rule_id,
             ) from None
         except VaultError:
+            log.error(
+                "tenant %r: vault entry %r cannot be decrypted (corrupted entry or wrong master "
+                "key): request %s refused",
+                rt.name,
+                secret_name,
+                state.request_id,
+            )
             raise RequestRefused(
                 503, "vault_error", "the tenant's key cannot be decrypted", state.decision.rule_id
             ) from None
@@ -600,9 +799,7 @@ class Gateway:
         """Audit a refusal (``deny``) in the agent's tenant; unauthenticated refusals have no
         tenant to write to and are logged only."""
         state.refusal = refusal
-        if state.reservation is not None:
-            self.ratelimiter.release(state.reservation)
-            state.reservation = None
+        self._release(state)
         self.emit("deny", {"state": state, "refusal": refusal})
         if state.identity is None:
             log.info(
@@ -639,20 +836,35 @@ class Gateway:
         )
 
     def record_error(
-        self, state: FlowState, reason: str
+        self, state: FlowState, reason: str, *, sent: bool = False
     ) -> concurrent.futures.Future[AppendResult] | None:
+        """Audit a killed or failed flow. ``sent``: the request may have reached the provider
+        (the error came after it left), so its input is charged as estimated -- an agent that
+        hangs up early must not get its reservation back for free; else everything reserved
+        is given back."""
         if state.error_recorded:
             return None
         state.error_recorded = True
-        if state.reservation is not None:
-            self.ratelimiter.release(state.reservation)
-            state.reservation = None
+        usage: Usage | None = None
+        cost: int | None = None
+        f = state.route.facts if state.route else None
+        if sent and f is not None and (state.reservation is not None or state.hold is not None):
+            usage = Usage(f.estimated_input_tokens, 0, estimated=True)
+            cost = self._settle(state, usage)
+        else:
+            self._release(state)
         self.emit("error", {"state": state, "reason": reason})
         log.warning("flow %s killed: %s", state.request_id, reason)
         if state.identity is None:
             return None
         fields = self._record_fields(state)
         fields["reason"] = reason[:500]
+        if usage is not None:
+            fields["input_tokens"] = usage.input_tokens
+            fields["output_tokens"] = usage.output_tokens
+            fields["detail"]["usage_estimated"] = True
+        if cost is not None:
+            fields["detail"]["cost_usd"] = pico_to_usd(cost)
         try:
             return self.tenant(state.identity.tenant).audit.append("error", **fields)
         except AiidError:
@@ -660,16 +872,20 @@ class Gateway:
             return None
 
     def record_response(
-        self, state: FlowState, status: int, usage: Usage | None, scrubbed: int = 0
+        self,
+        state: FlowState,
+        status: int,
+        usage: Usage | None,
+        scrubbed: int = 0,
+        extra: Mapping[str, Any] | None = None,
     ) -> concurrent.futures.Future[AppendResult] | None:
+        """Audit the response, settle the reservation and the budget hold with its usage.
+        ``extra`` goes into ``detail`` (``cut``, ``incomplete``)."""
         if state.response_recorded or state.identity is None:
             return None
         state.response_recorded = True
         latency_ms = (self.clock.monotonic() - state.started) * 1000.0
-        if state.reservation is not None:
-            actual = usage.input_tokens + usage.output_tokens if usage else 0
-            self.ratelimiter.settle(state.reservation, actual)
-            state.reservation = None
+        cost = self._settle(state, usage)
         fields = self._record_fields(state)
         fields["reason"] = None
         detail = fields["detail"]
@@ -677,9 +893,20 @@ class Gateway:
             detail["usage_estimated"] = True
         if scrubbed:
             detail["scrubbed_secrets"] = scrubbed
+        cost_usd = pico_to_usd(cost) if cost is not None else None
+        if cost_usd is not None:
+            detail["cost_usd"] = cost_usd
+        if extra:
+            detail.update(extra)
         self.emit(
             "response",
-            {"state": state, "status": status, "usage": usage, "latency_ms": latency_ms},
+            {
+                "state": state,
+                "status": status,
+                "usage": usage,
+                "latency_ms": latency_ms,
+                "cost_usd": cost_usd,
+            },
         )
         return self.tenant(state.identity.tenant).audit.append(
             "response",

@@ -74,6 +74,7 @@ class PolicyStore:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._observer: object | None = None
+        self._dir_ok: bool | None = None  # last seen state of the directory, to log changes
 
     def get(self, tenant: str) -> Policy | None:
         return self._policies.get(tenant)
@@ -89,6 +90,15 @@ class PolicyStore:
         events: list[PolicyEvent] = []
         with self._lock:
             files = _policy_files(self.directory)
+            dir_ok = self.directory.is_dir()
+            if dir_ok != self._dir_ok:
+                self._dir_ok = dir_ok
+                if not dir_ok:  # a warning: an error at start-up would stop mitmproxy
+                    log.warning(
+                        "policy directory %s is missing or not a directory: tenants without "
+                        "a loaded policy are denied (default deny)",
+                        self.directory,
+                    )
             for tenant, path in files.items():
                 try:
                     st = path.stat()

@@ -31,8 +31,16 @@ class Scrubber:
 
     def scrub(self, data: bytes) -> bytes:
         """Scrub a complete body."""
-        out = self.feed(data)
-        return out + self.flush()
+        if self._pending or not self._needles:
+            out = self.feed(data)
+            return out + self.flush()
+        # Nothing held back: feed + flush would return exactly the replaced data, so skip the
+        # held-suffix search (this runs on every response header value).
+        for n in self._needles:
+            if n in data:
+                self.hits += data.count(n)
+                data = data.replace(n, REDACTED)
+        return data
 
     def scrub_text(self, text: str) -> str:
         return self.scrub(text.encode("utf-8", "surrogateescape")).decode(
@@ -59,11 +67,17 @@ class Scrubber:
         return data
 
     def _held_suffix(self, data: bytes) -> int:
+        """The longest k < len(needle) such that ``data`` ends with a needle's first k bytes."""
         best = 0
+        size = len(data)
         for n in self._needles:
-            upto = min(len(n) - 1, len(data))
-            for k in range(upto, best, -1):
-                if data.endswith(n[:k]):
-                    best = k
+            # A held suffix starts at an occurrence of the needle's first byte within the last
+            # len(n) - 1 bytes; the leftmost one that is a prefix of the needle is the longest.
+            first = n[:1]
+            i = data.find(first, max(0, size - (len(n) - 1)))
+            while i != -1 and size - i > best:
+                if n.startswith(data[i:]):
+                    best = size - i
                     break
+                i = data.find(first, i + 1)
         return best

@@ -1,4 +1,4 @@
-"""End-to-end benchmark: the full gateway (`aiid run`) against plain mitmdump, same machine, same run.
+"""End-to-end benchmark: the full gateway (`aiid run`) against plain mitmdump, same machine.
 
     .venv/bin/python scripts/bench_gateway.py [--quick] [--rounds N] [--mem-requests N]
     .venv/bin/python scripts/bench_gateway.py --soak 600      # `make soak`: RSS slope only
@@ -35,6 +35,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import itertools
 import json
 import os
 import platform
@@ -49,7 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,7 @@ def _request_bytes(token: str, *, stream: bool = False) -> bytes:
     if stream:
         obj = json.loads(BODY)
         obj["stream"] = True
+        obj["max_tokens"] = 4 * SSE_EVENTS  # the gateway cuts a stream past its reservation
         body = json.dumps(obj, separators=(",", ":")).encode()
         extra = b"x-standin-events: %d\r\nx-standin-delay-ms: %d\r\n" % (SSE_EVENTS, SSE_DELAY_MS)
     return (
@@ -291,7 +293,7 @@ async def _sse(port: int, ctx: ssl.SSLContext, raw: bytes, n: int) -> dict[str, 
             continue
         ttft.append(times[0] - t0)
         total.append(times[-1] - t0)
-        gaps.extend(b - a for a, b in zip(times, times[1:], strict=False))
+        gaps.extend(b - a for a, b in itertools.pairwise(times))
     c.close()
     return {
         "errors": errors,
@@ -588,14 +590,16 @@ def loadgen(st: Stand, proxy: Proxy, mode: str, **kw: Any) -> dict[str, Any]:
 HEY_LAT = re.compile(r"^\s+(\d+)% in ([\d.]+) secs", re.M)
 
 
-def hey_closed(st: Stand, proxy: Proxy, conns: int, seconds: float) -> dict[str, Any]:
-    """Closed loop with hey (Go): ``-c`` keep-alive connections, each CONNECTs once."""
+def hey_closed(
+    st: Stand, proxy: Proxy, conns: int, seconds: float, requests: int = 0
+) -> dict[str, Any]:
+    """Closed loop with hey (Go): ``-c`` keep-alive connections, each CONNECTs once; for
+    ``seconds``, or ``requests`` requests in all."""
     body = st.root / "body.json"
     body.write_bytes(BODY)
     args = [
         "hey",
-        "-z",
-        f"{seconds}s",
+        *(["-n", str(requests)] if requests else ["-z", f"{seconds}s"]),
         "-c",
         str(conns),
         "-cpus",
@@ -613,7 +617,7 @@ def hey_closed(st: Stand, proxy: Proxy, conns: int, seconds: float) -> dict[str,
         f"https://{HOST}{PATH}",
     ]
     cpu0, _ = proc_stat(proxy.pid)
-    p = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 120)
+    p = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 120 + requests / 50)
     cpu1, rss = proc_stat(proxy.pid)
     proxy.alive()
     text = p.stdout
@@ -719,7 +723,9 @@ def run_bench(st: Stand, a: argparse.Namespace, res: Results) -> None:
     for key, label in (("p50", "p50"), ("p99", "p99"), ("p999", "p99.9")):
         p = med([o[key] for o in one["plain"]])
         g = med([o[key] for o in one["gateway"]])
-        added = med([go[key] - po[key] for po, go in zip(one["plain"], one["gateway"], strict=True)])
+        added = med(
+            [go[key] - po[key] for po, go in zip(one["plain"], one["gateway"], strict=True)]
+        )
         tgt = ""
         if key == "p50":
             tgt = f"<= 0.5 ms: {_verdict(added <= 0.5)}"
@@ -749,7 +755,9 @@ def run_bench(st: Stand, a: argparse.Namespace, res: Results) -> None:
             added = med(
                 [
                     go[key] - po[key]
-                    for po, go in zip(opened[(frac, "plain")], opened[(frac, "gateway")], strict=True)
+                    for po, go in zip(
+                        opened[(frac, "plain")], opened[(frac, "gateway")], strict=True
+                    )
                 ]
             )
             res.add(
@@ -774,7 +782,10 @@ def run_bench(st: Stand, a: argparse.Namespace, res: Results) -> None:
         p = med([o[part][key] for o in sse["plain"]])
         g = med([o[part][key] for o in sse["gateway"]])
         added = med(
-            [go[part][key] - po[part][key] for po, go in zip(sse["plain"], sse["gateway"], strict=True)]
+            [
+                go[part][key] - po[part][key]
+                for po, go in zip(sse["plain"], sse["gateway"], strict=True)
+            ]
         )
         tgt = ""
         if part == "ttft" and key == "p50":
@@ -793,8 +804,13 @@ def run_bench(st: Stand, a: argparse.Namespace, res: Results) -> None:
         memory_run(st, a.mem_requests, res)
 
 
-def _drive(st: Stand, proxy: Proxy, n: int, conns: int = 16) -> float:
+def _drive(st: Stand, proxy: Proxy, n: int, conns: int = 16) -> int:
     """About ``n`` requests through ``proxy``, closed loop; returns the count sent."""
+    if shutil.which("hey"):
+        out = hey_closed(st, proxy, conns, 0, requests=n)
+        if out["errors"]:
+            raise RuntimeError(f"{out['errors']} failed requests while driving {proxy.name}")
+        return int(out["n"])
     sent = 0
     while sent < n:
         out = loadgen(st, proxy, "closed", conns=conns, seconds=2.0, warmup=0)
@@ -829,8 +845,7 @@ def soak(st: Stand, seconds: float, res: Results) -> None:
     total = 0
     t_end = time.monotonic() + seconds
     while time.monotonic() < t_end:
-        out = loadgen(st, gw, "closed", conns=16, seconds=10.0, warmup=0)
-        total += int(out["rps"] * 10.0)
+        total += _drive(st, gw, 10_000)
         samples.append((total, proc_stat(gw.pid)[1]))
         print(f"  soak {total:>8} requests  RSS {samples[-1][1] / 1024:7.1f} MiB", flush=True)
     tail = samples[len(samples) // 5 :]
@@ -900,7 +915,10 @@ def write_markdown(path: Path, section: str, text: str) -> None:
 
 
 def table(rows: list[tuple[str, str, str, str, str]]) -> str:
-    out = ["| metric | plain mitmdump | gateway | gateway vs plain | target |", "|---|---:|---:|---:|---|"]
+    out = [
+        "| metric | plain mitmdump | gateway | gateway vs plain | target |",
+        "|---|---:|---:|---:|---|",
+    ]
     out += [f"| {' | '.join(r)} |" for r in rows]
     return "\n".join(out)
 
@@ -917,6 +935,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--no-hey", action="store_true", help="capacity with the built-in generator")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results.md")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument(
+        "--micro-json", type=Path, help="bench_micro.py results to put in results.md too"
+    )
     a = ap.parse_args(argv)
     a.rounds = a.rounds or (2 if a.quick else 5)
     a.seconds = a.seconds or (2.0 if a.quick else 6.0)
@@ -933,6 +954,7 @@ def main(argv: list[str]) -> int:
         flush=True,
     )
     res = Results()
+    load_before = os.getloadavg()
     with stand() as st:
         if a.soak:
             soak(st, a.soak, res)
@@ -941,7 +963,10 @@ def main(argv: list[str]) -> int:
         else:
             run_bench(st, a, res)
             section = "gateway"
-            title = f"## Gateway vs plain mitmdump ({info['date']}, {'quick' if a.quick else 'full'})"
+            title = (
+                f"## Gateway vs plain mitmdump ({info['date']}, {'quick' if a.quick else 'full'})"
+            )
+    load_after = os.getloadavg()
     md = [
         title,
         "",
@@ -950,11 +975,25 @@ def main(argv: list[str]) -> int:
         f"Load: {res.raw.get('capacity_tool', 'asyncio')} for capacity, the built-in asyncio "
         "generator (separate process) for latency/open loop/SSE. Load generator, stand-in and "
         "proxy share the same cores: absolute figures are lower bounds; compare the ratios.",
+        f"Load average (1 min) before/after the run: {load_before[0]:.1f} / {load_after[0]:.1f} "
+        "(anything above ~1 is other work on the machine competing with the benchmark).",
         "",
         table(res.rows),
     ]
     if not a.no_write:
         write_markdown(a.out, section, "\n".join(md))
+        if a.micro_json is not None and a.micro_json.exists():
+            from bench_micro import table as micro_table
+
+            micro = json.loads(a.micro_json.read_text())
+            text = [
+                f"## In-process microbenchmarks ({info['date']})",
+                "",
+                f"Machine: {info['nproc']} cores ({info['cpu']}); Python {info['python']}.",
+                "",
+                micro_table(micro),
+            ]
+            write_markdown(a.out, "micro", "\n".join(text))
         raw = a.out.with_suffix(f".{section}.json")
         raw.write_text(json.dumps({"machine": info, **res.raw}, indent=1, default=str))
         print(f"\nwritten: {a.out}", flush=True)

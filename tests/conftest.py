@@ -121,9 +121,7 @@ def policies_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def make_gateway(
-    gateway_home: Home, fake_clock: FakeClock
-) -> Iterator[Callable[..., Gateway]]:
+def make_gateway(gateway_home: Home, fake_clock: FakeClock) -> Iterator[Callable[..., Gateway]]:
     made: list[Gateway] = []
 
     def make(policies: Path, **kw: Any) -> Gateway:

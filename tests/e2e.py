@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,3 +141,174 @@ def start_gateway(
         time.sleep(0.05)
     gw.stop()
     raise AssertionError(f"gateway did not start: {gw.log()}")
+
+
+# -- the console in a real terminal (tmux) -------------------------------------------------------
+TMUX = shutil.which("tmux")
+
+
+@dataclass
+class TmuxGateway:
+    """`aiid run` with its live console, in a detached tmux session on a private tmux server."""
+
+    home: Path
+    policies: Path
+    port: int
+    tmux_socket: Path
+    session: str = "aiid"
+
+    @property
+    def proxy(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ca(self) -> Path:
+        return self.home / "certs" / "mitmproxy-ca-cert.pem"
+
+    @property
+    def log_path(self) -> Path:
+        return self.home / "gateway.log"
+
+    def token(self, tenant: str, agent: str, ttl: str = "15m") -> str:
+        return aiid(self.home, "token", "issue", tenant, agent, "--ttl", ttl).stdout.strip()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def tmux(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        assert TMUX is not None
+        return subprocess.run(
+            [TMUX, "-S", str(self.tmux_socket), *args],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=check,
+        )
+
+    def screen(self) -> str:
+        """What the terminal shows now (tmux capture-pane, no colours)."""
+        return self.tmux("capture-pane", "-p", "-t", self.session).stdout
+
+    def send_keys(self, *keys: str) -> None:
+        self.tmux("send-keys", "-t", self.session, *keys)
+
+    def resize(self, width: int, height: int) -> None:
+        self.tmux("resize-window", "-t", self.session, "-x", str(width), "-y", str(height))
+
+    def pid(self) -> int | None:
+        p = self.tmux(
+            "list-panes", "-t", self.session, "-F", "#{pane_dead} #{pane_pid}", check=False
+        )
+        dead, _, pid = p.stdout.strip().partition(" ")
+        return int(pid) if p.returncode == 0 and dead == "0" and pid.isdigit() else None
+
+    def wait_screen(
+        self, predicate: Callable[[str], bool], timeout: float = 20.0, what: str = ""
+    ) -> str:
+        """Poll the screen until ``predicate`` holds (bounded)."""
+        deadline = time.monotonic() + timeout
+        screen = ""
+        while time.monotonic() < deadline:
+            screen = self.screen()
+            if predicate(screen):
+                return screen
+            time.sleep(0.1)
+        size = self.tmux(
+            "display-message",
+            "-p",
+            "-t",
+            self.session,
+            "#{window_width}x#{window_height}",
+            check=False,
+        ).stdout.strip()
+        raise AssertionError(
+            f"screen ({size}) never showed {what}:\n{screen}\nlog:\n{self.log()[-3000:]}"
+        )
+
+    def wait_exit(self, timeout: float = 15.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.pid() is None:
+                return True
+            time.sleep(0.1)
+        return False
+
+    def stop(self) -> None:
+        """SIGTERM the gateway, then end this test's own tmux server."""
+        pid = self.pid()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            if not self.wait_exit(15):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        self.tmux("kill-server", check=False)
+
+
+def start_console_gateway(
+    home: Path,
+    policies: Path,
+    standin_port: int,
+    standin_ca: Path,
+    *,
+    width: int = 100,
+    height: int = 30,
+    extra: list[str] | None = None,
+) -> TmuxGateway:
+    """`aiid run` WITH the console in a width x height tmux pane; ready when it listens and its
+    control socket is up. Needs tmux (callers skip when :data:`TMUX` is None)."""
+    if TMUX is None:
+        raise AssertionError("tmux is not installed")
+    port = free_port()
+    sock = home.parent / f"tmux-{port}.sock"
+    conf = home.parent / f"tmux-{port}.conf"
+    conf.write_text("set -g remain-on-exit on\nset -g status off\nset -g history-limit 100\n")
+    maps: list[str] = []
+    for host in ("api.openai.com", "api.anthropic.com", "api.github.com", "api.mistral.ai"):
+        maps += ["--set", f"map_remote=|//{host}/|//localhost:{standin_port}/"]
+    args = [
+        AIID,
+        "run",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--policies",
+        str(policies),
+        "--set",
+        f"ssl_verify_upstream_trusted_ca={standin_ca}",
+        *maps,
+        *(extra or []),
+    ]
+    command = "exec " + " ".join(shlex.quote(a) for a in args)
+    # COLUMNS/LINES (pytest-xdist workers export them) would pin the console's size
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("TMUX") and k not in ("COLUMNS", "LINES")
+    }
+    env.update(AIID_HOME=str(home), LANG="C.UTF-8", LC_ALL="C.UTF-8")
+    subprocess.run(
+        [TMUX, "-S", str(sock), "-f", str(conf), "-u", "new-session", "-d", "-s", "aiid"]
+        + ["-x", str(width), "-y", str(height), command],
+        env=env,
+        check=True,
+        timeout=20,
+        capture_output=True,
+    )
+    gw = TmuxGateway(home, policies, port, sock)
+    control = home / "runtime" / "control" / "aiid.sock"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if gw.pid() is None:
+            screen = gw.screen()
+            gw.stop()
+            raise AssertionError(f"gateway exited:\n{screen}\n{gw.log()}")
+        if control.exists():
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return gw
+            except OSError:
+                pass
+        time.sleep(0.05)
+    screen = gw.screen()
+    gw.stop()
+    raise AssertionError(f"gateway did not start:\n{screen}\n{gw.log()}")

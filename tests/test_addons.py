@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gzip
 import json
 from collections.abc import Callable, Iterator
@@ -209,10 +210,8 @@ class Harness:
     def settle(self) -> None:
         """Wait until every audit record the addons queued is committed."""
         for fut in self.futures:
-            try:
+            with contextlib.suppress(Exception):  # a failed append is the test's business
                 fut.result(timeout=10)
-            except Exception:  # a failed append is the test's business, not ours
-                pass
 
     def rows(self, tenant: str = TENANT, request_id: str | None = None) -> list[dict[str, Any]]:
         self.settle()
@@ -469,43 +468,132 @@ SMALL = {"setup": _set_body_limit}
 
 REFUSALS = [
     ref(_flow(body=chat_body("gpt-4o")), 403, "policy_denied", "no-gpt-4o", id="denied-model"),
-    ref(_flow(body=chat_body("gpt-3.5-turbo")), 403, "policy_denied", "default", id="no-rule-default-deny"),
+    ref(
+        _flow(body=chat_body("gpt-3.5-turbo")),
+        403,
+        "policy_denied",
+        "default",
+        id="no-rule-default-deny",
+    ),
     ref(lambda h, i: make_flow(None), 401, "unauthenticated", **ANON, id="missing-token"),
     ref(lambda h, i: make_flow(""), 401, "unauthenticated", **ANON, id="empty-bearer"),
     ref(lambda h, i: make_flow("not-a-jwt"), 401, "unauthenticated", **ANON, id="bad-token"),
-    ref(lambda h, i: make_flow(i()[:-4] + "AAAA"), 401, "unauthenticated", **ANON, id="bad-signature"),
+    ref(
+        lambda h, i: make_flow(i()[:-4] + "AAAA"),
+        401,
+        "unauthenticated",
+        **ANON,
+        id="bad-signature",
+    ),
     ref(_expired, 401, "unauthenticated", **ANON, id="expired-token"),
     ref(_revoked, 401, "unauthenticated", **ANON, id="revoked-token"),
-    ref(lambda h, i: make_flow("sk-proj-abcdefghijklmnopqrstuvwxyz012345"), 401, "unauthenticated", **ANON, id="raw-provider-key"),
-    ref(lambda h, i: make_flow(i(), headers=[("x-api-key", i("other"))]), 401, "unauthenticated", **ANON, id="two-different-tokens"),
-    ref(lambda h, i: make_flow(headers=[("Authorization", "Digest abc")]), 401, "unauthenticated", **ANON, id="unsupported-scheme"),
-    ref(lambda h, i: make_flow(headers=[("Proxy-Authorization", "Basic !!!")]), 401, "unauthenticated", **ANON, id="malformed-basic"),
+    ref(
+        lambda h, i: make_flow("sk-proj-abcdefghijklmnopqrstuvwxyz012345"),
+        401,
+        "unauthenticated",
+        **ANON,
+        id="raw-provider-key",
+    ),
+    ref(
+        lambda h, i: make_flow(i(), headers=[("x-api-key", i("other"))]),
+        401,
+        "unauthenticated",
+        **ANON,
+        id="two-different-tokens",
+    ),
+    ref(
+        lambda h, i: make_flow(headers=[("Authorization", "Digest abc")]),
+        401,
+        "unauthenticated",
+        **ANON,
+        id="unsupported-scheme",
+    ),
+    ref(
+        lambda h, i: make_flow(headers=[("Proxy-Authorization", "Basic !!!")]),
+        401,
+        "unauthenticated",
+        **ANON,
+        id="malformed-basic",
+    ),
     # routing
     ref(_flow(host="example.com", path="/"), 403, "policy_denied", "default", id="unknown-host"),
     ref(_flow(host="93.184.216.34"), 403, "policy_denied", "default", id="raw-ipv4-host"),
     ref(_flow(host="127.1"), 403, "policy_denied", "default", id="shorthand-ip-host"),
-    ref(_flow(host="::1", host_header="[::1]"), 403, "policy_denied", "default", id="raw-ipv6-host"),
+    ref(
+        _flow(host="::1", host_header="[::1]"), 403, "policy_denied", "default", id="raw-ipv6-host"
+    ),
     ref(_flow(port=8443), 403, "policy_denied", "default", id="port-not-443"),
     ref(_flow(scheme="http", tls=False), 403, "policy_denied", "default", id="plain-http"),
-    ref(_flow(connect_host="evil.example"), 403, "policy_denied", "default", id="host-connect-mismatch"),
+    ref(
+        _flow(connect_host="evil.example"),
+        403,
+        "policy_denied",
+        "default",
+        id="host-connect-mismatch",
+    ),
     ref(_flow(sni="evil.example"), 403, "policy_denied", "default", id="sni-mismatch"),
-    ref(_flow(host="evil.example", host_header=OPENAI, tls=False), 403, "policy_denied", "default", id="absolute-form-host-header-mismatch"),
-    ref(_flow(headers=[("Connection", "Upgrade"), ("Upgrade", "websocket")]), 403, "policy_denied", "default", id="websocket-upgrade"),
-    ref(_flow(path="/v1/fine_tuning/jobs"), 403, "policy_denied", "default", id="unknown-provider-path"),
-    ref(_flow(method="DELETE", path="/repos/a/b", host="api.github.com", body=b""), 403, "policy_denied", "default", id="host-rule-wrong-method"),
+    ref(
+        _flow(host="evil.example", host_header=OPENAI, tls=False),
+        403,
+        "policy_denied",
+        "default",
+        id="absolute-form-host-header-mismatch",
+    ),
+    ref(
+        _flow(headers=[("Connection", "Upgrade"), ("Upgrade", "websocket")]),
+        403,
+        "policy_denied",
+        "default",
+        id="websocket-upgrade",
+    ),
+    ref(
+        _flow(path="/v1/fine_tuning/jobs"),
+        403,
+        "policy_denied",
+        "default",
+        id="unknown-provider-path",
+    ),
+    ref(
+        _flow(method="DELETE", path="/repos/a/b", host="api.github.com", body=b""),
+        403,
+        "policy_denied",
+        "default",
+        id="host-rule-wrong-method",
+    ),
     # bodies
-    ref(_gzip_flow(gzip.compress(chat_body("gpt-4o"))), 403, "policy_denied", "no-gpt-4o", id="gzip-hides-denied-model"),
+    ref(
+        _gzip_flow(gzip.compress(chat_body("gpt-4o"))),
+        403,
+        "policy_denied",
+        "no-gpt-4o",
+        id="gzip-hides-denied-model",
+    ),
     ref(_gzip_flow(b"\x1f\x8b not gzip at all"), 400, "bad_request", id="undecodable-gzip"),
     ref(_gzip_flow(gzip.compress(chat_body())[:-6]), 400, "bad_request", id="truncated-gzip"),
     ref(_gzip_flow(chat_body(), "compress"), 400, "bad_request", id="unknown-encoding"),
     ref(_flow(body=b"model=gpt-4o-mini"), 400, "bad_request", id="non-json"),
     ref(_flow(body=b'["gpt-4o-mini"]'), 400, "bad_request", id="json-not-object"),
-    ref(_flow(body=b'{"model": "gpt-4o-mini", "model": "gpt-4o"}'), 400, "bad_request", id="duplicate-json-keys"),
+    ref(
+        _flow(body=b'{"model": "gpt-4o-mini", "model": "gpt-4o"}'),
+        400,
+        "bad_request",
+        id="duplicate-json-keys",
+    ),
     ref(_flow(body=chat_body(user="x" * 2000)), 413, "too_large", **SMALL, id="body-over-limit"),
-    ref(_gzip_flow(gzip.compress(b" " * 5000)), 413, "too_large", **SMALL, id="gzip-bomb-over-limit"),
+    ref(
+        _gzip_flow(gzip.compress(b" " * 5000)), 413, "too_large", **SMALL, id="gzip-bomb-over-limit"
+    ),
     # credentials
-    ref(lambda h, i: make_flow(i(tenant=NOKEY_TENANT)), 403, "no_credential", "everything-openai", tenant=NOKEY_TENANT, events=("request", "deny"), id="tenant-without-vault-key"),
-]  # fmt: skip
+    ref(
+        lambda h, i: make_flow(i(tenant=NOKEY_TENANT)),
+        403,
+        "no_credential",
+        "everything-openai",
+        tenant=NOKEY_TENANT,
+        events=("request", "deny"),
+        id="tenant-without-vault-key",
+    ),
+]
 
 
 @pytest.mark.parametrize(
@@ -579,9 +667,12 @@ def connect_flow(like: http.HTTPFlow, host: str, proxy_auth: str | None) -> http
         pytest.param(lambda t: _basic(t), "Bearer sk-anything", 200, id="basic-token-junk-sdk-key"),
         pytest.param(lambda t: f"Bearer {t}", "Bearer sk-anything", 200, id="bearer-token"),
         pytest.param(lambda t: _basic(t), None, 200, id="no-sdk-key-at-all"),
+        pytest.param(lambda t: _basic(t), "Negotiate x y z", 200, id="unparseable-sdk-key-unread"),
         pytest.param(lambda t: "Basic !!notbase64", None, 401, id="malformed-connect-auth"),
         pytest.param(lambda t: _basic("garbage"), None, 401, id="bad-token-on-connect"),
-        pytest.param(lambda t: _basic("garbage"), "token", 401, id="valid-sdk-key-does-not-override"),
+        pytest.param(
+            lambda t: _basic("garbage"), "token", 401, id="valid-sdk-key-does-not-override"
+        ),
     ],
 )
 def test_connect_proxy_authorization_identifies_the_connection(
@@ -768,7 +859,9 @@ def test_approval_with_ttl_grants_later_identical_requests(
     h: Harness, issue: Callable[..., str]
 ) -> None:
     token = issue()
-    res, _ = h.run(_held(h, make_flow(token, body=chat_body("o1-mini")), Answer(True, "alice", ttl=60)))
+    res, _ = h.run(
+        _held(h, make_flow(token, body=chat_body("o1-mini")), Answer(True, "alice", ttl=60))
+    )
     assert res.sent is not None
     # granted: no hold this time (the harness would hang on a hold: nobody answers)
     again = make_flow(token, body=chat_body("o1-mini"))
@@ -870,6 +963,12 @@ def _fake_response(f: http.HTTPFlow) -> None:
 @pytest.mark.parametrize(
     ("act", "before", "identified"),
     [
+        pytest.param(
+            _set("content", chat_body().replace(b"-mini", b"-maxi")),
+            LastGate,
+            True,
+            id="same-length-body-after-seal",
+        ),
         pytest.param(_set("content", chat_body("gpt-4o")), LastGate, True, id="body-after-seal"),
         pytest.param(_set("host", "evil.example"), LastGate, True, id="host-after-seal"),
         pytest.param(_set("port", 8443), LastGate, True, id="port-after-seal"),
@@ -877,12 +976,35 @@ def _fake_response(f: http.HTTPFlow) -> None:
         pytest.param(_set("path", "/v1/embeddings"), LastGate, True, id="path-after-seal"),
         pytest.param(_set("scheme", "http"), LastGate, True, id="scheme-after-seal"),
         pytest.param(_set("stream", True), LastGate, True, id="streaming-after-seal"),
-        pytest.param(lambda f: f.request.query.update({"x": "1"}), LastGate, True, id="query-after-seal"),
+        pytest.param(
+            lambda f: f.request.query.update({"x": "1"}), LastGate, True, id="query-after-seal"
+        ),
+        pytest.param(
+            lambda f: f.request.headers.add("x-exfil", "1"),
+            LastGate,
+            True,
+            id="header-added-after-seal",
+        ),
+        pytest.param(
+            lambda f: f.request.headers.update({"Host": "evil.example"}),
+            LastGate,
+            True,
+            id="host-header-after-seal",
+        ),
+        pytest.param(
+            lambda f: f.request.headers.update({"authorization": "Bearer x"}),
+            LastGate,
+            True,
+            id="credential-after-seal",
+        ),
+        pytest.param(
+            _set("trailers", http.Headers(x=b"1")), LastGate, True, id="trailers-after-seal"
+        ),
         pytest.param(_fake_response, LastGate, True, id="foreign-response-before-gate"),
         pytest.param(_fake_response, IdentityStage, False, id="foreign-response-first"),
         pytest.param(lambda f: f.metadata.pop("aiid"), LastGate, False, id="state-removed"),
     ],
-)  # fmt: skip
+)
 def test_tampering_after_the_verdict_kills_the_flow(
     make_harness: Callable[..., Harness],
     issue: Callable[..., str],

@@ -185,13 +185,18 @@ class Anchors:
         self._seqs: array[int] = array("q")
         self._macs = bytearray()
         self._lines: array[int] = array("q")  # 0 = the expected head, else checkpoint line no.
+        self._labels: list[str] = []  # named sources (exported checkpoints): line = -(i + 1)
         self._order: list[int] | None = None
         self._pos = 0
         self.next_seq = -1
 
-    def add(self, seq: int, mac: str, line: int = 0) -> None:
+    def add(self, seq: int, mac: str, line: int = 0, source: str | None = None) -> None:
+        """Require the chain to reach ``seq`` with ``mac``; ``source`` names it in messages."""
         if seq == 0:  # the empty chain: always reached (parse_head checked the mac)
             return
+        if source is not None:
+            self._labels.append(source)
+            line = -len(self._labels)
         self._seqs.append(seq)
         self._macs += bytes.fromhex(mac)
         self._lines.append(line)
@@ -214,6 +219,8 @@ class Anchors:
 
     def _source(self, i: int) -> str:
         line = self._lines[i]
+        if line < 0:
+            return self._labels[-line - 1]
         return "the expected head" if line == 0 else f"checkpoint line {line}"
 
     def check(self, seq: int, digest: bytes) -> str | None:

@@ -168,6 +168,15 @@ class _Pending:
 _STOP = object()
 
 
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path``; None if there is none."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
 class AuditLog:
     """The tenant's audit log, opened for appending by one gateway process."""
 
@@ -179,9 +188,12 @@ class AuditLog:
         *,
         checkpoint_path: Path | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        create: bool = True,
         _connect: Callable[[Path], sqlite3.Connection] | None = None,
     ) -> None:
         self.path = Path(path)
+        self._create = create
+        self._file_id: tuple[int, int] | None = None
         self.tenant = validate_name("tenant", tenant)
         self._key = tenant_key(root_key, tenant)
         self._base = keyed_mac(self._key)
@@ -260,6 +272,11 @@ class AuditLog:
 
     # -- writer thread ------------------------------------------------------
     def _open(self) -> sqlite3.Connection:
+        if not self._create and not self.path.is_file():
+            raise AuditError(
+                f"audit database missing: {self.path} (never created here: restore it from "
+                "backup; every request of this tenant is refused meanwhile)"
+            )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self._connect is not None:
             conn = self._connect(self.path)
@@ -280,6 +297,7 @@ class AuditLog:
             if schema_state(conn) != "pristine":
                 raise AuditError(f"audit table in {self.path} has an unexpected schema")
             self._head = self._check_head(conn)
+            self._file_id = _file_id(self.path)
         except BaseException:
             conn.close()
             raise
@@ -365,6 +383,12 @@ class AuditLog:
         rows: list[tuple[object, ...]] = []
         results: list[AppendResult] = []
         try:
+            if self._file_id is not None and _file_id(self.path) != self._file_id:
+                # Deleted or replaced under us: records would go to a file nobody reads.
+                raise AuditError(
+                    f"audit database {self.path} was removed or replaced while in use; "
+                    "refusing to write (restore it and restart the gateway)"
+                )
             conn.execute("BEGIN IMMEDIATE")
             # Appends queued while the write lock was being taken (writers woken by the last
             # commit) join this transaction instead of waiting for the next fsync.

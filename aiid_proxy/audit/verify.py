@@ -19,10 +19,11 @@ BLOB, invalid UTF-8, an altered schema) takes the exact path.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from aiid_proxy.audit.chain import MACED, Anchors, ChainState, VerifyResult, parse_head
+from aiid_proxy.audit.signed import Anchor
 from aiid_proxy.audit.store import (
     COLS_SQL,
     FETCH_BATCH,
@@ -86,15 +87,19 @@ def verify_db(
     key: bytes,
     checkpoint_path: Path | None = None,
     expect_head: tuple[int, str] | None = None,
+    exported: Iterable[Anchor] = (),
 ) -> VerifyResult:
     """Verify the audit database at ``path`` with the tenant key ``key``.
 
-    Every line of ``checkpoint_path`` (if the file exists) and ``expect_head`` must be reached
-    by the chain with the same mac. Raises AuditError if the file or table is missing.
+    Every line of ``checkpoint_path`` (if the file exists), ``expect_head`` and every
+    ``exported`` anchor (see :func:`aiid_proxy.audit.signed.read_exported`) must be reached by
+    the chain with the same mac. Raises AuditError if the file or table is missing.
     """
     anchors = Anchors()
     if expect_head is not None:
         anchors.add(expect_head[0], expect_head[1].lower())
+    for a in exported:
+        anchors.add(a.seq, a.mac.lower(), source=a.source)
     if checkpoint_path is not None and checkpoint_path.exists():
         # Read before the database snapshot: every line then names a committed record.
         try:

@@ -38,7 +38,7 @@ from aiid_proxy.policy.yamlsrc import Checker, YMap, YSeq, parse_yaml, type_name
 
 POLICY_SUFFIXES = (".yaml", ".yml")
 # Files in the policies directory that are not tenant policies (read by other components).
-NON_POLICY_FILES = frozenset({"prices.yaml", "prices.yml"})
+NON_POLICY_FILES = frozenset({"prices.yaml", "prices.yml", "providers.yaml", "providers.yml"})
 
 RULE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _NAME_GLOB_RE = re.compile(r"^[a-z0-9_*?\[\]!^-]{1,200}$")
@@ -463,7 +463,8 @@ def load_policy_file(path: Path) -> Policy:
 
 def load_policy_dir(directory: Path) -> tuple[dict[str, Policy], list[PolicyError]]:
     """Every ``*.yaml``/``*.yml`` directly in ``directory`` (not ``examples/``, not dotfiles, not
-    ``prices.yaml``): the policies that load, by tenant, and the errors of those that do not."""
+    ``prices.yaml`` nor ``providers.yaml``): the policies that load, by tenant, and the errors
+    of those that do not."""
     directory = Path(directory)
     policies: dict[str, Policy] = {}
     errors: list[PolicyError] = []

@@ -20,7 +20,13 @@ from aiid_proxy.providers.registry import (
     normalize_host,
 )
 from aiid_proxy.providers.request import RequestFacts, check_model, parse_request
-from aiid_proxy.providers.usage import MAX_EVENT_BYTES, SSEUsageTracker, Usage, parse_usage
+from aiid_proxy.providers.usage import (
+    MAX_EVENT_BYTES,
+    SSEUsageTracker,
+    Usage,
+    estimate_body_usage,
+    parse_usage,
+)
 
 __all__ = [
     "CREDENTIAL_HEADERS",
@@ -36,6 +42,7 @@ __all__ = [
     "Usage",
     "check_model",
     "compile_path_template",
+    "estimate_body_usage",
     "normalize_host",
     "parse_request",
     "parse_usage",

@@ -38,8 +38,18 @@ CREDENTIAL_HEADERS: tuple[str, ...] = (
 )
 """Every request header an agent may put a credential in; all are stripped before upstream."""
 
-CREDENTIAL_QUERY_PARAMS: tuple[str, ...] = ("key",)
-"""Query parameters some providers accept a key in (Gemini's ``?key=``); strip them too."""
+CREDENTIAL_QUERY_PARAMS: tuple[str, ...] = (
+    "key",
+    "api_key",
+    "api-key",
+    "apikey",
+    "x-api-key",
+    "x-goog-api-key",
+    "access_token",
+    "auth_token",
+)
+"""Query parameters that carry a key somewhere (Gemini's ``?key=``, Google's ``access_token``,
+many APIs' ``api_key``); compared lowercased, never an identity, always stripped."""
 
 USAGE_FORMATS: tuple[str, ...] = ("openai", "anthropic", "gemini")
 MODEL_FROM_BODY = "body"
@@ -362,7 +372,58 @@ class Registry:
 
 
 # -- data parsing -----------------------------------------------------------------------------
-_PROVIDER_KEYS = frozenset({"hosts", "region", "auth", "extra_headers", "usage_format", "routes"})
+_PROVIDER_KEYS = frozenset(
+    {
+        "hosts",
+        "region",
+        "auth",
+        "extra_headers",
+        "usage_format",
+        "routes",
+        "openai_compatible",
+        "base_path",
+    }
+)
+OPENAI_COMPATIBLE_ROUTES: tuple[tuple[str, str, str], ...] = (
+    ("chat", "POST", "/chat/completions"),
+    ("responses", "POST", "/responses"),
+    ("completions", "POST", "/completions"),
+    ("embeddings", "POST", "/embeddings"),
+    ("models", "GET", "/models"),
+    ("models", "GET", "/models/{model}"),
+)
+"""The routes of an ``openai_compatible: true`` provider, under its ``base_path``."""
+
+
+def _openai_compatible(spec: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    """``spec`` with the defaults of an OpenAI-compatible endpoint filled in: Bearer key in
+    ``authorization``, the OpenAI dialect, the OpenAI routes under ``base_path`` (``/v1``)."""
+    flag = spec.get("openai_compatible")
+    if flag is None or flag is False:
+        if "base_path" in spec:
+            raise ConfigError(f"{where}: base_path needs openai_compatible: true")
+        return spec
+    if flag is not True:
+        raise ConfigError(f"{where}: openai_compatible must be true or false")
+    base = spec.get("base_path", "/v1")
+    bad_end = isinstance(base, str) and base.endswith("/") and base != "/"
+    if not isinstance(base, str) or not base.startswith("/") or bad_end:
+        raise ConfigError(f"{where}: base_path must start with '/' and not end with one: {base!r}")
+    base = "" if base == "/" else base
+    routes = []
+    for kind, method, path in OPENAI_COMPATIBLE_ROUTES:
+        route: dict[str, Any] = {"kind": kind, "methods": [method], "path": base + path}
+        if method == "GET":
+            route["json"] = False
+            route["model_from"] = "path:model" if "{model}" in path else "none"
+        routes.append(route)
+    out = dict(spec)
+    out.setdefault("auth", {"header": "authorization", "scheme": "Bearer"})
+    out.setdefault("usage_format", "openai")
+    out.setdefault("routes", routes)
+    return out
+
+
 _ROUTE_KEYS = frozenset({"kind", "methods", "path", "json", "model_from", "format"})
 
 
@@ -429,6 +490,7 @@ def _provider_from_data(name: str, spec: object, source: str) -> Provider:
     unknown = sorted(str(k) for k in spec if k not in _PROVIDER_KEYS)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    spec = _openai_compatible(spec, where)
     for key in ("hosts", "auth", "usage_format", "routes"):
         if key not in spec:
             raise ConfigError(f"{where}: missing {key!r}")

@@ -113,6 +113,37 @@ def parse_usage(provider: Provider, route: Route | None, body: bytes) -> Usage |
     return _openai_usage(obj.get("usage"))
 
 
+_OUTPUT_TEXT_KEYS = frozenset(
+    {"text", "content", "arguments", "thinking", "refusal", "partial_json"}
+)
+
+
+def estimate_body_usage(body: bytes, input_tokens: int = 0) -> Usage | None:
+    """An estimate for a whole response body that reports no usage: output from the generated
+    text in it (every string under ``text``/``content``/``arguments``/... outside ``usage``,
+    chars / 4), input the caller's estimate. None when the body is not JSON."""
+    obj = _loads(body)
+    if not isinstance(obj, dict | list):
+        return None
+    chars = 0
+    stack: list[tuple[object, bool]] = [(obj, False)]
+    while stack:
+        v, counted = stack.pop()
+        if isinstance(v, str):
+            chars += len(v) if counted else 0
+        elif isinstance(v, list):
+            stack.extend((x, counted) for x in v)
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                if k in ("usage", "usageMetadata"):
+                    continue
+                if k == "input" and isinstance(x, dict):  # Anthropic tool_use arguments
+                    chars += len(json.dumps(x))
+                    continue
+                stack.append((x, k in _OUTPUT_TEXT_KEYS))
+    return Usage(max(0, input_tokens), -(-chars // _CHARS_PER_TOKEN), estimated=True)
+
+
 class SSEUsageTracker:
     """Reads a streamed (``text/event-stream``) response as it passes, for its usage.
 
@@ -131,6 +162,8 @@ class SSEUsageTracker:
         """Events over :data:`MAX_EVENT_BYTES`, skipped unread."""
         self.output_chars = 0
         """Characters of generated text (and tool-call arguments) seen in deltas."""
+        self.text_deltas = 0
+        """Non-empty pieces of generated text seen (each holds at least one token)."""
         self.finished = False
         """A terminal marker was seen ([DONE], message_stop, response.completed, ...)."""
         self._line = bytearray()
@@ -318,6 +351,8 @@ class SSEUsageTracker:
     def _text(self, value: object) -> None:
         if isinstance(value, str):
             self.output_chars += len(value)
+            if value:
+                self.text_deltas += 1
 
     # -- results ----------------------------------------------------------------------------
     @property
@@ -332,9 +367,24 @@ class SSEUsageTracker:
     def estimate(self, input_tokens: int = 0) -> Usage:
         """A stand-in when :meth:`usage` is None: input as far as the stream told it (else
         ``input_tokens``, the caller's own estimate), output from the text seen (chars / 4,
-        at least 1 if there was any text)."""
-        output = -(-self.output_chars // _CHARS_PER_TOKEN)
+        and at least one per non-empty text piece)."""
+        output = max(-(-self.output_chars // _CHARS_PER_TOKEN), self.text_deltas)
         if self._output is not None:
             output = max(output, self._output)
         inp = self._input if self._input is not None else max(0, input_tokens)
         return Usage(inp, output, estimated=True)
+
+    def output_floor(self) -> int:
+        """Output tokens generated so far, counted low: what the provider reported (cumulative
+        counts, the final usage), else one per non-empty text piece. Never more than the
+        provider will bill, so a stream cut on it is never cut early."""
+        floor = self.text_deltas
+        if self._output is not None:
+            floor = max(floor, self._output)
+        if self._final is not None:
+            floor = max(floor, self._final.output_tokens)
+        return floor
+
+    @property
+    def wire_format(self) -> str:
+        return self._format

@@ -1,0 +1,201 @@
+"""Server-sent event streams on their way back to the agent: passed on event by event, as they
+arrive, while the injected key is scrubbed, usage is counted and the output reservation is
+enforced.
+
+:class:`StreamGuard` is what the mitmproxy adapter installs as ``response.stream``: it is fed
+the body in whatever chunks the provider's bytes arrive and returns what goes to the agent.
+
+* Latency: each chunk is split at SSE event boundaries (a blank line; CRLF, LF or CR line
+  ends). Every complete event is released in the same call that completed it; only the
+  unfinished tail of an event is held, and an agent can do nothing with half an event anyway. So
+  streaming adds no time to the first token.
+* Scrubbing: the released events go through a :class:`~aiid_proxy.scrub.Scrubber`, which holds
+  back only a suffix that could start a secret: nothing, at an event boundary.
+* Usage: an :class:`~aiid_proxy.providers.SSEUsageTracker` reads every byte (also after a cut).
+* Reservation: with ``output_cap`` set, an event after which the output generated so far
+  (:meth:`SSEUsageTracker.output_floor`, counted low so that a stream within its limit is never
+  cut) exceeds the cap is not released. Instead the agent gets one provider-shaped error event
+  (which the OpenAI and Anthropic SDKs raise as an API error), nothing after it, and
+  ``on_cut`` is called so the adapter can close the upstream connection.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable
+
+from aiid_proxy.providers import MAX_EVENT_BYTES, SSEUsageTracker, Usage
+from aiid_proxy.scrub import Scrubber
+
+log = logging.getLogger("aiid.stream")
+_EOL = re.compile(rb"\r\n|\r|\n")
+CUT_REASON = "reservation exceeded"
+
+
+def cut_event(wire_format: str, message: str) -> bytes:
+    """One SSE event that the provider's SDKs surface as an error, in ``wire_format``."""
+    if wire_format == "anthropic":
+        body = {"type": "error", "error": {"type": "aiid_stream_cut", "message": message}}
+        return b"event: error\ndata: " + json.dumps(body).encode() + b"\n\n"
+    if wire_format == "gemini":
+        body = {"error": {"code": 429, "message": message, "status": "RESOURCE_EXHAUSTED"}}
+        return b"data: " + json.dumps(body).encode() + b"\n\n"
+    body = {
+        "type": "error",
+        "error": {"message": message, "type": "aiid_stream_cut", "code": "reservation_exceeded"},
+    }
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+class EventSplitter:
+    """Splits a byte stream into complete SSE events (each with its terminating blank line).
+
+    Exact over any chunking, including a CRLF split across chunks. The unfinished tail is held;
+    a tail longer than ``max_event`` bytes (no blank line in sight) is handed out as is by
+    :meth:`feed` too, so memory stays bounded.
+    """
+
+    def __init__(self, max_event: int = MAX_EVENT_BYTES) -> None:
+        self.max_event = max_event
+        self._buf = bytearray()
+        self._scanned = 0  # offset in _buf up to which lines are known
+        self._line_start = 0  # offset in _buf where the current line starts; -1: mid-line
+        self._skip_lf = False  # the previous byte was a CR at the end of the data seen
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        self._buf += chunk
+        out: list[bytes] = []
+        buf = self._buf
+        pos = self._scanned
+        while pos < len(buf):
+            if self._skip_lf:
+                self._skip_lf = False
+                if buf[pos] == 0x0A:  # the LF of a CRLF split across chunks
+                    pos += 1
+                    self._line_start = pos
+                    continue
+            m = _EOL.search(buf, pos)
+            if m is None:
+                pos = len(buf)
+                break
+            blank = m.start() == self._line_start
+            end = m.end()
+            if m.group() == b"\r" and end == len(buf):
+                self._skip_lf = True  # a LF may follow in the next chunk
+            if blank:
+                out.append(bytes(buf[:end]))
+                del buf[:end]
+                pos = 0
+                self._line_start = 0
+                continue
+            self._line_start = end
+            pos = end
+        self._scanned = pos
+        if len(buf) > self.max_event:
+            out.append(bytes(buf))
+            buf.clear()
+            self._scanned = 0
+            self._line_start = -1  # the next line ending ends a line, not an event
+        return out
+
+    def rest(self) -> bytes:
+        """The unfinished tail, at the end of the stream."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        self._scanned = 0
+        self._line_start = 0
+        return data
+
+
+class StreamGuard:
+    """The ``response.stream`` filter of one event stream (see the module docstring)."""
+
+    def __init__(
+        self,
+        scrubber: Scrubber,
+        tracker: SSEUsageTracker,
+        *,
+        output_cap: int | None = None,
+        request_id: str = "",
+        on_cut: Callable[[], None] | None = None,
+    ) -> None:
+        self.scrubber = scrubber
+        self.tracker = tracker
+        self.output_cap = output_cap
+        self.request_id = request_id
+        self.on_cut = on_cut
+        self.splitter = EventSplitter()
+        self.cut: str | None = None
+        """Why the stream was cut (:data:`CUT_REASON`), or None."""
+        self.released = 0
+        """Bytes handed to the agent."""
+        self.closed = False
+
+    def __call__(self, chunk: bytes) -> bytes:
+        if chunk:
+            return self.feed(chunk)
+        return self.close()
+
+    def feed(self, chunk: bytes) -> bytes:
+        out = bytearray()
+        for event in self.splitter.feed(chunk):
+            self._event(event, out)
+        self.released += len(out)
+        return bytes(out)
+
+    def close(self) -> bytes:
+        """End of stream: the unfinished tail (if any) goes out like an event."""
+        if self.closed:
+            return b""
+        self.closed = True
+        out = bytearray()
+        rest = self.splitter.rest()
+        if rest:
+            self.tracker.feed(rest)
+        self.tracker.close()  # dispatches an unterminated last event: check it before release
+        if self.cut is None and not self._check(out):
+            out += self.scrubber.feed(rest)
+            out += self.scrubber.flush()
+        self.released += len(out)
+        return bytes(out)
+
+    def _event(self, event: bytes, out: bytearray) -> None:
+        self.tracker.feed(event)
+        if self.cut is not None:
+            return  # after a cut: counted, never forwarded
+        if self._check(out):
+            return
+        out += self.scrubber.feed(event)
+
+    def _check(self, out: bytearray) -> bool:
+        cap = self.output_cap
+        if cap is None or self.tracker.output_floor() <= cap:
+            return False
+        self.cut = CUT_REASON
+        out += self.scrubber.flush()
+        message = (
+            f"aiid: stream cut: the output exceeded this request's reservation of {cap} "
+            f"tokens (max_tokens, or the gateway's default when it is absent)"
+            + (f"; request {self.request_id}" if self.request_id else "")
+        )
+        out += cut_event(self.tracker.wire_format, message)
+        if self.on_cut is not None:
+            try:
+                self.on_cut()
+            except Exception:  # best effort: nothing more is forwarded anyway
+                log.exception("closing the upstream of a cut stream failed")
+        return True
+
+    def usage(self, input_estimate: int) -> Usage:
+        """The provider's reported usage, else an estimate (flagged); never zero for a stream
+        that carried text."""
+        return self.tracker.usage() or self.tracker.estimate(input_estimate)
+
+
+__all__ = ["CUT_REASON", "EventSplitter", "StreamGuard", "cut_event"]

@@ -1,0 +1,587 @@
+"""The `aiid` command line as users and scripts meet it: every contract command's happy path,
+errors as one line on stderr with exit 1 (2 for usage), name validation, and the approval
+commands over the real control channel. Runs `main()` in-process (`aiid run` is covered by the
+end-to-end tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import pwd
+import shutil
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from conftest import NOKEY_TENANT, TENANT, write_policies
+
+from addons.pipeline import Runtime
+from aiid_proxy.audit import AuditLog, tenant_key
+from aiid_proxy.cli import main
+from aiid_proxy.control import Answer, ControlServer, Pending
+from aiid_proxy.home import Home
+from aiid_proxy.identity import RevocationList
+
+
+@dataclass
+class Out:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def lines(self) -> list[str]:
+        return self.out.splitlines()
+
+
+Run = Callable[..., Out]
+
+
+@pytest.fixture
+def aiid(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Run:
+    """aiid(*args, stdin=None, env={}) -> Out, with exit status, stdout and stderr."""
+    for var in ("AIID_HOME", "AIID_POLICIES", "AIID_MASTER_KEY", "AIID_AUDIT_KEY"):
+        monkeypatch.delenv(var, raising=False)
+
+    def run(*args: str | Path, stdin: str | None = None, env: dict[str, str] | None = None) -> Out:
+        capsys.readouterr()
+        with monkeypatch.context() as m:
+            m.setattr(sys, "stdin", io.StringIO(stdin or ""))
+            for k, v in (env or {}).items():
+                m.setenv(k, v)
+            try:
+                main([str(a) for a in args])
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        cap = capsys.readouterr()
+        return Out(code, cap.out, cap.err)
+
+    return run
+
+
+def one_line_error(r: Out, code: int, *needles: str) -> None:
+    assert r.code == code, r
+    assert r.out == ""
+    lines = r.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("aiid: error: "), r.err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+@pytest.fixture
+def home(gateway_home: Home) -> Home:
+    """An initialised home with tenants acme (keys for every provider) and nokey."""
+    return gateway_home
+
+
+@pytest.fixture
+def policies(policies_dir: Path) -> Path:
+    return policies_dir
+
+
+# -- init / tenant / vault / token --------------------------------------------------------------
+def test_init_creates_the_home_and_never_overwrites_a_key(aiid: Run, tmp_path: Path) -> None:
+    h = tmp_path / "new"
+    r = aiid("--home", h, "init")
+    assert r.code == 0 and "created" in r.out and "mitmproxy-ca-cert.pem" in r.out
+    keys = {p: p.read_bytes() for p in (h / "admin").iterdir()} | {
+        p: p.read_bytes() for p in (h / "runtime").iterdir() if p.is_file()
+    }
+    assert keys
+    r = aiid("--home", h, "init")
+    assert r.code == 0 and "nothing overwritten" in r.out
+    assert {p: p.read_bytes() for p in keys} == keys
+
+
+def test_home_from_the_environment(aiid: Run, home: Home) -> None:
+    r = aiid("tenant", "list", env={"AIID_HOME": str(home.root)})
+    assert r.code == 0 and TENANT in r.out and NOKEY_TENANT in r.out
+
+
+def test_tenant_add_and_list(aiid: Run, home: Home) -> None:
+    r = aiid("--home", home.root, "tenant", "add", "globex", "--region", "eu")
+    assert (r.code, r.out.strip()) == (0, "tenant globex added")
+    assert home.audit_path("globex").exists() and home.vault_path("globex").exists()
+    assert aiid("--home", home.root, "tenant", "add", "globex").out.strip() == (
+        "tenant globex already exists"
+    )
+    listed = aiid("--home", home.root, "tenant", "list").lines
+    assert "globex\tregion=eu" in listed and f"{TENANT}\tregion=-" in listed
+
+
+def test_vault_put_list_rotate_never_show_the_secret(aiid: Run, home: Home) -> None:
+    secret = "sk-cli-test-0123456789abcdef"
+    r = aiid("--home", home.root, "vault", "put", NOKEY_TENANT, "openai", stdin=secret + "\n")
+    assert r.code == 0 and r.out.startswith(f"stored openai for {NOKEY_TENANT} (key id ")
+    r = aiid(
+        "--home",
+        home.root,
+        "vault",
+        "put",
+        NOKEY_TENANT,
+        "mistral",
+        "--from-env",
+        "MY_KEY",
+        env={"MY_KEY": secret + "-2"},
+    )
+    assert r.code == 0
+    listed = aiid("--home", home.root, "vault", "list", NOKEY_TENANT)
+    assert listed.code == 0 and listed.lines[0].split()[:2] == ["PROVIDER", "KEY"]
+    assert {line.split()[0] for line in listed.lines[1:]} == {"openai", "mistral"}
+    rot = aiid("--home", home.root, "vault", "rotate-master")
+    assert rot.code == 0 and rot.out.startswith("re-wrapped ")
+    for r in (listed, rot):
+        assert secret not in r.out + r.err
+
+
+def test_token_issue_prints_only_the_token_and_revoke_refuses_it(aiid: Run, home: Home) -> None:
+    r = aiid("--home", home.root, "token", "issue", TENANT, "support-1", "--ttl", "1h")
+    assert r.code == 0 and r.err == "" and len(r.lines) == 1
+    token = r.out.strip()
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["sub"] == "support-1" and claims["tid"] == TENANT
+    assert claims["iss"] == "aiid" and claims["aud"] == "aiid-gateway"
+    assert claims["exp"] - claims["iat"] == 3600
+    r = aiid("--home", home.root, "token", "revoke", TENANT, claims["jti"])
+    assert (r.code, r.out.strip()) == (0, f"revoked {claims['jti']}")
+    assert RevocationList(home).is_revoked(TENANT, claims["jti"])
+
+
+# -- errors ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("args", "code", "needles"),
+    [
+        pytest.param(["frobnicate"], 2, ["frobnicate"], id="unknown-command"),
+        pytest.param(["token", "issue", TENANT], 2, ["AGENT"], id="missing-argument"),
+        pytest.param(["vault", "list", "ghost"], 1, ["ghost"], id="unknown-tenant"),
+        pytest.param(
+            ["token", "issue", TENANT, "bot", "--ttl", "forever"], 2, ["forever"], id="bad-ttl"
+        ),
+        pytest.param(["token", "issue", TENANT, "bot", "--ttl", "25h"], 2, ["24h"], id="ttl-max"),
+        pytest.param(["run", "--listen", "nope"], 2, ["HOST:PORT"], id="run-bad-listen"),
+        pytest.param(["run", "--set", "novalue"], 2, ["OPTION=VALUE"], id="run-bad-set"),
+        pytest.param(["policy", "check", "/nonexistent/dir"], 2, ["does not exist"], id="no-dir"),
+        pytest.param(
+            ["policy", "explain", TENANT, "--agent", "a"], 2, ["--provider"], id="explain-what"
+        ),
+        pytest.param(
+            ["policy", "explain", TENANT, "--agent", "a", "--provider", "openai", "--param", "x=1"],
+            2,
+            ["unknown --param"],
+            id="explain-bad-param",
+        ),
+        pytest.param(
+            ["policy", "explain", TENANT, "--agent", "a", "--provider", "nope"],
+            2,
+            ["unknown provider"],
+            id="explain-bad-provider",
+        ),
+        pytest.param(
+            ["audit", "verify", TENANT, "--expect-head", "12:zz"], 2, ["SEQ:MAC"], id="bad-head"
+        ),
+        pytest.param(["audit", "export", TENANT, "--format", "csv"], 2, ["csv"], id="bad-format"),
+        pytest.param(
+            ["vault", "put", TENANT, "openai", "--from-env", "AIID_TEST_UNSET"],
+            2,
+            ["AIID_TEST_UNSET"],
+            id="vault-env-unset",
+        ),
+        pytest.param(["vault", "put", TENANT, "openai"], 2, ["secret"], id="vault-empty-stdin"),
+        pytest.param(["approve", TENANT, "req_1"], 1, ["no running gateway"], id="no-gateway"),
+        pytest.param(["deny", TENANT, "req_1"], 1, ["no running gateway"], id="deny-no-gw"),
+    ],
+)
+def test_errors_are_one_line_with_the_right_status(
+    aiid: Run, home: Home, policies: Path, args: list[str], code: int, needles: list[str]
+) -> None:
+    r = aiid("--home", home.root, *args, env={"AIID_POLICIES": str(policies)})
+    one_line_error(r, code, *needles)
+
+
+def test_a_missing_home_is_a_clear_error(aiid: Run, tmp_path: Path) -> None:
+    one_line_error(
+        aiid("--home", tmp_path / "none", "vault", "list", TENANT), 1, "no aiid home", "aiid init"
+    )
+
+
+BAD_NAMES = ["Acme", "a b", "../etc", "a" * 64, "x.y", "é", "_lead"]
+GOOD_NAMES = ["a", "acme-1_x", "0day", "a" * 63]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["tenant", "add", "{}"], id="tenant-add"),
+        pytest.param(["token", "issue", TENANT, "{}"], id="agent"),
+        pytest.param(["vault", "list", "{}"], id="vault-tenant"),
+        pytest.param(["audit", "verify", "{}"], id="audit-tenant"),
+    ],
+)
+def test_bad_names_are_refused(aiid: Run, home: Home, name: str, args: list[str]) -> None:
+    r = aiid("--home", home.root, *[a.format(name) for a in args])
+    one_line_error(r, 2)
+    assert not (home.root / "tenants" / name).exists()
+
+
+@pytest.mark.parametrize("name", GOOD_NAMES)
+def test_good_names_are_accepted(aiid: Run, home: Home, name: str) -> None:
+    assert aiid("--home", home.root, "tenant", "add", name).code == 0
+    assert aiid("--home", home.root, "token", "issue", name, name).code == 0
+
+
+# -- policy -------------------------------------------------------------------------------------
+def test_policy_check_ok(aiid: Run, policies: Path) -> None:
+    r = aiid("policy", "check", policies)
+    assert r.code == 0 and r.lines[-1] == "OK 2 policies"
+    assert f"ok {TENANT}: 5 rules, 0 overrides" in r.lines
+    r = aiid("policy", "check", env={"AIID_POLICIES": str(policies)})
+    assert r.code == 0 and r.lines[-1] == "OK 2 policies"
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "needle"),
+    [
+        pytest.param("version: 1\ntenant: acme\ndefault: deny\nrulez: []\n", 4, "rulez", id="key"),
+        pytest.param(
+            "version: 1\ntenant: acme\ndefault: deny\nrules:\n  - id: x\n    effect: maybe\n",
+            6,
+            "maybe",
+            id="effect",
+        ),
+        pytest.param("version: 1\ntenant: other\ndefault: deny\n", 2, "tenant", id="tenant"),
+        pytest.param("version: 1\ntenant: acme\ndefault: allow\n", 3, "deny", id="default"),
+    ],
+)
+def test_policy_check_names_file_and_line(
+    aiid: Run, policies: Path, text: str, line: int, needle: str
+) -> None:
+    bad = policies / f"{TENANT}.yaml"
+    bad.write_text(text)
+    r = aiid("policy", "check", policies)
+    assert r.code == 1 and "OK" not in r.out
+    errs = r.err.splitlines()
+    assert len(errs) == 1
+    assert errs[0].startswith(f"{bad}:{line}:"), errs[0]
+    assert needle in errs[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "expect"),
+    [
+        pytest.param(
+            ["--agent", "bot", "--provider", "openai", "--model", "gpt-4o-mini"],
+            ["decision: allow", "rule: small-models"],
+            id="allow",
+        ),
+        pytest.param(
+            ["--agent", "bot", "--provider", "openai", "--model", "gpt-4o"],
+            ["decision: deny", "rule: no-gpt-4o", "reason: gpt-4o is not enabled"],
+            id="deny",
+        ),
+        pytest.param(
+            ["--agent", "bot", "--provider", "openai", "--model", "o1-preview"],
+            ["decision: approve", "rule: big-needs-human"],
+            id="approve",
+        ),
+        pytest.param(
+            ["--agent", "bot", "--host", "api.github.com", "--method", "GET", "--path", "/repos/x"],
+            ["decision: allow", "rule: github-read"],
+            id="egress",
+        ),
+        pytest.param(
+            ["--agent", "bot", "--provider", "mistral", "--model", "mistral-large"],
+            ["decision: deny", "rule: default"],
+            id="default",
+        ),
+    ],
+)
+def test_policy_explain(aiid: Run, policies: Path, args: list[str], expect: list[str]) -> None:
+    r = aiid("policy", "explain", TENANT, *args, "--policies", policies)
+    assert r.code == 0, r
+    for e in expect:
+        assert e in r.lines
+    assert "considered:" in r.lines and any("no-gpt-4o" in line for line in r.lines)
+
+
+def test_policy_explain_names_an_active_override(aiid: Run, tmp_path: Path) -> None:
+    pol = write_policies(tmp_path / "p")
+    p = pol / f"{TENANT}.yaml"
+    p.write_text(
+        p.read_text()
+        + "overrides:\n  - id: INC-1\n    agents: [bot]\n    models: [gpt-4o]\n"
+        + "    effect: allow\n    approved_by: alice\n    expires: 2030-01-01T00:00:00Z\n"
+    )
+    args = ["policy", "explain", TENANT, "--agent", "bot", "--provider", "openai"]
+    args += ["--model", "gpt-4o", "--policies", str(pol)]
+    r = aiid(*args, "--at", "2029-01-01T00:00:00Z")
+    assert "decision: allow" in r.lines and "override: INC-1" in r.lines
+    r = aiid(*args, "--at", "2031-01-01T00:00:00Z")
+    assert "decision: deny" in r.lines and "override: INC-1" not in r.lines
+
+
+# -- audit ----------------------------------------------------------------------------------------
+@pytest.fixture
+def audited(home: Home) -> Iterator[Home]:
+    """acme's audit log with a few records of each kind."""
+    log = AuditLog(
+        home.audit_path(TENANT),
+        TENANT,
+        home.audit_key(),
+        checkpoint_path=home.checkpoint_path(TENANT),
+    )
+    try:
+        for i in range(3):
+            rid = f"req_{i:024x}"
+            fields: dict[str, Any] = {"agent": "support-1", "provider": "openai"}
+            fields |= {"model": "gpt-4o-mini", "rule": "small-models", "request_id": rid}
+            log.append("request", detail={"method": "POST"}, **fields).result(10)
+            log.append("response", status=200, input_tokens=7, output_tokens=5, **fields).result(10)
+        log.append(
+            "approval",
+            status=200,
+            agent="coder-1",
+            rule="big-needs-human",
+            request_id="req_approved",
+            reason="approved by alice",
+            detail={"decided_by": "alice"},
+        ).result(10)
+        log.append(
+            "deny",
+            status=403,
+            agent="support-1",
+            model="gpt-4o",
+            rule="no-gpt-4o",
+            reason="policy_denied: gpt-4o is not enabled",
+        ).result(10)
+    finally:
+        log.close()
+    yield home
+
+
+def _count(home: Home) -> int:
+    con = sqlite3.connect(home.audit_path(TENANT))
+    try:
+        return int(con.execute("SELECT COUNT(*) FROM audit").fetchone()[0])
+    finally:
+        con.close()
+
+
+def test_audit_verify_ok_then_names_the_first_bad_seq(aiid: Run, audited: Home) -> None:
+    n = _count(audited)
+    r = aiid("--home", audited.root, "audit", "verify", TENANT)
+    assert r.code == 0 and r.out.startswith(f"OK {n} records")
+    con = sqlite3.connect(audited.audit_path(TENANT))
+    with con:
+        con.execute("UPDATE audit SET status = 200 WHERE event = 'deny'")
+    con.close()
+    r = aiid("--home", audited.root, "audit", "verify", TENANT)
+    assert r.code == 1 and r.out.startswith(f"FAILED at seq {n}")
+
+
+def test_audit_tail_human_and_json(aiid: Run, audited: Home) -> None:
+    n = _count(audited)
+    r = aiid("--home", audited.root, "audit", "tail", TENANT)
+    assert r.code == 0 and len(r.lines) == n
+    assert "deny" in r.lines[-1] and "no-gpt-4o" in r.lines[-1]
+    assert "\x1b[" not in r.out  # no colour when not on a terminal
+    r = aiid("--home", audited.root, "audit", "tail", TENANT, "-n", "2", "--json")
+    recs = [json.loads(line) for line in r.lines]
+    assert [x["seq"] for x in recs] == [n - 1, n]
+    assert recs[-1]["event"] == "deny" and recs[-1]["reason"].startswith("policy_denied")
+    assert isinstance(recs[0]["detail"], (dict, type(None))) and len(recs[0]["mac"]) == 64
+
+
+@pytest.mark.parametrize(
+    ("event", "colour"),
+    [
+        pytest.param("deny", "\x1b[31m", id="deny-red"),
+        pytest.param("approval", "\x1b[33m", id="approval-yellow"),
+        pytest.param("response", "\x1b[32m", id="response-green"),
+    ],
+)
+def test_audit_tail_colours_events_on_a_terminal(
+    aiid: Run, audited: Home, monkeypatch: pytest.MonkeyPatch, event: str, colour: str
+) -> None:
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    r = aiid("--home", audited.root, "audit", "tail", TENANT)
+    lines = [line for line in r.lines if f" {event} " in line]
+    assert lines and all(line.startswith(colour) for line in lines), r.out
+
+
+def test_audit_tail_follow_prints_new_records(
+    aiid: Run, audited: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """-f: polls for records after the last one shown; Ctrl-C ends it cleanly."""
+    ticks = iter(range(10))
+
+    def fake_sleep(_s: float) -> None:
+        i = next(ticks)
+        if i == 1:
+            log = AuditLog(home.audit_path(TENANT), TENANT, home.audit_key())
+            try:
+                log.append("policy", reason="acme: loaded abc").result(10)
+            finally:
+                log.close()
+        if i == 3:
+            raise KeyboardInterrupt
+
+    home = audited
+    monkeypatch.setattr(time, "sleep", fake_sleep)
+    r = aiid("--home", home.root, "audit", "tail", TENANT, "-n", "1", "-f", "--json")
+    assert r.code == 0
+    recs = [json.loads(line) for line in r.lines]
+    assert [x["event"] for x in recs] == ["deny", "policy"]
+    assert recs[1]["seq"] == recs[0]["seq"] + 1
+
+
+def test_audit_export_jsonl_has_every_record_with_its_mac(aiid: Run, audited: Home) -> None:
+    r = aiid("--home", audited.root, "audit", "export", TENANT, "--format", "jsonl")
+    assert r.code == 0
+    recs = [json.loads(line) for line in r.lines]
+    assert [x["seq"] for x in recs] == list(range(1, _count(audited) + 1))
+    for prev, cur in zip(recs, recs[1:], strict=False):
+        assert cur["prev_mac"] == prev["mac"]
+    assert all(len(x["mac"]) == 64 for x in recs)
+    assert tenant_key(audited.audit_key(), TENANT)  # the key the macs are made with exists
+
+
+# -- approve / deny over the control channel ------------------------------------------------------
+@pytest.fixture
+def short_home(home_template: Path) -> Iterator[Home]:
+    """A copy of the test home at a short path: the control socket path must fit 108 bytes."""
+    d = Path(tempfile.mkdtemp(prefix="aiid-", dir="/tmp"))
+    shutil.copytree(home_template, d / "h")
+    try:
+        yield Home(d / "h")
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+class LiveControl:
+    """The gateway side of approvals on a background event loop: broker + control server."""
+
+    def __init__(self, home: Home) -> None:
+        self.rt = Runtime()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = ControlServer(home, self.rt._answer)
+        self.on_loop(self.server.start())
+
+    def on_loop(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+
+    def hold(self, request_id: str, agent: str = "bot") -> Pending:
+        async def go() -> Pending:
+            key = (TENANT, agent, "openai", "o1", "big-needs-human")
+            return self.rt.broker.hold(TENANT, request_id, key, 60)
+
+        p: Pending = self.on_loop(go())
+        return p
+
+    def close(self) -> None:
+        self.on_loop(self.server.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def live(short_home: Home) -> Iterator[LiveControl]:
+    lc = LiveControl(short_home)
+    try:
+        yield lc
+    finally:
+        lc.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message", "answer"),
+    [
+        pytest.param(
+            ["approve", TENANT, "req_a"],
+            {"USER": "carol"},
+            "approved req_a",
+            Answer(True, "carol"),
+            id="approve-once-as-USER",
+        ),
+        pytest.param(
+            ["approve", TENANT, "req_a", "--ttl", "10m", "--as", "alice"],
+            {"USER": "carol"},
+            "approved req_a, and matching requests for 600 s",
+            Answer(True, "alice", ttl=600.0),
+            id="approve-for-ttl-as",
+        ),
+        pytest.param(
+            ["deny", TENANT, "req_a", "--reason", "too expensive"],
+            {"USER": "bob"},
+            "denied req_a",
+            Answer(False, "bob", "too expensive"),
+            id="deny-with-reason",
+        ),
+        pytest.param(
+            ["approve", TENANT, "req_a"],
+            {"USER": "", "LOGNAME": ""},
+            "approved req_a",
+            Answer(True, pwd.getpwuid(os.getuid()).pw_name),
+            id="approve-as-login-name-without-USER",
+        ),
+        pytest.param(
+            ["deny", TENANT, "req_a", "--as", "dave"],
+            {},
+            "denied req_a",
+            Answer(False, "dave", "denied by operator"),
+            id="deny-default-reason",
+        ),
+    ],
+)
+def test_approve_and_deny_answer_the_held_request(
+    aiid: Run,
+    live: LiveControl,
+    short_home: Home,
+    args: list[str],
+    env: dict[str, str],
+    message: str,
+    answer: Answer,
+) -> None:
+    held = live.hold("req_a")
+    other = live.hold("req_b", agent="someone-else")  # a different key: untouched
+    r = aiid("--home", short_home.root, *args, env=env)
+    assert (r.code, r.out.strip(), r.err) == (0, message, "")
+    assert held.future.done() and held.future.result() == answer
+    assert not other.future.done()
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        pytest.param(["approve", TENANT, "req_zzz"], "no pending request req_zzz", id="unknown"),
+        pytest.param(["approve", NOKEY_TENANT, "req_a"], "for tenant nokey", id="other-tenant"),
+        pytest.param(["approve", TENANT, "req_a", "--ttl", "soon"], "soon", id="bad-ttl"),
+    ],
+)
+def test_approve_errors_are_one_line(
+    aiid: Run, live: LiveControl, short_home: Home, args: list[str], needle: str
+) -> None:
+    held = live.hold("req_a")
+    r = aiid("--home", short_home.root, *args)
+    one_line_error(r, 2 if "--ttl" in args else 1, needle)
+    assert not held.future.done()
+
+
+def test_answering_twice_is_refused(aiid: Run, live: LiveControl, short_home: Home) -> None:
+    live.hold("req_a")
+    assert aiid("--home", short_home.root, "approve", TENANT, "req_a").code == 0
+    one_line_error(aiid("--home", short_home.root, "deny", TENANT, "req_a"), 1, "already answered")

@@ -1,0 +1,441 @@
+"""Fault suite: a real `aiid run` under broken disks, keys, vaults, policies and databases.
+
+Each fault must fail closed (nothing reaches the provider stand-in; the agent gets a refusal
+or a killed connection, never a provider answer), say so in one clear log line, leak no secret,
+and, where the fault goes away, recover without a restart and without a hole in the chain.
+
+- audit disk full: a small tmpfs under the tenant directory (we are root), else ENOSPC from
+  the LD_PRELOAD injector ``tests/faultfs.c``;
+- audit I/O errors: EIO from the same injector on every write/fsync of ``audit.db*``;
+- a corrupted vault entry (a byte flipped in ``vault.db``, in a ciphertext and in a wrapped
+  data key), a wrong or malformed ``AIID_MASTER_KEY``, a missing or non-directory policy
+  path, a missing ``audit.db`` or ``vault.db`` (at start, and ``audit.db`` deleted under a
+  running gateway).
+
+An exception injected into each hook is covered in-process by tests/test_addons.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import json
+import os
+import shutil
+import sqlite3
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx2
+import pytest
+from e2e import AIID, ANTHROPIC_CANARY, OPENAI_CANARY, aiid, free_port, make_home
+from gatewayfork import ForkServer, GatewayProc, gateway_args, gateway_env
+from standin import StandIn
+
+pytestmark = pytest.mark.e2e
+
+HERE = Path(__file__).parent
+POLICY = """\
+version: 1
+tenant: acme
+default: deny
+rules:
+  - id: small
+    providers: [openai]
+    models: ["gpt-4o-mini*"]
+    effect: allow
+  - id: haiku
+    providers: [anthropic]
+    models: ["claude-*"]
+    effect: allow
+"""
+
+
+@dataclass
+class Reply:
+    status: int | None  # None: the connection was killed (fail-closed)
+    body: str
+    headers: dict[str, str]
+    error: str | None = None
+
+    @property
+    def refusal(self) -> dict[str, object]:
+        obj = json.loads(self.body)
+        assert obj["type"] == "error", obj
+        err: dict[str, object] = obj["error"]
+        return err
+
+
+@dataclass
+class Rig:
+    root: Path
+    template: Path
+    policies: Path
+    si: StandIn
+    forks: ForkServer
+    token: str
+    ca: ssl.SSLContext
+    shim: Path | None
+
+    def home(self, name: str) -> Path:
+        dest = self.root / name / "home"
+        shutil.copytree(self.template, dest)
+        return dest
+
+    def start(
+        self,
+        home: Path,
+        *,
+        policies: Path | None = None,
+        exec_real: bool = False,
+        **env: str,
+    ) -> GatewayProc:
+        port = free_port()
+        args = gateway_args(port, policies or self.policies, self.si.port, self.si.ca_path)
+        log = home.parent / f"gateway-{port}.log"
+        gw = GatewayProc(args, gateway_env(home, **env), log, None if exec_real else self.forks)
+        gw.wait_listening()
+        return gw
+
+    def start_fails(self, home: Path, **env: str) -> subprocess.CompletedProcess[str]:
+        """`aiid run` that must refuse to start: its exit status and output."""
+        args = gateway_args(free_port(), self.policies, self.si.port, self.si.ca_path)
+        return subprocess.run(
+            [AIID, *args],
+            env=gateway_env(home, **env),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def call(self, gw: GatewayProc, provider: str = "openai") -> Reply:
+        proxy = f"http://127.0.0.1:{gw.port}"
+        if provider == "openai":
+            url = "https://api.openai.com/v1/chat/completions"
+            headers = {"authorization": f"Bearer {self.token}"}
+            body: dict[str, object] = {"model": "gpt-4o-mini", "messages": [], "max_tokens": 8}
+        else:
+            url = "https://api.anthropic.com/v1/messages"
+            headers = {"x-api-key": self.token, "anthropic-version": "2023-06-01"}
+            body = {"model": "claude-3-5-haiku-latest", "messages": [], "max_tokens": 8}
+        body["messages"] = [{"role": "user", "content": "fault test"}]
+        with httpx2.Client(proxy=proxy, verify=self.ca, timeout=15.0, trust_env=False) as c:
+            try:
+                r = c.post(url, headers=headers, json=body)
+            except httpx2.TransportError as e:
+                return Reply(None, "", {}, type(e).__name__)
+        return Reply(r.status_code, r.text, dict(r.headers))
+
+
+def _build_shim(dest: Path) -> Path | None:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    out = dest / "faultfs.so"
+    p = subprocess.run(
+        [cc, "-shared", "-fPIC", "-O2", "-o", str(out), str(HERE / "faultfs.c"), "-ldl"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return out if p.returncode == 0 else None
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    root = tmp_path_factory.mktemp("faults")
+    si = StandIn(root / "standin")
+    si.start()
+    forks: ForkServer | None = None
+    try:
+        template = make_home(
+            root, {"acme": {"openai": OPENAI_CANARY, "anthropic": ANTHROPIC_CANARY}}
+        )
+        policies = root / "policies"
+        policies.mkdir()
+        (policies / "acme.yaml").write_text(POLICY)
+        token = aiid(template, "token", "issue", "acme", "fault-bot", "--ttl", "2h").stdout.strip()
+        forks = ForkServer(max_seconds=900)
+        ca = ssl.create_default_context(cafile=str(template / "certs" / "mitmproxy-ca-cert.pem"))
+        yield Rig(root, template, policies, si, forks, token, ca, _build_shim(root))
+    finally:
+        if forks is not None:
+            forks.close()
+        si.stop()
+
+
+def _verify(home: Path) -> str:
+    p = aiid(home, "audit", "verify", "acme", check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p.stdout
+
+
+def _wait_log(gw: GatewayProc, text: str, timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = gw.output()
+        if text in out:
+            return out
+        time.sleep(0.05)
+    raise AssertionError(f"log never said {text!r}:\n{gw.output()[-3000:]}")
+
+
+def _no_secret(*texts: str) -> None:
+    for t in texts:
+        assert OPENAI_CANARY not in t and ANTHROPIC_CANARY not in t, "a vault secret leaked"
+
+
+def _assert_denied_while_broken(rig: Rig, gw: GatewayProc, n: int = 6) -> list[Reply]:
+    """n requests, none reaching the provider, each killed or refused by the gateway."""
+    before = rig.si.hits()
+    replies = [rig.call(gw) for _ in range(n)]
+    for r in replies:
+        assert r.status is None or r.status >= 500, r
+    assert rig.si.hits() == before, "a request reached the provider while the audit log failed"
+    return replies
+
+
+def _ok(rig: Rig, gw: GatewayProc, tries: int = 3) -> Reply:
+    r = rig.call(gw)
+    for _ in range(tries - 1):
+        if r.status == 200:
+            break
+        time.sleep(0.2)
+        r = rig.call(gw)
+    assert r.status == 200, (r, gw.output()[-2000:])
+    return r
+
+
+# -- audit disk full ---------------------------------------------------------------------------
+def _mount_tmpfs(where: Path, size: str) -> bool:
+    p = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
+        capture_output=True,
+        timeout=30,
+    )
+    return p.returncode == 0
+
+
+def _fill(directory: Path) -> Path:
+    """Take every free block of the file system holding ``directory``."""
+    filler = directory / "filler"
+    with filler.open("wb", buffering=0) as f:
+        for chunk in (1 << 20, 1 << 16, 4096, 512, 1):
+            block = b"\0" * chunk
+            while True:
+                try:
+                    f.write(block)
+                except OSError as e:
+                    assert e.errno == errno.ENOSPC, e
+                    break
+    return filler
+
+
+def test_audit_disk_full_denies_every_request_then_recovers(rig: Rig) -> None:
+    home = rig.home("diskfull")
+    tdir = home / "tenants" / "acme"
+    saved = tdir.with_name("acme.saved")
+    tdir.rename(saved)
+    tdir.mkdir(mode=0o700)
+    mounted = _mount_tmpfs(tdir, "2m")
+    if not mounted and rig.shim is None:
+        pytest.skip("neither a tmpfs mount nor the LD_PRELOAD injector is available")
+    for p in saved.iterdir():
+        shutil.copy2(p, tdir / p.name)
+    flag = home.parent / "enospc"
+    extra = {}
+    if not mounted:  # ENOSPC injected on the audit files instead of a full file system
+        assert rig.shim is not None
+        extra = {
+            "LD_PRELOAD": str(rig.shim),
+            "AIID_FAULT_FLAG": str(flag),
+            "AIID_FAULT_MATCH": "/tenants/acme/audit.db",
+            "AIID_FAULT_ERRNO": str(errno.ENOSPC),
+        }
+    try:
+        gw = rig.start(home, exec_real=not mounted, **extra)
+        try:
+            _ok(rig, gw)
+            filler = _fill(tdir) if mounted else None
+            flag.touch()
+            _assert_denied_while_broken(rig, gw)
+            out = _wait_log(gw, "audit write failed")
+            assert "database or disk is full" in out
+            if filler is not None:
+                filler.unlink()
+            flag.unlink()
+            _ok(rig, gw)  # space is back: no restart needed
+        finally:
+            gw.stop()
+        _no_secret(gw.output())
+        print("DISKFULL LOG\n", gw.output()[-5000:])
+        assert "OK " in _verify(home)
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(tdir)], capture_output=True, timeout=30)
+
+
+# -- audit I/O errors ----------------------------------------------------------------------------
+def test_audit_io_errors_deny_every_request_then_recover(rig: Rig) -> None:
+    if rig.shim is None:
+        pytest.skip("no C compiler for the LD_PRELOAD fault injector")
+    home = rig.home("eio")
+    flag = home.parent / "eio"
+    gw = rig.start(
+        home,
+        exec_real=True,  # LD_PRELOAD applies at exec
+        LD_PRELOAD=str(rig.shim),
+        AIID_FAULT_FLAG=str(flag),
+        AIID_FAULT_MATCH="/tenants/acme/audit.db",
+    )
+    try:
+        _ok(rig, gw)
+        flag.touch()
+        _assert_denied_while_broken(rig, gw)
+        out = _wait_log(gw, "audit write failed")
+        assert "disk I/O error" in out
+        flag.unlink()
+        _ok(rig, gw)
+        _ok(rig, gw)
+    finally:
+        flag.unlink(missing_ok=True)
+        gw.stop()
+    _no_secret(gw.output())
+    print("EIO LOG\n", gw.output()[-5000:])
+    assert "OK " in _verify(home)
+
+
+# -- vault ------------------------------------------------------------------------------------
+def _flip_in_file(db: Path, provider: str, column: str) -> None:
+    conn = sqlite3.connect(db)
+    try:
+        (blob,) = conn.execute(
+            f"SELECT {column} FROM secrets WHERE provider = ?", (provider,)
+        ).fetchone()
+    finally:
+        conn.close()
+    for suffix in ("-wal", "-shm"):
+        assert not Path(f"{db}{suffix}").exists() or Path(f"{db}{suffix}").stat().st_size == 0
+    data = bytearray(db.read_bytes())
+    assert data.count(blob) == 1
+    data[data.index(blob) + len(blob) // 2] ^= 0x01
+    db.write_bytes(bytes(data))
+
+
+def test_corrupted_vault_entry_gets_a_clean_refusal_and_leaks_nothing(rig: Rig) -> None:
+    home = rig.home("vault")
+    vault = home / "tenants" / "acme" / "vault.db"
+    _flip_in_file(vault, "openai", "ciphertext")
+    _flip_in_file(vault, "anthropic", "wrapped_dek")
+    gw = rig.start(home)
+    try:
+        before = rig.si.hits()
+        for provider in ("openai", "anthropic"):
+            r = rig.call(gw, provider)
+            assert r.status == 503, r
+            err = r.refusal
+            assert err["type"] == "vault_error"
+            assert err["message"] == "the tenant's key cannot be decrypted"
+            assert r.headers["x-aiid-request-id"] == err["request_id"]
+            _no_secret(r.body, json.dumps(r.headers))
+        assert rig.si.hits() == before
+        out = _wait_log(gw, "vault entry 'anthropic' cannot be decrypted")
+        assert "tenant 'acme': vault entry 'openai' cannot be decrypted" in out
+    finally:
+        gw.stop()
+    _no_secret(gw.output())
+    assert "OK " in _verify(home)
+    rows = sqlite3.connect(home / "tenants" / "acme" / "audit.db").execute(
+        "SELECT event, status FROM audit WHERE event = 'deny'"
+    )
+    assert [tuple(r) for r in rows] == [("deny", 503), ("deny", 503)]
+
+
+def test_wrong_or_malformed_master_key_refuses_to_start(rig: Rig) -> None:
+    home = rig.home("masterkey")
+    wrong = base64.b64encode(os.urandom(32)).decode()
+    p = rig.start_fails(home, AIID_MASTER_KEY=wrong)
+    out = p.stdout + p.stderr
+    assert p.returncode == 1, out
+    line = [x for x in out.splitlines() if x.startswith("aiid: error:")]
+    assert len(line) == 1, out
+    assert "the vault master key does not open tenant 'acme'" in line[0]
+    assert "wrong AIID_MASTER_KEY or runtime/master.key?" in line[0]
+    assert wrong not in out
+    _no_secret(out)
+    bad = "not-base64!" + wrong
+    p = rig.start_fails(home, AIID_MASTER_KEY=bad)
+    assert p.returncode == 1
+    assert "AIID_MASTER_KEY is not valid base64" in p.stdout + p.stderr
+    assert bad not in p.stdout + p.stderr
+    # The right key in the environment (the file's) starts fine and serves.
+    right = (home / "runtime" / "master.key").read_text().split()[0]
+    gw = rig.start(home, AIID_MASTER_KEY=right)
+    try:
+        _ok(rig, gw)
+    finally:
+        gw.stop()
+
+
+# -- policies ---------------------------------------------------------------------------------
+def test_missing_or_non_directory_policy_path_denies_by_default(rig: Rig) -> None:
+    home = rig.home("policies")
+    not_a_dir = home.parent / "policies.yaml"
+    not_a_dir.write_text(POLICY)
+    for where in (home.parent / "no-such-dir", not_a_dir):
+        gw = rig.start(home, policies=where)
+        try:
+            before = rig.si.hits()
+            r = rig.call(gw)
+            assert r.status == 403, r
+            assert r.refusal["type"] == "policy_denied" and r.refusal["rule"] == "default"
+            assert rig.si.hits() == before
+            _wait_log(gw, f"policy directory {where} is missing or not a directory")
+        finally:
+            gw.stop()
+
+
+def test_policy_directory_removed_at_runtime_keeps_last_good_and_says_so(rig: Rig) -> None:
+    home = rig.home("policies-runtime")
+    pdir = home.parent / "policies"
+    shutil.copytree(rig.policies, pdir)
+    gw = rig.start(home, policies=pdir)
+    try:
+        _ok(rig, gw)
+        pdir.rename(home.parent / "policies.gone")
+        out = _wait_log(gw, f"policy directory {pdir} is missing or not a directory")
+        assert "file removed, last good policy stays in force" in out
+        _ok(rig, gw)  # as for a removed file: the last good policy stays (contract choice)
+    finally:
+        gw.stop()
+
+
+# -- missing tenant databases --------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["audit.db", "vault.db"])
+def test_missing_tenant_database_refuses_to_start(rig: Rig, name: str) -> None:
+    home = rig.home(f"missing-{name}")
+    (home / "tenants" / "acme" / name).unlink()
+    p = rig.start_fails(home)
+    out = p.stdout + p.stderr
+    assert p.returncode == 1, out
+    kind = name.split(".")[0]
+    assert f"{kind} database missing: {home / 'tenants' / 'acme' / name}" in out, out
+    assert not (home / "tenants" / "acme" / name).exists(), "the gateway re-created it"
+
+
+def test_audit_database_deleted_under_a_running_gateway_fails_closed(rig: Rig) -> None:
+    home = rig.home("deleted")
+    gw = rig.start(home)
+    try:
+        _ok(rig, gw)
+        db = home / "tenants" / "acme" / "audit.db"
+        db.rename(home.parent / "audit.db.moved")
+        _assert_denied_while_broken(rig, gw, n=3)
+        _wait_log(gw, "was removed or replaced while in use; refusing to write")
+    finally:
+        gw.stop()

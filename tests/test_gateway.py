@@ -1,0 +1,388 @@
+"""The pipeline as a library: token extraction, IP literals, stage ordering, sealing."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+
+import pytest
+from conftest import CANARY_OPENAI
+
+from aiid_proxy.errors import IncompleteVerdict, RequestRefused
+from aiid_proxy.gateway import (
+    STAGES,
+    FlowState,
+    Gateway,
+    Target,
+    extract_token,
+    is_ip_literal,
+    refusal_body,
+)
+
+URL = "https://api.openai.com/v1/chat/completions"
+BODY = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+# --------------------------------------------------------------------------------------------
+# extract_token
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "connection_token", "expected"),
+    [
+        pytest.param([("Authorization", "Bearer tok")], None, "tok", id="bearer"),
+        pytest.param(
+            [("authorization", "bearer   tok  ")], None, "tok", id="bearer-lowercase-spaces"
+        ),
+        pytest.param([("x-api-key", "tok")], None, "tok", id="x-api-key"),
+        pytest.param([("Api-Key", "tok")], None, "tok", id="azure-api-key"),
+        pytest.param([("X-Goog-Api-Key", "tok")], None, "tok", id="goog-api-key"),
+        pytest.param([("Authorization", basic("agent", "tok"))], None, "tok", id="basic-password"),
+        pytest.param([("Authorization", basic("", "tok"))], None, "tok", id="basic-empty-user"),
+        pytest.param(
+            [("Authorization", basic("a", "t:o:k"))], None, "t:o:k", id="basic-colon-in-password"
+        ),
+        pytest.param(
+            [("Authorization", "Basic " + base64.b64encode(b"tok").decode())],
+            None,
+            "tok",
+            id="basic-no-colon",
+        ),
+        pytest.param([("Proxy-Authorization", basic("x", "tok"))], None, "tok", id="proxy-basic"),
+        pytest.param([("Proxy-Authorization", "Bearer tok")], None, "tok", id="proxy-bearer"),
+        pytest.param(
+            [("Authorization", "Bearer tok"), ("x-api-key", "tok")],
+            None,
+            "tok",
+            id="same-token-twice",
+        ),
+        pytest.param(
+            [("Proxy-Authorization", "Bearer tok"), ("Authorization", "Bearer junk")],
+            None,
+            "tok",
+            id="proxy-wins-over-sdk-key",
+        ),
+        pytest.param(
+            [("Authorization", "Digest junk")],
+            "tok",
+            "tok",
+            id="connection-token-sdk-header-unread",
+        ),
+        pytest.param([("x-api-key", "junk")], "tok", "tok", id="connection-token-wins"),
+        pytest.param([], "tok", "tok", id="connection-token-alone"),
+        pytest.param(
+            [("content-type", "application/json"), ("Authorization", "Bearer tok")],
+            None,
+            "tok",
+            id="other-headers-ignored",
+        ),
+    ],
+)
+def test_extract_token(
+    headers: list[tuple[str, str]], connection_token: str | None, expected: str
+) -> None:
+    assert extract_token(headers, connection_token) == expected
+
+
+@pytest.mark.parametrize(
+    ("headers", "connection_token", "message"),
+    [
+        pytest.param([], None, "no agent token", id="nothing"),
+        pytest.param(
+            [("content-type", "application/json")],
+            None,
+            "no agent token",
+            id="no-credential-header",
+        ),
+        pytest.param([("Authorization", "Bearer ")], None, "no agent token", id="empty-bearer"),
+        pytest.param([("x-api-key", "")], None, "no agent token", id="empty-api-key"),
+        pytest.param([], "", "no agent token", id="empty-connection-token"),
+        pytest.param(
+            [("Authorization", "Bearer a"), ("x-api-key", "b")],
+            None,
+            "conflicting",
+            id="two-tokens",
+        ),
+        pytest.param(
+            [("Authorization", "Bearer a"), ("Authorization", "Bearer b")],
+            None,
+            "conflicting",
+            id="repeated-header-two-tokens",
+        ),
+        pytest.param(
+            [("Authorization", "Bearer a"), ("x-api-key", "")],
+            None,
+            "conflicting",
+            id="token-and-empty",
+        ),
+        pytest.param(
+            [("Proxy-Authorization", "Bearer a")], "b", "conflicting", id="request-proxy-vs-connect"
+        ),
+        pytest.param(
+            [("Proxy-Authorization", "Bearer a"), ("Proxy-Authorization", "Bearer b")],
+            None,
+            "conflicting",
+            id="two-proxy-tokens",
+        ),
+        pytest.param([("Authorization", "Digest abc")], None, "unsupported", id="digest"),
+        pytest.param([("Authorization", "tok")], None, "unsupported", id="no-scheme"),
+        pytest.param([("Authorization", "Basic %%%")], None, "malformed", id="basic-not-base64"),
+        pytest.param(
+            [("Authorization", "Basic " + base64.b64encode(b"\xff\xfe").decode())],
+            None,
+            "malformed",
+            id="basic-not-utf8",
+        ),
+        pytest.param(
+            [("Proxy-Authorization", "Negotiate x"), ("Authorization", "Bearer tok")],
+            None,
+            "unsupported",
+            id="bad-proxy-auth-not-ignored",
+        ),
+    ],
+)
+def test_extract_token_refusals(
+    headers: list[tuple[str, str]], connection_token: str | None, message: str
+) -> None:
+    with pytest.raises(RequestRefused) as e:
+        extract_token(headers, connection_token)
+    assert e.value.status == 401 and e.value.type == "unauthenticated"
+    assert message in e.value.message
+    for _, v in headers:  # a refusal never echoes a credential
+        secret = v.split(" ", 1)[-1]
+        if len(secret) > 3:
+            assert secret not in str(e.value)
+
+
+# --------------------------------------------------------------------------------------------
+# is_ip_literal
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        pytest.param("127.0.0.1", True, id="v4"),
+        pytest.param("10.1.2.3", True, id="v4-private"),
+        pytest.param("::1", True, id="v6"),
+        pytest.param("[::1]", True, id="v6-bracketed"),
+        pytest.param("[2001:db8::1]", True, id="v6-doc"),
+        pytest.param("::ffff:127.0.0.1", True, id="v4-mapped-v6"),
+        pytest.param("127.1", True, id="shorthand"),
+        pytest.param("0x7f.1", True, id="hex-shorthand"),
+        pytest.param("0X7F.0.0.1", True, id="hex-uppercase"),
+        pytest.param("0177.0.0.1", True, id="octal"),
+        pytest.param("2130706433", True, id="decimal"),
+        pytest.param("0x7f000001", True, id="hex-whole"),
+        pytest.param("api.openai.com", False, id="hostname"),
+        pytest.param("localhost", False, id="localhost"),
+        pytest.param("1password.com", False, id="leading-digit"),
+        pytest.param("123.example", False, id="numeric-label"),
+        pytest.param("0xdeadbeef.com", False, id="hex-looking-label"),
+        pytest.param("", False, id="empty"),
+    ],
+)
+def test_is_ip_literal(host: str, expected: bool) -> None:
+    assert is_ip_literal(host) is expected
+
+
+# --------------------------------------------------------------------------------------------
+# FlowState: stage order and the verdict
+# --------------------------------------------------------------------------------------------
+
+
+def bare_state() -> FlowState:
+    return FlowState("req_x", Target("https", "api.openai.com", 443, "POST", "/v1/x"), 0.0)
+
+
+@pytest.mark.parametrize(
+    "order",
+    [
+        pytest.param(["route"], id="route-first"),
+        pytest.param(["identity", "policy"], id="skip-route"),
+        pytest.param(["identity", "route", "policy", "audit"], id="skip-ratelimit"),
+        pytest.param(["identity", "identity"], id="repeat"),
+        pytest.param([*STAGES[:5], "inject", "inject"], id="inject-twice"),
+        pytest.param(["inject"], id="inject-first"),
+    ],
+)
+def test_mark_out_of_order_raises(order: list[str]) -> None:
+    st = bare_state()
+    with pytest.raises(IncompleteVerdict):
+        for stage in order:
+            st.mark(stage)
+
+
+def test_mark_after_refusal_raises() -> None:
+    st = bare_state()
+    st.mark("identity")
+    st.refusal = RequestRefused(403, "policy_denied", "no")
+    with pytest.raises(IncompleteVerdict):
+        st.mark("route")
+    with pytest.raises(IncompleteVerdict):
+        st.expect("route")
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_expect_requires_every_earlier_stage(stage: str) -> None:
+    st = bare_state()
+    i = STAGES.index(stage)
+    for s in STAGES[:i]:
+        st.mark(s)
+    st.expect(stage)  # fine
+    if i > 0:
+        st.done.pop()
+        with pytest.raises(IncompleteVerdict):
+            st.expect(stage)
+
+
+def run_pipeline(gw: Gateway, token: str, body: bytes = BODY) -> FlowState:
+    """Every library stage in order, the way the addons call them."""
+    st = gw.new_flow(Target("https", "api.openai.com", 443, "POST", "/v1/chat/completions"))
+    gw.identify(st, [("authorization", f"Bearer {token}")])
+    gw.route(st, {"content-type": "application/json"}, body)
+    gw.decide(st)
+    gw.reserve(st)
+    gw.audit_done(st, gw.audit_request(st).result(timeout=10))
+    inj = gw.inject(st)
+    assert inj.header == "authorization" and inj.value.reveal() == f"Bearer {CANARY_OPENAI}"
+    return st
+
+
+def test_allows_only_when_every_stage_ran_and_the_verdict_is_sealed(
+    gateway: Gateway, issue: Callable[..., str]
+) -> None:
+    st = run_pipeline(gateway, issue())
+    assert tuple(st.done) == STAGES
+    assert not st.allows()  # not sealed yet
+    gateway.seal(st, "POST", URL, BODY)
+    assert st.allows()
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        pytest.param(lambda st: st.done.pop(), id="stage-missing"),
+        pytest.param(
+            lambda st: setattr(st, "refusal", RequestRefused(403, "x", "y")), id="refused"
+        ),
+        pytest.param(lambda st: setattr(st, "digest", None), id="no-digest"),
+        pytest.param(lambda st: setattr(st, "audit", None), id="no-audit-result"),
+        pytest.param(lambda st: setattr(st, "injection", None), id="no-injection"),
+        pytest.param(lambda st: setattr(st, "identity", None), id="no-identity"),
+    ],
+)
+def test_allows_is_false_when_anything_is_missing(
+    gateway: Gateway, issue: Callable[..., str], spoil: Callable[[FlowState], None]
+) -> None:
+    st = run_pipeline(gateway, issue())
+    gateway.seal(st, "POST", URL, BODY)
+    spoil(st)
+    assert not st.allows()
+    assert not gateway.check_sealed(st, "POST", URL, BODY)
+
+
+def test_approve_decision_allows_only_once_approved(
+    gateway: Gateway, issue: Callable[..., str]
+) -> None:
+    body = BODY.replace(b"gpt-4o-mini", b"o1-mini")
+    st = run_pipeline(gateway, issue(), body)
+    assert st.decision is not None and st.decision.effect == "approve"
+    gateway.seal(st, "POST", URL, body)
+    assert not st.allows()
+    st.approved_by = "alice"
+    assert st.allows()
+
+
+def test_seal_before_every_stage_raises(gateway: Gateway, issue: Callable[..., str]) -> None:
+    st = run_pipeline(gateway, issue())
+    st.done.pop()
+    with pytest.raises(IncompleteVerdict):
+        gateway.seal(st, "POST", URL, BODY)
+
+
+HEADERS = ((b"host", b"api.openai.com"), (b"authorization", b"Bearer k"))
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param(HEADERS, id="unchanged"),
+        pytest.param((*HEADERS, (b"x-extra", b"1")), id="added"),
+        pytest.param(HEADERS[:1], id="removed"),
+        pytest.param(HEADERS[::-1], id="reordered"),
+        pytest.param(((b"host", b"evil.example"), HEADERS[1]), id="value-changed"),
+        pytest.param(
+            ((b"host", b"api.openai.co"), (b"mauthorization", b"Bearer k")), id="boundary-shift"
+        ),
+    ],
+)
+def test_check_sealed_covers_headers(
+    gateway: Gateway, issue: Callable[..., str], headers: tuple[tuple[bytes, bytes], ...]
+) -> None:
+    st = run_pipeline(gateway, issue())
+    gateway.seal(st, "POST", URL, BODY, HEADERS)
+    assert gateway.check_sealed(st, "POST", URL, BODY, headers) is (headers == HEADERS)
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "body", "ok"),
+    [
+        pytest.param("POST", URL, BODY, True, id="unchanged"),
+        pytest.param("PUT", URL, BODY, False, id="method"),
+        pytest.param("POST", URL.replace("api.openai.com", "evil.example"), BODY, False, id="host"),
+        pytest.param("POST", URL + "?x=1", BODY, False, id="query"),
+        pytest.param("POST", URL.replace("https", "http"), BODY, False, id="scheme"),
+        pytest.param("POST", URL.replace(".com/", ".com:8443/"), BODY, False, id="port"),
+        pytest.param("POST", URL, BODY + b" ", False, id="body-appended"),
+        pytest.param("POST", URL, BODY.replace(b"mini", b"mino"), False, id="body-changed"),
+        pytest.param("POST", URL, b"", False, id="body-dropped"),
+        pytest.param("POST", URL + "\0", BODY[:-1], False, id="boundary-shift"),
+    ],
+)
+def test_check_sealed_detects_changes(
+    gateway: Gateway, issue: Callable[..., str], method: str, url: str, body: bytes, ok: bool
+) -> None:
+    st = run_pipeline(gateway, issue())
+    gateway.seal(st, "POST", URL, BODY)
+    assert gateway.check_sealed(st, method, url, body) is ok
+
+
+# --------------------------------------------------------------------------------------------
+# refusal_body
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("refusal", "rule"),
+    [
+        pytest.param(
+            RequestRefused(403, "policy_denied", "gpt-4o is off", "no-gpt-4o"),
+            "no-gpt-4o",
+            id="with-rule",
+        ),
+        pytest.param(RequestRefused(401, "unauthenticated", "no agent token"), None, id="no-rule"),
+        pytest.param(
+            RequestRefused(429, "rate_limited", 'quote " and \\ and ü', "default"),
+            "default",
+            id="escaping",
+        ),
+    ],
+)
+def test_refusal_body_shape(refusal: RequestRefused, rule: str | None) -> None:
+    doc = json.loads(refusal_body(refusal, "req_abc"))
+    assert doc == {
+        "type": "error",
+        "error": {
+            "type": refusal.type,
+            "message": refusal.message,
+            "rule": rule,
+            "request_id": "req_abc",
+        },
+    }

@@ -1,0 +1,349 @@
+"""Event streams on their way back to the agent: event splitting, release timing (TTFT),
+scrubbing across chunk boundaries, usage counting, and the cut at the output reservation."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+from standin import standin_words
+
+from aiid_proxy.providers import Registry, SSEUsageTracker, Usage
+from aiid_proxy.scrub import REDACTED, Scrubber
+from aiid_proxy.streaming import CUT_REASON, EventSplitter, StreamGuard, cut_event
+
+REG = Registry.builtin()
+SECRET = "sk-canary-stream-0123456789abcdef"
+
+
+def ev(data: object, name: str | None = None, eol: str = "\n") -> bytes:
+    head = f"event: {name}{eol}" if name else ""
+    payload = data if isinstance(data, str) else json.dumps(data)
+    return f"{head}data: {payload}{eol}{eol}".encode()
+
+
+def chat_stream(words: list[str], usage: bool = True, eol: str = "\n") -> list[bytes]:
+    events = [ev({"choices": [{"index": 0, "delta": {"content": w}}]}, eol=eol) for w in words]
+    if usage:
+        u = {"prompt_tokens": 7, "completion_tokens": len(words)}
+        events.append(ev({"choices": [], "usage": u}, eol=eol))
+    events.append(ev("[DONE]", eol=eol))
+    return events
+
+
+def responses_stream(words: list[str]) -> list[bytes]:
+    out = [ev({"type": "response.created", "response": {"usage": None}}, "response.created")]
+    for w in words:
+        out.append(
+            ev({"type": "response.output_text.delta", "delta": w}, "response.output_text.delta")
+        )
+    done = {
+        "type": "response.completed",
+        "response": {"usage": {"input_tokens": 9, "output_tokens": len(words)}},
+    }
+    out.append(ev(done, "response.completed"))
+    return out
+
+
+def anthropic_stream(words: list[str]) -> list[bytes]:
+    start = {
+        "type": "message_start",
+        "message": {"usage": {"input_tokens": 12, "output_tokens": 1}},
+    }
+    out = [ev(start, "message_start"), ev({"type": "ping"}, "ping")]
+    for w in words:
+        delta = {"type": "content_block_delta", "delta": {"type": "text_delta", "text": w}}
+        out.append(ev(delta, "content_block_delta"))
+    out.append(
+        ev({"type": "message_delta", "usage": {"output_tokens": len(words)}}, "message_delta")
+    )
+    out.append(ev({"type": "message_stop"}, "message_stop"))
+    return out
+
+
+def tracker(provider: str = "openai", path: str = "/v1/chat/completions") -> SSEUsageTracker:
+    p = REG.get(provider)
+    found = p.match_route("POST", path)
+    assert found is not None
+    return SSEUsageTracker(p, found[0])
+
+
+def guard(
+    provider: str = "openai",
+    path: str = "/v1/chat/completions",
+    cap: int | None = None,
+    secrets: tuple[str, ...] = (),
+) -> tuple[StreamGuard, list[int]]:
+    calls: list[int] = []
+    g = StreamGuard(
+        Scrubber(secrets),
+        tracker(provider, path),
+        output_cap=cap,
+        request_id="req_test",
+        on_cut=lambda: calls.append(1),
+    )
+    return g, calls
+
+
+def splits(data: bytes) -> Iterator[list[bytes]]:
+    """Every way to cut ``data`` in two, and one byte at a time."""
+    for i in range(len(data) + 1):
+        yield [data[:i], data[i:]]
+    yield [data[i : i + 1] for i in range(len(data))]
+
+
+# -- EventSplitter -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "eol",
+    [pytest.param("\n", id="lf"), pytest.param("\r\n", id="crlf"), pytest.param("\r", id="cr")],
+)
+def test_splitter_finds_every_event_over_any_chunking(eol: str) -> None:
+    events = [
+        ev({"a": 1}, eol=eol),
+        ev({"b": 2}, "named", eol=eol),
+        f": comment{eol}data: x{eol}data: y{eol}{eol}".encode(),
+    ]
+    stream = b"".join(events)
+
+    def norm(e: bytes) -> bytes:
+        return e.replace(b"\r\n", b"\n").replace(b"\r", b"\n").strip(b"\n")
+
+    for chunks in splits(stream):
+        s = EventSplitter()
+        got = [e for c in chunks for e in s.feed(c)]
+        # an event whose blank line is a CR at the end of a chunk is released at once; the LF
+        # that may complete that CRLF then travels with the next event
+        assert b"".join(got) + s.rest() == stream
+        assert [norm(e) for e in got] == [norm(e) for e in events], chunks
+
+
+def test_splitter_crlf_split_across_chunks_is_one_line_end() -> None:
+    s = EventSplitter()
+    assert s.feed(b"data: a\r") == []
+    # the LF completes the CRLF; it is not an empty line ending the event
+    assert s.feed(b"\ndata: b\r\n") == []
+    assert s.feed(b"\r\n") == [b"data: a\r\ndata: b\r\n\r\n"]
+
+
+def test_splitter_hands_out_an_oversized_tail_and_recovers() -> None:
+    s = EventSplitter(max_event=100)
+    big = b"data: " + b"x" * 200
+    out = s.feed(big)
+    assert out == [big] and s.pending == 0
+    # the end of that line is not a blank line; the next blank line ends the event
+    assert s.feed(b"\n") == []
+    assert s.feed(b"\n" + ev(1)) == [b"\n\n", ev(1)]
+
+
+# -- release timing: nothing is held past the end of an event -----------------------------------
+@pytest.mark.parametrize(
+    ("provider", "path", "events"),
+    [
+        pytest.param("openai", "/v1/chat/completions", chat_stream(standin_words(8)), id="chat"),
+        pytest.param("openai", "/v1/responses", responses_stream(standin_words(8)), id="responses"),
+        pytest.param(
+            "anthropic", "/v1/messages", anthropic_stream(standin_words(8)), id="messages"
+        ),
+    ],
+)
+def test_each_event_is_released_in_the_call_that_completes_it(
+    provider: str, path: str, events: list[bytes]
+) -> None:
+    g, _ = guard(provider, path, secrets=(SECRET,))
+    for e in events:
+        assert g(e) == e  # the first token leaves with the chunk that brought it
+    assert g(b"") == b""
+    assert g.cut is None and g.released == sum(map(len, events))
+
+
+def test_half_an_event_waits_for_its_end_only() -> None:
+    g, _ = guard()
+    e1, e2 = chat_stream(["Hello", " there"], usage=False)[:2]
+    assert g(e1 + e2[:10]) == e1
+    assert g(e2[10:]) == e2
+
+
+# -- scrubbing -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("secret", "words", "hits"),
+    [
+        pytest.param(SECRET, ["Echo", f" {SECRET}", " done"], 1, id="key-in-a-delta"),
+        pytest.param(SECRET, [f"{SECRET}", f"{SECRET}!"], 2, id="key-twice"),
+        pytest.param("ghp_a/b+c0123456789", ["k: ghp_a/b+c0123456789"], 1, id="json-escaped-slash"),
+    ],
+)
+def test_secret_is_scrubbed_over_every_chunking(secret: str, words: list[str], hits: int) -> None:
+    """(A key a model spelled out over several deltas is not one run of bytes and is not
+    caught; providers echo keys in error bodies and headers, which are scrubbed whole.)"""
+    events = [
+        f'data: {{"choices": [{{"delta": {{"content": "{w.replace("/", "\\/")}"}}}}]}}\n\n'.encode()
+        for w in words
+    ]
+    stream = b"".join(events)
+    escaped = secret.replace("/", "\\/").encode()
+    assert escaped in stream
+    for chunks in splits(stream):
+        g, _ = guard(secrets=(secret,))
+        out = b"".join(g(c) for c in chunks) + g(b"")
+        assert out == stream.replace(escaped, REDACTED), chunks
+        assert g.scrubber.hits == hits
+
+
+# -- usage ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("provider", "path", "events", "expected"),
+    [
+        pytest.param(
+            "openai", "/v1/chat/completions", chat_stream(standin_words(5)), Usage(7, 5),
+            id="chat-usage-chunk",
+        ),
+        pytest.param(
+            "openai", "/v1/responses", responses_stream(standin_words(5)), Usage(9, 5),
+            id="responses-completed",
+        ),
+        pytest.param(
+            "anthropic", "/v1/messages", anthropic_stream(standin_words(5)), Usage(12, 5),
+            id="anthropic-start-and-delta",
+        ),
+        pytest.param(
+            "openai", "/v1/chat/completions", chat_stream(standin_words(5), usage=False),
+            Usage(40, 6, estimated=True), id="no-usage-estimated-from-text",
+        ),
+        pytest.param(
+            "openai", "/v1/chat/completions", chat_stream(["a"] * 9, usage=False),
+            Usage(40, 9, estimated=True), id="estimate-at-least-one-per-piece",
+        ),
+    ],
+)  # fmt: skip
+def test_usage_reported_or_estimated(
+    provider: str, path: str, events: list[bytes], expected: Usage
+) -> None:
+    g, _ = guard(provider, path)
+    for e in events:
+        g(e)
+    g(b"")
+    assert g.usage(40) == expected
+
+
+def test_estimate_is_never_zero_for_a_stream_with_text() -> None:
+    g, _ = guard()
+    g(chat_stream(["x"], usage=False)[0])
+    g(b"")
+    u = g.usage(0)
+    assert u.estimated and u.output_tokens == 1
+
+
+# -- the cut -------------------------------------------------------------------------------------
+def text_of(provider: str, out: bytes) -> tuple[str, list[dict[str, object]]]:
+    """The text an SDK would assemble, and the error events it would raise on."""
+    text, errors = "", []
+    for block in out.replace(b"\r\n", b"\n").split(b"\n\n"):
+        for line in block.split(b"\n"):
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            obj = json.loads(line[6:])
+            if "error" in obj:
+                errors.append(obj)
+            elif provider == "anthropic":
+                delta = obj.get("delta") or {}
+                text += delta.get("text", "") if obj["type"] == "content_block_delta" else ""
+            elif obj.get("type") == "response.output_text.delta":
+                text += obj["delta"]
+            else:
+                for c in obj.get("choices", []):
+                    text += c["delta"].get("content", "")
+    return text, errors
+
+
+@pytest.mark.parametrize(
+    ("provider", "path", "build"),
+    [
+        pytest.param("openai", "/v1/chat/completions", chat_stream, id="chat"),
+        pytest.param("openai", "/v1/responses", responses_stream, id="responses"),
+        pytest.param("anthropic", "/v1/messages", anthropic_stream, id="messages"),
+    ],
+)
+@pytest.mark.parametrize("cap", [pytest.param(1, id="cap1"), pytest.param(10, id="cap10")])
+def test_stream_past_its_reservation_is_cut_at_the_limit(
+    provider: str, path: str, build: object, cap: int
+) -> None:
+    words = standin_words(200)
+    events = build(words)  # type: ignore[operator]
+    g, calls = guard(provider, path, cap=cap)
+    out = b"".join(g(e) for e in events) + g(b"")
+    text, errors = text_of(provider, out)
+    assert text == "".join(words[:cap])  # exactly the reserved pieces, nothing after them
+    assert len(errors) == 1 and "reservation" in json.dumps(errors[0])
+    assert g.cut == CUT_REASON and calls == [1]
+    # everything that arrived was still counted, for the bill
+    assert g.tracker.text_deltas == len(words)
+
+
+def test_stream_within_its_reservation_is_not_cut() -> None:
+    events = chat_stream(standin_words(10))  # reports completion_tokens = 10
+    g, calls = guard(cap=10)
+    out = b"".join(g(e) for e in events) + g(b"")
+    assert out == b"".join(events) and g.cut is None and calls == []
+
+
+def test_anthropic_reported_output_within_cap_is_not_cut() -> None:
+    # message_start reports output_tokens 1; final message_delta 3: all within a cap of 3
+    g, calls = guard("anthropic", "/v1/messages", cap=3)
+    events = anthropic_stream(["a", "b", "c"])
+    assert b"".join(g(e) for e in events) + g(b"") == b"".join(events)
+    assert calls == []
+
+
+def test_no_cap_never_cuts() -> None:
+    g, calls = guard(cap=None)
+    events = chat_stream(standin_words(500))
+    assert b"".join(g(e) for e in events) + g(b"") == b"".join(events)
+    assert calls == [] and g.cut is None
+
+
+def test_unterminated_last_event_past_the_cap_is_withheld() -> None:
+    g, calls = guard(cap=1)
+    e1, e2 = chat_stream(["one", "two"], usage=False)[:2]
+    out = g(e1 + e2.rstrip(b"\n")) + g(b"")
+    text, errors = text_of("openai", out)
+    assert text == "one" and len(errors) == 1 and calls == [1]
+
+
+def test_after_the_cut_nothing_more_is_released() -> None:
+    g, calls = guard(cap=2)
+    events = chat_stream(standin_words(20))
+    outs = [g(e) for e in events]
+    first_empty = next(i for i, o in enumerate(outs) if i > 2 and o == b"")
+    assert all(o == b"" for o in outs[first_empty:])
+    assert g(b"") == b"" and calls == [1]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "marker"),
+    [
+        pytest.param("openai", b'"code": "reservation_exceeded"', id="openai"),
+        pytest.param("anthropic", b"event: error\n", id="anthropic"),
+        pytest.param("gemini", b'"status": "RESOURCE_EXHAUSTED"', id="gemini"),
+    ],
+)
+def test_cut_event_shapes(fmt: str, marker: bytes) -> None:
+    e = cut_event(fmt, "stop")
+    assert marker in e and e.endswith(b"\n\n")
+    data = json.loads(e.split(b"data: ", 1)[1])
+    assert data["error"]["message"] == "stop"
+
+
+# -- the mitmproxy adapter -----------------------------------------------------------------------
+def test_adapter_never_hands_mitmproxy_an_empty_bytes_chunk() -> None:
+    """mitmproxy sends a bytes result as one HTTP/1.1 chunk; an empty one would end the
+    agent's chunked body in the middle of the stream."""
+    from addons.pipeline import StreamFilter
+
+    sf = StreamFilter(Scrubber([SECRET]), tracker())
+    e1, e2 = chat_stream(["a", "b"], usage=False)[:2]
+    held = sf(e2[:5])  # half an event: nothing to pass on yet
+    assert held == b"" and not isinstance(held, bytes)
+    assert sf(e2[5:] + e1) == e2 + e1
+    end = sf(b"")
+    assert end == b"" and not isinstance(end, bytes)
