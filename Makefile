@@ -7,7 +7,7 @@ AIID_HOME := $(or $(AIID_HOME),$(CURDIR)/.aiid)
 AIID_POLICIES := $(or $(AIID_POLICIES),$(CURDIR)/policies)
 export AIID_HOME AIID_POLICIES
 
-.PHONY: install run test lint fmt bench soak fuzz clean
+.PHONY: install run test lint fmt bench soak fuzz crash-soak clean
 
 install: $(STAMP)
 
@@ -30,7 +30,11 @@ fmt: $(STAMP)
 	$(BIN)/ruff format aiid_proxy addons tests scripts
 	$(BIN)/ruff check --fix aiid_proxy addons tests scripts
 
+# tmux runs the console's end-to-end test (tests/test_e2e_console.py skips without it); never fatal.
+TMUX_CHECK := command -v tmux >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && { DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -qq tmux >/dev/null 2>&1 || { timeout 300 apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -qq tmux >/dev/null 2>&1; }; }; } || echo "tmux not installed: the console end-to-end tests are skipped"
+
 test: lint
+	@$(TMUX_CHECK)
 	$(BIN)/python -m pytest -q -n 2 -p no:cacheprovider
 
 # `make bench BENCH_ARGS=--quick` for a short run; results in bench/results.md.
@@ -44,6 +48,11 @@ bench: $(STAMP)
 soak: $(STAMP)
 	@$(HEY)
 	$(BIN)/python scripts/bench_gateway.py --soak 600 $(BENCH_ARGS)
+
+# kill -9 of `aiid run` under load, 500 rounds (make test runs 50): see tests/test_crash.py.
+crash-soak: $(STAMP)
+	AIID_CRASH_ROUNDS=$(or $(ROUNDS),500) $(BIN)/python -m pytest -q -s -p no:cacheprovider \
+		--timeout 3600 tests/test_crash.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

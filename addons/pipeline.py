@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from mitmproxy.utils import human
 
 from aiid_proxy.bodies import DEFAULT_BODY_LIMIT
 from aiid_proxy.control import Answer, ApprovalBroker, ControlServer
-from aiid_proxy.errors import AiidError, RequestRefused
+from aiid_proxy.errors import AiidError, AuditError, RequestRefused
 from aiid_proxy.gateway import (
     FlowState,
     Gateway,
@@ -44,6 +45,44 @@ from aiid_proxy.scrub import Scrubber
 from aiid_proxy.streaming import StreamGuard
 
 log = logging.getLogger("aiid")
+
+
+class LogScrubber:
+    """Every log record of this process is scrubbed of every secret the gateway injected:
+    mitmproxy logs raw upstream bytes ("Unexpected data from server: b'...'") and its errors
+    quote upstream status lines, so a provider echoing its key would otherwise put it in the
+    log. Installed (as the log record factory) on first use."""
+
+    def __init__(self) -> None:
+        self.secrets: set[str] = set()
+        self._base: Callable[..., logging.LogRecord] | None = None
+
+    def add(self, secret: str) -> None:
+        self.secrets.add(secret)
+        if self._base is None:
+            self._base = logging.getLogRecordFactory()
+            logging.setLogRecordFactory(self._record)
+
+    def _record(self, *args: Any, **kwargs: Any) -> logging.LogRecord:
+        assert self._base is not None
+        rec = self._base(*args, **kwargs)
+        scrubber = Scrubber(self.secrets)
+        try:
+            msg = rec.getMessage()
+        except Exception:
+            return rec
+        clean = scrubber.scrub_text(msg)
+        if clean != msg:
+            rec.msg, rec.args = clean, ()
+        if rec.exc_info and rec.exc_info[1] is not None:
+            text = "".join(traceback.format_exception(*rec.exc_info)).rstrip("\n")
+            clean = scrubber.scrub_text(text)
+            if clean != text:
+                rec.exc_text = clean  # the formatter uses it instead of formatting exc_info
+        return rec
+
+
+LOG_SCRUBBER = LogScrubber()
 
 STATE = "aiid"  # flow.metadata key holding the FlowState
 OURS = "aiid_refusal"  # flow.metadata key holding the refusal Response object we made
@@ -390,7 +429,15 @@ class AuditStage:
         if st is None:
             return
         gw = self.rt.gw()
-        result = await asyncio.wrap_future(gw.audit_request(st))
+        try:
+            result = await asyncio.wrap_future(gw.audit_request(st))
+        except AuditError as e:
+            # No durable `request` record (disk full, I/O error...): nothing may leave. Kill
+            # the flow here with one clear line, not an addon traceback further down.
+            if flow.killable:
+                flow.kill()
+            gw.record_error(st, f"request record not written: {e.one_line()}")
+            return
         gw.audit_done(st, result)
 
 
@@ -429,7 +476,9 @@ class InjectStage:
             req.headers["accept-encoding"] = "identity"  # so the stream can be scrubbed
         # Our id for this request (replacing any the agent sent): the audit record's key.
         req.headers["x-aiid-request-id"] = st.request_id
-        req.headers[inj.header] = inj.value.reveal()
+        value = inj.value.reveal()
+        req.headers[inj.header] = value
+        LOG_SCRUBBER.add(value.split(" ", 1)[1] if " " in value else value)
         req.trailers = None  # trailers are sent after the request hook: never forward them
         # Exact framing upstream: mitmproxy forwards an HTTP/2 request that has no
         # content-length to an HTTP/1.1 server unframed, and the server then reads the body as
@@ -612,6 +661,10 @@ class ResponseFilter:
         if st is None or self.rt.gateway is None or st.refusal is not None:
             return
         msg = flow.error.msg if flow.error else "unknown error"
+        clean = self._scrubber(st).scrub_text(msg)  # errors quote upstream bytes (status lines)
+        if clean != msg and flow.killable:
+            flow.kill()  # else mitmproxy's 502 page would quote the key to the agent
+        msg = clean
         sf = flow.metadata.get("aiid_stream")
         if isinstance(sf, StreamFilter) and flow.response is not None and st.allows():
             # a stream that ended early (cut by us, or a hang-up): still the provider's output,
@@ -638,6 +691,9 @@ class ResponseFilter:
     def _scrub_headers(resp: http.Response, scrubber: Scrubber) -> None:
         if not scrubber.active:
             return
+        reason = scrubber.scrub_text(resp.reason or "")
+        if reason != (resp.reason or ""):
+            resp.reason = reason  # "HTTP/1.1 401 Bad key sk-..." reaches HTTP/1.1 agents
         fields = []
         changed = False
         for k, v in resp.headers.fields:

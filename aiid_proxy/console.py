@@ -15,9 +15,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from rich.cells import cell_len, set_cell_size
 from rich.console import Group, RenderableType
 from rich.panel import Panel
-from rich.table import Table
 from rich.text import Text
 
 MAX_FLOWS = 200
@@ -192,6 +192,8 @@ def _ms(v: float | None) -> str:
 def _usd(v: float | None) -> str:
     if v is None:
         return ""
+    if 0 < v < 0.0001:
+        return "<$0.0001"
     return f"${v:.4f}" if v < 1 else f"${v:.2f}"
 
 
@@ -211,31 +213,79 @@ _EVENT_STYLE = {
 }
 
 
+# C0 and C1 control characters (ESC among them) and DEL: shown as "?". Model names, paths and
+# reasons come from agents' requests; an escape sequence in one must not drive the terminal.
+_CONTROLS = {i: "?" for i in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def _clean(text: str) -> str:
+    return text.translate(_CONTROLS)
+
+
 def _line(*parts: str | tuple[str, str], style: str = "") -> Text:
     """One screen line: never wraps, ends in an ellipsis when it does not fit."""
-    return Text.assemble(*parts, style=style, no_wrap=True, overflow="ellipsis")
+    clean = [_clean(p) if isinstance(p, str) else (_clean(p[0]), p[1]) for p in parts]
+    return Text.assemble(*clean, style=style, no_wrap=True, overflow="ellipsis")
 
 
-def _table(**kw: object) -> Table:
-    return Table(
-        box=None,
-        expand=True,
-        pad_edge=False,
-        show_edge=False,
-        padding=(0, 1, 0, 0),
-        header_style="bold",
-        **kw,  # type: ignore[arg-type]
-    )
+@dataclass(frozen=True)
+class _Col:
+    name: str
+    width: int = 0  # fixed width; 0 = flexible, sharing what is left by ``ratio``
+    ratio: int = 1
+    right: bool = False
 
 
-def _col(table: Table, name: str, *, right: bool = False, **kw: object) -> None:
-    table.add_column(
-        name,
-        no_wrap=True,
-        overflow="ellipsis",
-        justify="right" if right else "left",
-        **kw,  # type: ignore[arg-type]
-    )
+Cell = str | tuple[str, str]  # text, or (text, style)
+
+
+def _fit(text: str, width: int, right: bool) -> str:
+    """``text`` in exactly ``width`` cells: cut with an ellipsis, or padded."""
+    if width <= 0:
+        return ""
+    n = cell_len(text)
+    if n > width:
+        return set_cell_size(text, width - 1) + "…"
+    pad = " " * (width - n)
+    return pad + text if right else text + pad
+
+
+def _grid(cols: list[_Col], rows: list[list[Cell]], width: int) -> list[Text]:
+    """A header line and one line per row, columns one space apart, exactly ``width`` wide.
+
+    Much cheaper than a rich Table (no measuring, no wrapping): a frame is drawn every
+    half second while requests flow, on the proxy's event loop."""
+    fixed = sum(c.width for c in cols) + len(cols) - 1
+    flex = [c for c in cols if not c.width]
+    left = max(0, width - fixed)
+    total = sum(c.ratio for c in flex) or 1
+    widths = []
+    given = 0
+    for c in cols:
+        if c.width:
+            widths.append(c.width)
+            continue
+        w = left * c.ratio // total
+        given += w
+        widths.append(w)
+    if flex and given < left:  # the rounding remainder goes to the last flexible column
+        i = max(i for i, c in enumerate(cols) if not c.width)
+        widths[i] += left - given
+    out = [
+        _line(
+            " ".join(_fit(c.name, w, c.right) for c, w in zip(cols, widths, strict=True)),
+            style="bold",
+        )
+    ]
+    for row in rows:
+        parts: list[str | tuple[str, str]] = []
+        for i, (c, w, cell) in enumerate(zip(cols, widths, row, strict=True)):
+            text, style = (cell, "") if isinstance(cell, str) else cell
+            parts.append((_fit(_clean(text), w, c.right), style))
+            if i < len(cols) - 1:
+                parts.append(" ")
+        out.append(_line(*parts))
+    return out
 
 
 # -- sections -----------------------------------------------------------------------------------
@@ -332,79 +382,74 @@ def _event_lines(state: ConsoleState, n: int) -> list[Text]:
     ]
 
 
-def _agents_table(state: ConsoleState, n_rows: int, now: float, wide: bool) -> Table:
-    t = _table()
-    _col(t, "agent", ratio=1)
-    _col(t, "req", right=True)
-    _col(t, "deny", right=True)
-    _col(t, "tokens", right=True)
+def _agents_lines(state: ConsoleState, n_rows: int, now: float, width: int) -> list[Text]:
     spend = any(c.spend_usd for c in state.agents.values())
-    if spend and wide:
-        _col(t, "spend", right=True)
-    _col(t, "rate limit")
-    ranked = sorted(state.agents.items(), key=lambda kv: (-kv[1].requests, kv[0]))
-    for (tenant, agent), c in ranked[:n_rows]:
-        if c.last_limited is not None and now - c.last_limited < LIMITED_FOR_S:
-            rl = Text(f"LIMITED ({c.rate_limited}x429)", style="bold red")
-        elif c.rate_limited:
-            rl = Text(f"ok ({c.rate_limited}x429)", style="yellow")
-        else:
-            rl = Text("ok", style="green")
-        cells: list[RenderableType] = [
-            f"{tenant}/{agent}",
-            str(c.requests),
-            str(c.denials),
-            str(c.tokens),
-        ]
-        if spend and wide:
-            cells.append(_usd(c.spend_usd))
-        cells.append(rl)
-        t.add_row(*cells)
-    return t
-
-
-def _flows_table(state: ConsoleState, n_rows: int, inner: int) -> Table:
-    wide = inner >= WIDE - 4
-    narrow = inner < 56
-    spend = wide and any(r.spend_usd is not None for r in state.flows)
-    t = _table()
-    _col(t, "time", width=8)
-    if wide:
-        _col(t, "tenant", ratio=1)
-    _col(t, "agent", ratio=2)
-    if wide:
-        _col(t, "provider", width=10)
-    _col(t, "model", ratio=3)
-    _col(t, "decision", width=8 if not narrow else 5)
-    if not narrow:
-        _col(t, "rule", ratio=3)
-    _col(t, "st", right=True, width=3)
-    if not narrow:
-        _col(t, "ms", right=True, width=5)
-        _col(t, "tokens", right=True, width=8)
+    cols = [
+        _Col("agent"),
+        _Col("req", 6, right=True),
+        _Col("deny", 5, right=True),
+        _Col("tokens", 9, right=True),
+    ]
     if spend:
-        _col(t, "spend", right=True, width=8)
-    if wide:
-        _col(t, "request", width=28)
-    rows = list(state.flows)[-n_rows:] if n_rows > 0 else []
-    for r in rows:
-        cells: list[RenderableType] = [_t(r.at)]
-        if wide:
-            cells += [r.tenant, r.agent, r.provider, r.model or "-"]
+        cols.append(_Col("spend", 9, right=True))
+    cols.append(_Col("rate limit", 16))
+    ranked = sorted(state.agents.items(), key=lambda kv: (-kv[1].requests, kv[0]))
+    rows: list[list[Cell]] = []
+    for (tenant, agent), c in ranked[: max(0, n_rows)]:
+        if c.last_limited is not None and now - c.last_limited < LIMITED_FOR_S:
+            rl: Cell = (f"LIMITED ({c.rate_limited}x429)", "bold red")
+        elif c.rate_limited:
+            rl = (f"ok ({c.rate_limited}x429)", "yellow")
         else:
-            cells += [r.agent, r.model or r.provider]
-        cells.append(Text(r.decision, style=_DECISION_STYLE.get(r.decision, "")))
-        if not narrow:
-            cells.append(r.rule)
-        cells.append(r.status)
-        if not narrow:
-            cells += [_ms(r.latency_ms), r.tokens]
+            rl = ("ok", "green")
+        row: list[Cell] = [f"{tenant}/{agent}", str(c.requests), str(c.denials), str(c.tokens)]
         if spend:
-            cells.append(_usd(r.spend_usd))
+            row.append(_usd(c.spend_usd))
+        row.append(rl)
+        rows.append(row)
+    return _grid(cols, rows, width)
+
+
+def _flows_lines(state: ConsoleState, n_rows: int, width: int) -> list[Text]:
+    wide = width >= WIDE - 4
+    narrow = width < 56
+    spend = wide and any(r.spend_usd is not None for r in state.flows)
+    cols = [_Col("time", 8)]
+    if wide:
+        cols.append(_Col("tenant", ratio=1))
+    cols.append(_Col("agent", ratio=2))
+    if wide:
+        cols.append(_Col("provider", 10))
+    cols.append(_Col("model", ratio=3))
+    cols.append(_Col("decision", 8 if not narrow else 5))
+    if not narrow:
+        cols.append(_Col("rule", ratio=3))
+    cols.append(_Col("st", 3, right=True))
+    if not narrow:
+        cols += [_Col("ms", 5, right=True), _Col("tokens", 8, right=True)]
+    if spend:
+        cols.append(_Col("spend", 8, right=True))
+    if wide:
+        cols.append(_Col("request", 28))
+    rows: list[list[Cell]] = []
+    for r in list(state.flows)[-n_rows:] if n_rows > 0 else []:
+        row: list[Cell] = [_t(r.at)]
         if wide:
-            cells.append(r.request_id)
-        t.add_row(*cells)
-    return t
+            row += [r.tenant, r.agent, r.provider, r.model or "-"]
+        else:
+            row += [r.agent, r.model or r.provider]
+        row.append((r.decision, _DECISION_STYLE.get(r.decision, "")))
+        if not narrow:
+            row.append(r.rule)
+        row.append(r.status)
+        if not narrow:
+            row += [_ms(r.latency_ms), r.tokens]
+        if spend:
+            row.append(_usd(r.spend_usd))
+        if wide:
+            row.append(r.request_id)
+        rows.append(row)
+    return _grid(cols, rows, width)
 
 
 # -- the screen ---------------------------------------------------------------------------------
@@ -451,14 +496,17 @@ def render(
         got = take(want, keep_flows)
         tail: list[RenderableType] = []
         if got:
-            bottom = Table.grid(expand=True, padding=(0, 2))
-            bottom.add_column(ratio=2)
-            bottom.add_column(ratio=3)
-            left: RenderableType = (
-                _agents_table(state, got - 1, now, True) if n_ag and got >= 2 else Text("")
-            )
-            bottom.add_row(left, Group(*_event_lines(state, got)))
-            tail.append(bottom)
+            lw = inner_w * 2 // 5
+            left = _agents_lines(state, got - 1, now, lw) if n_ag and got >= 2 else []
+            right = _event_lines(state, got)
+            for i in range(got):
+                ln = left[i].copy() if i < len(left) else Text()
+                ln.truncate(lw, pad=True)
+                ln.append("  ")
+                if i < len(right):
+                    ln.append_text(right[i])
+                ln.no_wrap, ln.overflow = True, "ellipsis"
+                tail.append(ln)
     else:
         n_ag = min(len(state.agents), 3) if height >= 20 else 0
         spare = max(cap_e, rem - flows_need - (n_ag + 1 if n_ag else 0))
@@ -466,10 +514,10 @@ def render(
         if n_ag and rem - keep_flows >= 3:
             more = max(n_ag, rem - flows_need - 1)
             got = take(1 + min(len(state.agents), more), keep_flows)
-            tail.append(_agents_table(state, got - 1, now, False))
+            tail += _agents_lines(state, got - 1, now, inner_w)
     if rem >= 1:
         if state.flows or not state.hints:
-            parts.append(_flows_table(state, rem - 1, inner_w))
+            parts += _flows_lines(state, rem - 1, inner_w)
         else:
             parts += [_line(h, style="dim") for h in state.hints[:rem]]
     parts += tail

@@ -22,7 +22,9 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import resource
+import shutil
 import sqlite3
 import ssl
 import subprocess
@@ -144,8 +146,12 @@ async def one_stream(
         t_head = time.perf_counter()
         status = head.split(b"\r\n", 1)[0]
         if b" 200 " not in status:
-            rest = await reader.read(500)
-            st.error = f"{status.decode(errors='replace')}: {rest[:200]!r}"
+            rest = await reader.read(4000)
+            text = rest.decode(errors="replace")
+            # mitmproxy's own error page: keep its message, not the HTML around it
+            found = re.findall(r"<p>(.*?)</p>|\"message\": \"([^\"]*)", text, re.S)
+            why = " ".join(a or b for a, b in found)[:160] if found else text[:160]
+            st.error = f"{status.decode(errors='replace')}: {why}"
             return st
         buf = b""
         last: float | None = None
@@ -245,6 +251,7 @@ def main() -> int:
     ap.add_argument("--ramp", type=float, default=5.0, help="spread the stream starts (s)")
     ap.add_argument("--skip-direct", action="store_true", help="no direct baseline run")
     ap.add_argument("--json", action="store_true", help="print the results as JSON too")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, audit)")
     args = ap.parse_args()
     events = max(1, round(args.seconds * 1000 / args.interval_ms))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -324,6 +331,10 @@ def main() -> int:
             si.wait(20)
         except subprocess.TimeoutExpired:
             si.kill()
+        if args.keep:
+            print(f"work directory kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
     cols = [
         "completed",

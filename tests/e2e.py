@@ -218,12 +218,25 @@ class TmuxGateway:
             "-p",
             "-t",
             self.session,
-            "#{window_width}x#{window_height}",
+            "#{window_width}x#{window_height} pane_dead=#{pane_dead} #{pane_dead_status}",
             check=False,
         ).stdout.strip()
         raise AssertionError(
             f"screen ({size}) never showed {what}:\n{screen}\nlog:\n{self.log()[-3000:]}"
         )
+
+    def exit_status(self, pid: int) -> int | None:
+        """The exit status of the gateway that ran as ``pid``: from /proc while it is a zombie
+        (tmux may be slow to reap it), else as tmux reports it."""
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            if fields[0] == "Z":
+                return (int(fields[49]) >> 8) & 0xFF
+        except (OSError, IndexError, ValueError):
+            pass
+        out = self.tmux("display-message", "-p", "-t", self.session, "#{pane_dead_status}")
+        status = out.stdout.strip()
+        return int(status) if status.isdigit() else None
 
     def wait_exit(self, timeout: float = 15.0) -> bool:
         deadline = time.monotonic() + timeout

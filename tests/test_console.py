@@ -227,6 +227,20 @@ def test_empty_state_tells_how_to_connect_an_agent() -> None:
     assert "HTTPS_PROXY" not in "\n".join(screen(s, 80, 24))
 
 
+@pytest.mark.parametrize(("width", "height"), [(80, 24), (160, 40)])
+def test_control_characters_from_agents_never_reach_the_terminal(width: int, height: int) -> None:
+    """Model names come from agents' requests: an escape sequence in one must not drive the
+    operator's terminal."""
+    evil = "gpt\x1b]0;pwned\x07\x1b[2J\rx"
+    s = ConsoleState(listen="127.0.0.1:8080", started=NOW)
+    s.add_flow(FlowRow(NOW, RID, "acme", "bot", "openai", evil, "allow", "r", "200"))
+    s.add_pending(PendingRow(RID, "acme", "bot", f"openai/{evil}", "r", NOW, NOW + 9))
+    s.add_denial(NOW, "acme", "bot", "r", f"model {evil} is not allowed")
+    text = "\n".join(screen(s, width, height, color=True))
+    assert "\x1b]" not in text and "\x07" not in text and "\x1b[2J" not in text
+    assert "\r" not in text and "pwned" in text
+
+
 def test_tiny_terminal_still_says_something_useful() -> None:
     assert "3 pending" in screen(full_state(), 19, 3)[0]
 

@@ -101,17 +101,32 @@ class Rig:
         gw.wait_listening()
         return gw
 
-    def start_fails(self, home: Path, **env: str) -> subprocess.CompletedProcess[str]:
-        """`aiid run` that must refuse to start: its exit status and output."""
-        args = gateway_args(free_port(), self.policies, self.si.port, self.si.ca_path)
-        return subprocess.run(
-            [AIID, *args],
-            env=gateway_env(home, **env),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            stdin=subprocess.DEVNULL,
-        )
+    def start_fails(
+        self, home: Path, *, exec_real: bool = False, **env: str
+    ) -> subprocess.CompletedProcess[str]:
+        """`aiid run` that must refuse to start: its exit status and output (stdout+stderr)."""
+        port = free_port()
+        args = gateway_args(port, self.policies, self.si.port, self.si.ca_path)
+        if exec_real:
+            return subprocess.run(
+                [AIID, *args],
+                env=gateway_env(home, **env),
+                capture_output=True,
+                text=True,
+                timeout=60,
+                stdin=subprocess.DEVNULL,
+            )
+        log = home.parent / f"gateway-{port}.log"
+        gw = GatewayProc(args, gateway_env(home, **env), log, self.forks)
+        deadline = time.monotonic() + 30
+        while gw.alive() and time.monotonic() < deadline:
+            if "listening on" in gw.output():
+                break
+            time.sleep(0.02)
+        gw.kill9()  # reaps it (it has exited unless it wrongly started)
+        assert gw.status is not None
+        code = os.waitstatus_to_exitcode(gw.status)
+        return subprocess.CompletedProcess(args, code, gw.output(), "")
 
     def call(self, gw: GatewayProc, provider: str = "openai") -> Reply:
         proxy = f"http://127.0.0.1:{gw.port}"
@@ -264,8 +279,9 @@ def test_audit_disk_full_denies_every_request_then_recovers(rig: Rig) -> None:
             filler = _fill(tdir) if mounted else None
             flag.touch()
             _assert_denied_while_broken(rig, gw)
-            out = _wait_log(gw, "audit write failed")
+            out = _wait_log(gw, "killed: request record not written: audit write failed")
             assert "database or disk is full" in out
+            assert "Traceback" not in out  # one clear line per refused request, no noise
             if filler is not None:
                 filler.unlink()
             flag.unlink()
@@ -273,7 +289,6 @@ def test_audit_disk_full_denies_every_request_then_recovers(rig: Rig) -> None:
         finally:
             gw.stop()
         _no_secret(gw.output())
-        print("DISKFULL LOG\n", gw.output()[-5000:])
         assert "OK " in _verify(home)
     finally:
         if mounted:
@@ -297,8 +312,9 @@ def test_audit_io_errors_deny_every_request_then_recover(rig: Rig) -> None:
         _ok(rig, gw)
         flag.touch()
         _assert_denied_while_broken(rig, gw)
-        out = _wait_log(gw, "audit write failed")
+        out = _wait_log(gw, "killed: request record not written: audit write failed")
         assert "disk I/O error" in out
+        assert "Traceback" not in out
         flag.unlink()
         _ok(rig, gw)
         _ok(rig, gw)
@@ -306,7 +322,6 @@ def test_audit_io_errors_deny_every_request_then_recover(rig: Rig) -> None:
         flag.unlink(missing_ok=True)
         gw.stop()
     _no_secret(gw.output())
-    print("EIO LOG\n", gw.output()[-5000:])
     assert "OK " in _verify(home)
 
 
@@ -359,7 +374,7 @@ def test_corrupted_vault_entry_gets_a_clean_refusal_and_leaks_nothing(rig: Rig) 
 def test_wrong_or_malformed_master_key_refuses_to_start(rig: Rig) -> None:
     home = rig.home("masterkey")
     wrong = base64.b64encode(os.urandom(32)).decode()
-    p = rig.start_fails(home, AIID_MASTER_KEY=wrong)
+    p = rig.start_fails(home, exec_real=True, AIID_MASTER_KEY=wrong)  # the real binary
     out = p.stdout + p.stderr
     assert p.returncode == 1, out
     line = [x for x in out.splitlines() if x.startswith("aiid: error:")]
@@ -439,3 +454,68 @@ def test_audit_database_deleted_under_a_running_gateway_fails_closed(rig: Rig) -
         _wait_log(gw, "was removed or replaced while in use; refusing to write")
     finally:
         gw.stop()
+
+
+# -- the same faults in-process (no mount, compiler or subprocess needed) ------------------------
+class _FaultyConnection(sqlite3.Connection):
+    fail_with: str | None = None
+
+    def executemany(self, sql: str, rows: object) -> sqlite3.Cursor:  # type: ignore[override]
+        if self.fail_with is not None:
+            raise sqlite3.OperationalError(self.fail_with)
+        return super().executemany(sql, rows)  # type: ignore[arg-type]
+
+
+def test_audit_log_write_errors_fail_the_append_and_recover(tmp_path: Path) -> None:
+    from aiid_proxy.audit import AuditLog, tenant_key, verify_db
+    from aiid_proxy.errors import AuditError
+
+    conns: list[_FaultyConnection] = []
+
+    def connect(path: Path) -> sqlite3.Connection:
+        conn = sqlite3.connect(path, factory=_FaultyConnection, check_same_thread=False)
+        assert isinstance(conn, _FaultyConnection)
+        conns.append(conn)
+        return conn
+
+    root = bytes(range(32))
+    db = tmp_path / "a.db"
+    with AuditLog(db, "acme", root, _connect=connect) as log:
+        assert log.append_sync("request", request_id="r1").seq == 1
+        for message in ("disk I/O error", "database or disk is full"):
+            conns[0].fail_with = message
+            with pytest.raises(
+                AuditError, match=f"audit write failed: OperationalError: {message}"
+            ):
+                log.append_sync("request", request_id="lost")
+            conns[0].fail_with = None
+            assert log.append_sync("request", request_id="r2").seq == log.head()[0]
+        # SQLite's own page limit: a real SQLITE_FULL from the engine, then room again.
+        (pages,) = conns[0].execute("PRAGMA page_count").fetchone()
+        conns[0].execute(f"PRAGMA max_page_count = {pages}")
+        big = "x" * 20000
+        with pytest.raises(AuditError, match="database or disk is full"):
+            log.append_sync("request", request_id="big", reason=big)
+        conns[0].execute("PRAGMA max_page_count = 1073741823")
+        assert log.append_sync("request", request_id="big", reason=big).seq == 4
+    res = verify_db(db, tenant_key(root, "acme"))
+    assert (res.ok, res.count) == (True, 4)
+
+
+def test_audit_log_never_creates_a_missing_database_when_told_not_to(tmp_path: Path) -> None:
+    from aiid_proxy.audit import AuditLog
+    from aiid_proxy.errors import AuditError
+
+    db = tmp_path / "audit.db"
+    with pytest.raises(AuditError, match="audit database missing"):
+        AuditLog(db, "acme", bytes(32), create=False)
+    assert not db.exists()
+    AuditLog(db, "acme", bytes(32)).close()  # the default still creates it
+    with AuditLog(db, "acme", bytes(32), create=False) as log:
+        log.append_sync("request")
+        db.rename(tmp_path / "moved.db")
+        with pytest.raises(AuditError, match="was removed or replaced while in use"):
+            log.append_sync("request")
+        shutil.copyfile(tmp_path / "moved.db", db)  # a restored copy is another file
+        with pytest.raises(AuditError, match="was removed or replaced while in use"):
+            log.append_sync("request")
