@@ -54,5 +54,11 @@ crash-soak: $(STAMP)
 	AIID_CRASH_ROUNDS=$(or $(ROUNDS),500) $(BIN)/python -m pytest -q -s -p no:cacheprovider \
 		--timeout 3600 tests/test_crash.py
 
+# Long fuzzing session (make test runs a bounded one): hypothesis with FUZZ_EXAMPLES examples per
+# property, then atheris (installed on demand; skipped if it does not install) FUZZ_SECONDS per target.
+fuzz: $(STAMP)
+	@$(BIN)/python -c "import atheris" 2>/dev/null || $(BIN)/python -m pip install --quiet --disable-pip-version-check atheris || echo "atheris does not install here: hypothesis only"
+	$(BIN)/python scripts/fuzz.py --examples $(or $(FUZZ_EXAMPLES),10000) --seconds $(or $(FUZZ_SECONDS),60)
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -288,6 +288,7 @@ class ConsoleAddon:
                 s.pending.pop(row.request_id, None)  # gone meanwhile (timed out)
                 s.add_event(now, "console", e.one_line())
                 return
+            s.mark_answered(row.request_id)  # the next key answers the next one
             if ttl:
                 s.add_event(
                     now,
@@ -399,17 +400,22 @@ class ConsoleAddon:
             redirect_stderr=False,
         )
         self._live.start(refresh=True)
+        atexit.register(self._restore_terminal)  # even if `done` never runs
         self._drawn_size = (size.width, size.height)
         self._drawn_at = time.monotonic()
         self._task = loop.create_task(self._loop())
+
+    def _restore_terminal(self) -> None:
+        if self._keys is not None:
+            self._keys.stop()
+            self._keys = None
+        if self._live is not None:
+            with contextlib.suppress(Exception):
+                self._live.stop()
+            self._live = None
 
     def done(self) -> None:
         if self._task is not None:
             self._task.cancel()
             self._task = None
-        if self._keys is not None:
-            self._keys.stop()
-            self._keys = None
-        if self._live is not None:
-            self._live.stop()
-            self._live = None
+        self._restore_terminal()

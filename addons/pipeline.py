@@ -54,11 +54,13 @@ class LogScrubber:
     log. Installed (as the log record factory) on first use."""
 
     def __init__(self) -> None:
-        self.secrets: set[str] = set()
+        self.secrets: frozenset[str] = frozenset()  # replaced, never mutated: other threads log
         self._base: Callable[..., logging.LogRecord] | None = None
 
     def add(self, secret: str) -> None:
-        self.secrets.add(secret)
+        if secret and secret not in self.secrets:
+            # also as a bytes repr quotes a JSON-escaped echo ("\\/" for "/")
+            self.secrets = self.secrets | {secret, secret.replace("/", "\\\\/")}
         if self._base is None:
             self._base = logging.getLogRecordFactory()
             logging.setLogRecordFactory(self._record)
@@ -66,19 +68,22 @@ class LogScrubber:
     def _record(self, *args: Any, **kwargs: Any) -> logging.LogRecord:
         assert self._base is not None
         rec = self._base(*args, **kwargs)
-        scrubber = Scrubber(self.secrets)
         try:
-            msg = rec.getMessage()
-        except Exception:
-            return rec
-        clean = scrubber.scrub_text(msg)
-        if clean != msg:
-            rec.msg, rec.args = clean, ()
-        if rec.exc_info and rec.exc_info[1] is not None:
-            text = "".join(traceback.format_exception(*rec.exc_info)).rstrip("\n")
-            clean = scrubber.scrub_text(text)
-            if clean != text:
-                rec.exc_text = clean  # the formatter uses it instead of formatting exc_info
+            scrubber = Scrubber(self.secrets)
+            try:
+                msg = rec.getMessage()
+            except Exception:
+                msg = str(rec.msg)
+            clean = scrubber.scrub_text(msg)
+            if clean != msg:
+                rec.msg, rec.args = clean, ()
+            if rec.exc_info and rec.exc_info[1] is not None:
+                text = "".join(traceback.format_exception(*rec.exc_info)).rstrip("\n")
+                clean = scrubber.scrub_text(text)
+                if clean != text:
+                    rec.exc_text = clean  # the formatter uses it instead of formatting exc_info
+        except Exception:  # never break the caller's logging; never log unscrubbed text
+            rec.msg, rec.args, rec.exc_info, rec.exc_text = "(log line withheld)", (), None, None
         return rec
 
 

@@ -406,13 +406,20 @@ def _exported_anchors(
     from aiid_proxy.audit.signed import CheckpointError, load_public_key, read_exported
 
     paths = [Path(f) for f in files]
+
+    def present(path: Path) -> bool:  # admin/ may be closed to whoever runs verify
+        try:
+            return path.exists()
+        except OSError:
+            return False
+
     own = checkpoint_log_path(home, tenant_name)
-    if own.exists():
+    if present(own):
         paths.insert(0, own)
     if not paths:
         return []
     pub_path = Path(key_file) if key_file else checkpoint_key_paths(home)[1]
-    public_key = load_public_key(pub_path) if key_file or pub_path.exists() else None
+    public_key = load_public_key(pub_path) if key_file or present(pub_path) else None
     anchors: list[Any] = []
     for p in paths:
         try:

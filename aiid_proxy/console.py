@@ -99,6 +99,7 @@ class ConsoleState:
     events: deque[EventRow] = field(default_factory=lambda: deque(maxlen=MAX_EVENTS))
     policy_events: deque[EventRow] = field(default_factory=lambda: deque(maxlen=MAX_EVENTS))
     pending: dict[str, PendingRow] = field(default_factory=dict)
+    answered: dict[str, PendingRow] = field(default_factory=dict)  # until `resolved` comes
     selected: str | None = None
     agents: dict[tuple[str, str], AgentCounters] = field(default_factory=dict)
     overrides: list[OverrideRow] = field(default_factory=list)
@@ -134,8 +135,19 @@ class ConsoleState:
         self.pending[row.request_id] = row
         self.changed()
 
-    def resolve(self, request_id: str, at: float, approved: bool, by: str) -> None:
+    def mark_answered(self, request_id: str) -> None:
+        """Answered from here: off the list at once (the gateway's `resolved` event follows)."""
         row = self.pending.pop(request_id, None)
+        if row is not None:
+            self.answered[request_id] = row
+            while len(self.answered) > MAX_EVENTS:
+                del self.answered[next(iter(self.answered))]
+        if self.selected == request_id:
+            self.selected = None
+        self.changed()
+
+    def resolve(self, request_id: str, at: float, approved: bool, by: str) -> None:
+        row = self.pending.pop(request_id, None) or self.answered.pop(request_id, None)
         if self.selected == request_id:
             self.selected = None
         who = f" {row.tenant}/{row.agent} {row.target}" if row else ""
