@@ -224,7 +224,7 @@ def test_kill9_under_load_never_breaks_the_chain_or_loses_a_forwarded_request(en
         "killed_during_start": sum(r["during_start"] for r in env.rounds),
         "killed_under_load": len(load_rounds),
         "agent_ok": len(client_ok),
-        "agent_errors": sum(sum(r.get("errors", {}).values()) for r in env.rounds),
+        "agent_errors": dict(sum((Counter(r.get("errors", {})) for r in env.rounds), Counter())),
         "upstream_requests": len(upstream),
         "audit_records": len(rows),
         "durable_request_records": len(durable),
