@@ -20,7 +20,7 @@ from typing import Any
 from mitmproxy import connection, ctx, exceptions, http, tcp, udp
 from mitmproxy.utils import human
 
-from aiid_proxy.bodies import DEFAULT_BODY_LIMIT
+from aiid_proxy.bodies import DEFAULT_BODY_LIMIT, too_large
 from aiid_proxy.control import Answer, ApprovalBroker, ControlServer
 from aiid_proxy.errors import AiidError, AuditError, RequestRefused
 from aiid_proxy.gateway import (
@@ -105,6 +105,8 @@ PINNED: dict[str, Any] = {
     "stream_large_bodies": None,
     "validate_inbound_headers": True,
     "onboarding": False,
+    "save_stream_file": None,  # would write injected keys to disk
+    "hardump": "",
 }
 TLS_OK = ("TLS1_2", "TLS1_3")
 
@@ -172,13 +174,19 @@ class Runtime:
         for name in ("tls_version_client_min", "tls_version_server_min"):
             if name in updated and getattr(opts, name) not in TLS_OK:
                 raise exceptions.OptionsError(f"aiid-proxy requires {name} of TLS1_2 or higher")
-        if not str(opts.mode[0] if opts.mode else "regular").startswith("regular"):
+        if hasattr(opts, "flow_detail") and opts.flow_detail > 1:
+            raise exceptions.OptionsError(
+                "aiid-proxy requires flow_detail <= 1: higher levels print injected keys"
+            )
+        if not all(str(m).startswith("regular") for m in (opts.mode or ["regular"])):
             raise exceptions.OptionsError("aiid-proxy runs in regular proxy mode only")
         if "aiid_body_limit" in updated or "body_size_limit" in updated:
             limit = opts.aiid_body_limit
             current = opts.body_size_limit
-            if current is None or human.parse_size(current) != limit:
-                opts.update(body_size_limit=str(limit))
+            # mitmproxy's own (plain-text) 413 is only the hard ceiling: declared lengths over
+            # the limit get the contract's JSON 413 from Intake, decoded sizes from the Route.
+            if current is None or human.parse_size(current) != 2 * limit:
+                opts.update(body_size_limit=str(2 * limit))
         if self.gateway is not None and self._key is None:
             return  # injected (tests)
         home = Home.resolve(opts.aiid_home or None)
@@ -319,6 +327,28 @@ class Intake:
             self.guard.conn_tokens.get(flow.client_conn.id),
         )
         flow.metadata[STATE] = st
+        declared = req.headers.get("content-length", "")
+        gw = self.rt.gw()
+        if declared.isdigit() and int(declared) > gw.body_limit:
+            # refuse before reading the body; identify first so the deny lands in the tenant
+            try:
+                gw.identify(st, _headers(flow))
+                refusal = too_large(gw.body_limit)
+            except RequestRefused as r:
+                refusal = r
+            refuse_now(self.rt, flow, st, refusal)
+
+
+def refuse_now(rt: Runtime, flow: http.HTTPFlow, st: FlowState, r: RequestRefused) -> None:
+    """Synchronous refusal for hooks before the agent is known (nothing to await)."""
+    resp = http.Response.make(
+        r.status,
+        refusal_body(r, st.request_id),
+        {"content-type": "application/json", "x-aiid-request-id": st.request_id, **r.headers},
+    )
+    flow.response = resp
+    flow.metadata[OURS] = resp
+    rt.gw().record_refusal(st, r)
 
 
 class IdentityStage:
@@ -403,7 +433,12 @@ class PolicyStage:
         text = f"{verdict} by {ans.by}" + (f": {ans.reason}" if ans.reason else "")
         fut = gw.record_approval(st, ans.approved, ans.by, text)
         if fut is not None:
-            await asyncio.wrap_future(fut)
+            try:
+                await asyncio.wrap_future(fut)
+            except AiidError as e:  # no record of the human's answer: do not forward
+                raise RequestRefused(
+                    503, "audit_error", "approval could not be audited", d.rule_id
+                ) from e
         if not ans.approved:
             raise RequestRefused(403, "policy_denied", f"approval {text}", d.rule_id)
         st.approved_by = ans.by
@@ -645,7 +680,8 @@ class ResponseFilter:
             if sf.cut:
                 extra["cut"] = sf.cut
         else:
-            body = resp.get_content(strict=False) or b""
+            resp.trailers = None  # sent after this hook: never unscrubbed
+            body = resp.get_content(strict=True) or b""  # undecodable: cannot scrub, _fail
             clean = scrubber.scrub(body)
             hits = scrubber.hits
             if hits:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -358,7 +359,11 @@ def policy_explain(
             raise UsageError(f"--at must be an ISO 8601 time, got {at!r}") from None
     region = None
     if provider is not None:
-        reg = Registry.builtin()
+        reg = (
+            Registry.load(d / "providers.yaml")
+            if (d / "providers.yaml").exists()
+            else (Registry.builtin())
+        )
         try:
             prov = reg.get(provider)
         except (AiidError, KeyError):
@@ -432,7 +437,9 @@ def _exported_anchors(
 
 def _verify_failed(res: Any, suffix: str = "") -> NoReturn:
     where = f" at seq {res.first_bad_seq}" if res.first_bad_seq is not None else ""
-    click.echo(f"FAILED{where}: {res.reason}{suffix}")
+    line = f"FAILED{where}: {res.reason}{suffix}"
+    click.echo(line)  # the command's result, for scripts reading stdout
+    click.echo(f"aiid: error: audit chain {line}", err=True)
     sys.exit(1)
 
 
@@ -683,6 +690,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         _fail("interrupted", 130)
     except OSError as e:
         _fail(f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", 1)
+    except sqlite3.Error as e:
+        _fail(f"database error: {' '.join(str(e).split())}", 1)
 
 
 if __name__ == "__main__":

@@ -222,7 +222,8 @@ def _token_from_value(name: str, value: str) -> str:
                 raise unauthenticated("malformed Basic credentials") from None
             _, sep, password = decoded.partition(":")
             return password if sep else decoded
-        raise unauthenticated(f"unsupported authorization scheme {scheme!r}")
+        # never quote the value: a scheme-less header is the credential itself
+        raise unauthenticated("unsupported authorization scheme (use Bearer or Basic)")
     return value
 
 
@@ -713,7 +714,7 @@ class Gateway:
         except SecretNotFound:
             raise RequestRefused(
                 403,
-                "no_credential",
+                "policy_denied",
                 f"tenant {rt.name!r} has no key for {secret_name!r} in its vault",
                 state.decision.rule_id,
             ) from None

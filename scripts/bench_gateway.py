@@ -972,9 +972,15 @@ def main(argv: list[str]) -> int:
         "",
         f"Machine: {info['nproc']} cores ({info['cpu']}), kernel {info['kernel']}; "
         f"Python {info['python']}, mitmproxy {info['mitmproxy']}, hey {info['hey']}.",
-        f"Load: {res.raw.get('capacity_tool', 'asyncio')} for capacity, the built-in asyncio "
-        "generator (separate process) for latency/open loop/SSE. Load generator, stand-in and "
-        "proxy share the same cores: absolute figures are lower bounds; compare the ratios.",
+        (
+            f"Load: {'hey' if shutil.which('hey') else 'the built-in generator'}, closed loop, 16 "
+            "connections, 10,000 requests between RSS samples (VmRSS of the gateway process)."
+            if a.soak
+            else f"Load: {res.raw.get('capacity_tool', 'asyncio')} for capacity, the built-in "
+            "asyncio generator (separate process) for latency/open loop/SSE. Load generator, "
+            "stand-in and proxy share the same cores: absolute figures are lower bounds; "
+            "compare the ratios."
+        ),
         f"Load average (1 min) before/after the run: {load_before[0]:.1f} / {load_after[0]:.1f} "
         "(anything above ~1 is other work on the machine competing with the benchmark).",
         "",

@@ -165,7 +165,7 @@ def run_one_harness(target: str, libfuzzer_args: list[str]) -> None:
 def hypothesis_phase(examples: int, only: list[str]) -> tuple[bool, str]:
     env = {**os.environ, "AIID_FUZZ_EXAMPLES": str(examples)}
     args = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider"]
-    args += ["--hypothesis-show-statistics", "tests/test_fuzz.py"]
+    args += ["--hypothesis-show-statistics", "-rfE", "--tb=short", "tests/test_fuzz.py"]
     if only:
         args += ["-k", " or ".join(only)]
     try:
@@ -182,7 +182,8 @@ def hypothesis_phase(examples: int, only: list[str]) -> tuple[bool, str]:
     tail = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else p.stderr[-500:]
     ok = p.returncode == 0
     if not ok:
-        print(p.stdout[-6000:], p.stderr[-2000:], sep="\n")
+        failures = p.stdout.split("= FAILURES =", 1)[-1].split("= Hypothesis Statistics =")[0]
+        print(failures[-20000:], p.stderr[-2000:], sep="\n")
     line = f"hypothesis: {passing} passing, {failing} failing examples in {took:.0f} s ({tail})"
     return ok, line
 

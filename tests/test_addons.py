@@ -26,7 +26,7 @@ from conftest import (
     write_policies,
 )
 from mitmproxy import exceptions, http
-from mitmproxy.addons import onboarding, proxyserver, tlsconfig
+from mitmproxy.addons import onboarding, proxyserver, save, savehar, tlsconfig
 from mitmproxy.flow import Error
 from mitmproxy.proxy.layers.http import (
     HttpConnectHook,
@@ -587,7 +587,7 @@ REFUSALS = [
     ref(
         lambda h, i: make_flow(i(tenant=NOKEY_TENANT)),
         403,
-        "no_credential",
+        "policy_denied",
         "everything-openai",
         tenant=NOKEY_TENANT,
         events=("request", "deny"),
@@ -796,7 +796,7 @@ def test_a_refusal_after_the_rate_limit_stage_gives_the_reservation_back(
     denied = make_flow(token)
     h.send(denied)
     assert denied.response is not None and denied.response.status_code == 403
-    assert refusal(denied)["type"] == "no_credential"
+    assert refusal(denied)["type"] == "policy_denied"
     missing["on"] = False
     for _ in range(2):
         assert h.send(make_flow(token)).sent is not None
@@ -1277,7 +1277,13 @@ def test_upstream_error_is_audited(h: Harness, issue: Callable[..., str]) -> Non
 @pytest.fixture
 def opts_ctx(gateway: Gateway) -> Iterator[tuple[Any, Runtime]]:
     rt = Runtime(gateway=gateway)
-    stock = (proxyserver.Proxyserver(), tlsconfig.TlsConfig(), onboarding.Onboarding())
+    stock = (
+        proxyserver.Proxyserver(),
+        tlsconfig.TlsConfig(),
+        onboarding.Onboarding(),
+        save.Save(),
+        savehar.SaveHar(),
+    )
     with taddons.context(*stock, *make_addons(rt)) as tctx:
         # what `aiid run` sets at start (addons/runner.py)
         tctx.options.update(
@@ -1343,7 +1349,9 @@ def test_configure_sets_body_size_limit_from_aiid_body_limit(
     opts_ctx: tuple[Any, Runtime],
 ) -> None:
     tctx, rt = opts_ctx
+    # mitmproxy's own limit is a hard ceiling at twice the cap: declared lengths over the cap
+    # get the contract's JSON 413 from Intake, decoded bodies from RouteStage
     tctx.configure(rt, aiid_body_limit=12345)
-    assert tctx.options.body_size_limit == "12345"
-    tctx.configure(rt, body_size_limit="1g")  # cannot be raised past the gateway's cap
-    assert tctx.options.body_size_limit == "12345"
+    assert tctx.options.body_size_limit == "24690"
+    tctx.configure(rt, body_size_limit="1g")  # cannot be raised past the ceiling
+    assert tctx.options.body_size_limit == "24690"

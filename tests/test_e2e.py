@@ -375,7 +375,8 @@ def test_tenant_without_key_gets_clear_refusal(
         client.chat.completions.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
         )
-    assert isinstance(ei.value.body, dict) and ei.value.body["type"] == "no_credential"
+    assert isinstance(ei.value.body, dict) and ei.value.body["type"] == "policy_denied"
+    assert "has no key" in ei.value.body["message"]
     assert si.hits() == before
     assert audit_rows(agent, "other")[-1]["event"] == "deny"
 
