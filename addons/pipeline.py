@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from aiid_proxy.gateway import (
     refusal_body,
 )
 from aiid_proxy.home import Home
+from aiid_proxy.policy import Decision
 from aiid_proxy.providers import (
     CREDENTIAL_HEADERS,
     CREDENTIAL_QUERY_PARAMS,
@@ -398,7 +399,7 @@ class PolicyStage:
         except RequestRefused as r:
             await refuse(self.rt, flow, st, r)
 
-    async def _hold(self, gw: Gateway, st: FlowState, d: Any) -> None:
+    async def _hold(self, gw: Gateway, st: FlowState, d: Decision) -> None:
         assert st.identity is not None
         key = (
             st.identity.tenant,
@@ -412,7 +413,7 @@ class PolicyStage:
         if by is not None:
             st.approved_by = by
             return
-        timeout = float(getattr(d, "approval_timeout", 120.0))
+        timeout = float(d.approval_timeout)
         pending = broker.hold(st.identity.tenant, st.request_id, key, timeout)
         gw.emit("pending", {"state": st, "deadline": time.time() + timeout})
         log.info(
@@ -516,9 +517,10 @@ class InjectStage:
             req.headers["accept-encoding"] = "identity"  # so the stream can be scrubbed
         # Our id for this request (replacing any the agent sent): the audit record's key.
         req.headers["x-aiid-request-id"] = st.request_id
-        value = inj.value.reveal()
-        req.headers[inj.header] = value
-        LOG_SCRUBBER.add(value.split(" ", 1)[1] if " " in value else value)
+        for hname, hvalue in inj.extra_headers:  # provider data, e.g. an API version header
+            req.headers[hname] = hvalue
+        req.headers[inj.header] = inj.value.reveal()
+        LOG_SCRUBBER.add(inj.scrub_value())
         req.trailers = None  # trailers are sent after the request hook: never forward them
         # Exact framing upstream: mitmproxy forwards an HTTP/2 request that has no
         # content-length to an HTTP/1.1 server unframed, and the server then reads the body as
@@ -724,9 +726,7 @@ class ResponseFilter:
     def _scrubber(st: FlowState) -> Scrubber:
         if st.injection is None:
             return Scrubber([])
-        value = st.injection.value.reveal()
-        raw = value.split(" ", 1)[1] if " " in value else value
-        return Scrubber([raw])
+        return Scrubber([st.injection.scrub_value()])
 
     @staticmethod
     def _scrub_headers(resp: http.Response, scrubber: Scrubber) -> None:
@@ -762,7 +762,3 @@ def make_addons(rt: Runtime | None = None) -> list[Any]:
         LastGate(rt),
         ResponseFilter(rt),
     ]
-
-
-def addon_names(addons: Sequence[Any]) -> list[str]:
-    return [type(a).__name__ for a in addons]

@@ -107,8 +107,13 @@ class RouteInfo:
 @dataclass(frozen=True)
 class Injection:
     header: str
-    value: Secret
+    value: Secret  # the header value, scheme included
     secret_name: str
+    raw: Secret | None = None  # the vault secret alone: what scrubbing looks for
+    extra_headers: tuple[tuple[str, str], ...] = ()
+
+    def scrub_value(self) -> str:
+        return (self.raw or self.value).reveal()
 
 
 @dataclass(eq=False)
@@ -732,7 +737,13 @@ class Gateway:
         value = secret.reveal()
         if scheme:
             value = f"{scheme} {value}"
-        inj = Injection(header=header, value=Secret(value), secret_name=secret_name)
+        inj = Injection(
+            header=header,
+            value=Secret(value),
+            secret_name=secret_name,
+            raw=secret,
+            extra_headers=provider.extra_headers if provider is not None else (),
+        )
         state.injection = inj
         state.mark("inject")
         return inj

@@ -907,7 +907,8 @@ def write_markdown(path: Path, section: str, text: str) -> None:
     if start in old and end in old:
         head, rest = old.split(start, 1)
         _, tail = rest.split(end, 1)
-        new = head + block + tail.lstrip("\n")
+        tail = tail.lstrip("\n")
+        new = head + block + ("\n" + tail if tail else "")
     else:
         new = old.rstrip() + "\n\n" + block
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -202,6 +202,12 @@ class EchoUpstream:
         if variant in codecs:
             body = codecs[variant](msg)
             return [resp("401 Unauthorized", [*js, ("content-encoding", variant)], body)]
+        if variant == "gzip-gzip":  # stacked codings: what clients undo, mitmproxy may not
+            body = gzip.compress(gzip.compress(msg))
+            return [resp("401 Unauthorized", [*js, ("content-encoding", "gzip, gzip")], body)]
+        if variant == "x-unknown":
+            body = gzip.compress(msg)
+            return [resp("401 Unauthorized", [*js, ("content-encoding", "x-custom")], body)]
         if variant == "chunked-split":
             head = b"HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\n"
             head += b"transfer-encoding: chunked\r\n\r\n"
@@ -256,6 +262,26 @@ ECHO_VARIANTS = [
     "gzip",
     "deflate",
     "br",
+    "gzip-gzip",
+    "x-unknown",
+    "chunked-split",
+    "sse-split",
+    "sse-bytewise",
+    "sse-gzip",
+]
+
+
+# echoes the gateway answers with the key replaced; the others (malformed status line or
+# header, stacked or unknown content-encoding) end with the flow killed
+SCRUBBED_VARIANTS = [
+    "plain",
+    "reason",
+    "headers",
+    "bad-version",
+    "json-slash",
+    "gzip",
+    "deflate",
+    "br",
     "chunked-split",
     "sse-split",
     "sse-bytewise",
@@ -275,10 +301,28 @@ class Seen:
 
     def add(self, what: str, r: Reply) -> None:
         self.statuses.append((what, r.status))
-        self.replies.append(r.raw + b"\n" + r.body)
+        self.replies.append(b"\n".join([r.raw, *unpacked(r.body)]))
 
     def blob(self) -> bytes:
         return b"\n".join(self.replies)
+
+
+def unpacked(body: bytes) -> list[bytes]:
+    """``body`` and whatever an agent gets by undoing any compression, layer after layer
+    (whatever Content-Encoding claimed: a client or a curious agent would try)."""
+    out = [body]
+    for _ in range(4):
+        data = out[-1]
+        for undo in (gzip.decompress, zlib.decompress, brotli.decompress):
+            try:
+                data = undo(data)
+                break
+            except Exception:
+                continue
+        else:
+            return out
+        out.append(data)
+    return out
 
 
 def tunnel(proxy_port: int, ca: Path, host: str, alpn: str = "http/1.1") -> ssl.SSLSocket:
@@ -499,6 +543,10 @@ def test_the_traffic_really_happened(world: World) -> None:
             assert CANARIES[provider] in upstream, f"{provider} key never went upstream"
     assert set(world.echo.seen) >= set(ECHO_VARIANTS)
     assert b"[REDACTED]" in world.seen.blob()
+    # the echoing upstream's key came back and was replaced (the rest were killed: status 0)
+    replies = dict(zip((w for w, _ in world.seen.statuses), world.seen.replies, strict=True))
+    for variant in SCRUBBED_VARIANTS:
+        assert b"[REDACTED]" in replies[f"gemini echo {variant}"], variant
 
 
 def test_no_provider_key_in_any_response(world: World) -> None:
