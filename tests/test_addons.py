@@ -370,6 +370,23 @@ def test_no_secret_or_token_is_written_to_the_audit_log(
     assert '"hi"' not in dump  # record_prompts is off
 
 
+def test_prompts_are_recorded_only_when_the_tenant_asks(
+    make_harness: Callable[..., Harness], policies_dir: Path, issue: Callable[..., str]
+) -> None:
+    policy = policies_dir / "acme.yaml"
+    policy.write_text(
+        policy.read_text().replace(
+            "default: deny\n", "default: deny\naudit: {record_prompts: true}\n"
+        )
+    )
+    h = make_harness(policies_dir)
+    flow = make_flow(issue())
+    h.send(flow)
+    req = next(r for r in h.rows(request_id=rid_of(flow)) if r["event"] == "request")
+    assert '"hi"' in json.loads(str(req["detail"]))["prompt"]
+    assert CANARY_OPENAI not in json.dumps(h.rows(), default=str)
+
+
 def test_gzip_body_is_decoded_for_policy_and_forwarded_decoded(
     h: Harness, issue: Callable[..., str]
 ) -> None:
