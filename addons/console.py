@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import getpass
 import logging
 import os
 import sys
@@ -38,7 +37,7 @@ from aiid_proxy.console import (
     render,
     tenant_info,
 )
-from aiid_proxy.control import Answer
+from aiid_proxy.control import Answer, operator_name
 from aiid_proxy.errors import AiidError
 from aiid_proxy.gateway import FlowState, Gateway
 from aiid_proxy.home import Home
@@ -49,13 +48,6 @@ REFRESH_S = 0.5  # the most often the view is redrawn
 IDLE_REDRAW_S = 60.0  # redraw at least this often (clock-dependent parts: overrides expiring)
 APPROVE_TTL_S = 600.0  # the `A` key: approve for ten minutes
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-def operator_name() -> str:
-    try:
-        return os.environ.get("USER") or getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
 
 
 def _scope(o: Override) -> str:

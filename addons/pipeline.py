@@ -352,7 +352,9 @@ def refuse_now(rt: Runtime, flow: http.HTTPFlow, st: FlowState, r: RequestRefuse
     rt.gw().record_refusal(st, r)
 
 
-class IdentityStage:
+class _Stage:
+    """A pipeline stage: acts only on a pending flow; a refusal becomes the contract's JSON."""
+
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
 
@@ -361,23 +363,22 @@ class IdentityStage:
         if st is None:
             return
         try:
-            self.rt.gw().identify(st, _headers(flow))
+            self.run(self.rt.gw(), st, flow)
         except RequestRefused as r:
             await refuse(self.rt, flow, st, r)
 
+    def run(self, gw: Gateway, st: FlowState, flow: http.HTTPFlow) -> None:
+        raise NotImplementedError
 
-class RouteStage:
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
 
-    async def request(self, flow: http.HTTPFlow) -> None:
-        st = _pending(flow)
-        if st is None:
-            return
-        try:
-            self.rt.gw().route(st, flow.request.headers, flow.request.raw_content or b"")
-        except RequestRefused as r:
-            await refuse(self.rt, flow, st, r)
+class IdentityStage(_Stage):
+    def run(self, gw: Gateway, st: FlowState, flow: http.HTTPFlow) -> None:
+        gw.identify(st, _headers(flow))
+
+
+class RouteStage(_Stage):
+    def run(self, gw: Gateway, st: FlowState, flow: http.HTTPFlow) -> None:
+        gw.route(st, flow.request.headers, flow.request.raw_content or b"")
 
 
 class PolicyStage:
@@ -445,18 +446,9 @@ class PolicyStage:
         st.approved_by = ans.by
 
 
-class RateLimitStage:
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
-
-    async def request(self, flow: http.HTTPFlow) -> None:
-        st = _pending(flow)
-        if st is None:
-            return
-        try:
-            self.rt.gw().reserve(st)
-        except RequestRefused as r:
-            await refuse(self.rt, flow, st, r)
+class RateLimitStage(_Stage):
+    def run(self, gw: Gateway, st: FlowState, flow: http.HTTPFlow) -> None:
+        gw.reserve(st)
 
 
 class AuditStage:

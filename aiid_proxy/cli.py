@@ -617,13 +617,9 @@ def audit_export(ctx: click.Context, tenant_name: str, fmt: str) -> None:
 
 # -- approvals ------------------------------------------------------------------
 def _operator() -> str:
-    """Who decides: $USER, else the login name of this process's user."""
-    import getpass
+    from aiid_proxy.control import operator_name
 
-    try:
-        return os.environ.get("USER") or getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
+    return operator_name()
 
 
 def _answer(home: Home, tenant_name: str, request_id: str, payload: dict[str, Any]) -> None:

@@ -99,6 +99,16 @@ class ApprovalBroker:
         return f"approved {request_id}{more}, and matching requests for {int(ans.ttl)} s"
 
 
+def operator_name() -> str:
+    """Who decides: $USER, else the login name of this process's user."""
+    import getpass
+
+    try:
+        return os.environ.get("USER") or getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
 def _peer_uid(sock: socket.socket) -> int | None:
     try:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))

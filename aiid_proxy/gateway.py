@@ -71,7 +71,7 @@ from aiid_proxy.vault import ReloadingKeyring, Secret, Vault
 log = logging.getLogger("aiid.gateway")
 
 STAGES = ("identity", "route", "policy", "ratelimit", "audit", "inject")
-TOKEN_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
+TOKEN_HEADERS = tuple(h for h in CREDENTIAL_HEADERS if h != "proxy-authorization")
 DEFAULT_MAX_TOKENS_RESERVE = 4096
 """Output tokens reserved (per choice) for a generating request that sets no max_tokens; a
 stream under a token limit or budget is cut when it runs past its reservation."""
