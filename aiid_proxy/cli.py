@@ -486,8 +486,9 @@ def audit_verify(
         exported=exported,
     )
     if res.ok:
-        tail = f" (head {res.head[0]}:{res.head[1]})" if res.head else ""
-        click.echo(f"OK {res.count} records{tail}")
+        click.echo(f"OK {res.count} records")  # exactly the contract's line on stdout
+        if res.head:  # for a later `--expect-head`, without changing that line
+            click.echo(f"head {res.head[0]}:{res.head[1]}", err=True)
         if exported:
             signed = sum(1 for a in exported if a.signed)
             last = max(a.seq for a in exported)
