@@ -7,7 +7,6 @@ never overwritten.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import importlib
 import json
@@ -27,7 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from aiid_proxy.clock import SYSTEM_CLOCK, Clock
 from aiid_proxy.errors import ConfigError, UsageError
-from aiid_proxy.home import Home, encode_key, validate_name, write_private
+from aiid_proxy.home import Home, append_durable, encode_key, validate_name, write_private
 from aiid_proxy.identity import ALGORITHM, AUDIENCE, ISSUER, JTI_RE, MAX_LIFETIME
 from aiid_proxy.vault import ensure_schema
 
@@ -305,23 +304,7 @@ def revoke_token(home: Home, tenant: str, jti: str, expires_at: int | None = Non
         raise UsageError("invalid expiry for revocation")
     home.require_tenant(tenant)
     path = home.revoked_path(tenant)
-    line = f"{jti} {expires_at or 0}\n".encode("ascii")
-    is_new = not path.exists()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        view = memoryview(line)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if is_new:
-        with contextlib.suppress(OSError):
-            dfd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+    append_durable(path, f"{jti} {expires_at or 0}\n", 0o644)
 
 
 # -- audit checkpoints ------------------------------------------------------------------

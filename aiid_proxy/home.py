@@ -72,6 +72,26 @@ def write_private(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def append_durable(path: Path, line: str, mode: int = 0o600) -> None:
+    """Append one line to ``path`` (created with ``mode``), fsync the file, and fsync the
+    directory when the file is new so the entry survives a crash. Raises OSError."""
+    created = not path.exists()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode)
+    try:
+        data = memoryview(line.encode("ascii"))
+        while data:
+            data = data[os.write(fd, data) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if created:
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
 def replace_private(path: Path, data: bytes) -> None:
     """Atomically replace ``path`` (mode 0600) with ``data``."""
     tmp = path.with_name(path.name + ".tmp")

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 BIN = Path(sys.executable).parent
 AIID = str(BIN / "aiid")
@@ -99,6 +100,14 @@ class Gateway:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
+
+
+def point_agent_at(gw: Gateway, monkeypatch: Any) -> None:
+    """Configure this process's SDK clients as an agent: only HTTPS_PROXY and SSL_CERT_FILE."""
+    for k in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", gw.proxy)
+    monkeypatch.setenv("SSL_CERT_FILE", str(gw.ca))
 
 
 def start_gateway(

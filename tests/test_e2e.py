@@ -21,6 +21,7 @@ from e2e import (
     Gateway,
     aiid,
     make_home,
+    point_agent_at,
     start_gateway,
 )
 from standin import StandIn
@@ -92,10 +93,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, Sta
 @pytest.fixture()
 def agent(env: tuple[Gateway, StandIn], monkeypatch: pytest.MonkeyPatch) -> Gateway:
     gw, _ = env
-    for k in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("HTTPS_PROXY", gw.proxy)
-    monkeypatch.setenv("SSL_CERT_FILE", str(gw.ca))
+    point_agent_at(gw, monkeypatch)
     return gw
 
 

@@ -23,7 +23,15 @@ import anthropic
 import httpx2
 import openai
 import pytest
-from e2e import ANTHROPIC_CANARY, GITHUB_CANARY, OPENAI_CANARY, Gateway, make_home, start_gateway
+from e2e import (
+    ANTHROPIC_CANARY,
+    GITHUB_CANARY,
+    OPENAI_CANARY,
+    Gateway,
+    make_home,
+    point_agent_at,
+    start_gateway,
+)
 from standin import StandIn, prompt_tokens_for, standin_text
 
 from aiid_proxy.budget import usd_to_pico
@@ -106,10 +114,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, Sta
 @pytest.fixture()
 def agent(env: tuple[Gateway, StandIn], monkeypatch: pytest.MonkeyPatch) -> Gateway:
     gw, _ = env
-    for k in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("HTTPS_PROXY", gw.proxy)
-    monkeypatch.setenv("SSL_CERT_FILE", str(gw.ca))
+    point_agent_at(gw, monkeypatch)
     return gw
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import queue
 import sqlite3
 import threading
@@ -43,7 +42,7 @@ from aiid_proxy.audit.store import (
 )
 from aiid_proxy.clock import SYSTEM_CLOCK, Clock
 from aiid_proxy.errors import AuditError
-from aiid_proxy.home import validate_name
+from aiid_proxy.home import append_durable, validate_name
 
 log = logging.getLogger(__name__)
 
@@ -457,21 +456,7 @@ class AuditLog:
                 return
             if not force and self._clock.monotonic() - self._last_ckpt_at < CHECKPOINT_INTERVAL:
                 return
-            created = not path.exists()
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                data = memoryview(f"{head[0]}:{head[1]}\n".encode("ascii"))
-                while data:
-                    data = data[os.write(fd, data) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            if created:
-                dir_fd = os.open(path.parent, os.O_RDONLY)
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
+            append_durable(path, f"{head[0]}:{head[1]}\n")
             self._last_ckpt = head
             self._last_ckpt_at = self._clock.monotonic()

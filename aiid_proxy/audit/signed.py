@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from aiid_proxy.audit.chain import parse_head
 from aiid_proxy.errors import ConfigError, UsageError
-from aiid_proxy.home import validate_name, write_private
+from aiid_proxy.home import append_durable, validate_name, write_private
 
 MAGIC = "aiid-checkpoint/1"
 DOMAIN = b"aiid-audit-checkpoint-v1\0"  # never a JWT signing input (those hold no NUL)
@@ -167,14 +166,7 @@ def append_line(path: Path, line: str) -> None:
     """Append one line to ``path`` (created 0600), fsync'd. ConfigError if it cannot."""
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            data = memoryview((line + "\n").encode("ascii"))
-            while data:
-                data = data[os.write(fd, data) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        append_durable(path, line + "\n")
     except OSError as e:
         raise ConfigError(f"cannot write checkpoint file {path}: {e.strerror}") from None
 
