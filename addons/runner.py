@@ -12,6 +12,7 @@ from typing import Any
 from mitmproxy import exceptions, options
 from mitmproxy.tools.dump import DumpMaster
 
+from addons import dispatch
 from addons.pipeline import PINNED, Runtime, make_addons
 from aiid_proxy.home import Home
 
@@ -47,6 +48,7 @@ def build_master(
         console = False  # no terminal to draw on: plain log lines instead
     opts = options.Options()
     master = DumpMaster(opts, with_termlog=not console, with_dumper=False)
+    dispatch.install(master.addons)  # same hooks, same order, without the per-event chain walk
     rt = Runtime()
     master.addons.add(*make_addons(rt))
     master.addons.add(Announce(home, host, port))

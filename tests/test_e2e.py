@@ -484,9 +484,19 @@ def test_sdk_as_separate_process(env: tuple[Gateway, StandIn]) -> None:
 
 
 def test_zz_audit_verifies_then_detects_edit_and_no_canary_anywhere(
-    env: tuple[Gateway, StandIn],
+    agent: Gateway, env: tuple[Gateway, StandIn]
 ) -> None:
     gw, _ = env
+    # its own traffic, so it holds whichever worker runs it and in whatever order
+    client = openai.OpenAI(api_key=agent.token("acme", "support-1"), max_retries=0)
+    for _ in range(4):
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+        )
+        with pytest.raises(openai.PermissionDeniedError):
+            client.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
+            )
     out = aiid(gw.home, "audit", "verify", "acme").stdout
     assert out.startswith("OK ")
     n = int(out.split()[1])
