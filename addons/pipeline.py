@@ -14,6 +14,7 @@ import os
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -600,6 +601,11 @@ def close_upstream(flow: http.HTTPFlow) -> None:
     asyncio.get_running_loop().call_soon(close)
 
 
+def _log_unwritten(fut: Future[Any]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("response record not written: %s", fut.exception())
+
+
 class ResponseFilter:
     """Responses: request id on every one; scrub the injected key; usage; audit."""
 
@@ -614,9 +620,9 @@ class ResponseFilter:
         except Exception:
             self._fail(flow, "responseheaders")
 
-    async def response(self, flow: http.HTTPFlow) -> None:
+    def response(self, flow: http.HTTPFlow) -> None:
         try:
-            await self._response(flow)
+            self._response(flow)
         except Exception:
             self._fail(flow, "response")
 
@@ -655,7 +661,7 @@ class ResponseFilter:
             resp.stream = sf
             flow.metadata["aiid_stream"] = sf
 
-    async def _response(self, flow: http.HTTPFlow) -> None:
+    def _response(self, flow: http.HTTPFlow) -> None:
         st = state_of(flow)
         resp = flow.response
         if st is None or resp is None or flow.metadata.get(OURS) is resp or not st.allows():
@@ -686,10 +692,10 @@ class ResponseFilter:
                     usage = estimate_body_usage(clean, est_in)  # no usage reported: estimate
         fut = gw.record_response(st, resp.status_code, usage, hits, extra)
         if fut is not None:
-            try:
-                await asyncio.wrap_future(fut)
-            except AiidError:
-                log.exception("response record not written")
+            # Not awaited: the contract makes the *request* record durable before anything
+            # leaves; the response record joins the writer's next group commit (~ms) instead
+            # of holding every response for an fsync. A failure to write it is logged.
+            fut.add_done_callback(_log_unwritten)
 
     def error(self, flow: http.HTTPFlow) -> None:
         st = state_of(flow)

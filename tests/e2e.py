@@ -334,3 +334,30 @@ def start_console_gateway(
     screen = gw.screen()
     gw.stop()
     raise AssertionError(f"gateway did not start:\n{screen}\n{gw.log()}")
+
+
+CLOSING_EVENTS = ("response", "error")
+
+
+def read_audit(home: Path, tenant: str, *, settle: float = 10.0) -> list[dict[str, Any]]:
+    """Every audit row of a running gateway's tenant, in seq order.
+
+    The gateway releases a response before its ``response`` record is committed (only the
+    ``request`` record must be durable before anything leaves), so a test that has just
+    received a response first waits, bounded by ``settle`` seconds, until every forwarded
+    request has its closing record (``response`` or ``error``)."""
+    import sqlite3
+
+    deadline = time.monotonic() + settle
+    while True:
+        con = sqlite3.connect(f"file:{home / 'tenants' / tenant / 'audit.db'}?mode=ro", uri=True)
+        con.row_factory = sqlite3.Row
+        try:
+            rows = [dict(r) for r in con.execute("SELECT * FROM audit ORDER BY seq")]
+        finally:
+            con.close()
+        sent = {r["request_id"] for r in rows if r["event"] == "request"}
+        closed = {r["request_id"] for r in rows if r["event"] in CLOSING_EVENTS}
+        if sent <= closed or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.02)

@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import openai
@@ -22,6 +23,7 @@ from e2e import (
     aiid,
     make_home,
     point_agent_at,
+    read_audit,
     start_gateway,
 )
 from standin import StandIn
@@ -103,13 +105,8 @@ def upstream_headers_clean(si: StandIn, token: str) -> None:
         assert token not in blob, "agent token reached the provider"
 
 
-def audit_rows(gw: Gateway, tenant: str) -> list[sqlite3.Row]:
-    con = sqlite3.connect(gw.home / "tenants" / tenant / "audit.db")
-    con.row_factory = sqlite3.Row
-    try:
-        return con.execute("SELECT * FROM audit ORDER BY seq").fetchall()
-    finally:
-        con.close()
+def audit_rows(gw: Gateway, tenant: str) -> list[dict[str, Any]]:
+    return read_audit(gw.home, tenant)
 
 
 def test_openai_chat_allowed_with_vault_key_upstream(

@@ -6,14 +6,22 @@ from __future__ import annotations
 
 import json
 import re
-import sqlite3
 import ssl
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import openai
 import pytest
-from e2e import OPENAI_CANARY, TMUX, TmuxGateway, aiid, make_home, start_console_gateway
+from e2e import (
+    OPENAI_CANARY,
+    TMUX,
+    TmuxGateway,
+    aiid,
+    make_home,
+    read_audit,
+    start_console_gateway,
+)
 from standin import StandIn
 
 pytestmark = [
@@ -144,15 +152,8 @@ def whole_frame(screen: str, width: int, height: int) -> bool:
     )
 
 
-def audit(gw: TmuxGateway, tenant: str, request_id: str) -> list[sqlite3.Row]:
-    con = sqlite3.connect(gw.home / "tenants" / tenant / "audit.db")
-    con.row_factory = sqlite3.Row
-    try:
-        return con.execute(
-            "SELECT * FROM audit WHERE request_id = ? ORDER BY seq", (request_id,)
-        ).fetchall()
-    finally:
-        con.close()
+def audit(gw: TmuxGateway, tenant: str, request_id: str) -> list[dict[str, Any]]:
+    return [r for r in read_audit(gw.home, tenant) if r["request_id"] == request_id]
 
 
 def test_allowed_denied_approved_and_timed_out(

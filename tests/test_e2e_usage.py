@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import sqlite3
 import ssl
 import threading
 import time
@@ -30,6 +29,7 @@ from e2e import (
     Gateway,
     make_home,
     point_agent_at,
+    read_audit,
     start_gateway,
 )
 from standin import StandIn, prompt_tokens_for, standin_text
@@ -119,12 +119,7 @@ def agent(env: tuple[Gateway, StandIn], monkeypatch: pytest.MonkeyPatch) -> Gate
 
 
 def rows(gw: Gateway, tenant: str) -> list[dict[str, Any]]:
-    con = sqlite3.connect(gw.home / "tenants" / tenant / "audit.db")
-    con.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in con.execute("SELECT * FROM audit ORDER BY seq")]
-    finally:
-        con.close()
+    return read_audit(gw.home, tenant)
 
 
 def record(gw: Gateway, tenant: str, rid: str, event: str = "response") -> dict[str, Any]:
