@@ -601,6 +601,15 @@ def close_upstream(flow: http.HTTPFlow) -> None:
     asyncio.get_running_loop().call_soon(close)
 
 
+def replace_headers(headers: http.Headers, values: dict[str, str]) -> None:
+    """``headers[name] = value`` for every item, in one pass over the fields (each single
+    assignment scans them all): every field of those names is replaced."""
+    names = {name.lower().encode() for name in values}
+    fields = [f for f in headers.fields if f[0].lower() not in names]
+    fields.extend((name.encode(), value.encode()) for name, value in values.items())
+    headers.fields = tuple(fields)
+
+
 def _log_unwritten(fut: Future[Any]) -> None:
     if not fut.cancelled() and fut.exception() is not None:
         log.error("response record not written: %s", fut.exception())
@@ -639,14 +648,15 @@ class ResponseFilter:
         resp = flow.response
         if st is None or resp is None:
             return
-        resp.headers["x-aiid-request-id"] = st.request_id
         if flow.metadata.get(OURS) is resp or not st.allows():
+            resp.headers["x-aiid-request-id"] = st.request_id
             return
         scrubber = self._scrubber(st)
         self._scrub_headers(resp, scrubber)
+        ours = {"x-aiid-request-id": st.request_id}
         if st.rate is not None:  # our limits, not the tenant's account limits at the provider
-            for name, value in ratelimit_headers(st.rate, refused=False).items():
-                resp.headers[name] = value
+            ours.update(ratelimit_headers(st.rate, refused=False))
+        replace_headers(resp.headers, ours)
         ctype = resp.headers.get("content-type", "")
         encoded = resp.headers.get("content-encoding", "identity").lower() != "identity"
         route = st.route

@@ -357,7 +357,7 @@ class Gateway:
         self.verifier = TokenVerifier(
             home.verify_key_pem(), self.revocations, tenants=home.tenants, clock=clock
         )
-        self.keyring = ReloadingKeyring(home, env)
+        self.keyring = ReloadingKeyring(home, env, clock=clock)
         self.keyring()  # fail at start, not on the first request, if the key is unusable
         self._audit_root = home.audit_key(env)
         self.ratelimiter = RateLimiter(clock)

@@ -157,35 +157,53 @@ class MasterKeyring:
 class ReloadingKeyring:
     """Callable returning the home's current :class:`MasterKeyring`, re-read on change.
 
-    Each call costs one ``stat`` of ``runtime/master.key``; the file is re-read only when its
-    (inode, mtime, size) changed. With ``$AIID_MASTER_KEY`` set the keyring never changes.
-    Pass it as a :class:`Vault`'s keyring so a running gateway follows ``rotate-master``.
+    ``runtime/master.key`` is ``stat``-ed at most once per ``interval`` seconds (of the
+    injected clock) and re-read only when its (inode, mtime, size) changed; ``force=True``
+    checks at once (a vault entry names a key id the keyring lacks: a rotation has just
+    happened). With ``$AIID_MASTER_KEY`` set the keyring never changes. Pass it as a
+    :class:`Vault`'s keyring so a running gateway follows ``rotate-master``.
     """
 
-    def __init__(self, home: Home, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        home: Home,
+        env: Mapping[str, str] | None = None,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        interval: float = 1.0,
+    ) -> None:
         self._home = home
+        self._path = home.master_key_path
         self._env = dict(os.environ if env is None else env)
+        self._clock = clock
+        self._interval = interval
         self._lock = threading.Lock()
         self._stat: tuple[int, int, int] | None = None
         self._keyring: MasterKeyring | None = None
+        self._next_check = float("-inf")
 
     def __repr__(self) -> str:
-        return f"ReloadingKeyring({self._home.master_key_path})"
+        return f"ReloadingKeyring({self._path})"
 
-    def __call__(self) -> MasterKeyring:
+    def __call__(self, force: bool = False) -> MasterKeyring:
+        keyring = self._keyring
+        if keyring is not None and not force and self._clock.monotonic() < self._next_check:
+            return keyring
         with self._lock:
             if self._env.get(MASTER_KEY_ENV):
                 if self._keyring is None:
                     self._keyring = MasterKeyring.from_home(self._home, self._env)
+                self._next_check = float("inf")
                 return self._keyring
             try:
-                st = self._home.master_key_path.stat()
+                st = self._path.stat()
                 key: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
             except OSError:
                 key = None
             if self._keyring is None or key != self._stat:
                 self._keyring = MasterKeyring.from_home(self._home, self._env)
                 self._stat = key
+            self._next_check = self._clock.monotonic() + self._interval
             return self._keyring
 
 
@@ -387,8 +405,9 @@ class Vault:
         key_id, wrapped, dek_nonce, nonce, ciphertext = row
         keyring = self.keyring
         if key_id not in keyring and not isinstance(self._keyring_source, MasterKeyring):
-            # A rotation may have just started: the source re-reads the key file on change.
-            keyring = self._keyring_source()
+            # A rotation may have just happened: look at the key file now.
+            src = self._keyring_source
+            keyring = src(force=True) if isinstance(src, ReloadingKeyring) else src()
         dek = self._unwrap(keyring, provider, key_id, wrapped, dek_nonce)
         return Secret(self._open(dek, provider, nonce, ciphertext))
 

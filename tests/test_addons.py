@@ -1372,3 +1372,38 @@ def test_configure_sets_body_size_limit_from_aiid_body_limit(
     assert tctx.options.body_size_limit == "24690"
     tctx.configure(rt, body_size_limit="1g")  # cannot be raised past the ceiling
     assert tctx.options.body_size_limit == "24690"
+
+
+@pytest.mark.parametrize(
+    ("before", "values", "after"),
+    [
+        pytest.param(
+            [("Content-Type", "application/json")],
+            {"x-aiid-request-id": "r1"},
+            [("Content-Type", "application/json"), ("x-aiid-request-id", "r1")],
+            id="adds",
+        ),
+        pytest.param(
+            [("X-AIID-Request-Id", "spoof"), ("a", "1"), ("x-aiid-request-id", "spoof2")],
+            {"x-aiid-request-id": "r1"},
+            [("a", "1"), ("x-aiid-request-id", "r1")],
+            id="replaces-every-field-any-case",
+        ),
+        pytest.param(
+            [("x-ratelimit-limit-requests", "999"), ("b", "2")],
+            {"x-aiid-request-id": "r1", "x-ratelimit-limit-requests": "60"},
+            [("b", "2"), ("x-aiid-request-id", "r1"), ("x-ratelimit-limit-requests", "60")],
+            id="several",
+        ),
+    ],
+)
+def test_replace_headers_is_assignment_in_one_pass(
+    before: list[tuple[str, str]], values: dict[str, str], after: list[tuple[str, str]]
+) -> None:
+    h = http.Headers([(k.encode(), v.encode()) for k, v in before])
+    ref = http.Headers([(k.encode(), v.encode()) for k, v in before])
+    for k, v in values.items():
+        ref[k] = v
+    pipeline.replace_headers(h, values)
+    assert [(k.decode(), v.decode()) for k, v in h.fields] == after
+    assert {k.lower(): h.get_all(k) for k in h} == {k.lower(): ref.get_all(k) for k in ref}

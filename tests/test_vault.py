@@ -396,6 +396,34 @@ def test_running_gateway_follows_rotation(home: Home) -> None:
     live.close()
 
 
+def test_keyring_stats_the_key_file_once_per_interval(
+    home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock()
+    ring = ReloadingKeyring(home, env={}, clock=clock, interval=1.0)
+    stats: list[Path] = []
+    real_stat = Path.stat
+
+    def counting_stat(self: Path, *a: object, **k: object) -> os.stat_result:
+        if self == home.master_key_path:
+            stats.append(self)
+        return real_stat(self, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "stat", counting_stat)
+    first = ring()
+    assert ring() is first and ring() is first and len(stats) == 1  # within the interval
+    rotate_master(home, env={})
+    assert ring() is first  # not looked at yet
+    assert ring(force=True).current_id != first.current_id  # a vault entry asked: at once
+    assert len(stats) == 2
+    rotate_master(home, env={})
+    clock.advance(0.9)
+    before = ring().current_id
+    clock.advance(0.2)  # the interval is over: the change is seen without being asked
+    after = ring().current_id
+    assert after != before and len(stats) == 3
+
+
 def test_interrupted_rotation_is_finished_by_the_next(home: Home) -> None:
     first = MasterKeyring.from_home(home, {})
     with Vault(home.vault_path("acme"), "acme", first) as v:
