@@ -452,27 +452,40 @@ class RateLimitStage(_Stage):
         gw.reserve(st)
 
 
+AUDIT_PENDING = "aiid_request_record"
+
+
 class AuditStage:
-    """The ``request`` record is durable before the flow may leave."""
+    """Queues the ``request`` record. :class:`InjectStage` does its work while the record
+    commits, then waits for it: nothing is sealed (so nothing leaves) before it is durable."""
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
 
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> None:
         st = _pending(flow)
         if st is None:
             return
-        gw = self.rt.gw()
-        try:
-            result = await asyncio.wrap_future(gw.audit_request(st))
-        except AuditError as e:
-            # No durable `request` record (disk full, I/O error...): nothing may leave. Kill
-            # the flow here with one clear line, not an addon traceback further down.
-            if flow.killable:
-                flow.kill()
-            gw.record_error(st, f"request record not written: {e.one_line()}")
-            return
-        gw.audit_done(st, result)
+        flow.metadata[AUDIT_PENDING] = self.rt.gw().audit_request(st)
+
+
+async def request_record_durable(flow: http.HTTPFlow, gw: Gateway, st: FlowState) -> bool:
+    """Wait for the flow's queued ``request`` record; False (flow killed, error recorded)
+    when it could not be made durable: nothing may leave then."""
+    fut = flow.metadata.pop(AUDIT_PENDING, None)
+    if fut is None:
+        return False  # never queued: the seal refuses, LastGate kills
+    try:
+        result = await asyncio.wrap_future(fut)
+    except AuditError as e:
+        # No durable `request` record (disk full, I/O error...): nothing may leave. Kill
+        # the flow here with one clear line, not an addon traceback further down.
+        if flow.killable:
+            flow.kill()
+        gw.record_error(st, f"request record not written: {e.one_line()}")
+        return False
+    gw.audit_done(st, result)
+    return True
 
 
 class InjectStage:
@@ -522,7 +535,8 @@ class InjectStage:
         req.headers.pop("transfer-encoding", None)
         if body or "content-length" in req.headers:
             req.headers["content-length"] = str(len(body))
-        gw.seal(st, req.method, req.url, req.raw_content or b"", req.headers.fields)
+        if await request_record_durable(flow, gw, st):
+            gw.seal(st, req.method, req.url, req.raw_content or b"", req.headers.fields)
 
 
 class LastGate:

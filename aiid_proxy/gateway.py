@@ -685,16 +685,21 @@ class Gateway:
             state.hold = None
 
     def audit_request(self, state: FlowState) -> concurrent.futures.Future[AppendResult]:
-        """Append the ``request`` record; the caller awaits durability, then calls
-        :meth:`audit_done`."""
+        """Queue the ``request`` record (the ``audit`` stage). The caller may :meth:`inject`
+        while it commits, then awaits the future and calls :meth:`audit_done`: :meth:`seal`
+        (so the way out) needs the committed record."""
         state.expect("audit")
         assert state.identity is not None and state.decision is not None
         rt = self.tenant(state.identity.tenant)
-        return rt.audit.append("request", **self._record_fields(state, with_prompt=True))
+        fut = rt.audit.append("request", **self._record_fields(state, with_prompt=True))
+        state.mark("audit")
+        return fut
 
     def audit_done(self, state: FlowState, result: AppendResult) -> None:
+        """The request record is durable."""
+        if "audit" not in state.done:
+            raise IncompleteVerdict("request record committed for a flow that never queued it")
         state.audit = result
-        state.mark("audit")
 
     def inject(self, state: FlowState) -> Injection:
         state.expect("inject")
@@ -759,6 +764,8 @@ class Gateway:
         """Bind the completed verdict to the exact request that leaves."""
         if tuple(state.done) != STAGES:
             raise IncompleteVerdict("seal before every stage completed")
+        if state.audit is None:
+            raise IncompleteVerdict("seal before the request record is durable")
         state.digest = request_digest(method, url, body, headers)
 
     def check_sealed(

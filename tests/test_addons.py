@@ -1407,3 +1407,54 @@ def test_replace_headers_is_assignment_in_one_pass(
     pipeline.replace_headers(h, values)
     assert [(k.decode(), v.decode()) for k, v in h.fields] == after
     assert {k.lower(): h.get_all(k) for k in h} == {k.lower(): ref.get_all(k) for k in ref}
+
+
+def test_the_key_is_prepared_while_the_request_record_commits(
+    h: Harness, issue: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """InjectStage works while the writer commits, and the flow is sealed (may leave) only
+    once the record is durable: held here, the request hook does not finish."""
+    from concurrent.futures import Future
+
+    audit = h.gw.tenant(TENANT).audit
+    real_append = audit.append
+    gate: Future[Any] = Future()
+    injected: list[bool] = []
+    real_inject = h.gw.inject
+
+    def inject(st: Any) -> Any:
+        injected.append(not gate.done())  # while the record is still being committed
+        return real_inject(st)
+
+    def append(event: str, **fields: Any) -> Future[Any]:
+        fut = real_append(event, **fields)
+        if event != "request":
+            return fut
+        held: Future[Any] = Future()
+        gate.add_done_callback(lambda _g: held.set_result(fut.result(timeout=10)))
+        return held
+
+    monkeypatch.setattr(audit, "append", append)
+    monkeypatch.setattr(h.gw, "inject", inject)
+    flow = make_flow(issue())
+
+    async def go() -> Result:
+        task = asyncio.ensure_future(h.drive(flow))
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert injected == [True]
+        st = pipeline.state_of(flow)
+        assert st is not None and st.digest is None and st.audit is None and not task.done()
+        assert not h.gw.check_sealed(
+            st,
+            flow.request.method,
+            flow.request.url,
+            flow.request.raw_content or b"",
+            flow.request.headers.fields,
+        )
+        gate.set_result(None)
+        return await task
+
+    res = h.run(go())
+    h.settle()
+    assert res.sent is not None and flow.response is not None and flow.response.status_code == 200

@@ -265,6 +265,34 @@ def test_allows_only_when_every_stage_ran_and_the_verdict_is_sealed(
     assert st.allows()
 
 
+def test_no_seal_before_the_request_record_is_durable(
+    gateway: Gateway, issue: Callable[..., str]
+) -> None:
+    st = gateway.new_flow(Target("https", "api.openai.com", 443, "POST", "/v1/chat/completions"))
+    gateway.identify(st, [("authorization", f"Bearer {issue()}")])
+    gateway.route(st, {"content-type": "application/json"}, BODY)
+    gateway.decide(st)
+    gateway.reserve(st)
+    fut = gateway.audit_request(st)  # queued: the key may be prepared meanwhile
+    gateway.inject(st)
+    assert tuple(st.done) == STAGES
+    with pytest.raises(IncompleteVerdict, match="durable"):
+        gateway.seal(st, "POST", URL, BODY)
+    assert not st.allows() and not gateway.check_sealed(st, "POST", URL, BODY)
+    gateway.audit_done(st, fut.result(timeout=10))
+    gateway.seal(st, "POST", URL, BODY)
+    assert st.allows()
+
+
+def test_audit_done_needs_a_queued_record(gateway: Gateway, issue: Callable[..., str]) -> None:
+    other = run_pipeline(gateway, issue())
+    st = gateway.new_flow(Target("https", "api.openai.com", 443, "POST", "/v1/chat/completions"))
+    assert other.audit is not None
+    with pytest.raises(IncompleteVerdict):
+        gateway.audit_done(st, other.audit)
+    assert st.audit is None
+
+
 @pytest.mark.parametrize(
     "spoil",
     [
