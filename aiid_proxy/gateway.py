@@ -929,7 +929,6 @@ class Gateway:
         )
         return self.tenant(state.identity.tenant).audit.append(
             "response",
-            urgent=False,  # released before it commits: rides with the next request record
             status=status,
             input_tokens=usage.input_tokens if usage else None,
             output_tokens=usage.output_tokens if usage else None,

@@ -887,34 +887,3 @@ def test_create_db_then_open(tmp_path: Path) -> None:
     with make_log(db) as log:
         assert log.head() == (0, GENESIS_MAC)
         assert log.append_sync("request").seq == 1
-
-
-def test_a_record_nobody_waits_for_rides_with_the_next_urgent_one(tmp_path: Path) -> None:
-    log = make_log(tmp_path / "a.db", linger=60.0)  # only an urgent record ends the wait
-    try:
-        lazy = log.append("response", agent="a", status=200, urgent=False)
-        before = log.committed_batches
-        assert not lazy.done()
-        urgent = log.append("request", agent="a")
-        first, second = lazy.result(timeout=10), urgent.result(timeout=10)
-        assert (first.seq, second.seq) == (1, 2)  # chain order is queue order
-        assert log.committed_batches == before + 1  # one transaction, one fsync
-    finally:
-        log.close()
-    assert verify_db(tmp_path / "a.db", KEY).count == 2
-
-
-def test_a_lingering_record_is_committed_without_an_urgent_one(tmp_path: Path) -> None:
-    log = make_log(tmp_path / "a.db", linger=0.01)
-    try:
-        assert log.append("response", agent="a", urgent=False).result(timeout=10).seq == 1
-    finally:
-        log.close()
-
-
-def test_close_commits_a_lingering_record_at_once(tmp_path: Path) -> None:
-    log = make_log(tmp_path / "a.db", linger=60.0)
-    lazy = log.append("response", agent="a", urgent=False)
-    log.close()  # the stop marker ends the linger: no 60 s wait, nothing lost
-    assert lazy.result(timeout=0).seq == 1
-    assert [r["event"] for r in read_rows(tmp_path / "a.db")] == ["response"]

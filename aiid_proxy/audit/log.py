@@ -15,7 +15,6 @@ import math
 import queue
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -48,7 +47,6 @@ from aiid_proxy.home import append_durable, validate_name
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1024
-LINGER = 0.005  # seconds a batch of records nobody waits for may wait for an urgent one
 CHECKPOINT_INTERVAL = 0.5  # seconds of clock.monotonic() between automatic checkpoints
 
 # The fields append() takes, in COLUMNS order (event is its positional argument).
@@ -158,15 +156,12 @@ def normalize(event: str, fields: Mapping[str, object]) -> tuple[object, ...]:
 
 
 class _Pending:
-    __slots__ = ("future", "ts", "urgent", "values")
+    __slots__ = ("future", "ts", "values")
 
-    def __init__(
-        self, ts: str, values: tuple[object, ...], future: Future[AppendResult], urgent: bool
-    ):
+    def __init__(self, ts: str, values: tuple[object, ...], future: Future[AppendResult]):
         self.ts = ts
         self.values = values
         self.future = future
-        self.urgent = urgent
 
 
 _STOP = object()
@@ -193,11 +188,9 @@ class AuditLog:
         checkpoint_path: Path | None = None,
         clock: Clock = SYSTEM_CLOCK,
         create: bool = True,
-        linger: float = LINGER,
         _connect: Callable[[Path], sqlite3.Connection] | None = None,
     ) -> None:
         self.path = Path(path)
-        self._linger_s = linger
         self._create = create
         self._file_id: tuple[int, int] | None = None
         self.tenant = validate_name("tenant", tenant)
@@ -237,13 +230,9 @@ class AuditLog:
         self.close()
 
     # -- public API ---------------------------------------------------------
-    def append(self, event: str, *, urgent: bool = True, **fields: object) -> Future[AppendResult]:
+    def append(self, event: str, **fields: object) -> Future[AppendResult]:
         """Queue a record; the future resolves once it is durably committed.
 
-        An ``urgent`` record (the default: somebody waits for it) is committed at once, with
-        whatever else is queued. A record nobody waits for (``urgent=False``, a response
-        record) may wait up to :data:`LINGER` seconds for the next urgent one, so that both
-        share one fsync instead of the next request queueing behind a commit of its own.
         Unknown or ill-typed fields raise ValueError at once; a closed log raises AuditError.
         """
         values = normalize(event, fields)
@@ -251,13 +240,13 @@ class AuditLog:
         with self._lock:
             if self._closed:
                 raise AuditError("audit log is closed")
-            self._queue.put(_Pending(format_ts(self._clock.now()), values, future, urgent))
+            self._queue.put(_Pending(format_ts(self._clock.now()), values, future))
         return future
 
     def append_sync(self, event: str, **fields: object) -> AppendResult:
         if threading.current_thread() is self._thread:
             raise AuditError("append_sync called from the audit writer thread")
-        return self.append(event, urgent=True, **fields).result()
+        return self.append(event, **fields).result()
 
     def head(self) -> tuple[int, str]:
         """The last committed (seq, mac); (0, GENESIS_MAC) for an empty log."""
@@ -351,8 +340,6 @@ class AuditLog:
             while not stop:
                 batch: list[_Pending] = []
                 stop = self._take(batch, self._queue.get())
-                if batch and not stop and not any(p.urgent for p in batch):
-                    stop = self._linger(batch)
                 if batch:
                     stop = self._commit(conn, batch) or stop
             self._auto_checkpoint(force=True)
@@ -388,25 +375,6 @@ class AuditLog:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return False
-
-    def _linger(self, batch: list[_Pending]) -> bool:
-        """A batch nobody waits for: take more until an urgent record, a full batch, the
-        stop marker, or ``linger`` seconds (a bounded wait, not a clock decision)."""
-        deadline = time.monotonic() + self._linger_s
-        while len(batch) < MAX_BATCH:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            try:
-                item = self._queue.get(timeout=remaining)
-            except queue.Empty:
-                return False
-            n = len(batch)
-            if self._take(batch, item):
-                return True
-            if any(p.urgent for p in batch[n:]):
-                return False
-        return False
 
     def _commit(self, conn: sqlite3.Connection, live: list[_Pending]) -> bool:
         """Commit one batch; True if the stop marker was taken along the way."""
