@@ -70,6 +70,7 @@ from aiid_proxy.vault import ReloadingKeyring, Secret, Vault
 
 log = logging.getLogger("aiid.gateway")
 
+VAULT_CACHE_S = 1.0  # a vault entry is read from disk at most once a second
 STAGES = ("identity", "route", "policy", "ratelimit", "audit", "inject")
 TOKEN_HEADERS = tuple(h for h in CREDENTIAL_HEADERS if h != "proxy-authorization")
 DEFAULT_MAX_TOKENS_RESERVE = 4096
@@ -413,7 +414,13 @@ class Gateway:
                     )
                 rt = TenantRuntime(
                     name=name,
-                    vault=Vault(self.home.vault_path(name), name, self.keyring, clock=self.clock),
+                    vault=Vault(
+                        self.home.vault_path(name),
+                        name,
+                        self.keyring,
+                        clock=self.clock,
+                        cache_for=VAULT_CACHE_S,
+                    ),
                     audit=AuditLog(
                         self.home.audit_path(name),
                         name,

@@ -261,12 +261,19 @@ class Vault:
         tenant: str,
         keyring: KeyringSource,
         clock: Clock = SYSTEM_CLOCK,
+        *,
+        cache_for: float = 0.0,
     ) -> None:
         self.path = Path(path)
         self.tenant = validate_name("tenant", tenant)
         self._keyring_source = keyring
         self._clock = clock
         self._lock = threading.RLock()
+        # provider -> (read again after, encrypted row): a running gateway reads each entry
+        # from disk at most once per ``cache_for`` seconds (each read is a GIL hand-off on the
+        # event loop); only ciphertext is kept, every get() still decrypts.
+        self._cache_for = cache_for
+        self._rows: dict[str, tuple[float, tuple[Any, ...]]] = {}
         try:
             self._conn = _connect(self.path)
         except sqlite3.Error as e:
@@ -297,6 +304,7 @@ class Vault:
     # -- writes ----------------------------------------------------------------------------
     def put(self, provider: str, secret: str) -> SecretInfo:
         validate_name("provider", provider)
+        self._rows.clear()
         if not isinstance(secret, str) or not secret:
             raise UsageError("refusing to store an empty secret")
         raw = secret.encode("utf-8")
@@ -335,6 +343,7 @@ class Vault:
         validate_name("provider", provider)
         with self._lock:
             cur = self._conn.execute("DELETE FROM secrets WHERE provider = ?", (provider,))
+            self._rows.clear()
             return cur.rowcount > 0
 
     def rewrap(self, keyring_new: MasterKeyring) -> int:
@@ -347,6 +356,7 @@ class Vault:
         Afterwards the WAL is checkpointed so the retired wrappings leave the disk.
         Returns the number of entries re-wrapped; entries already under the new key are left.
         """
+        self._rows.clear()
         old = self.keyring
         new_id = keyring_new.current_id
         new_aead = keyring_new.aead(new_id)
@@ -393,7 +403,17 @@ class Vault:
 
     # -- reads -----------------------------------------------------------------------------
     def get(self, provider: str) -> Secret:
+        """Decrypt the provider's secret. With ``cache_for`` > 0 the encrypted entry is read
+        from disk at most that often, and again at once if it no longer decrypts (re-wrapped
+        by a master-key rotation): a ``vault put`` or ``rm`` takes at most that long to
+        reach a running gateway."""
         validate_name("provider", provider)
+        cached = self._rows.get(provider) if self._cache_for > 0 else None
+        if cached is not None and self._clock.monotonic() < cached[0]:
+            try:
+                return self._decrypt(provider, cached[1])
+            except VaultError:
+                pass  # stale: read it again
         with self._lock:
             row = self._conn.execute(
                 "SELECT key_id, wrapped_dek, dek_nonce, nonce, ciphertext"
@@ -401,7 +421,13 @@ class Vault:
                 (provider,),
             ).fetchone()
         if row is None:
+            self._rows.pop(provider, None)
             raise SecretNotFound(f"tenant {self.tenant!r} has no secret for {provider!r}")
+        if self._cache_for > 0:
+            self._rows[provider] = (self._clock.monotonic() + self._cache_for, tuple(row))
+        return self._decrypt(provider, tuple(row))
+
+    def _decrypt(self, provider: str, row: tuple[Any, ...]) -> Secret:
         key_id, wrapped, dek_nonce, nonce, ciphertext = row
         keyring = self.keyring
         if key_id not in keyring and not isinstance(self._keyring_source, MasterKeyring):

@@ -569,3 +569,55 @@ def test_failed_rotation_keeps_every_key_and_names_the_tenant(home: Home) -> Non
         v.put("broken", "sk-fixed")
     assert rotate_master(home, env={}) == 3
     assert len(home.master_keys({})) == 1
+
+
+def test_a_gateway_vault_reads_each_entry_at_most_once_per_interval(home: Home) -> None:
+    clock = FakeClock()
+    cli = Vault(home.vault_path("acme"), "acme", ReloadingKeyring(home, env={}))
+    live = Vault(
+        home.vault_path("acme"), "acme", ReloadingKeyring(home, env={}), clock, cache_for=1.0
+    )
+    try:
+        cli.put("openai", "first-" + CANARY)
+        assert live.get("openai").reveal() == "first-" + CANARY
+        cli.put("openai", "second-" + CANARY)  # another process: `aiid vault put`
+        assert live.get("openai").reveal() == "first-" + CANARY  # within the interval
+        clock.advance(1.01)
+        assert live.get("openai").reveal() == "second-" + CANARY
+        cli.delete("openai")
+        assert live.get("openai").reveal() == "second-" + CANARY
+        clock.advance(1.01)
+        with pytest.raises(SecretNotFound):
+            live.get("openai")
+        cli.put("openai", "third-" + CANARY)  # a miss is never cached
+        assert live.get("openai").reveal() == "third-" + CANARY
+    finally:
+        cli.close()
+        live.close()
+
+
+def test_a_cached_entry_rewrapped_by_rotation_is_read_again_at_once(home: Home) -> None:
+    clock = FakeClock()
+    ring = ReloadingKeyring(home, env={}, clock=clock, interval=1.0)
+    live = Vault(home.vault_path("acme"), "acme", ring, clock, cache_for=60.0)
+    try:
+        live.put("openai", CANARY)
+        assert live.get("openai").reveal() == CANARY  # cached, wrapped under master key 1
+        rotate_master(home, env={})  # re-wraps on disk and retires key 1
+        clock.advance(1.1)  # the keyring now knows only key 2; the cached row names key 1
+        assert live.get("openai").reveal() == CANARY
+    finally:
+        live.close()
+
+
+def test_without_cache_every_get_reads_the_disk(home: Home) -> None:
+    cli = Vault(home.vault_path("acme"), "acme", ReloadingKeyring(home, env={}))
+    other = Vault(home.vault_path("acme"), "acme", ReloadingKeyring(home, env={}))
+    try:
+        cli.put("openai", "a-" + CANARY)
+        assert other.get("openai").reveal() == "a-" + CANARY
+        cli.put("openai", "b-" + CANARY)
+        assert other.get("openai").reveal() == "b-" + CANARY
+    finally:
+        cli.close()
+        other.close()
