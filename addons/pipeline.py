@@ -379,7 +379,18 @@ class IdentityStage(_Stage):
 
 class RouteStage(_Stage):
     def run(self, gw: Gateway, st: FlowState, flow: http.HTTPFlow) -> None:
-        gw.route(st, flow.request.headers, flow.request.raw_content or b"")
+        gw.route(st, lowercase_headers(flow.request.headers), flow.request.raw_content or b"")
+
+
+def lowercase_headers(headers: http.Headers) -> dict[str, str]:
+    """The headers as one lowercase-keyed dict, values joined as ``Headers.get`` joins them
+    (one pass, where each ``Headers.get`` scans every field)."""
+    out: dict[str, str] = {}
+    for k, v in headers.fields:
+        name = k.decode("utf-8", "surrogateescape").lower()
+        value = v.decode("utf-8", "surrogateescape")
+        out[name] = f"{out[name]}, {value}" if name in out else value
+    return out
 
 
 class PolicyStage:
@@ -453,6 +464,7 @@ class RateLimitStage(_Stage):
 
 
 AUDIT_PENDING = "aiid_request_record"
+SCRUBBED_HEAD = "aiid_scrubbed_head"
 
 
 class AuditStage:
@@ -488,6 +500,24 @@ async def request_record_durable(flow: http.HTTPFlow, gw: Gateway, st: FlowState
     return True
 
 
+# Request headers InjectStage removes before adding its own: every credential header, the
+# hop-by-hop proxy header, and the framing/encoding it re-states (the body is sent decoded).
+_STRIPPED = frozenset(
+    n.encode()
+    for n in (
+        *CREDENTIAL_HEADERS,
+        "proxy-connection",
+        "content-encoding",
+        "transfer-encoding",
+        "content-length",
+    )
+)
+
+
+def _hbytes(value: str) -> bytes:
+    return value.encode("utf-8", "surrogateescape")  # as mitmproxy encodes header values
+
+
 class InjectStage:
     """Strip every credential the agent sent, inject the vault key, seal the verdict."""
 
@@ -505,36 +535,36 @@ class InjectStage:
             await refuse(self.rt, flow, st, r)
             return
         req = flow.request
-        # pop() scans every header field per name: pop only the names present (same result)
-        present = {k.lower() for k, _ in req.headers.fields}
-        for name in (*CREDENTIAL_HEADERS, "proxy-connection"):
-            if name.encode() in present:
-                req.headers.pop(name, None)
         # a key in the query string is never an identity and never leaves (any spelling);
         # no "?" in the path: no query to parse
         if "?" in req.path:
             for qname in {k for k in req.query if k.lower() in CREDENTIAL_QUERY_PARAMS}:
                 del req.query[qname]
         assert st.route is not None
-        if "content-encoding" in req.headers:
-            del req.headers["content-encoding"]
-            req.content = st.route.body
-        if st.route.facts is not None and st.route.facts.stream:
-            req.headers["accept-encoding"] = "identity"  # so the stream can be scrubbed
-        # Our id for this request (replacing any the agent sent): the audit record's key.
-        req.headers["x-aiid-request-id"] = st.request_id
-        for hname, hvalue in inj.extra_headers:  # provider data, e.g. an API version header
-            req.headers[hname] = hvalue
-        req.headers[inj.header] = inj.value.reveal()
-        LOG_SCRUBBER.add(inj.scrub_value())
-        req.trailers = None  # trailers are sent after the request hook: never forward them
+        fields = req.headers.fields
+        names = {k.lower() for k, _ in fields}
+        if b"content-encoding" in names:
+            req.raw_content = st.route.body  # decoded by Route: sent as read, unencoded
         # Exact framing upstream: mitmproxy forwards an HTTP/2 request that has no
         # content-length to an HTTP/1.1 server unframed, and the server then reads the body as
         # a second request that no stage ever saw (smuggling). The body is complete here.
         body = req.raw_content or b""
-        req.headers.pop("transfer-encoding", None)
-        if body or "content-length" in req.headers:
-            req.headers["content-length"] = str(len(body))
+        ours: list[tuple[bytes, bytes]] = []
+        if st.route.facts is not None and st.route.facts.stream:
+            ours.append((b"accept-encoding", b"identity"))  # so the stream can be scrubbed
+        # Our id for this request (replacing any the agent sent): the audit record's key.
+        ours.append((b"x-aiid-request-id", st.request_id.encode()))
+        for hname, hvalue in inj.extra_headers:  # provider data, e.g. an API version header
+            ours.append((_hbytes(hname), _hbytes(hvalue)))
+        ours.append((_hbytes(inj.header), _hbytes(inj.value.reveal())))
+        if body or b"content-length" in names:
+            ours.append((b"content-length", str(len(body)).encode()))
+        # One pass: every credential the agent sent, its framing and encoding headers, and
+        # whatever we set are dropped; then ours are appended.
+        drop = _STRIPPED | {k.lower() for k, _ in ours}
+        req.headers.fields = (*(f for f in fields if f[0].lower() not in drop), *ours)
+        LOG_SCRUBBER.add(inj.scrub_value())
+        req.trailers = None  # trailers are sent after the request hook: never forward them
         if await request_record_durable(flow, gw, st):
             gw.seal(st, req.method, req.url, req.raw_content or b"", req.headers.fields)
 
@@ -671,6 +701,9 @@ class ResponseFilter:
         if st.rate is not None:  # our limits, not the tenant's account limits at the provider
             ours.update(ratelimit_headers(st.rate, refused=False))
         replace_headers(resp.headers, ours)
+        # what `response` need not scrub again (header fields are an immutable tuple: any
+        # change by another addon replaces it)
+        flow.metadata[SCRUBBED_HEAD] = (resp.headers.fields, resp.reason)
         ctype = resp.headers.get("content-type", "")
         encoded = resp.headers.get("content-encoding", "identity").lower() != "identity"
         route = st.route
@@ -692,7 +725,9 @@ class ResponseFilter:
             return
         gw = self.rt.gw()
         scrubber = self._scrubber(st)
-        self._scrub_headers(resp, scrubber)
+        seen = flow.metadata.get(SCRUBBED_HEAD)
+        if seen is None or seen[0] is not resp.headers.fields or seen[1] != resp.reason:
+            self._scrub_headers(resp, scrubber)
         sf = flow.metadata.get("aiid_stream")
         usage: Usage | None = None
         hits = 0

@@ -1458,3 +1458,59 @@ def test_the_key_is_prepared_while_the_request_record_commits(
     res = h.run(go())
     h.settle()
     assert res.sent is not None and flow.response is not None and flow.response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        pytest.param([("Content-Type", "application/json")], id="one"),
+        pytest.param([("Connection", "keep-alive"), ("connection", "Upgrade")], id="repeated"),
+        pytest.param([("X-Odd", "caf\u00e9"), ("UPGRADE", "websocket")], id="case-and-utf8"),
+        pytest.param([], id="none"),
+    ],
+)
+def test_lowercase_headers_agrees_with_headers_get(fields: list[tuple[str, str]]) -> None:
+    h = http.Headers([(k.encode(), v.encode()) for k, v in fields])
+    d = pipeline.lowercase_headers(h)
+    assert set(d) == {k.lower() for k, _ in fields}
+    for name in {k for k, _ in fields} | {"upgrade", "connection", "absent"}:
+        assert d.get(name.lower()) == h.get(name)
+
+
+@pytest.mark.parametrize(
+    "late",
+    [
+        pytest.param(
+            lambda r: r.headers.add("x-late", f"Bearer {CANARY_OPENAI}"), id="header-added"
+        ),
+        pytest.param(lambda r: setattr(r, "reason", f"bad key {CANARY_OPENAI}"), id="reason"),
+        pytest.param(
+            lambda r: setattr(
+                r, "headers", http.Headers(x_new=f"{CANARY_OPENAI}", content_type="text/plain")
+            ),
+            id="headers-replaced",
+        ),
+    ],
+)
+def test_headers_changed_after_responseheaders_are_scrubbed_again(
+    h: Harness,
+    issue: Callable[..., str],
+    monkeypatch: pytest.MonkeyPatch,
+    late: Callable[[http.Response], None],
+) -> None:
+    """Another addon may touch the response between our two hooks: `response` scrubs what
+    changed (it skips only the very header tuple `responseheaders` left)."""
+    real_hook = h.hook
+
+    async def hook(event: Any) -> None:
+        if isinstance(event, HttpResponseHook) and event.flow.response is not None:
+            late(event.flow.response)
+        await real_hook(event)
+
+    monkeypatch.setattr(h, "hook", hook)
+    flow = make_flow(issue())
+    h.send(flow)
+    resp = flow.response
+    assert resp is not None and resp.status_code == 200
+    raw = b"".join(k + v for k, v in resp.headers.fields) + resp.reason.encode()
+    assert CANARY_OPENAI.encode() not in raw and b"[REDACTED]" in raw
