@@ -9,6 +9,8 @@
 - vault decrypt (``Vault.get``): p50/p99;
 - audit: durable group-committed appends with 16 writer threads, and ``verify_db`` records/s
   (``scripts/bench_audit.py``);                       targets >= 10,000/s and >= 300,000/s
+- the floor under one request's latency: a bare SQLite WAL commit (synchronous=FULL) on this
+  disk, and one ``request`` record awaited from an event loop through the writer thread;
 - the mitmproxy addons' own CPU time per allowed request: each pipeline hook of
   ``addons/pipeline.py`` driven directly on one request after another (no network, no
   mitmproxy core), measured with the thread's CPU clock.
@@ -138,6 +140,52 @@ class Bench:
             v, vsecs = bench_audit.bench_verify(d, records)
         self.results["audit_append"] = {"records_per_s": n / secs, "threads": 16}
         self.results["audit_verify"] = {"records_per_s": v / vsecs, "records": v}
+        self.commit_floor()
+
+    def commit_floor(self) -> None:
+        """What one request's wait for its ``request`` record costs at one connection: a
+        bare SQLite WAL commit with synchronous=FULL on this disk, and the AuditLog round
+        trip as the gateway awaits it (queue -> writer thread -> commit -> event loop)."""
+        import sqlite3
+
+        from aiid_proxy.audit.log import AuditLog
+
+        n = 300 if self.quick else 1000
+        d = self.root / "floor"
+        d.mkdir()
+        conn = sqlite3.connect(d / "raw.db", isolation_level=None)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("CREATE TABLE t (seq INTEGER PRIMARY KEY, v TEXT)")
+        row = "x" * 300
+
+        def raw() -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO t (v) VALUES (?)", (row,))
+            conn.execute("COMMIT")
+
+        for _ in range(50):
+            raw()
+        self.results["sqlite_commit"] = stats(timed(raw, n))
+        conn.close()
+        log = AuditLog(d / "audit.db", TENANT, os.urandom(32))
+
+        async def awaited() -> list[int]:
+            out = []
+            clock = time.perf_counter_ns
+            for i in range(n + 50):
+                t0 = clock()
+                await asyncio.wrap_future(
+                    log.append("request", agent=AGENT, provider="openai", model="gpt-4o-mini")
+                )
+                if i >= 50:
+                    out.append(clock() - t0)
+            return sorted(out)
+
+        try:
+            self.results["audit_round_trip"] = stats(asyncio.run(awaited()))
+        finally:
+            log.close()
 
     # ------------------------------------------------------------------ pipeline
     def pipeline(self) -> None:
@@ -338,6 +386,8 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 f">= 300,000/s {'met' if v >= 300_000 else 'NOT MET'}",
             )
         )
+    lat("sqlite_commit", "SQLite WAL commit, synchronous=FULL (the disk's floor)")
+    lat("audit_round_trip", "request record awaited from the event loop (1 at a time)")
     if "pipeline_total_us" in r:
         for k, v in r["pipeline_hooks_us"].items():
             out.append((f"addon hook {k}", f"{v:.1f} µs CPU/req (best block)", "", ""))
