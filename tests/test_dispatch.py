@@ -253,3 +253,16 @@ def test_runner_master_uses_the_table(tmp_path: Any) -> None:
     # the gateway's own stages are in the table for `request`, LastGate after them
     names = asyncio.run(go())
     assert "LastGate" in names and names.index("LastGate") > names.index("InjectStage")
+
+
+def test_gateway_freezes_its_start_up_objects(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`aiid run` collects, then freezes what start-up built (full collections skip it)."""
+    import gc
+
+    from addons import runner
+
+    calls: list[str] = []
+    monkeypatch.setattr(gc, "collect", lambda *a: calls.append("collect") or 0)
+    monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
+    runner.tune_gc()
+    assert calls == ["collect", "freeze"]
