@@ -7,8 +7,9 @@ hook, and ``handle_lifecycle`` does it twice per flow event (the event, then ``u
 is ~1.9 µs per addon per event, ~0.7 ms of a request's ~1.6 ms in plain mitmdump here.
 
 :class:`HookTable` keeps, per hook name, the top-level addons that implement it, computed on
-first use and again whenever the chain changes (``add``/``remove``/``clear`` replace or grow
-``chain``; the key is its identity and length). What it does not change:
+first use and again whenever the chain changes (``add`` grows ``chain``, ``remove`` and
+``clear`` replace it: the table remembers the list object itself and its length). What it
+does not change:
 
 - order: the chain's order, each top-level addon's subtree in ``traverse`` order;
 - errors: an exception in one addon is logged as mitmproxy logs it and the next addon runs
@@ -41,18 +42,20 @@ _Entry = tuple[Any, Callable[..., Any] | None]
 class HookTable(AddonManager):
     """Drop-in for :class:`mitmproxy.addonmanager.AddonManager` (see the module doc)."""
 
-    _hook_key: tuple[int, int] | None = None
+    _hook_chain: list[Any] | None = None  # the chain list the table was built from (held,
+    _hook_len = -1  # so its id is never reused) and its length then
     _hook_table: dict[str, list[_Entry]]
 
     def _entries(self, name: str) -> list[_Entry]:
-        key = (id(self.chain), len(self.chain))
-        if self._hook_key != key:
+        chain = self.chain
+        if chain is not self._hook_chain or len(chain) != self._hook_len:
             self._hook_table = {}
-            self._hook_key = key
+            self._hook_chain = chain
+            self._hook_len = len(chain)
         entries = self._hook_table.get(name)
         if entries is None:
             entries = []
-            for addon in self.chain:
+            for addon in chain:
                 if hasattr(addon, "addons"):
                     entries.append((addon, None))
                     continue
