@@ -478,7 +478,19 @@ class AuditStage:
         st = _pending(flow)
         if st is None:
             return
-        flow.metadata[AUDIT_PENDING] = self.rt.gw().audit_request(st)
+        gw = self.rt.gw()
+        try:
+            flow.metadata[AUDIT_PENDING] = gw.audit_request(st)
+        except AuditError as e:  # the log is closed or unusable: refused at once
+            _unrecorded(flow, gw, st, e)
+
+
+def _unrecorded(flow: http.HTTPFlow, gw: Gateway, st: FlowState, e: AuditError) -> None:
+    # No durable `request` record (disk full, I/O error...): nothing may leave. Kill the flow
+    # here with one clear line, not an addon traceback further down.
+    if flow.killable:
+        flow.kill()
+    gw.record_error(st, f"request record not written: {e.one_line()}")
 
 
 async def request_record_durable(flow: http.HTTPFlow, gw: Gateway, st: FlowState) -> bool:
@@ -490,11 +502,7 @@ async def request_record_durable(flow: http.HTTPFlow, gw: Gateway, st: FlowState
     try:
         result = await asyncio.wrap_future(fut)
     except AuditError as e:
-        # No durable `request` record (disk full, I/O error...): nothing may leave. Kill
-        # the flow here with one clear line, not an addon traceback further down.
-        if flow.killable:
-            flow.kill()
-        gw.record_error(st, f"request record not written: {e.one_line()}")
+        _unrecorded(flow, gw, st, e)
         return False
     gw.audit_done(st, result)
     return True

@@ -1097,10 +1097,12 @@ def test_an_exception_in_the_library_kills_the_flow(
     assert len(error_rows(h, flow)) == (1 if identified else 0)
 
 
+@pytest.mark.parametrize("at_once", [False, True], ids=["through-the-future", "at-append"])
 def test_an_audit_failure_kills_the_flow(
-    h: Harness, issue: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+    h: Harness, issue: Callable[..., str], monkeypatch: pytest.MonkeyPatch, at_once: bool
 ) -> None:
-    """The audit writer reports failure through the future: nothing may leave unrecorded."""
+    """The audit writer reports failure through the future, or append refuses at once (a
+    closed log): nothing may leave unrecorded, and the error says why in one line."""
     from concurrent.futures import Future
 
     from aiid_proxy.errors import AuditError
@@ -1110,6 +1112,8 @@ def test_an_audit_failure_kills_the_flow(
 
     def append(event: str, **fields: Any) -> Future[Any]:
         if event == "request":
+            if at_once:
+                raise AuditError("audit log is closed")
             fut: Future[Any] = Future()
             fut.set_exception(AuditError("disk full"))
             return fut
@@ -1119,7 +1123,8 @@ def test_an_audit_failure_kills_the_flow(
     flow = make_flow(issue())
     res = h.send(flow)
     assert_killed(res, recorded=True)
-    assert len(error_rows(h, flow)) == 1
+    (row,) = error_rows(h, flow)
+    assert "request record not written" in (row["reason"] or "")
 
 
 @pytest.mark.parametrize(
