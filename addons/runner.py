@@ -75,8 +75,8 @@ def build_master(
 
 
 def tune_gc() -> None:
-    """Move everything built at start-up (mitmproxy, the addons, policies, keys: a few
-    hundred thousand objects) out of the collector's reach. Measured under load, 4,000
+    """Move everything built at start-up (mitmproxy, the addons, policies, keys: ~90,000
+    tracked objects) out of the collector's reach. Measured under load, 4,000
     requests at 16 connections: full collections no longer walk them (63 ms pauses, 76 µs
     per request, before; 23 µs per request after), and GC costs 95 instead of 166 µs per
     request in all. Larger young-generation thresholds measured worse (107-140 µs)."""
