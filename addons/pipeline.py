@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -354,7 +354,8 @@ def refuse_now(rt: Runtime, flow: http.HTTPFlow, st: FlowState, r: RequestRefuse
 
 
 class _Stage:
-    """A pipeline stage: acts only on a pending flow; a refusal becomes the contract's JSON."""
+    """A pipeline stage: acts only on a pending flow; a refusal becomes the contract's JSON.
+    ``run`` may be a coroutine (it is awaited: no later stage runs meanwhile)."""
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
@@ -364,11 +365,13 @@ class _Stage:
         if st is None:
             return
         try:
-            self.run(self.rt.gw(), st, flow)
+            done = self.run(self.rt.gw(), st, flow)
+            if done is not None:
+                await done
         except RequestRefused as r:
             await refuse(self.rt, flow, st, r)
 
-    def run(self, gw: Gateway, st: FlowState, flow: http.HTTPFlow) -> None:
+    def run(self, gw: Gateway, st: FlowState, flow: http.HTTPFlow) -> Awaitable[None] | None:
         raise NotImplementedError
 
 
@@ -393,24 +396,14 @@ def lowercase_headers(headers: http.Headers) -> dict[str, str]:
     return out
 
 
-class PolicyStage:
+class PolicyStage(_Stage):
     """Decide; an `approve` decision holds the flow here until a human answers or time runs
     out (the hook awaits, so no later stage runs and nothing leaves meanwhile)."""
 
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
-
-    async def request(self, flow: http.HTTPFlow) -> None:
-        st = _pending(flow)
-        if st is None:
-            return
-        gw = self.rt.gw()
-        try:
-            d = gw.decide(st)
-            if d.effect == "approve":
-                await self._hold(gw, st, d)
-        except RequestRefused as r:
-            await refuse(self.rt, flow, st, r)
+    async def run(self, gw: Gateway, st: FlowState, flow: http.HTTPFlow) -> None:
+        d = gw.decide(st)
+        if d.effect == "approve":
+            await self._hold(gw, st, d)
 
     async def _hold(self, gw: Gateway, st: FlowState, d: Decision) -> None:
         assert st.identity is not None
@@ -467,18 +460,11 @@ AUDIT_PENDING = "aiid_request_record"
 SCRUBBED_HEAD = "aiid_scrubbed_head"
 
 
-class AuditStage:
+class AuditStage(_Stage):
     """Queues the ``request`` record. :class:`InjectStage` does its work while the record
     commits, then waits for it: nothing is sealed (so nothing leaves) before it is durable."""
 
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
-
-    def request(self, flow: http.HTTPFlow) -> None:
-        st = _pending(flow)
-        if st is None:
-            return
-        gw = self.rt.gw()
+    def run(self, gw: Gateway, st: FlowState, flow: http.HTTPFlow) -> None:
         try:
             flow.metadata[AUDIT_PENDING] = gw.audit_request(st)
         except AuditError as e:  # the log is closed or unusable: refused at once
@@ -526,22 +512,11 @@ def _hbytes(value: str) -> bytes:
     return value.encode("utf-8", "surrogateescape")  # as mitmproxy encodes header values
 
 
-class InjectStage:
+class InjectStage(_Stage):
     """Strip every credential the agent sent, inject the vault key, seal the verdict."""
 
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
-
-    async def request(self, flow: http.HTTPFlow) -> None:
-        st = _pending(flow)
-        if st is None:
-            return
-        gw = self.rt.gw()
-        try:
-            inj = gw.inject(st)
-        except RequestRefused as r:
-            await refuse(self.rt, flow, st, r)
-            return
+    async def run(self, gw: Gateway, st: FlowState, flow: http.HTTPFlow) -> None:
+        inj = gw.inject(st)  # a refusal (no key, vault error) is answered by _Stage
         req = flow.request
         # a key in the query string is never an identity and never leaves (any spelling);
         # no "?" in the path: no query to parse
