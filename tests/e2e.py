@@ -8,8 +8,10 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -361,3 +363,36 @@ def read_audit(home: Path, tenant: str, *, settle: float = 10.0) -> list[dict[st
         if sent <= closed or time.monotonic() > deadline:
             return rows
         time.sleep(0.02)
+
+
+class TLSServer:
+    """A loopback TLS server on its own thread (one thread per connection), for upstream
+    doubles that need the raw bytes: subclasses implement ``_conn`` and set their own
+    attributes before calling ``__init__`` (it starts accepting at once)."""
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(cert, key)
+        self.ctx.set_alpn_protocols(["http/1.1"])
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                raw, _ = self.sock.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._conn, args=(raw,), daemon=True).start()
+
+    def _conn(self, raw: socket.socket) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.sock.close()
+        self._thread.join(2)

@@ -38,6 +38,7 @@ from e2e import (
     GITHUB_CANARY,
     OPENAI_CANARY,
     Gateway,
+    TLSServer,
     start_gateway,
 )
 from standin import StandIn
@@ -96,7 +97,7 @@ rules:
 # --------------------------------------------------------------------------- upstream doubles
 
 
-class RawRecorder:
+class RawRecorder(TLSServer):
     """A TLS HTTP/1.1 server (the stand-in's certificate) that keeps the exact bytes of every
     connection and answers each request it can frame with a small Gemini-shaped 200."""
 
@@ -108,26 +109,10 @@ class RawRecorder:
     ).encode()
 
     def __init__(self, cert: Path, key: Path) -> None:
-        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ctx.load_cert_chain(cert, key)
-        self.ctx.set_alpn_protocols(["http/1.1"])
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
         self.conns: list[bytearray] = []
         self.requests: list[bytes] = []  # each framed request: head + body as received
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                raw, _ = self.sock.accept()
-            except OSError:
-                continue
-            threading.Thread(target=self._conn, args=(raw,), daemon=True).start()
+        super().__init__(cert, key)
 
     def _conn(self, raw: socket.socket) -> None:
         buf = bytearray()
@@ -167,11 +152,6 @@ class RawRecorder:
     def blob(self) -> bytes:
         with self._lock:
             return b"".join(bytes(c) for c in self.conns)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.sock.close()
-        self._thread.join(2)
 
 
 def _frame_length(data: bytes) -> int | None:

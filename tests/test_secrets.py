@@ -20,7 +20,6 @@ import gzip
 import json
 import socket
 import ssl
-import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import brotli
 import pytest
-from e2e import TMUX, aiid, free_port, start_console_gateway, start_gateway
+from e2e import TMUX, TLSServer, aiid, free_port, start_console_gateway, start_gateway
 from standin import StandIn
 from test_bypass import H2Client, Reply, fast_home, h2_headers, read_reply, request_bytes
 
@@ -91,29 +90,13 @@ rules:
 # --------------------------------------------------------------------------- an echoing upstream
 
 
-class EchoUpstream:
+class EchoUpstream(TLSServer):
     """A TLS HTTP/1.1 server that echoes the credential it receives, in the shape the query
     parameter ``echo=`` asks for (every way a response can carry bytes back)."""
 
     def __init__(self, cert: Path, key: Path) -> None:
-        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ctx.load_cert_chain(cert, key)
-        self.ctx.set_alpn_protocols(["http/1.1"])
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
         self.seen: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                raw, _ = self.sock.accept()
-            except OSError:
-                continue
-            threading.Thread(target=self._conn, args=(raw,), daemon=True).start()
+        super().__init__(cert, key)
 
     def _conn(self, raw: socket.socket) -> None:
         raw.settimeout(3)
@@ -242,11 +225,6 @@ class EchoUpstream:
                 parts.append(b"%x\r\n%s\r\n" % (len(piece), piece))
             return [*parts, b"0\r\n\r\n"]
         return [resp("401 Unauthorized", js, msg)]
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.sock.close()
-        self._thread.join(2)
 
 
 ECHO_VARIANTS = [
