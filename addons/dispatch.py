@@ -13,7 +13,8 @@ does not change:
 
 - order: the chain's order, each top-level addon's subtree in ``traverse`` order;
 - errors: an exception in one addon is logged as mitmproxy logs it and the next addon runs
-  (``LastGate`` always sees the flow), ``AddonHalt`` stops the event, ``OptionsError`` escapes;
+  (``LastGate`` always sees the flow), ``OptionsError`` escapes, ``AddonHalt`` stops the
+  event except for addons marked :data:`ALWAYS` (``LastGate``: nothing halts past it);
 - dynamic addons: a top-level addon with an ``addons`` attribute (script loader, scripts)
   is walked at every event by mitmproxy's own ``invoke_addon``, as before;
 - sync ``trigger`` (configure, done) is mitmproxy's own.
@@ -34,6 +35,11 @@ from mitmproxy import exceptions, hooks
 from mitmproxy.addonmanager import AddonManager, cut_traceback
 
 logger = logging.getLogger("mitmproxy.addonmanager")
+
+# An addon with this attribute true still gets an event after an earlier addon raised
+# AddonHalt (mitmproxy would skip it): the gateway's last gate, so that a script loaded with
+# `--set scripts=...` cannot halt a request past it.
+ALWAYS = "aiid_always"
 
 # (addon, bound hook) for a static addon; (addon, None) for one mitmproxy must walk itself
 _Entry = tuple[Any, Callable[..., Any] | None]
@@ -71,7 +77,10 @@ class HookTable(AddonManager):
         if not entries:
             return
         args: list[Any] | None = None
+        halted = False
         for addon, func in entries:
+            if halted and not getattr(addon, ALWAYS, False):
+                continue
             try:
                 if func is None:
                     await self.invoke_addon(addon, event)
@@ -82,7 +91,7 @@ class HookTable(AddonManager):
                 if res is not None and inspect.isawaitable(res):
                     await res
             except exceptions.AddonHalt:
-                return
+                halted = True  # the rest is skipped, as mitmproxy does, but for ALWAYS addons
             except exceptions.OptionsError:
                 raise
             except Exception:

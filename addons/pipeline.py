@@ -555,6 +555,8 @@ class InjectStage(_Stage):
 class LastGate:
     """The only way out: a flow leaves iff it carries a complete, sealed allow verdict."""
 
+    aiid_always = True  # run even after another addon raised AddonHalt (addons/dispatch.py)
+
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
 

@@ -266,3 +266,54 @@ def test_gateway_freezes_its_start_up_objects(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
     runner.tune_gc()
     assert calls == ["collect", "freeze"]
+
+
+class Always(Rec):
+    aiid_always = True
+
+
+def test_addon_halt_never_skips_an_always_addon(caplog: pytest.LogCaptureFixture) -> None:
+    """mitmproxy skips every addon after an AddonHalt; the table still runs those marked
+    ALWAYS (the gateway's last gate), and only those."""
+
+    async def go() -> list[str]:
+        m = master.Master(options.Options())
+        dispatch.install(m.addons)
+        log: list[str] = []
+        m.addons.add(Rec(log, "a"), Halt(log, "h"), Rec(log, "skipped"), Always(log, "gate"))
+        try:
+            await _fire(m.addons)
+        finally:
+            m._legacy_log_events.uninstall()
+        return log
+
+    assert asyncio.run(go()) == ["a:1", "h:halt", "gate:1"]
+
+
+def test_a_halting_script_cannot_take_a_request_past_the_last_gate() -> None:
+    """A script (`--set scripts=...` loads before the pipeline) that raises AddonHalt on
+    `request`: the gate still runs and kills the flow, which carries no verdict."""
+    from mitmproxy.proxy.layers.http import HttpRequestHook
+
+    from addons.pipeline import LastGate, Runtime
+
+    class HaltingScript:
+        name = "halting"
+
+        def request(self, flow: Any) -> None:
+            raise exceptions.AddonHalt()
+
+    async def go() -> Any:
+        m = master.Master(options.Options())
+        dispatch.install(m.addons)
+        m.addons.add(HaltingScript(), LastGate(Runtime()))
+        f = tflow.tflow()
+        f.live = True
+        try:
+            await m.addons.handle_lifecycle(HttpRequestHook(f))
+        finally:
+            m._legacy_log_events.uninstall()
+        return f
+
+    f = asyncio.run(go())
+    assert f.error is not None and f.error.msg == "Connection killed."
