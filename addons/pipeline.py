@@ -647,6 +647,8 @@ def _log_unwritten(fut: Future[Any]) -> None:
 class ResponseFilter:
     """Responses: request id on every one; scrub the injected key; usage; audit."""
 
+    aiid_always = True  # a script's AddonHalt must not skip the scrub (addons/dispatch.py)
+
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
 

@@ -317,3 +317,10 @@ def test_a_halting_script_cannot_take_a_request_past_the_last_gate() -> None:
 
     f = asyncio.run(go())
     assert f.error is not None and f.error.msg == "Connection killed."
+
+
+def test_the_gates_a_halt_must_not_skip_are_marked() -> None:
+    from addons.pipeline import LastGate, ResponseFilter
+
+    for cls in (LastGate, ResponseFilter):  # the way out, and the scrub of what comes back
+        assert getattr(cls, dispatch.ALWAYS) is True
