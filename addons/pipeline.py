@@ -21,6 +21,7 @@ from typing import Any
 from mitmproxy import connection, ctx, exceptions, http, tcp, udp
 from mitmproxy.utils import human
 
+from aiid_proxy.audit.service import WRITER_MODES
 from aiid_proxy.bodies import DEFAULT_BODY_LIMIT, too_large
 from aiid_proxy.control import Answer, ApprovalBroker, ControlServer
 from aiid_proxy.errors import AiidError, AuditError, RequestRefused
@@ -119,12 +120,15 @@ class Runtime:
     def __init__(self, gateway: Gateway | None = None) -> None:
         self.gateway = gateway
         self.on_gateway: list[Callable[[Gateway], None]] = []
-        self._key: tuple[str, str, int] | None = None
+        self._key: tuple[str, str, int, str] | None = None
         self.broker = ApprovalBroker()
         self.control: ControlServer | None = None
 
     async def running(self) -> None:
-        if self.gateway is None or self.control is not None:
+        if self.gateway is None:
+            return
+        self.gateway.attach(asyncio.get_running_loop())
+        if self.control is not None:
             return
         self.control = ControlServer(self.gateway.home, self._answer)
         try:
@@ -158,6 +162,14 @@ class Runtime:
         )
         loader.add_option(
             "aiid_body_limit", int, DEFAULT_BODY_LIMIT, "largest request body accepted, bytes"
+        )
+        loader.add_option(
+            "aiid_audit_writer",
+            str,
+            "process",
+            "where the tenants' audit logs are written: 'process' (a child process, no GIL "
+            "shared with the proxy) or 'thread' (a writer thread per tenant in this process)",
+            choices=sorted(WRITER_MODES),
         )
 
     def configure(self, updated: set[str]) -> None:
@@ -193,17 +205,33 @@ class Runtime:
             return  # injected (tests)
         home = Home.resolve(opts.aiid_home or None)
         policies = Path(opts.aiid_policies or os.environ.get("AIID_POLICIES") or "policies")
-        key = (str(home.root), str(policies.absolute()), int(opts.aiid_body_limit))
+        key = (
+            str(home.root),
+            str(policies.absolute()),
+            int(opts.aiid_body_limit),
+            str(opts.aiid_audit_writer),
+        )
         if key == self._key:
             return
         try:
-            gw = Gateway(home, policies.absolute(), body_limit=int(opts.aiid_body_limit))
+            gw = Gateway(
+                home,
+                policies.absolute(),
+                body_limit=int(opts.aiid_body_limit),
+                audit_writer=str(opts.aiid_audit_writer),
+            )
         except AiidError as e:
             raise exceptions.OptionsError(f"aiid-proxy cannot start: {e.one_line()}") from None
         if self.gateway is not None:
             self.gateway.close()
         self.gateway = gw
         self._key = key
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None  # not running yet: `running` attaches it
+        if loop is not None:
+            gw.attach(loop)
         for fn in self.on_gateway:
             fn(gw)
 

@@ -8,6 +8,7 @@ is true, i.e. every stage ran, in order, and the decision is an allow. mitmproxy
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import concurrent.futures
@@ -26,7 +27,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from aiid_proxy.audit import AppendResult, AuditLog
+from aiid_proxy.audit import AppendResult
+from aiid_proxy.audit.service import AuditAppender, writer_factory
 from aiid_proxy.bodies import DEFAULT_BODY_LIMIT, decode_body
 from aiid_proxy.budget import (
     COSTLESS_KINDS,
@@ -325,7 +327,7 @@ def path_problem(path: str) -> str | None:
 class TenantRuntime:
     name: str
     vault: Vault
-    audit: AuditLog
+    audit: AuditAppender
     region: str | None
 
 
@@ -342,7 +344,10 @@ class Gateway:
         body_limit: int = DEFAULT_BODY_LIMIT,
         env: Mapping[str, str] | None = None,
         watch: bool = True,
+        audit_writer: str = "thread",
     ) -> None:
+        """``audit_writer``: "thread" keeps each tenant's audit writer in this process,
+        "process" in one child process (:mod:`aiid_proxy.audit.service`)."""
         env = os.environ if env is None else env
         home.require()
         self.home = home
@@ -366,6 +371,7 @@ class Gateway:
         self._tenants: dict[str, TenantRuntime] = {}
         self._tenant_lock = threading.Lock()
         self.policies = PolicyStore(policies_dir, clock=clock, on_event=self._policy_event)
+        self._audit_writers = writer_factory(audit_writer)
         try:
             for t in home.tenants():
                 self.tenant(t)
@@ -421,7 +427,7 @@ class Gateway:
                         clock=self.clock,
                         cache_for=VAULT_CACHE_S,
                     ),
-                    audit=AuditLog(
+                    audit=self._audit_writers.open(
                         self.home.audit_path(name),
                         name,
                         self._audit_root,
@@ -465,6 +471,11 @@ class Gateway:
         self.policies.stop()
         for rt in self._tenants.values():
             rt.audit.close()
+        self._audit_writers.close()
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run on ``loop`` what can (the audit writer process's replies); from its thread."""
+        self._audit_writers.attach(loop)
 
     def new_flow(self, target: Target, connection_token: str | None = None) -> FlowState:
         return FlowState(

@@ -188,9 +188,17 @@ class AuditLog:
         checkpoint_path: Path | None = None,
         clock: Clock = SYSTEM_CLOCK,
         create: bool = True,
+        after_batch: Callable[[], None] | None = None,
+        threaded: bool = True,
         _connect: Callable[[Path], sqlite3.Connection] | None = None,
     ) -> None:
+        """``after_batch``, if given, is called by the writer once every future of a batch is
+        resolved (committed or refused), and after the pending ones fail at close.
+
+        ``threaded=False``: no writer thread; the owner calls :meth:`drain` to commit what was
+        submitted, in its own thread (the audit writer process does, one batch per read)."""
         self.path = Path(path)
+        self._after_batch = after_batch
         self._create = create
         self._file_id: tuple[int, int] | None = None
         self.tenant = validate_name("tenant", tenant)
@@ -208,6 +216,17 @@ class AuditLog:
         self._last_ckpt: tuple[int, str] | None = None
         self._last_ckpt_at = -math.inf
         self.committed_batches = 0
+        self._thread: threading.Thread | None = None
+        self._conn: sqlite3.Connection | None = None
+        if not threaded:
+            try:
+                self._conn = self._open()
+            except BaseException as e:
+                self._closed = True
+                if isinstance(e, AuditError):
+                    raise
+                raise AuditError(f"cannot open audit log {self.path}: {describe(e)}") from None
+            return
         ready: Future[None] = Future()
         self._thread = threading.Thread(
             target=self._run, args=(ready,), name=f"aiid-audit-{tenant}", daemon=True
@@ -235,18 +254,40 @@ class AuditLog:
 
         Unknown or ill-typed fields raise ValueError at once; a closed log raises AuditError.
         """
-        values = normalize(event, fields)
+        return self.submit(format_ts(self._clock.now()), normalize(event, fields))
+
+    def submit(self, ts: str, values: tuple[object, ...]) -> Future[AppendResult]:
+        """Queue an already normalized record (``normalize``) stamped ``ts`` (``format_ts``)."""
         future: Future[AppendResult] = Future()
         with self._lock:
             if self._closed:
                 raise AuditError("audit log is closed")
-            self._queue.put(_Pending(format_ts(self._clock.now()), values, future))
+            self._queue.put(_Pending(ts, values, future))
         return future
 
     def append_sync(self, event: str, **fields: object) -> AppendResult:
         if threading.current_thread() is self._thread:
             raise AuditError("append_sync called from the audit writer thread")
-        return self.append(event, **fields).result()
+        fut = self.append(event, **fields)
+        if self._thread is None:
+            self.drain()
+        return fut.result()
+
+    def drain(self) -> None:
+        """Without a writer thread: commit everything submitted so far, in group commits."""
+        if self._conn is not None:
+            self._drain(self._conn)
+
+    def _drain(self, conn: sqlite3.Connection) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            batch: list[_Pending] = []
+            self._take(batch, item)
+            if batch:
+                self._commit(conn, batch)
 
     def head(self) -> tuple[int, str]:
         """The last committed (seq, mac); (0, GENESIS_MAC) for an empty log."""
@@ -266,7 +307,16 @@ class AuditLog:
             if not self._closed:
                 self._closed = True
                 self._queue.put(_STOP)
-        if threading.current_thread() is not self._thread:
+        if self._thread is None:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                try:
+                    self._drain(conn)  # nothing can be queued after the stop marker
+                    self._auto_checkpoint(force=True)
+                finally:
+                    conn.close()
+                    self._fail_pending()
+        elif threading.current_thread() is not self._thread:
             self._thread.join()
 
     # -- writer thread ------------------------------------------------------
@@ -356,9 +406,17 @@ class AuditLog:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
-                return
+                break
             if isinstance(item, _Pending) and item.future.set_running_or_notify_cancel():
                 item.future.set_exception(AuditError("audit log is closed"))
+        self._batch_done()
+
+    def _batch_done(self) -> None:
+        if self._after_batch is not None:
+            try:
+                self._after_batch()
+            except Exception:
+                log.exception("audit after_batch callback failed")
 
     def _take(self, batch: list[_Pending], item: object) -> bool:
         """Move ``item`` and whatever else is pending into ``batch`` (cancelled appends are
@@ -419,6 +477,7 @@ class AuditLog:
             log.error("%s (%d records refused)", message, len(live))
             for p in live:
                 p.future.set_exception(AuditError(message))
+            self._batch_done()
             return stop
         with self._head_lock:
             self._head = (seq, prev_hex)
@@ -426,6 +485,7 @@ class AuditLog:
         self._auto_checkpoint(force=False)  # before resolving: a due checkpoint is on disk too
         for p, result in zip(live, results, strict=True):
             p.future.set_result(result)
+        self._batch_done()
         return stop
 
     @staticmethod

@@ -1,0 +1,590 @@
+"""The audit writer in its own process.
+
+In a thread, the writer shares the gateway's GIL: every SQLite call it makes (stat, BEGIN,
+SELECT, one step per row, COMMIT) hands the GIL over and back, and each time the event loop
+returns from a socket write it can find the writer holding it. ``AuditWriterProcess`` runs the
+same :class:`~aiid_proxy.audit.log.AuditLog` (one per tenant, each with its writer thread) in a
+child Python process instead, and :class:`RemoteAuditLog` is the gateway's handle on one of
+them, with the same ``append`` / ``head`` / ``checkpoint`` / ``close`` surface.
+
+Wire: each frame is a 4-byte big-endian length and a ``marshal``-ed tuple, over the child's
+stdin (requests) and stdout (replies); the child's stderr is the gateway's. Requests carry an
+id; every request gets exactly one reply ``(OK, id, payload)`` or ``(ERR, id, message)``.
+The audit key travels in the ``open`` frame, never in argv or the environment.
+
+Fail closed: a child that exits (or writes garbage) fails every pending append and every later
+one with :class:`~aiid_proxy.errors.AuditError`, so the gateway refuses traffic until it is
+restarted. The child ignores SIGINT/SIGTERM (a Ctrl-C reaches the whole process group) and
+stops at EOF on stdin, after committing what it was sent: the gateway's orderly close, or
+the gateway's death, never cuts a batch short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import marshal
+import os
+import select
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Protocol
+
+import aiid_proxy
+from aiid_proxy.audit.chain import GENESIS_MAC
+from aiid_proxy.audit.log import AppendResult, AuditLog, format_ts, normalize
+from aiid_proxy.audit.store import describe
+from aiid_proxy.clock import SYSTEM_CLOCK, Clock
+from aiid_proxy.errors import AiidError, AuditError
+from aiid_proxy.home import validate_name
+
+log = logging.getLogger(__name__)
+
+OPEN, APPEND, CHECKPOINT, CLOSE = "open", "append", "checkpoint", "close"
+OK, ERR = "ok", "err"
+_LEN = struct.Struct("!I")
+MAX_FRAME = 16 * 1024 * 1024
+STOP_TIMEOUT = 30.0  # seconds the child gets to commit what is queued after its stdin closes
+
+
+class AuditAppender(Protocol):
+    """What the gateway needs of a tenant's audit log (``AuditLog`` or ``RemoteAuditLog``)."""
+
+    path: Path
+    tenant: str
+
+    def append(self, event: str, **fields: object) -> Future[AppendResult]: ...
+
+    def head(self) -> tuple[int, str]: ...
+
+    def checkpoint(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _frame(msg: tuple[object, ...]) -> bytes:
+    body = marshal.dumps(msg)  # type: ignore[arg-type]  # a tuple of plain values
+    return _LEN.pack(len(body)) + body
+
+
+class _Parser:
+    """Frames out of a byte stream, fed as it arrives."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    @property
+    def partial(self) -> bool:
+        return bool(self._buf)
+
+    def feed(self, chunk: bytes) -> list[tuple[object, ...]]:
+        buf = self._buf
+        buf += chunk
+        pos = 0
+        got: list[tuple[object, ...]] = []
+        while len(buf) - pos >= _LEN.size:
+            (n,) = _LEN.unpack_from(buf, pos)
+            if n > MAX_FRAME:
+                raise AuditError("audit writer channel: oversized frame")
+            if len(buf) - pos - _LEN.size < n:
+                break
+            start = pos + _LEN.size
+            try:
+                # Our own pipe to/from our own child: nobody else can write to it.
+                msg = marshal.loads(bytes(buf[start : start + n]))  # noqa: S302
+            except (EOFError, ValueError, TypeError) as e:
+                raise AuditError(f"audit writer channel: bad frame ({e})") from None
+            if not isinstance(msg, tuple) or len(msg) < 2 or not isinstance(msg[1], int):
+                raise AuditError("audit writer channel: bad frame")
+            pos = start + n
+            got.append(msg)
+        del buf[:pos]
+        return got
+
+
+def _frames(fd: int) -> Iterator[list[tuple[object, ...]]]:
+    """The frames read from blocking ``fd``, as the list each read completed, until EOF;
+    AuditError on a torn or malformed frame."""
+    parser = _Parser()
+    while True:
+        chunk = os.read(fd, 262144)
+        if not chunk:
+            if parser.partial:
+                raise AuditError("audit writer channel closed inside a frame")
+            return
+        got = parser.feed(chunk)
+        if got:
+            yield got
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+# -- the child --------------------------------------------------------------------------------
+class _Replies:
+    """Replies from the child's writer threads, buffered per batch and written in one go."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._lock = threading.Lock()
+        self._buf: list[bytes] = []
+
+    def send(self, msg: tuple[object, ...]) -> None:
+        with self._lock:
+            self._buf.append(_frame(msg))
+            self._flush_locked()
+
+    def on_done(self, rid: int, fut: Future[AppendResult]) -> None:
+        exc = fut.exception()
+        if exc is None:
+            r = fut.result()
+            frame = _frame((OK, rid, (r.seq, r.mac)))
+        else:
+            frame = _frame((ERR, rid, _message(exc)))
+        with self._lock:
+            self._buf.append(frame)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if self._buf:
+            data = b"".join(self._buf)
+            self._buf.clear()
+            _write_all(self._fd, data)
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, AiidError):
+        return exc.one_line()
+    return f"audit write failed: {describe(exc)}"
+
+
+def serve(rfd: int, wfd: int) -> int:
+    """The child's loop: everything one read brings is queued, then committed as one batch per
+    tenant (appends that arrive during a commit make up the next batch), then answered in one
+    write. Requests of a tenant are handled in the order they were sent."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    out = _Replies(wfd)
+    logs: dict[int, AuditLog] = {}
+    status = 0
+    try:
+        for msgs in _frames(rfd):
+            dirty: dict[int, AuditLog] = {}
+            for msg in msgs:
+                _handle(msg, logs, dirty, out)
+            for lg in dirty.values():
+                lg.drain()
+            out.flush()
+    except (AuditError, OSError) as e:  # a torn channel, or the gateway went away mid-write
+        print(f"aiid audit writer: {_message(e)}", file=sys.stderr)
+        status = 1
+    finally:
+        for lg in logs.values():
+            lg.close()  # commits what was queued
+        with contextlib.suppress(OSError):
+            out.flush()
+    return status
+
+
+def _handle(
+    msg: tuple[object, ...], logs: dict[int, AuditLog], dirty: dict[int, AuditLog], out: _Replies
+) -> None:
+    op, rid, args = msg[0], msg[1], msg[2:]
+    assert isinstance(rid, int)
+    try:
+        tid = args[0]
+        if not isinstance(tid, int):
+            raise AuditError("audit writer: bad request")
+        if op == APPEND:
+            lg = logs.get(tid)
+            if lg is None:
+                raise AuditError("audit log is closed")
+            ts, values = args[1], args[2]
+            if not (isinstance(ts, str) and isinstance(values, tuple)):
+                raise AuditError("audit writer: bad request")
+            fut = lg.submit(ts, values)
+            fut.add_done_callback(lambda f: out.on_done(rid, f))
+            dirty[tid] = lg
+            return
+        pending = dirty.pop(tid, None)
+        if pending is not None:  # what was sent before this request is committed first
+            pending.drain()
+        if op == OPEN:
+            path, tenant, key, ckpt, create = args[1:6]
+            if not (isinstance(path, str) and isinstance(tenant, str) and isinstance(key, bytes)):
+                raise AuditError("audit writer: bad request")
+            lg = AuditLog(
+                Path(path),
+                tenant,
+                key,
+                checkpoint_path=Path(ckpt) if isinstance(ckpt, str) else None,
+                create=bool(create),
+                after_batch=out.flush,
+                threaded=False,
+            )
+            logs[tid] = lg
+            out.send((OK, rid, lg.head()))
+        elif op == CHECKPOINT:
+            lg = logs.get(tid)
+            if lg is None:
+                raise AuditError("audit log is closed")
+            lg.checkpoint()
+            out.send((OK, rid, None))
+        elif op == CLOSE:
+            lg = logs.pop(tid, None)
+            if lg is not None:
+                lg.close()
+            out.send((OK, rid, None))
+        else:
+            raise AuditError(f"audit writer: unknown request {op!r}")
+    except Exception as e:
+        out.send((ERR, rid, _message(e)))
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.WARNING, format="aiid audit writer: %(message)s")
+    rfd, wfd = sys.stdin.fileno(), sys.stdout.fileno()
+    # Nothing else may write to the reply channel.
+    wfd = os.dup(wfd)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    return serve(rfd, wfd)
+
+
+# -- the gateway's side ------------------------------------------------------------------------
+_Convert = Callable[[object], object]
+
+
+def _same(payload: object) -> object:
+    return payload
+
+
+class AuditWriterProcess:
+    """A child process holding the tenants' audit logs; ``open`` gives a RemoteAuditLog."""
+
+    def __init__(self, *, python: str = sys.executable) -> None:
+        self._lock = threading.Lock()  # one frame at a time on the request pipe
+        self._ids = itertools.count(1)
+        self._pending: dict[int, tuple[Future[object], _Convert]] = {}
+        self._dead: str | None = None
+        self._closing = False
+        root = str(Path(aiid_proxy.__file__).resolve().parent.parent)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        try:
+            self._proc = subprocess.Popen(
+                [python, "-m", "aiid_proxy.audit.service"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env=env,
+                close_fds=True,
+            )
+        except OSError as e:
+            raise AuditError(f"cannot start the audit writer process: {describe(e)}") from None
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._wfd = self._proc.stdin.fileno()
+        self._rfd = self._proc.stdout.fileno()
+        os.set_blocking(self._rfd, False)
+        self._rlock = threading.Lock()  # one reader of the reply pipe at a time
+        self._parser = _Parser()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reader = threading.Thread(target=self._read, name="aiid-audit-replies", daemon=True)
+        self._reader.start()
+
+    def __repr__(self) -> str:
+        return f"AuditWriterProcess(pid={self._proc.pid}, dead={self._dead is not None})"
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def open(
+        self,
+        path: Path,
+        tenant: str,
+        root_key: bytes,
+        *,
+        checkpoint_path: Path | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        create: bool = True,
+    ) -> RemoteAuditLog:
+        validate_name("tenant", tenant)
+        tid = next(self._ids)
+        ckpt = str(checkpoint_path) if checkpoint_path is not None else None
+        head = self.call(OPEN, tid, str(path), tenant, bytes(root_key), ckpt, create)
+        if not (
+            isinstance(head, tuple)
+            and len(head) == 2
+            and isinstance(head[0], int)
+            and isinstance(head[1], str)
+        ):
+            raise AuditError("audit writer: bad reply to open")
+        return RemoteAuditLog(self, tid, Path(path), tenant, clock, (head[0], head[1]))
+
+    # -- requests -----------------------------------------------------------
+    def submit(self, op: str, *args: object, convert: _Convert = _same) -> Future[object]:
+        """Send one request; the future resolves with ``convert`` of the child's reply (in
+        the reply thread), or fails with AuditError."""
+        rid = next(self._ids)
+        fut: Future[object] = Future()
+        data = _frame((op, rid, *args))
+        with self._lock:
+            if self._dead is None:
+                self._pending[rid] = (fut, convert)
+                try:
+                    _write_all(self._wfd, data)
+                    return fut
+                except OSError as e:
+                    self._pending.pop(rid, None)
+                    why = f"audit writer process is gone ({describe(e)})"
+            else:
+                why = self._dead
+        self._die(why)
+        raise AuditError(self._dead or why)
+
+    def call(self, op: str, *args: object, timeout: float | None = None) -> object:
+        return self._wait(self.submit(op, *args), timeout)
+
+    # -- replies ------------------------------------------------------------
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Read replies on ``loop`` (call from its thread) instead of a thread of our own:
+        no thread wake-up, and no GIL hand-over, per commit."""
+        if self._loop is not None or self._dead is not None:
+            return
+        self._loop = loop
+        loop.add_reader(self._rfd, self.pump)
+
+    def _detach(self) -> bool:
+        """Stop reading on the loop; False if that is left to the loop's thread (the pipe
+        must then stay open: its descriptor number is the loop's key)."""
+        loop, self._loop = self._loop, None
+        if loop is None or loop.is_closed():
+            return True
+        try:
+            running = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            running = False
+        if running:
+            loop.remove_reader(self._rfd)
+            return True
+        loop.call_soon_threadsafe(loop.remove_reader, self._rfd)
+        return False
+
+    def _read(self) -> None:
+        """Until attached to an event loop: wait for replies and pump them."""
+        while self._loop is None and self._dead is None and not self._closing:
+            try:
+                ready, _, _ = select.select([self._rfd], [], [], 0.05)
+            except (OSError, ValueError):
+                return
+            if ready:
+                self.pump()
+
+    def pump(self) -> None:
+        """Resolve the futures of every reply that has arrived; never blocks."""
+        with self._rlock:
+            while True:
+                try:
+                    chunk = os.read(self._rfd, 262144)
+                except BlockingIOError:
+                    return
+                except OSError as e:
+                    why = f"audit writer channel failed: {describe(e)}"
+                    break
+                if not chunk:
+                    why = "audit writer process exited"
+                    break
+                try:
+                    msgs = self._parser.feed(chunk)
+                except AuditError as e:
+                    why = e.one_line()
+                    break
+                for msg in msgs:
+                    entry = self._pending.pop(msg[1], None)  # type: ignore[call-overload]
+                    if entry is None:
+                        continue
+                    fut, convert = entry
+                    if fut.done():  # cancelled by its caller (it may still be committed)
+                        continue
+                    if msg[0] != OK:
+                        fut.set_exception(AuditError(str(msg[2])))
+                        continue
+                    try:
+                        fut.set_result(convert(msg[2]))
+                    except AuditError as e:
+                        fut.set_exception(e)
+                if len(chunk) < 262144:
+                    return
+        self._detach()
+        code = self._proc.poll()  # never blocks: this may be the event loop
+        self._die(f"{why} (status {code}); every request is refused until the gateway restarts")
+
+    def _wait(self, fut: Future[object], timeout: float | None) -> object:
+        """fut's result, pumping replies meanwhile (the caller may be the loop's thread)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not fut.done():
+            left = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
+            if left <= 0:
+                break
+            try:
+                select.select([self._rfd], [], [], left)
+            except (OSError, ValueError):
+                break
+            self.pump()
+        return fut.result(0 if fut.done() else timeout)
+
+    def _die(self, why: str) -> None:
+        with self._lock:
+            if self._dead is not None:
+                return
+            self._dead = why
+            pending, self._pending = self._pending, {}
+        for fut, _ in pending.values():
+            if not fut.done():
+                fut.set_exception(AuditError(why))
+        if not self._closing:
+            log.error("%s", why)
+
+    def close(self) -> None:
+        """Let the child commit what it holds and exit (EOF on its stdin), and resolve the
+        futures of what it committed. Idempotent."""
+        self._closing = True
+        with self._lock:
+            stdin = self._proc.stdin
+            if stdin is not None and not stdin.closed:
+                with contextlib.suppress(OSError):
+                    stdin.close()
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while self._dead is None and time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError):
+                select.select([self._rfd], [], [], 0.05)
+            self.pump()  # reads the last replies, then EOF
+        if self._dead is None:
+            log.error("audit writer process did not stop in %.0f s; killing it", STOP_TIMEOUT)
+            self._proc.kill()
+            self._die("audit writer process killed")
+        self._proc.wait()
+        self._reader.join(STOP_TIMEOUT)
+        if self._detach() and self._proc.stdout is not None:
+            self._proc.stdout.close()
+
+    def __enter__(self) -> AuditWriterProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RemoteAuditLog:
+    """One tenant's audit log in an :class:`AuditWriterProcess`; same surface as AuditLog."""
+
+    def __init__(
+        self,
+        service: AuditWriterProcess,
+        tid: int,
+        path: Path,
+        tenant: str,
+        clock: Clock,
+        head: tuple[int, str],
+    ) -> None:
+        self.path = path
+        self.tenant = tenant
+        self._service = service
+        self._tid = tid
+        self._clock = clock
+        self._head = head
+        self._head_lock = threading.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"RemoteAuditLog(path={str(self.path)!r}, tenant={self.tenant!r})"
+
+    def append(self, event: str, **fields: object) -> Future[AppendResult]:
+        """Queue a record; the future resolves once the child has durably committed it."""
+        values = normalize(event, fields)
+        if self._closed:
+            raise AuditError("audit log is closed")
+        ts = format_ts(self._clock.now())
+        fut = self._service.submit(APPEND, self._tid, ts, values, convert=self._committed)
+        return fut  # type: ignore[return-value]  # resolved with an AppendResult
+
+    def _committed(self, payload: object) -> AppendResult:
+        if not (
+            isinstance(payload, tuple)
+            and len(payload) == 2
+            and isinstance(payload[0], int)
+            and isinstance(payload[1], str)
+        ):
+            raise AuditError("audit writer: bad reply to append")
+        result = AppendResult(payload[0], payload[1])
+        with self._head_lock:
+            if result.seq > self._head[0]:
+                self._head = (result.seq, result.mac)
+        return result
+
+    def append_sync(self, event: str, **fields: object) -> AppendResult:
+        return self.append(event, **fields).result()
+
+    def head(self) -> tuple[int, str]:
+        """The last (seq, mac) this gateway saw committed; (0, GENESIS_MAC) for an empty log."""
+        with self._head_lock:
+            return self._head if self._head[0] else (0, GENESIS_MAC)
+
+    def checkpoint(self) -> None:
+        self._service.call(CHECKPOINT, self._tid)
+
+    def close(self) -> None:
+        """Commit everything pending and write a last checkpoint. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._service.call(CLOSE, self._tid)
+        except AuditError as e:
+            log.error("closing audit log of %s: %s", self.tenant, e.one_line())
+
+
+class _ThreadWriters:
+    """The "thread" mode: each tenant's AuditLog has its own writer thread here."""
+
+    def open(self, path: Path, tenant: str, root_key: bytes, **kw: object) -> AuditAppender:
+        return AuditLog(path, tenant, root_key, **kw)  # type: ignore[arg-type]
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def writer_factory(mode: str) -> _ThreadWriters | AuditWriterProcess:
+    """The audit writers for ``mode``: "thread" (in-process) or "process" (a child)."""
+    if mode == "thread":
+        return _ThreadWriters()
+    if mode == "process":
+        return AuditWriterProcess()
+    raise AuditError(f"unknown audit writer mode {mode!r} (thread or process)")
+
+
+WRITER_MODES: Mapping[str, str] = {
+    "process": "a child process holds the audit logs (no GIL shared with the event loop)",
+    "thread": "a writer thread in the gateway process",
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

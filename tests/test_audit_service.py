@@ -1,0 +1,249 @@
+"""The audit writer process: the same chain as the in-process writer, committed in a child
+process; a child that dies fails every append (closed), and the key never leaves the pipe."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import signal
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from aiid_proxy.audit import AuditLog, read_rows, tenant_key, verify_db
+from aiid_proxy.audit.service import (
+    APPEND,
+    AuditWriterProcess,
+    RemoteAuditLog,
+    _frame,
+    _frames,
+    writer_factory,
+)
+from aiid_proxy.clock import FakeClock
+from aiid_proxy.errors import AuditError
+from aiid_proxy.gateway import Gateway
+from aiid_proxy.home import Home
+from tests.test_gateway import BODY, URL, run_pipeline
+
+ROOT = bytes(range(32))
+WAIT = 30  # seconds a test waits on a future before declaring a hang
+
+
+@pytest.fixture
+def writer() -> Iterator[AuditWriterProcess]:
+    w = AuditWriterProcess()
+    yield w
+    w.close()
+
+
+def _open(w: AuditWriterProcess, tmp_path: Path, tenant: str = "acme") -> RemoteAuditLog:
+    return w.open(
+        tmp_path / f"{tenant}.db",
+        tenant,
+        ROOT,
+        checkpoint_path=tmp_path / f"{tenant}.ckpt",
+        clock=FakeClock(1_780_000_000.0),
+    )
+
+
+def test_records_chain_and_verify_like_the_thread_writer(
+    writer: AuditWriterProcess, tmp_path: Path
+) -> None:
+    acme, beta = _open(writer, tmp_path), _open(writer, tmp_path, "beta")
+    futs = [
+        lg.append("request", request_id=f"r{i}", agent="bot", status=i)
+        for i in range(300)
+        for lg in (acme, beta)
+    ]
+    results = [f.result(WAIT) for f in futs]
+    assert [r.seq for r in results[0::2]] == list(range(1, 301))
+    assert [r.seq for r in results[1::2]] == list(range(1, 301))
+    assert acme.head() == (results[-2].seq, results[-2].mac)
+    acme.close()
+    beta.close()
+    for tenant in ("acme", "beta"):
+        v = verify_db(tmp_path / f"{tenant}.db", tenant_key(ROOT, tenant))
+        assert v.ok and v.count == 300, v.reason
+    rows = list(read_rows(tmp_path / "acme.db"))
+    assert rows[0]["ts"] == "2026-05-28T20:26:40.000000Z"  # the parent's clock, not the child's
+    assert (tmp_path / "acme.ckpt").read_text().splitlines()[-1] == f"300:{results[-2].mac}"
+    # the in-process writer continues the same chain
+    with AuditLog(tmp_path / "acme.db", "acme", ROOT) as lg:
+        assert lg.append_sync("policy").seq == 301
+
+
+def test_reopen_continues_the_chain(writer: AuditWriterProcess, tmp_path: Path) -> None:
+    with AuditLog(tmp_path / "acme.db", "acme", ROOT) as lg:
+        head = lg.append_sync("policy")
+    remote = _open(writer, tmp_path)
+    assert remote.head() == (head.seq, head.mac)
+    assert remote.append_sync("request").seq == head.seq + 1
+
+
+@pytest.mark.parametrize(
+    ("prepare", "message"),
+    [
+        pytest.param(
+            lambda p: AuditLog(p, "acme", bytes(32)).append_sync("policy"),
+            "head is invalid",
+            id="wrong-key",
+        ),
+        pytest.param(lambda p: None, "audit database missing", id="missing-db"),
+    ],
+)
+def test_open_errors_come_back_as_one_line(
+    writer: AuditWriterProcess,
+    tmp_path: Path,
+    prepare: Callable[[Path], object],
+    message: str,
+) -> None:
+    prepare(tmp_path / "acme.db")
+    with pytest.raises(AuditError, match=message):
+        writer.open(tmp_path / "acme.db", "acme", ROOT, create=False)
+    # the child is still serving
+    assert _open(writer, tmp_path, "beta").append_sync("policy").seq == 1
+
+
+def test_a_dead_writer_fails_every_append(writer: AuditWriterProcess, tmp_path: Path) -> None:
+    lg = _open(writer, tmp_path)
+    assert lg.append_sync("request").seq == 1
+    os.kill(writer.pid, signal.SIGKILL)
+    with pytest.raises(AuditError, match="audit writer"):
+        for _ in range(1000):  # bounded: the reply thread notices EOF within milliseconds
+            lg.append("request").result(WAIT)
+    with pytest.raises(AuditError, match="refused until the gateway restarts"):
+        lg.append("request")
+
+
+def test_interrupts_do_not_stop_the_writer(writer: AuditWriterProcess, tmp_path: Path) -> None:
+    lg = _open(writer, tmp_path)
+    os.kill(writer.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
+    os.kill(writer.pid, signal.SIGTERM)
+    assert lg.append_sync("request").seq == 1
+
+
+def test_close_commits_everything_sent(tmp_path: Path) -> None:
+    w = AuditWriterProcess()
+    lg = _open(w, tmp_path)
+    futs = [lg.append("request", status=i) for i in range(2000)]
+    w.close()  # EOF on the child's stdin, before the replies arrive
+    assert all(f.done() for f in futs)
+    assert verify_db(tmp_path / "acme.db", tenant_key(ROOT, "acme")).count == 2000
+    with pytest.raises(AuditError):
+        lg.append("request")
+
+
+def test_appends_from_many_threads(writer: AuditWriterProcess, tmp_path: Path) -> None:
+    lg = _open(writer, tmp_path)
+    seqs: list[int] = []
+    lock = threading.Lock()
+
+    def work() -> None:
+        for _ in range(100):
+            r = lg.append("request").result(WAIT)
+            with lock:
+                seqs.append(r.seq)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+    assert sorted(seqs) == list(range(1, 801))
+
+
+def test_bad_records_are_refused_in_the_caller(writer: AuditWriterProcess, tmp_path: Path) -> None:
+    lg = _open(writer, tmp_path)
+    with pytest.raises(ValueError, match="unknown audit field"):
+        lg.append("request", nonsense=1)
+    with pytest.raises(AuditError, match="audit log is closed"):
+        writer.submit(APPEND, 999, "2026-01-01T00:00:00.000000Z", ()).result(WAIT)
+    assert lg.append_sync("request").seq == 1
+
+
+def test_the_key_is_not_in_the_childs_argv_or_environment(
+    writer: AuditWriterProcess, tmp_path: Path
+) -> None:
+    _open(writer, tmp_path)
+    seen = Path(f"/proc/{writer.pid}/cmdline").read_bytes()
+    seen += Path(f"/proc/{writer.pid}/environ").read_bytes()
+    for form in (ROOT, ROOT.hex().encode(), base64.b64encode(ROOT)):
+        assert form not in seen
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        pytest.param(struct.pack("!I", 10) + b"abc", "closed inside a frame", id="torn"),
+        pytest.param(struct.pack("!I", 2**31), "oversized", id="oversized"),
+        pytest.param(struct.pack("!I", 3) + b"zzz", "bad frame", id="garbage"),
+        pytest.param(_frame(("only",)), "bad frame", id="no-id"),
+    ],
+)
+def test_frames_refuse_a_bad_channel(data: bytes, message: str) -> None:
+    r, w = os.pipe()
+    os.write(w, _frame((APPEND, 1)) + data)
+    os.close(w)
+    got: list[tuple[object, ...]] = []
+    with pytest.raises(AuditError, match=message):
+        for msgs in _frames(r):
+            got += msgs
+    os.close(r)
+    assert got in ([(APPEND, 1)], [])  # a good frame before the bad one may have been read
+
+
+def test_writer_factory_modes(tmp_path: Path) -> None:
+    threads = writer_factory("thread")
+    lg = threads.open(tmp_path / "t.db", "acme", ROOT)
+    assert isinstance(lg, AuditLog)
+    lg.close()
+    threads.close()
+    proc = writer_factory("process")
+    try:
+        lg2 = proc.open(tmp_path / "p.db", "acme", ROOT)
+        assert isinstance(lg2, RemoteAuditLog) and lg2.append_sync("policy").seq == 1
+    finally:
+        proc.close()
+    with pytest.raises(AuditError, match="unknown audit writer mode"):
+        writer_factory("fork")
+
+
+def test_replies_are_read_on_the_event_loop(writer: AuditWriterProcess, tmp_path: Path) -> None:
+    lg = _open(writer, tmp_path)
+
+    async def go() -> list[int]:
+        writer.attach(asyncio.get_running_loop())
+        cancelled = lg.append("request", status=0)
+        cancelled.cancel()  # its caller gave up: the reply is dropped, the rest still resolve
+        futs = [asyncio.wrap_future(lg.append("request", status=i)) for i in range(1, 200)]
+        got = [r.seq for r in await asyncio.gather(*futs)]
+        # a synchronous call from the loop's own thread pumps the replies itself
+        lg.checkpoint()
+        return got
+
+    seqs = asyncio.run(asyncio.wait_for(go(), WAIT))
+    assert seqs == list(range(2, 201))  # the cancelled record was sent, so it is seq 1
+    reader = writer._reader  # its own reply thread stops once the loop reads
+    reader.join(WAIT)
+    assert not reader.is_alive()
+
+
+def test_gateway_with_the_writer_process(
+    make_gateway: Callable[..., Gateway],
+    policies_dir: Path,
+    gateway_home: Home,
+    issue: Callable[..., str],
+) -> None:
+    gw = make_gateway(policies_dir, audit_writer="process")
+    st = run_pipeline(gw, issue())
+    gw.seal(st, "POST", URL, BODY)
+    assert st.allows() and st.audit is not None
+    rows = list(read_rows(gateway_home.audit_path("acme")))
+    assert rows[-1]["seq"] == st.audit.seq and rows[-1]["event"] == "request"
+    gw.close()
+    audit_key = gateway_home.audit_key({})
+    assert verify_db(gateway_home.audit_path("acme"), tenant_key(audit_key, "acme")).ok
