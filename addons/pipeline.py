@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 import traceback
 from collections.abc import Awaitable, Callable
@@ -247,6 +248,34 @@ class Runtime:
         return self.gateway
 
 
+async def settled[T](fut: Future[T]) -> T:
+    """Await a library future. One resolved on this loop's own thread (the audit writer
+    process's replies are read there) wakes the task directly, where ``asyncio.wrap_future``
+    would go through ``call_soon_threadsafe`` and the loop's self-pipe."""
+    if not fut.done():
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        here = threading.get_ident()
+
+        def wake(_: Future[T]) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        def done(f: Future[T]) -> None:
+            if threading.get_ident() == here:
+                wake(f)
+            else:
+                loop.call_soon_threadsafe(wake, f)
+
+        fut.add_done_callback(done)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            fut.cancel()
+            raise
+    return fut.result()
+
+
 def _headers(flow: http.HTTPFlow) -> list[tuple[str, str]]:
     return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in flow.request.headers.fields]
 
@@ -274,7 +303,7 @@ async def refuse(rt: Runtime, flow: http.HTTPFlow, st: FlowState, r: RequestRefu
     fut = rt.gw().record_refusal(st, r)
     if fut is not None:
         try:
-            await asyncio.wrap_future(fut)
+            await settled(fut)
         except AiidError:
             log.exception("deny record not written")
 
@@ -469,7 +498,7 @@ class PolicyStage(_Stage):
         fut = gw.record_approval(st, ans.approved, ans.by, text)
         if fut is not None:
             try:
-                await asyncio.wrap_future(fut)
+                await settled(fut)
             except AiidError as e:  # no record of the human's answer: do not forward
                 raise RequestRefused(
                     503, "audit_error", "approval could not be audited", d.rule_id
@@ -514,7 +543,7 @@ async def request_record_durable(flow: http.HTTPFlow, gw: Gateway, st: FlowState
     if fut is None:
         return False  # never queued: the seal refuses, LastGate kills
     try:
-        result = await asyncio.wrap_future(fut)
+        result = await settled(fut)
     except AuditError as e:
         _unrecorded(flow, gw, st, e)
         return False

@@ -11,7 +11,9 @@ import base64
 import contextlib
 import gzip
 import json
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +60,7 @@ from addons.pipeline import (
 from aiid_proxy.admin import revoke_token
 from aiid_proxy.clock import FakeClock
 from aiid_proxy.control import Answer
-from aiid_proxy.errors import SecretNotFound
+from aiid_proxy.errors import AuditError, SecretNotFound
 from aiid_proxy.gateway import Gateway
 from aiid_proxy.home import Home
 from aiid_proxy.providers import CREDENTIAL_HEADERS
@@ -1105,8 +1107,6 @@ def test_an_audit_failure_kills_the_flow(
     closed log): nothing may leave unrecorded, and the error says why in one line."""
     from concurrent.futures import Future
 
-    from aiid_proxy.errors import AuditError
-
     audit = h.gw.tenant(TENANT).audit
     real_append = audit.append
 
@@ -1519,3 +1519,62 @@ def test_headers_changed_after_responseheaders_are_scrubbed_again(
     assert resp is not None and resp.status_code == 200
     raw = b"".join(k + v for k, v in resp.headers.fields) + resp.reason.encode()
     assert CANARY_OPENAI.encode() not in raw and b"[REDACTED]" in raw
+
+
+def _resolve_here(fut: Future[int]) -> None:
+    asyncio.get_running_loop().call_soon(fut.set_result, 7)
+
+
+def _resolve_in_a_thread(fut: Future[int]) -> None:
+    # started once the task awaits: the future is surely resolved from the other thread
+    asyncio.get_running_loop().call_soon(threading.Thread(target=fut.set_result, args=(7,)).start)
+
+
+def _fail_here(fut: Future[int]) -> None:
+    asyncio.get_running_loop().call_soon(fut.set_exception, AuditError("disk full"))
+
+
+@pytest.mark.parametrize(
+    ("resolve", "threadsafe_calls"),
+    [
+        pytest.param(lambda f: f.set_result(7), 0, id="already-done"),
+        pytest.param(_resolve_here, 0, id="on-the-loop-thread"),
+        pytest.param(_resolve_in_a_thread, 1, id="from-another-thread"),
+    ],
+)
+def test_settled_wakes_the_task_without_the_self_pipe_when_it_can(
+    resolve: Callable[[Future[int]], None], threadsafe_calls: int
+) -> None:
+    async def go() -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        calls = 0
+        real = loop.call_soon_threadsafe
+
+        def counting(*a: Any, **kw: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            return real(*a, **kw)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        fut: Future[int] = Future()
+        resolve(fut)
+        return await asyncio.wait_for(pipeline.settled(fut), 10), calls
+
+    assert asyncio.run(go()) == (7, threadsafe_calls)
+
+
+def test_settled_raises_the_futures_error_and_cancels_it_when_cancelled() -> None:
+    async def go() -> Future[int]:
+        failing: Future[int] = Future()
+        _fail_here(failing)
+        with pytest.raises(AuditError, match="disk full"):
+            await pipeline.settled(failing)
+        waiting: Future[int] = Future()
+        task = asyncio.ensure_future(pipeline.settled(waiting))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return waiting
+
+    assert asyncio.run(go()).cancelled()

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import signal
 import struct
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -247,3 +251,46 @@ def test_gateway_with_the_writer_process(
     gw.close()
     audit_key = gateway_home.audit_key({})
     assert verify_db(gateway_home.audit_path("acme"), tenant_key(audit_key, "acme")).ok
+
+
+def test_the_childs_log_lines_reach_the_gateways_log(
+    writer: AuditWriterProcess, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "file").write_text("")
+    lg = writer.open(tmp_path / "a.db", "acme", ROOT, checkpoint_path=tmp_path / "file" / "c")
+    with caplog.at_level(logging.INFO, logger="aiid_proxy.audit.service"):
+        assert lg.append_sync("request").seq == 1  # committed; its checkpoint cannot be
+        lg.close()  # a round trip: the log line was sent before its reply
+    assert "audit writer: cannot write audit checkpoint" in caplog.text
+
+
+def test_the_gateways_death_does_not_cut_a_batch_short(tmp_path: Path) -> None:
+    code = f"""
+import os, sys
+from pathlib import Path
+from aiid_proxy.audit.service import AuditWriterProcess
+w = AuditWriterProcess()
+lg = w.open(Path({str(tmp_path / "a.db")!r}), "acme", bytes(range(32)))
+for i in range(500):
+    lg.append("request", status=i)
+print(w.pid, flush=True)
+os._exit(0)  # no close: as if killed
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=WAIT, check=True
+    )
+    child = int(out.stdout.split()[0])
+    for _ in range(WAIT * 20):  # the child sees EOF, commits, exits
+        if not Path(f"/proc/{child}").exists() or "Z" in _state(child):
+            break
+        time.sleep(0.05)
+    assert not Path(f"/proc/{child}").exists() or "Z" in _state(child)
+    v = verify_db(tmp_path / "a.db", tenant_key(ROOT, "acme"))
+    assert v.ok and v.count == 500
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"

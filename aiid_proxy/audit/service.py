@@ -50,7 +50,7 @@ from aiid_proxy.home import validate_name
 log = logging.getLogger(__name__)
 
 OPEN, APPEND, CHECKPOINT, CLOSE = "open", "append", "checkpoint", "close"
-OK, ERR = "ok", "err"
+OK, ERR, LOG = "ok", "err", "log"  # LOG: (LOG, 0, level, message), the child's logging
 _LEN = struct.Struct("!I")
 MAX_FRAME = 16 * 1024 * 1024
 STOP_TIMEOUT = 30.0  # seconds the child gets to commit what is queued after its stdin closes
@@ -180,6 +180,10 @@ def serve(rfd: int, wfd: int) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     out = _Replies(wfd)
+    root = logging.getLogger()
+    logging.raiseExceptions = False  # a log line the gateway can no longer take is dropped
+    root.addHandler(_LogToParent(out))
+    root.setLevel(logging.INFO)
     logs: dict[int, AuditLog] = {}
     status = 0
     try:
@@ -256,8 +260,21 @@ def _handle(
         out.send((ERR, rid, _message(e)))
 
 
+class _LogToParent(logging.Handler):
+    """The child's log records go to the gateway's log (its terminal may be a live console)."""
+
+    def __init__(self, out: _Replies) -> None:
+        super().__init__(logging.INFO)
+        self._out = out
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._out.send((LOG, 0, record.levelno, record.getMessage()))
+        except Exception:
+            self.handleError(record)
+
+
 def main() -> int:
-    logging.basicConfig(level=logging.WARNING, format="aiid audit writer: %(message)s")
     rfd, wfd = sys.stdin.fileno(), sys.stdout.fileno()
     # Nothing else may write to the reply channel.
     wfd = os.dup(wfd)
@@ -414,6 +431,10 @@ class AuditWriterProcess:
                     why = e.one_line()
                     break
                 for msg in msgs:
+                    if msg[0] == LOG:
+                        level = msg[2] if isinstance(msg[2], int) else logging.ERROR
+                        log.log(level, "audit writer: %s", msg[3] if len(msg) > 3 else "?")
+                        continue
                     entry = self._pending.pop(msg[1], None)  # type: ignore[call-overload]
                     if entry is None:
                         continue
