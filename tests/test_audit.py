@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import io
 import json
+import os
 import sqlite3
 import tempfile
 import threading
@@ -35,6 +36,7 @@ from aiid_proxy.audit import (
     verify_db,
     verify_rows,
 )
+from aiid_proxy.audit import log as log_mod
 from aiid_proxy.audit import verify as verify_mod
 from aiid_proxy.audit.log import format_ts
 from aiid_proxy.clock import FakeClock
@@ -887,3 +889,75 @@ def test_create_db_then_open(tmp_path: Path) -> None:
     with make_log(db) as log:
         assert log.head() == (0, GENESIS_MAC)
         assert log.append_sync("request").seq == 1
+
+
+def _traced(statements: list[str]) -> Callable[[Path], sqlite3.Connection]:
+    def connect(path: Path) -> sqlite3.Connection:
+        conn = sqlite3.connect(path, check_same_thread=False)
+        conn.set_trace_callback(statements.append)
+        return conn
+
+    return connect
+
+
+@pytest.mark.parametrize(
+    ("events", "modes", "unsynced"),
+    [
+        pytest.param(["request"], [], False, id="request-stays-full"),
+        pytest.param(["response"], ["NORMAL"], True, id="response-alone-is-lazy"),
+        pytest.param(["response", "request"], ["NORMAL", "FULL"], False, id="next-fsync-covers"),
+        pytest.param(["response", "response"], ["NORMAL"], True, id="no-switch-per-batch"),
+        pytest.param(["deny", "error", "policy"], [], False, id="others-stay-full"),
+    ],
+)
+def test_response_records_commit_without_their_own_fsync(
+    tmp_path: Path, events: list[str], modes: list[str], unsynced: bool
+) -> None:
+    statements: list[str] = []
+    log = make_log(tmp_path / "a.db", _connect=_traced(statements))
+    statements.clear()
+    for event in events:
+        log.append_sync(event)
+    switches = [s.split("=")[1].strip() for s in statements if "synchronous" in s]
+    assert switches == modes
+    assert log.unsynced is unsynced
+    log.close()
+    assert verify_db(tmp_path / "a.db", KEY).count == len(events)
+
+
+def test_lazy_records_are_fsynced_before_a_checkpoint_names_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[str] = []
+    real_fsync = os.fsync
+    wal = str(tmp_path / "a.db-wal")
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}") == wal:
+            synced.append("wal")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    log = make_log(tmp_path / "a.db", checkpoint_path=tmp_path / "ckpt")
+    log.append_sync("request")  # FULL: SQLite syncs it (not through os.fsync)
+    assert synced == []
+    log.append_sync("response")
+    assert log.unsynced
+    log.checkpoint()
+    assert synced == ["wal"] and not log.unsynced
+    assert (tmp_path / "ckpt").read_text().splitlines()[-1].startswith("2:")
+    log.close()
+
+
+def test_a_quiet_writer_fsyncs_lazy_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(log_mod, "LAZY_SYNC", 0.01)
+    log = make_log(tmp_path / "a.db")
+    log.append_sync("response")
+    for _ in range(WAIT * 100):  # bounded wait for the writer's quiet period
+        if not log.unsynced:
+            break
+        threading.Event().wait(0.01)
+    assert not log.unsynced
+    log.close()

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from aiid_proxy.audit import AuditLog, read_rows, tenant_key, verify_db
+from aiid_proxy.audit import AuditLog, read_rows, service, tenant_key, verify_db
+from aiid_proxy.audit.log import normalize
 from aiid_proxy.audit.service import (
     APPEND,
     AuditWriterProcess,
@@ -294,3 +295,26 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "Z"
+
+
+def test_the_child_fsyncs_lazy_records_when_quiet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service, "LAZY_SYNC", 0.01)
+    lg = AuditLog(tmp_path / "a.db", "acme", ROOT, threaded=False)
+    lg.submit("2026-01-01T00:00:00.000000Z", normalize("response", {}))
+    lg.drain()
+    assert lg.unsynced
+    r, w = os.pipe()
+    got: list[object] = []
+    reader = threading.Thread(target=lambda: got.extend(service._frames(r, {1: lg})))
+    reader.start()
+    for _ in range(WAIT * 100):  # bounded wait for the child loop's quiet period
+        if not lg.unsynced:
+            break
+        time.sleep(0.01)
+    os.close(w)
+    reader.join(WAIT)
+    os.close(r)
+    assert not lg.unsynced and got == []
+    lg.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import queue
 import sqlite3
 import threading
@@ -48,6 +49,14 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 1024
 CHECKPOINT_INTERVAL = 0.5  # seconds of clock.monotonic() between automatic checkpoints
+# Events whose records need not be fsync'd before their future resolves. A `response` record
+# is written after the response was released (the contract asks durability of the `request`
+# record, before the request leaves); committing it with synchronous=NORMAL keeps it safe from
+# a gateway crash (it is in the WAL) and leaves the next fsync of the WAL (the next record of
+# any other kind, a checkpoint, or LAZY_SYNC seconds of quiet) to make it power-safe too. So a
+# request record no longer waits behind the fsync of the previous response record.
+LAZY_EVENTS = frozenset({"response"})
+LAZY_SYNC = 0.5  # seconds of quiet after which lazily committed records are fsync'd
 
 # The fields append() takes, in COLUMNS order (event is its positional argument).
 FIELDS: tuple[str, ...] = COLUMNS[2:14]
@@ -213,6 +222,8 @@ class AuditLog:
         self._ckpt_lock = threading.Lock()
         self._closed = False
         self._head: tuple[int, str] = (0, GENESIS_MAC)
+        self._full: bool | None = None  # the connection's synchronous setting (FULL?)
+        self._unsynced = False  # committed with synchronous=NORMAL since the last fsync
         self._last_ckpt: tuple[int, str] | None = None
         self._last_ckpt_at = -math.inf
         self.committed_batches = 0
@@ -312,6 +323,7 @@ class AuditLog:
             if conn is not None:
                 try:
                     self._drain(conn)  # nothing can be queued after the stop marker
+                    self.idle()
                     self._auto_checkpoint(force=True)
                 finally:
                     conn.close()
@@ -336,6 +348,7 @@ class AuditLog:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
+            self._full = True
             conn.execute("BEGIN IMMEDIATE")
             try:
                 ensure_schema(conn)
@@ -389,9 +402,15 @@ class AuditLog:
             stop = False
             while not stop:
                 batch: list[_Pending] = []
-                stop = self._take(batch, self._queue.get())
+                try:
+                    item = self._queue.get(timeout=LAZY_SYNC if self._unsynced else None)
+                except queue.Empty:
+                    self.idle()
+                    continue
+                stop = self._take(batch, item)
                 if batch:
                     stop = self._commit(conn, batch) or stop
+            self.idle()
             self._auto_checkpoint(force=True)
         except BaseException as e:  # pragma: no cover - a bug; never leave a caller hanging
             log.exception("audit writer stopped: %s", describe(e))
@@ -446,11 +465,16 @@ class AuditLog:
                     f"audit database {self.path} was removed or replaced while in use; "
                     "refusing to write (restore it and restart the gateway)"
                 )
+            full = any(p.values[_EVENT] not in LAZY_EVENTS for p in live)
+            if full is not self._full:  # may not change inside a transaction
+                conn.execute(f"PRAGMA synchronous = {'FULL' if full else 'NORMAL'}")
+                self._full = full
             conn.execute("BEGIN IMMEDIATE")
             # Appends queued while the write lock was being taken (writers woken by the last
-            # commit) join this transaction instead of waiting for the next fsync.
+            # commit) join this transaction instead of waiting for the next fsync (a lazy
+            # batch does not take them: they may need the fsync it does not do).
             try:
-                more = self._queue.get_nowait() if len(live) < MAX_BATCH else None
+                more = self._queue.get_nowait() if full and len(live) < MAX_BATCH else None
             except queue.Empty:
                 more = None
             if more is not None:
@@ -481,6 +505,7 @@ class AuditLog:
             return stop
         with self._head_lock:
             self._head = (seq, prev_hex)
+            self._unsynced = not full  # a FULL commit's fsync also covers earlier WAL frames
         self.committed_batches += 1
         self._auto_checkpoint(force=False)  # before resolving: a due checkpoint is on disk too
         for p, result in zip(live, results, strict=True):
@@ -495,6 +520,44 @@ class AuditLog:
                 conn.execute("ROLLBACK")
         except sqlite3.Error:  # SQLite may already have rolled back (SQLITE_FULL, IOERR)
             pass
+
+    # -- durability of lazily committed records -----------------------------
+    @property
+    def unsynced(self) -> bool:
+        """Records committed with synchronous=NORMAL wait for an fsync (see LAZY_EVENTS)."""
+        return self._unsynced
+
+    def idle(self) -> None:
+        """The writer had LAZY_SYNC seconds of quiet: make lazily committed records durable."""
+        try:
+            self._sync()
+        except OSError as e:
+            log.error("cannot sync the audit log: %s", describe(e))
+            return
+        self._auto_checkpoint(force=False)
+
+    def _sync(self) -> None:
+        """fsync the WAL if records were committed without one. The WAL holds every frame
+        not yet checkpointed into the database file, and SQLite syncs the database file at
+        each checkpoint, so this makes every committed record durable."""
+        with self._head_lock:
+            if not self._unsynced:
+                return
+            self._unsynced = False
+        try:
+            fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+        except FileNotFoundError:
+            return  # checkpointed into the database file and removed: synced by SQLite
+        except OSError:
+            self._unsynced = True
+            raise
+        try:
+            os.fsync(fd)
+        except OSError:
+            self._unsynced = True
+            raise
+        finally:
+            os.close(fd)
 
     # -- checkpoints --------------------------------------------------------
     def _auto_checkpoint(self, force: bool) -> None:
@@ -516,6 +579,7 @@ class AuditLog:
                 return
             if not force and self._clock.monotonic() - self._last_ckpt_at < CHECKPOINT_INTERVAL:
                 return
+            self._sync()  # a checkpoint names records that are on disk
             path.parent.mkdir(parents=True, exist_ok=True)
             append_durable(path, f"{head[0]}:{head[1]}\n")
             self._last_ckpt = head

@@ -41,7 +41,7 @@ from typing import Protocol
 
 import aiid_proxy
 from aiid_proxy.audit.chain import GENESIS_MAC
-from aiid_proxy.audit.log import AppendResult, AuditLog, format_ts, normalize
+from aiid_proxy.audit.log import LAZY_SYNC, AppendResult, AuditLog, format_ts, normalize
 from aiid_proxy.audit.store import describe
 from aiid_proxy.clock import SYSTEM_CLOCK, Clock
 from aiid_proxy.errors import AiidError, AuditError
@@ -111,11 +111,21 @@ class _Parser:
         return got
 
 
-def _frames(fd: int) -> Iterator[list[tuple[object, ...]]]:
+def _frames(
+    fd: int, logs: Mapping[int, AuditLog] | None = None
+) -> Iterator[list[tuple[object, ...]]]:
     """The frames read from blocking ``fd``, as the list each read completed, until EOF;
-    AuditError on a torn or malformed frame."""
+    AuditError on a torn or malformed frame. While one of ``logs`` holds lazily committed
+    records, LAZY_SYNC seconds without input make it fsync them (``AuditLog.idle``)."""
     parser = _Parser()
     while True:
+        while logs and any(lg.unsynced for lg in logs.values()):
+            ready, _, _ = select.select([fd], [], [], LAZY_SYNC)
+            if ready:
+                break
+            for lg in list(logs.values()):
+                if lg.unsynced:
+                    lg.idle()
         chunk = os.read(fd, 262144)
         if not chunk:
             if parser.partial:
@@ -187,7 +197,7 @@ def serve(rfd: int, wfd: int) -> int:
     logs: dict[int, AuditLog] = {}
     status = 0
     try:
-        for msgs in _frames(rfd):
+        for msgs in _frames(rfd, logs):
             dirty: dict[int, AuditLog] = {}
             for msg in msgs:
                 _handle(msg, logs, dirty, out)
