@@ -796,8 +796,8 @@ class ResponseFilter:
         fut = gw.record_response(st, resp.status_code, usage, hits, extra)
         if fut is not None:
             # Not awaited: the contract makes the *request* record durable before anything
-            # leaves; the response record joins the writer's next group commit (~ms) instead
-            # of holding every response for an fsync. A failure to write it is logged.
+            # leaves; the response record commits after the response is released, without
+            # an fsync of its own (audit.log.LAZY_EVENTS). A failure to write it is logged.
             fut.add_done_callback(_log_unwritten)
 
     def error(self, flow: http.HTTPFlow) -> None:

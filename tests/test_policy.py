@@ -119,6 +119,10 @@ overrides:
     [
         pytest.param(llm(), "allow", "allow-support", id="first-allow"),
         pytest.param(llm(model="gpt-4o"), "deny", "deny-gpt4o", id="deny-wins-over-earlier-allow"),
+        pytest.param(llm(model="GPT-4o"), "deny", "deny-gpt4o", id="deny-model-in-any-case"),
+        pytest.param(
+            llm(model="O1-mini", agent="x"), "approve", "approve-o1", id="model-glob-any-case"
+        ),
         pytest.param(llm(agent="ops-1"), "deny", "default", id="default"),
         pytest.param(
             llm(model="o1-mini", agent="research-1"), "approve", "approve-o1", id="approve-first"

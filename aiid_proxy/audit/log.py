@@ -1,8 +1,12 @@
 """The audit writer: group-committed, HMAC-chained, durable appends.
 
-``append`` queues a record and returns a future; one writer thread takes everything pending,
-chains it after the committed head and inserts it in ONE ``BEGIN IMMEDIATE ... COMMIT`` with
-``synchronous=FULL``, then resolves the futures. Concurrent writers so share fsyncs. A failed
+``append`` queues a record and returns a future; one writer (a thread of ours, or the caller
+of ``drain`` when ``threaded=False``, as in the audit writer process of ``service``) takes
+everything pending, chains it after the committed head and inserts it in ONE
+``BEGIN IMMEDIATE ... COMMIT`` with ``synchronous=FULL``, then resolves the futures. Concurrent
+writers so share fsyncs. A batch of only ``response`` records (LAZY_EVENTS) commits with
+``synchronous=NORMAL``: in the WAL, safe from a crash of the process, fsync'd by the next FULL
+commit, before a checkpoint names it, or after LAZY_SYNC seconds of quiet. A failed
 transaction is rolled back and fails exactly that batch; the next batch re-reads the committed
 head inside its own transaction, so there is never a seq gap or a fork of the chain.
 """

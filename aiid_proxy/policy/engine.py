@@ -85,10 +85,14 @@ def glob_to_regex(glob: str) -> str:
     return body
 
 
-def compile_globs(globs: tuple[str, ...], *, lower: bool = False) -> re.Pattern[str]:
-    """One anchored-by-fullmatch regex matching any of ``globs``."""
+def compile_globs(
+    globs: tuple[str, ...], *, lower: bool = False, any_case: bool = False
+) -> re.Pattern[str]:
+    """One anchored-by-fullmatch regex matching any of ``globs`` (``any_case``: ASCII letters
+    match in either case)."""
     parts = [glob_to_regex(g.lower() if lower else g) for g in globs]
-    return re.compile("|".join(f"(?:{p})" for p in parts), re.DOTALL)
+    flags = re.DOTALL | (re.IGNORECASE | re.ASCII if any_case else 0)
+    return re.compile("|".join(f"(?:{p})" for p in parts), flags)
 
 
 # -- paths and time ------------------------------------------------------------------------------
@@ -226,8 +230,10 @@ class _CompiledWhen:
 # -- rules ---------------------------------------------------------------------------------------
 
 
-def _opt(globs: tuple[str, ...] | None, *, lower: bool = False) -> re.Pattern[str] | None:
-    return None if globs is None else compile_globs(globs, lower=lower)
+def _opt(
+    globs: tuple[str, ...] | None, *, lower: bool = False, any_case: bool = False
+) -> re.Pattern[str] | None:
+    return None if globs is None else compile_globs(globs, lower=lower, any_case=any_case)
 
 
 def _listed(globs: tuple[str, ...] | None) -> str:
@@ -256,7 +262,9 @@ class _CompiledRule:
         self.is_host = rule.hosts is not None
         self.agents = _opt(rule.agents)
         self.providers = _opt(rule.providers)
-        self.models = _opt(rule.models)
+        # Model names in any case: a deny of "gpt-4o" must also stop "GPT-4o", which a
+        # provider (or an OpenAI-compatible server) may well treat as the same model.
+        self.models = _opt(rule.models, any_case=True)
         self.hosts = _opt(rule.hosts, lower=True)
         self.methods = None if rule.methods is None else frozenset(m.upper() for m in rule.methods)
         self.paths = _opt(rule.paths)
