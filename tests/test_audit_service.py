@@ -318,3 +318,27 @@ def test_the_child_fsyncs_lazy_records_when_quiet(
     os.close(r)
     assert not lg.unsynced and got == []
     lg.close()
+
+
+def test_response_records_travel_with_the_next_record(
+    writer: AuditWriterProcess, tmp_path: Path
+) -> None:
+    lg = _open(writer, tmp_path)
+    held = writer._held
+
+    async def go() -> list[int]:
+        writer.attach(asyncio.get_running_loop())
+        response = lg.append("response", status=200)
+        assert len(held) == 1  # waits for company
+        request = lg.append("request")
+        assert held == []  # both went in one write, in order
+        alone = lg.append("response", status=201)
+        assert len(held) == 1  # nobody follows: the hold timer sends it
+        futs = [asyncio.wrap_future(f) for f in (response, request, alone)]
+        return [r.seq for r in await asyncio.gather(*futs)]
+
+    assert asyncio.run(asyncio.wait_for(go(), WAIT)) == [1, 2, 3]
+    last = lg.append("response")  # no loop any more: sent at once, nothing is held
+    assert held == [] and last.result(WAIT).seq == 4
+    lg.close()
+    assert [r["status"] for r in read_rows(tmp_path / "acme.db")] == [200, None, 201, None]

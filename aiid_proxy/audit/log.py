@@ -148,6 +148,11 @@ _CHECKS: dict[str, tuple[int, Callable[[str, object], object]]] = {
 _EVENT = FIELDS.index("event")
 
 
+def is_lazy(values: tuple[object, ...]) -> bool:
+    """Whether a normalized record may commit without an fsync of its own (LAZY_EVENTS)."""
+    return values[_EVENT] in LAZY_EVENTS
+
+
 def normalize(event: str, fields: Mapping[str, object]) -> tuple[object, ...]:
     """Validate an append's fields into their stored form (COLUMNS[2:14] order).
 
@@ -469,7 +474,7 @@ class AuditLog:
                     f"audit database {self.path} was removed or replaced while in use; "
                     "refusing to write (restore it and restart the gateway)"
                 )
-            full = any(p.values[_EVENT] not in LAZY_EVENTS for p in live)
+            full = not all(is_lazy(p.values) for p in live)
             if full is not self._full:  # may not change inside a transaction
                 conn.execute(f"PRAGMA synchronous = {'FULL' if full else 'NORMAL'}")
                 self._full = full

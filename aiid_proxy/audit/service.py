@@ -41,7 +41,14 @@ from typing import Protocol
 
 import aiid_proxy
 from aiid_proxy.audit.chain import GENESIS_MAC
-from aiid_proxy.audit.log import LAZY_SYNC, AppendResult, AuditLog, format_ts, normalize
+from aiid_proxy.audit.log import (
+    LAZY_SYNC,
+    AppendResult,
+    AuditLog,
+    format_ts,
+    is_lazy,
+    normalize,
+)
 from aiid_proxy.audit.store import describe
 from aiid_proxy.clock import SYSTEM_CLOCK, Clock
 from aiid_proxy.errors import AiidError, AuditError
@@ -54,6 +61,7 @@ OK, ERR, LOG = "ok", "err", "log"  # LOG: (LOG, 0, level, message), the child's 
 _LEN = struct.Struct("!I")
 MAX_FRAME = 16 * 1024 * 1024
 STOP_TIMEOUT = 30.0  # seconds the child gets to commit what is queued after its stdin closes
+HOLD = 0.002  # seconds a `response` record may wait to travel with the next record
 
 
 class AuditAppender(Protocol):
@@ -309,6 +317,8 @@ class AuditWriterProcess:
         self._pending: dict[int, tuple[Future[object], _Convert]] = {}
         self._dead: str | None = None
         self._closing = False
+        self._held: list[bytes] = []  # frames held back to travel with the next one
+        self._loop_thread = 0
         root = str(Path(aiid_proxy.__file__).resolve().parent.parent)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -363,15 +373,41 @@ class AuditWriterProcess:
         return RemoteAuditLog(self, tid, Path(path), tenant, clock, (head[0], head[1]))
 
     # -- requests -----------------------------------------------------------
-    def submit(self, op: str, *args: object, convert: _Convert = _same) -> Future[object]:
+    def submit(
+        self, op: str, *args: object, convert: _Convert = _same, hold: bool = False
+    ) -> Future[object]:
         """Send one request; the future resolves with ``convert`` of the child's reply (in
-        the reply thread), or fails with AuditError."""
+        the thread that reads replies), or fails with AuditError.
+
+        ``hold``: once attached to a loop, the request may wait up to HOLD seconds to travel
+        with the next one (a `response` record with the next `request` record: one wake-up
+        of the writer and one commit for both, instead of a commit the next request record
+        would queue behind)."""
         rid = next(self._ids)
         fut: Future[object] = Future()
         data = _frame((op, rid, *args))
         with self._lock:
             if self._dead is None:
                 self._pending[rid] = (fut, convert)
+                loop = self._loop
+                if loop is not None and loop.is_closed():  # the loop ended before us
+                    loop = self._loop = None
+                    self._reader = threading.Thread(
+                        target=self._read, name="aiid-audit-replies", daemon=True
+                    )
+                    self._reader.start()
+                if hold and loop is not None and loop.is_running():
+                    if not self._held:
+                        if threading.get_ident() == self._loop_thread:
+                            loop.call_later(HOLD, self.release)
+                        else:
+                            loop.call_soon_threadsafe(self._arm_hold, loop)
+                    self._held.append(data)
+                    return fut
+                if self._held:
+                    self._held.append(data)
+                    data = b"".join(self._held)
+                    self._held.clear()
                 try:
                     _write_all(self._wfd, data)
                     return fut
@@ -383,6 +419,23 @@ class AuditWriterProcess:
         self._die(why)
         raise AuditError(self._dead or why)
 
+    def _arm_hold(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.call_later(HOLD, self.release)
+
+    def release(self) -> None:
+        """Send the requests held back (``submit(hold=True)``) now."""
+        with self._lock:
+            if not self._held or self._dead is not None:
+                return
+            data = b"".join(self._held)
+            self._held.clear()
+            try:
+                _write_all(self._wfd, data)
+                return
+            except OSError as e:
+                why = f"audit writer process is gone ({describe(e)})"
+        self._die(why)
+
     def call(self, op: str, *args: object, timeout: float | None = None) -> object:
         return self._wait(self.submit(op, *args), timeout)
 
@@ -393,6 +446,7 @@ class AuditWriterProcess:
         if self._loop is not None or self._dead is not None:
             return
         self._loop = loop
+        self._loop_thread = threading.get_ident()
         loop.add_reader(self._rfd, self.pump)
 
     def _detach(self) -> bool:
@@ -484,6 +538,7 @@ class AuditWriterProcess:
                 return
             self._dead = why
             pending, self._pending = self._pending, {}
+            self._held.clear()
         for fut, _ in pending.values():
             if not fut.done():
                 fut.set_exception(AuditError(why))
@@ -494,6 +549,7 @@ class AuditWriterProcess:
         """Let the child commit what it holds and exit (EOF on its stdin), and resolve the
         futures of what it committed. Idempotent."""
         self._closing = True
+        self.release()
         with self._lock:
             stdin = self._proc.stdin
             if stdin is not None and not stdin.closed:
@@ -550,7 +606,14 @@ class RemoteAuditLog:
         if self._closed:
             raise AuditError("audit log is closed")
         ts = format_ts(self._clock.now())
-        fut = self._service.submit(APPEND, self._tid, ts, values, convert=self._committed)
+        fut = self._service.submit(
+            APPEND,
+            self._tid,
+            ts,
+            values,
+            convert=self._committed,
+            hold=is_lazy(values),
+        )
         return fut  # type: ignore[return-value]  # resolved with an AppendResult
 
     def _committed(self, payload: object) -> AppendResult:
