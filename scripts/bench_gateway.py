@@ -996,7 +996,8 @@ def main(argv: list[str]) -> int:
         f"Python {info['python']}, mitmproxy {info['mitmproxy']}, hey {info['hey']}.",
         (
             f"Load: {'hey' if shutil.which('hey') else 'the built-in generator'}, closed loop, 16 "
-            "connections, 10,000 requests between RSS samples (VmRSS of the gateway process)."
+            "connections, 10,000 requests between RSS samples (VmRSS of the gateway process "
+            "and its audit writer process)."
             if a.soak
             else f"Load: {res.raw.get('capacity_tool', 'asyncio')} for capacity, the built-in "
             "asyncio generator (separate process) for latency/open loop/SSE. Load generator, "
