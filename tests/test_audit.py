@@ -961,3 +961,19 @@ def test_a_quiet_writer_fsyncs_lazy_records(
         threading.Event().wait(0.01)
     assert not log.unsynced
     log.close()
+
+
+def test_lazy_records_do_not_wait_for_quiet_forever(tmp_path: Path) -> None:
+    clock = FakeClock()
+    log = make_log(tmp_path / "a.db", clock=clock)
+    log.append_sync("response")
+    assert log.unsynced and not log.overdue()
+    clock.advance(log_mod.LAZY_SYNC)
+    assert log.overdue()
+    log.append_sync("response")  # still busy, never quiet: synced anyway once overdue
+    for _ in range(WAIT * 100):
+        if not log.unsynced:
+            break
+        threading.Event().wait(0.01)
+    assert not log.unsynced
+    log.close()

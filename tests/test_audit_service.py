@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,8 @@ from aiid_proxy.audit import AuditLog, read_rows, service, tenant_key, verify_db
 from aiid_proxy.audit.log import normalize
 from aiid_proxy.audit.service import (
     APPEND,
+    ERR,
+    OK,
     AuditWriterProcess,
     RemoteAuditLog,
     _frame,
@@ -342,3 +345,73 @@ def test_response_records_travel_with_the_next_record(
     assert held == [] and last.result(WAIT).seq == 4
     lg.close()
     assert [r["status"] for r in read_rows(tmp_path / "acme.db")] == [200, None, 201, None]
+
+
+def test_a_burst_bigger_than_the_pipes_does_not_deadlock(
+    writer: AuditWriterProcess, tmp_path: Path
+) -> None:
+    # The loop writes requests while it is the only reader of the replies: the child must keep
+    # reading even when the reply pipe is full (else both sides wait on each other forever).
+    lg = _open(writer, tmp_path)
+    reason = "r" * 2000
+
+    async def go() -> int:
+        writer.attach(asyncio.get_running_loop())
+        futs = [lg.append("request", reason=reason, status=i) for i in range(1500)]
+        done = await asyncio.gather(*(asyncio.wrap_future(f) for f in futs))
+        return done[-1].seq
+
+    assert asyncio.run(asyncio.wait_for(go(), WAIT)) == 1500
+
+
+def _cancelled() -> Future[object]:
+    f: Future[object] = Future()
+    f.cancel()
+    return f
+
+
+def _bad_convert(payload: object) -> object:
+    raise AuditError("audit writer: bad reply to append")
+
+
+@pytest.mark.parametrize(
+    ("fut", "convert", "msg", "want"),
+    [
+        pytest.param(Future(), lambda p: p, (OK, 1, 7), 7, id="ok"),
+        pytest.param(Future(), lambda p: p, (ERR, 1, "disk full"), "disk full", id="error"),
+        pytest.param(Future(), _bad_convert, (OK, 1, 7), "bad reply", id="bad-reply"),
+        pytest.param(_cancelled(), lambda p: p, (OK, 1, 7), None, id="cancelled-meanwhile"),
+    ],
+)
+def test_resolving_a_reply_never_raises(
+    fut: Future[object], convert: Callable[[object], object], msg: tuple[object, ...], want: object
+) -> None:
+    service._resolve((fut, convert), msg)  # a raise here would strand the replies after it
+    if want is None:
+        assert fut.cancelled()
+    elif isinstance(want, str):
+        with pytest.raises(AuditError, match=want):
+            fut.result(0)
+    else:
+        assert fut.result(0) == want
+
+
+def test_the_gateways_key_variables_are_not_passed_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    canary = base64.b64encode(b"k" * 32).decode()
+    monkeypatch.setenv("AIID_AUDIT_KEY", canary)
+    monkeypatch.setenv("AIID_MASTER_KEY", canary)
+    with AuditWriterProcess() as w:
+        environ = Path(f"/proc/{w.pid}/environ").read_bytes()
+    assert canary.encode() not in environ and b"AIID_MASTER_KEY" not in environ
+
+
+def test_a_closed_writer_refuses_requests(tmp_path: Path) -> None:
+    w = AuditWriterProcess()
+    lg = _open(w, tmp_path)
+    w.close()
+    with pytest.raises(AuditError):
+        lg.append("request")
+    with pytest.raises(AuditError, match="closed"):
+        w.submit(APPEND, 1, "2026-01-01T00:00:00.000000Z", ())

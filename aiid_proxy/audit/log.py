@@ -232,7 +232,9 @@ class AuditLog:
         self._closed = False
         self._head: tuple[int, str] = (0, GENESIS_MAC)
         self._full: bool | None = None  # the connection's synchronous setting (FULL?)
-        self._unsynced = False  # committed with synchronous=NORMAL since the last fsync
+        # Lazy commits (synchronous=NORMAL) so far, and how many of them an fsync covers.
+        self._lazy_gen = self._synced_gen = 0
+        self._unsynced_at = 0.0  # clock.monotonic() of the first lazy commit not yet synced
         self._last_ckpt: tuple[int, str] | None = None
         self._last_ckpt_at = -math.inf
         self.committed_batches = 0
@@ -412,13 +414,15 @@ class AuditLog:
             while not stop:
                 batch: list[_Pending] = []
                 try:
-                    item = self._queue.get(timeout=LAZY_SYNC if self._unsynced else None)
+                    item = self._queue.get(timeout=LAZY_SYNC if self.unsynced else None)
                 except queue.Empty:
                     self.idle()
                     continue
                 stop = self._take(batch, item)
                 if batch:
                     stop = self._commit(conn, batch) or stop
+                if self.overdue():  # busy with lazy records alone: sync them all the same
+                    self.idle()
             self.idle()
             self._auto_checkpoint(force=True)
         except BaseException as e:  # pragma: no cover - a bug; never leave a caller hanging
@@ -514,7 +518,12 @@ class AuditLog:
             return stop
         with self._head_lock:
             self._head = (seq, prev_hex)
-            self._unsynced = not full  # a FULL commit's fsync also covers earlier WAL frames
+            if full:  # its fsync also covers the WAL frames of earlier lazy commits
+                self._synced_gen = self._lazy_gen
+            else:
+                if self._lazy_gen == self._synced_gen:
+                    self._unsynced_at = self._clock.monotonic()
+                self._lazy_gen += 1
         self.committed_batches += 1
         self._auto_checkpoint(force=False)  # before resolving: a due checkpoint is on disk too
         for p, result in zip(live, results, strict=True):
@@ -534,10 +543,15 @@ class AuditLog:
     @property
     def unsynced(self) -> bool:
         """Records committed with synchronous=NORMAL wait for an fsync (see LAZY_EVENTS)."""
-        return self._unsynced
+        return self._lazy_gen != self._synced_gen
+
+    def overdue(self) -> bool:
+        """Lazily committed records have waited LAZY_SYNC seconds for an fsync."""
+        return self.unsynced and self._clock.monotonic() - self._unsynced_at >= LAZY_SYNC
 
     def idle(self) -> None:
-        """The writer had LAZY_SYNC seconds of quiet: make lazily committed records durable."""
+        """Make lazily committed records durable now (the writer had LAZY_SYNC seconds of
+        quiet, or they are overdue), then write a due checkpoint."""
         try:
             self._sync()
         except OSError as e:
@@ -550,23 +564,20 @@ class AuditLog:
         not yet checkpointed into the database file, and SQLite syncs the database file at
         each checkpoint, so this makes every committed record durable."""
         with self._head_lock:
-            if not self._unsynced:
+            gen = self._lazy_gen
+            if gen == self._synced_gen:
                 return
-            self._unsynced = False
         try:
             fd = os.open(f"{self.path}-wal", os.O_RDONLY)
         except FileNotFoundError:
-            return  # checkpointed into the database file and removed: synced by SQLite
-        except OSError:
-            self._unsynced = True
-            raise
-        try:
-            os.fsync(fd)
-        except OSError:
-            self._unsynced = True
-            raise
-        finally:
-            os.close(fd)
+            fd = -1  # checkpointed into the database file and removed: synced by SQLite
+        if fd >= 0:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        with self._head_lock:  # what was committed before the fsync started is covered
+            self._synced_gen = max(self._synced_gen, gen)
 
     # -- checkpoints --------------------------------------------------------
     def _auto_checkpoint(self, force: bool) -> None:

@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from pathlib import Path
 from typing import Protocol
 
@@ -52,7 +52,7 @@ from aiid_proxy.audit.log import (
 from aiid_proxy.audit.store import describe
 from aiid_proxy.clock import SYSTEM_CLOCK, Clock
 from aiid_proxy.errors import AiidError, AuditError
-from aiid_proxy.home import validate_name
+from aiid_proxy.home import AUDIT_KEY_ENV, MASTER_KEY_ENV, validate_name
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ _LEN = struct.Struct("!I")
 MAX_FRAME = 16 * 1024 * 1024
 STOP_TIMEOUT = 30.0  # seconds the child gets to commit what is queued after its stdin closes
 HOLD = 0.002  # seconds a `response` record may wait to travel with the next record
+SECRET_ENV = frozenset({AUDIT_KEY_ENV, MASTER_KEY_ENV})  # never passed on to the child
 
 
 class AuditAppender(Protocol):
@@ -133,7 +134,7 @@ def _frames(
                 break
             for lg in list(logs.values()):
                 if lg.unsynced:
-                    lg.idle()
+                    lg.idle()  # LAZY_SYNC s of quiet (sooner than overdue: it is idle time)
         chunk = os.read(fd, 262144)
         if not chunk:
             if parser.partial:
@@ -152,12 +153,22 @@ def _write_all(fd: int, data: bytes) -> None:
 
 # -- the child --------------------------------------------------------------------------------
 class _Replies:
-    """Replies from the child's writer threads, buffered per batch and written in one go."""
+    """Replies from the child, buffered per batch and written in one go.
+
+    The write never blocks the child's reading: what the pipe cannot take at once goes to a
+    thread that waits for the gateway to read it. (Were the child to block writing replies,
+    it would stop reading requests; a gateway blocked writing requests then never reads the
+    replies: both would wait forever.)"""
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
+        os.set_blocking(fd, False)
         self._lock = threading.Lock()
         self._buf: list[bytes] = []
+        self._backlog: list[bytes] = []
+        self._ready = threading.Condition(self._lock)
+        self._closed = False
+        self._thread: threading.Thread | None = None
 
     def send(self, msg: tuple[object, ...]) -> None:
         with self._lock:
@@ -179,10 +190,55 @@ class _Replies:
             self._flush_locked()
 
     def _flush_locked(self) -> None:
-        if self._buf:
-            data = b"".join(self._buf)
-            self._buf.clear()
-            _write_all(self._fd, data)
+        if not self._buf or self._closed:
+            return
+        data = b"".join(self._buf)
+        self._buf.clear()
+        if not self._backlog:
+            with contextlib.suppress(BlockingIOError):
+                data = data[os.write(self._fd, data) :]
+            if not data:
+                return
+        self._backlog.append(data)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._drain, name="replies", daemon=True)
+            self._thread.start()
+        self._ready.notify()
+
+    def _drain(self) -> None:
+        """Write the backlog as the gateway reads; stop when the gateway is gone."""
+        while True:
+            with self._lock:
+                while not self._backlog and not self._closed:
+                    self._ready.wait()
+                if not self._backlog:
+                    return
+                data = self._backlog[0]
+            try:
+                select.select([], [self._fd], [])
+                n = os.write(self._fd, data)
+            except BlockingIOError:
+                continue
+            except OSError:
+                with self._lock:
+                    self._closed = True
+                    self._backlog.clear()
+                return
+            with self._lock:
+                if n < len(data):
+                    self._backlog[0] = data[n:]
+                else:
+                    self._backlog.pop(0)
+
+    def close(self, timeout: float) -> None:
+        """Write what is left (while the gateway reads, up to ``timeout``), then stop."""
+        self.flush()
+        with self._lock:
+            self._closed = True
+            self._ready.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
 
 
 def _message(exc: BaseException) -> str:
@@ -212,6 +268,9 @@ def serve(rfd: int, wfd: int) -> int:
             for lg in dirty.values():
                 lg.drain()
             out.flush()
+            for lg in logs.values():  # one tenant's traffic does not delay another's fsync
+                if lg.overdue():
+                    lg.idle()
     except (AuditError, OSError) as e:  # a torn channel, or the gateway went away mid-write
         print(f"aiid audit writer: {_message(e)}", file=sys.stderr)
         status = 1
@@ -219,7 +278,7 @@ def serve(rfd: int, wfd: int) -> int:
         for lg in logs.values():
             lg.close()  # commits what was queued
         with contextlib.suppress(OSError):
-            out.flush()
+            out.close(STOP_TIMEOUT)
     return status
 
 
@@ -308,6 +367,25 @@ def _same(payload: object) -> object:
     return payload
 
 
+def _resolve(entry: tuple[Future[object], _Convert], msg: tuple[object, ...]) -> None:
+    """Resolve a request's future with its reply; one cancelled meanwhile (by its caller, in
+    any thread: the record may still be committed) is left alone. Never raises: the rest of
+    the replies read with this one must be delivered too."""
+    fut, convert = entry
+    try:
+        if msg[0] != OK:
+            fut.set_exception(AuditError(str(msg[2])))
+            return
+        try:
+            result = convert(msg[2])
+        except AuditError as e:
+            fut.set_exception(e)
+            return
+        fut.set_result(result)
+    except InvalidStateError:
+        pass
+
+
 class AuditWriterProcess:
     """A child process holding the tenants' audit logs; ``open`` gives a RemoteAuditLog."""
 
@@ -319,12 +397,15 @@ class AuditWriterProcess:
         self._closing = False
         self._held: list[bytes] = []  # frames held back to travel with the next one
         self._loop_thread = 0
+        self._removal_pending = False
         root = str(Path(aiid_proxy.__file__).resolve().parent.parent)
-        env = dict(os.environ)
+        # The keys a gateway may take from its environment are not the writer's business.
+        env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         try:
             self._proc = subprocess.Popen(
-                [python, "-m", "aiid_proxy.audit.service"],
+                # -P: not the working directory first on sys.path (this process gets the key)
+                [python, "-P", "-m", "aiid_proxy.audit.service"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 env=env,
@@ -387,6 +468,8 @@ class AuditWriterProcess:
         fut: Future[object] = Future()
         data = _frame((op, rid, *args))
         with self._lock:
+            if self._closing and self._dead is None:
+                raise AuditError("audit writer is closed")
             if self._dead is None:
                 self._pending[rid] = (fut, convert)
                 loop = self._loop
@@ -462,6 +545,7 @@ class AuditWriterProcess:
         if running:
             loop.remove_reader(self._rfd)
             return True
+        self._removal_pending = True  # the descriptor stays open: it is the loop's key
         loop.call_soon_threadsafe(loop.remove_reader, self._rfd)
         return False
 
@@ -502,21 +586,15 @@ class AuditWriterProcess:
                     entry = self._pending.pop(msg[1], None)  # type: ignore[call-overload]
                     if entry is None:
                         continue
-                    fut, convert = entry
-                    if fut.done():  # cancelled by its caller (it may still be committed)
-                        continue
-                    if msg[0] != OK:
-                        fut.set_exception(AuditError(str(msg[2])))
-                        continue
-                    try:
-                        fut.set_result(convert(msg[2]))
-                    except AuditError as e:
-                        fut.set_exception(e)
+                    _resolve(entry, msg)
                 if len(chunk) < 262144:
                     return
         self._detach()
         code = self._proc.poll()  # never blocks: this may be the event loop
-        self._die(f"{why} (status {code}); every request is refused until the gateway restarts")
+        if self._closing:
+            self._die("audit writer is closed")
+        else:
+            self._die(f"{why} (status {code}); every request is refused until the gateway restarts")
 
     def _wait(self, fut: Future[object], timeout: float | None) -> object:
         """fut's result, pumping replies meanwhile (the caller may be the loop's thread)."""
@@ -539,18 +617,21 @@ class AuditWriterProcess:
             self._dead = why
             pending, self._pending = self._pending, {}
             self._held.clear()
+        if self._proc.poll() is None and not self._closing:
+            self._proc.kill()  # a broken channel: nobody may write with that child any more
         for fut, _ in pending.values():
-            if not fut.done():
-                fut.set_exception(AuditError(why))
+            with contextlib.suppress(InvalidStateError):
+                if not fut.done():
+                    fut.set_exception(AuditError(why))
         if not self._closing:
             log.error("%s", why)
 
     def close(self) -> None:
         """Let the child commit what it holds and exit (EOF on its stdin), and resolve the
         futures of what it committed. Idempotent."""
-        self._closing = True
         self.release()
         with self._lock:
+            self._closing = True
             stdin = self._proc.stdin
             if stdin is not None and not stdin.closed:
                 with contextlib.suppress(OSError):
@@ -564,9 +645,13 @@ class AuditWriterProcess:
             log.error("audit writer process did not stop in %.0f s; killing it", STOP_TIMEOUT)
             self._proc.kill()
             self._die("audit writer process killed")
-        self._proc.wait()
+        try:
+            self._proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
         self._reader.join(STOP_TIMEOUT)
-        if self._detach() and self._proc.stdout is not None:
+        if self._detach() and not self._removal_pending and self._proc.stdout is not None:
             self._proc.stdout.close()
 
     def __enter__(self) -> AuditWriterProcess:
@@ -631,7 +716,11 @@ class RemoteAuditLog:
         return result
 
     def append_sync(self, event: str, **fields: object) -> AppendResult:
-        return self.append(event, **fields).result()
+        fut = self.append(event, **fields)
+        self._service.release()  # nothing held back: this caller waits
+        result = self._service._wait(fut, None)  # type: ignore[arg-type]
+        assert isinstance(result, AppendResult)
+        return result
 
     def head(self) -> tuple[int, str]:
         """The last (seq, mac) this gateway saw committed; (0, GENESIS_MAC) for an empty log."""
