@@ -365,15 +365,12 @@ def read_audit(home: Path, tenant: str, *, settle: float = 10.0) -> list[dict[st
         time.sleep(0.02)
 
 
-class TLSServer:
-    """A loopback TLS server on its own thread (one thread per connection), for upstream
-    doubles that need the raw bytes: subclasses implement ``_conn`` and set their own
-    attributes before calling ``__init__`` (it starts accepting at once)."""
+class LoopbackServer:
+    """A loopback TCP server accepting on its own thread, for upstream doubles that need the
+    raw bytes: each connection goes to ``_accepted`` (by default ``_conn`` on a thread of its
+    own). Subclasses set their own attributes before calling ``__init__`` (it starts at once)."""
 
-    def __init__(self, cert: Path, key: Path) -> None:
-        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ctx.load_cert_chain(cert, key)
-        self.ctx.set_alpn_protocols(["http/1.1"])
+    def __init__(self) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.sock.settimeout(0.2)
         self.port = self.sock.getsockname()[1]
@@ -387,7 +384,10 @@ class TLSServer:
                 raw, _ = self.sock.accept()
             except OSError:
                 continue
-            threading.Thread(target=self._conn, args=(raw,), daemon=True).start()
+            self._accepted(raw)
+
+    def _accepted(self, raw: socket.socket) -> None:
+        threading.Thread(target=self._conn, args=(raw,), daemon=True).start()
 
     def _conn(self, raw: socket.socket) -> None:
         raise NotImplementedError
@@ -396,3 +396,13 @@ class TLSServer:
         self._stop.set()
         self.sock.close()
         self._thread.join(2)
+
+
+class TLSServer(LoopbackServer):
+    """A LoopbackServer whose connections ``_conn`` wraps in TLS with ``self.ctx``."""
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(cert, key)
+        self.ctx.set_alpn_protocols(["http/1.1"])
+        super().__init__()

@@ -38,6 +38,7 @@ from e2e import (
     GITHUB_CANARY,
     OPENAI_CANARY,
     Gateway,
+    LoopbackServer,
     TLSServer,
     start_gateway,
 )
@@ -184,35 +185,20 @@ def _frame_length(data: bytes) -> int | None:
     return start + length if len(data) >= start + length else None
 
 
-class TcpSink:
+class TcpSink(LoopbackServer):
     """Counts every TCP connection made to it (a target reachable through the proxy)."""
 
     def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
         self.accepted = 0
         self.data = bytearray()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                continue
-            self.accepted += 1
-            c.settimeout(0.5)
-            with contextlib.suppress(OSError):
-                self.data += c.recv(65536)
-            c.close()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.sock.close()
-        self._thread.join(2)
+    def _accepted(self, c: socket.socket) -> None:  # one at a time, on the accepting thread
+        self.accepted += 1
+        c.settimeout(0.5)
+        with contextlib.suppress(OSError):
+            self.data += c.recv(65536)
+        c.close()
 
 
 # --------------------------------------------------------------------------- the environment

@@ -3,9 +3,10 @@
 In a thread, the writer shares the gateway's GIL: every SQLite call it makes (stat, BEGIN,
 SELECT, one step per row, COMMIT) hands the GIL over and back, and each time the event loop
 returns from a socket write it can find the writer holding it. ``AuditWriterProcess`` runs the
-same :class:`~aiid_proxy.audit.log.AuditLog` (one per tenant, each with its writer thread) in a
-child Python process instead, and :class:`RemoteAuditLog` is the gateway's handle on one of
-them, with the same ``append`` / ``head`` / ``checkpoint`` / ``close`` surface.
+same :class:`~aiid_proxy.audit.log.AuditLog` (one per tenant, committed by the child's one
+thread: ``threaded=False``) in a child Python process instead, and :class:`RemoteAuditLog` is
+the gateway's handle on one of them, with the same ``append`` / ``head`` / ``checkpoint`` /
+``close`` surface. The gateway's event loop reads the replies itself once ``attach``-ed.
 
 Wire: each frame is a 4-byte big-endian length and a ``marshal``-ed tuple, over the child's
 stdin (requests) and stdout (replies); the child's stderr is the gateway's. Requests carry an
@@ -363,6 +364,18 @@ def main() -> int:
 _Convert = Callable[[object], object]
 
 
+def _seq_mac(payload: object, what: str) -> tuple[int, str]:
+    """A reply's ``(seq, mac)``; AuditError if it is anything else."""
+    if not (
+        isinstance(payload, tuple)
+        and len(payload) == 2
+        and isinstance(payload[0], int)
+        and isinstance(payload[1], str)
+    ):
+        raise AuditError(f"audit writer: bad reply to {what}")
+    return payload[0], payload[1]
+
+
 def _same(payload: object) -> object:
     return payload
 
@@ -443,15 +456,10 @@ class AuditWriterProcess:
         validate_name("tenant", tenant)
         tid = next(self._ids)
         ckpt = str(checkpoint_path) if checkpoint_path is not None else None
-        head = self.call(OPEN, tid, str(path), tenant, bytes(root_key), ckpt, create)
-        if not (
-            isinstance(head, tuple)
-            and len(head) == 2
-            and isinstance(head[0], int)
-            and isinstance(head[1], str)
-        ):
-            raise AuditError("audit writer: bad reply to open")
-        return RemoteAuditLog(self, tid, Path(path), tenant, clock, (head[0], head[1]))
+        head = _seq_mac(
+            self.call(OPEN, tid, str(path), tenant, bytes(root_key), ckpt, create), OPEN
+        )
+        return RemoteAuditLog(self, tid, Path(path), tenant, clock, head)
 
     # -- requests -----------------------------------------------------------
     def submit(
@@ -460,10 +468,10 @@ class AuditWriterProcess:
         """Send one request; the future resolves with ``convert`` of the child's reply (in
         the thread that reads replies), or fails with AuditError.
 
-        ``hold``: once attached to a loop, the request may wait up to HOLD seconds to travel
-        with the next one (a `response` record with the next `request` record: one wake-up
-        of the writer and one commit for both, instead of a commit the next request record
-        would queue behind)."""
+        ``hold``: sent from the thread of the running loop it is attached to, the request may
+        wait up to HOLD seconds to travel with the next one (a `response` record with the next
+        `request` record: one wake-up of the writer and one commit for both, instead of a
+        commit the next request record would queue behind)."""
         rid = next(self._ids)
         fut: Future[object] = Future()
         data = _frame((op, rid, *args))
@@ -479,12 +487,14 @@ class AuditWriterProcess:
                         target=self._read, name="aiid-audit-replies", daemon=True
                     )
                     self._reader.start()
-                if hold and loop is not None and loop.is_running():
+                if (
+                    hold
+                    and loop is not None
+                    and threading.get_ident() == self._loop_thread
+                    and loop.is_running()
+                ):
                     if not self._held:
-                        if threading.get_ident() == self._loop_thread:
-                            loop.call_later(HOLD, self.release)
-                        else:
-                            loop.call_soon_threadsafe(self._arm_hold, loop)
+                        loop.call_later(HOLD, self.release)
                     self._held.append(data)
                     return fut
                 if self._held:
@@ -502,9 +512,6 @@ class AuditWriterProcess:
         self._die(why)
         raise AuditError(self._dead or why)
 
-    def _arm_hold(self, loop: asyncio.AbstractEventLoop) -> None:
-        loop.call_later(HOLD, self.release)
-
     def release(self) -> None:
         """Send the requests held back (``submit(hold=True)``) now."""
         with self._lock:
@@ -520,7 +527,7 @@ class AuditWriterProcess:
         self._die(why)
 
     def call(self, op: str, *args: object, timeout: float | None = None) -> object:
-        return self._wait(self.submit(op, *args), timeout)
+        return self.wait(self.submit(op, *args), timeout)
 
     # -- replies ------------------------------------------------------------
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -596,7 +603,7 @@ class AuditWriterProcess:
         else:
             self._die(f"{why} (status {code}); every request is refused until the gateway restarts")
 
-    def _wait(self, fut: Future[object], timeout: float | None) -> object:
+    def wait[T](self, fut: Future[T], timeout: float | None) -> T:
         """fut's result, pumping replies meanwhile (the caller may be the loop's thread)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not fut.done():
@@ -702,14 +709,7 @@ class RemoteAuditLog:
         return fut  # type: ignore[return-value]  # resolved with an AppendResult
 
     def _committed(self, payload: object) -> AppendResult:
-        if not (
-            isinstance(payload, tuple)
-            and len(payload) == 2
-            and isinstance(payload[0], int)
-            and isinstance(payload[1], str)
-        ):
-            raise AuditError("audit writer: bad reply to append")
-        result = AppendResult(payload[0], payload[1])
+        result = AppendResult(*_seq_mac(payload, APPEND))
         with self._head_lock:
             if result.seq > self._head[0]:
                 self._head = (result.seq, result.mac)
@@ -718,9 +718,7 @@ class RemoteAuditLog:
     def append_sync(self, event: str, **fields: object) -> AppendResult:
         fut = self.append(event, **fields)
         self._service.release()  # nothing held back: this caller waits
-        result = self._service._wait(fut, None)  # type: ignore[arg-type]
-        assert isinstance(result, AppendResult)
-        return result
+        return self._service.wait(fut, None)
 
     def head(self) -> tuple[int, str]:
         """The last (seq, mac) this gateway saw committed; (0, GENESIS_MAC) for an empty log."""
