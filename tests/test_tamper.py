@@ -517,6 +517,8 @@ SQL_KINDS = [
     "replace_other",
     "rebuild_guessed",
     "insert_tail",
+    "insert_head",
+    "move_below",
 ]
 
 
@@ -587,6 +589,13 @@ def test_sql_mutations_of_real_files(
                     "UPDATE audit SET model = ?, prev_mac = ?, mac = ? WHERE seq = ?",
                     (r["model"], r["prev_mac"], r["mac"], r["seq"]),
                 )
+        elif kind == "insert_head":  # a copy numbered before seq 1 (0 or below)
+            conn.execute(
+                f"INSERT INTO audit SELECT -?, {', '.join(COLUMNS[1:])} FROM audit WHERE seq = ?",
+                (pos, seq),
+            )
+        elif kind == "move_below":  # a record renumbered out of the chain's range
+            conn.execute("UPDATE audit SET seq = -? WHERE seq = ?", (pos, seq))
         else:  # insert_tail: a forged record after the head
             rows = _sql_rows(db)
             extra = dict(rows[-1], seq=N_ROWS + 1, event="request")
@@ -640,6 +649,34 @@ def test_raw_byte_flips_in_the_file(
     assert not res.ok
     assert res.first_bad_seq in (seq, seq + 1), res.reason
     _count(RAN, "raw")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param("'forged'", id="text"),
+        pytest.param("X'00'", id="blob-the-fast-rendering-cannot-take"),
+    ],
+)
+@pytest.mark.parametrize("seq", [pytest.param(0, id="seq-0"), pytest.param(-5, id="negative")])
+def test_a_record_numbered_below_1_is_named(
+    corpus: Corpus, tmp_path: Path, value: str, seq: int
+) -> None:
+    # The fast pass reads from the lowest seq, and when it hands over to the exact pass before
+    # any row verified, that pass starts there too (it used to resume "after seq 0").
+    db = tmp_path / "a.db"
+    shutil.copyfile(corpus.db, db)
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute(
+            f"INSERT INTO audit SELECT ?, {', '.join(COLUMNS[1:6])}, {value}, "
+            f"{', '.join(COLUMNS[7:])} FROM audit WHERE seq = 3",
+            (seq,),
+        )
+    conn.close()
+    res = verify_db(db, KEY, checkpoint_path=corpus.ckpt)
+    assert (res.ok, res.first_bad_seq, res.count) == (False, 1, 0), res.reason
+    assert f"invalid seq {seq}" in res.reason
 
 
 # -- truncation below the last checkpoint (real file + checkpoint file) --------------------

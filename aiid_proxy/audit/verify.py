@@ -41,6 +41,8 @@ FAST_SQL = (  # built from the COLUMNS constant only
     "FROM audit WHERE seq >= ? ORDER BY seq"
 )
 LAT_BOUND = 1e9  # |latency_ms| below this has at most 12 significant digits at 3 decimals
+# Where a pass from the start begins: rows someone numbered 0 or below come first and fail.
+FIRST_SEQ = -(2**63)
 _ROW_SQL = f"{SELECT_SQL} WHERE seq = ?"
 _EXACT_SQL = {  # insertion order (rowid) when there is one, else seq
     (key, resume): f"SELECT {key}, {COLS_SQL} FROM audit "  # noqa: S608
@@ -118,7 +120,7 @@ def verify_db(
         if schema == "pristine":
             done = _fast(conn, state)
             if not done:
-                _exact(conn, state, "seq", state.expected - 1)
+                _exact(conn, state, "seq", state.expected - 1 if state.expected > 1 else None)
         else:
             _exact(conn, state, _order_key(conn), None)
         return state.result()
@@ -152,7 +154,8 @@ def _fast(conn: sqlite3.Connection, state: ChainState) -> bool:
     expected = state.expected
     prev = state.prev_bytes
     try:
-        cur = conn.execute(FAST_SQL, (expected,))  # runs the first step: may fail already
+        # From the start, from the lowest seq: a record numbered 0 or below is a tamper too.
+        cur = conn.execute(FAST_SQL, (expected if expected > 1 else FIRST_SEQ,))
     except sqlite3.Error:
         return False
     while True:
