@@ -36,6 +36,11 @@ MASTER_KEY_ENV = "AIID_MASTER_KEY"
 AUDIT_KEY_ENV = "AIID_AUDIT_KEY"
 
 
+def child_env() -> dict[str, str]:
+    """This process's environment without the key variables, for a child process of ours."""
+    return {k: v for k, v in os.environ.items() if k not in (MASTER_KEY_ENV, AUDIT_KEY_ENV)}
+
+
 def validate_name(kind: str, name: str) -> str:
     """Return ``name`` if it is a safe tenant/agent/provider name, else raise InvalidName.
 

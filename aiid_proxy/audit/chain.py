@@ -18,11 +18,11 @@ import re
 from array import array
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from aiid_proxy.audit.verify_range import keyed_mac
 from aiid_proxy.errors import UsageError
 from aiid_proxy.home import validate_name
 
@@ -77,24 +77,6 @@ def _make_encode() -> Callable[[list[object]], str]:
 
 
 _encode = _make_encode()
-
-
-class Mac(Protocol):
-    """A keyed HMAC-SHA256 state (``hmac.HMAC`` or OpenSSL's)."""
-
-    def copy(self) -> Mac: ...
-    def update(self, data: bytes, /) -> None: ...
-    def digest(self) -> bytes: ...
-
-
-def keyed_mac(key: bytes) -> Mac:
-    """A keyed HMAC-SHA256 to ``.copy()`` per record (the key schedule runs once)."""
-    try:
-        import _hashlib  # the C object: its copy() skips hmac.HMAC's Python wrapper
-
-        return _hashlib.hmac_new(key, digestmod="sha256")
-    except (ImportError, ValueError):  # pragma: no cover - OpenSSL always present in CPython
-        return hmac.new(key, digestmod=hashlib.sha256)
 
 
 def tenant_key(root_key: bytes, tenant: str) -> bytes:
@@ -222,6 +204,18 @@ class Anchors:
         if line < 0:
             return self._labels[-line - 1]
         return "the expected head" if line == 0 else f"checkpoint line {line}"
+
+    def pending(self, upto: int) -> list[int]:
+        """The distinct anchored seqs from ``next_seq`` up to ``upto``, in order."""
+        seqs = self._seqs
+        out: list[int] = []
+        for pos in range(self._pos, len(seqs)):
+            seq = seqs[self._index(pos)]
+            if seq > upto:
+                break
+            if not out or out[-1] != seq:
+                out.append(seq)
+        return out
 
     def check(self, seq: int, digest: bytes) -> str | None:
         """Called when the verified chain reaches ``next_seq``; a reason on mismatch."""

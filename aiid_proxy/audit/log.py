@@ -34,7 +34,6 @@ from aiid_proxy.audit.chain import (
     canonical_values,
     dump_detail,
     is_mac,
-    keyed_mac,
     tenant_key,
 )
 from aiid_proxy.audit.store import (
@@ -45,6 +44,7 @@ from aiid_proxy.audit.store import (
     ensure_schema,
     schema_state,
 )
+from aiid_proxy.audit.verify_range import keyed_mac
 from aiid_proxy.clock import SYSTEM_CLOCK, Clock
 from aiid_proxy.errors import AuditError
 from aiid_proxy.home import append_durable, validate_name

@@ -53,7 +53,7 @@ from aiid_proxy.audit.log import (
 from aiid_proxy.audit.store import describe
 from aiid_proxy.clock import SYSTEM_CLOCK, Clock
 from aiid_proxy.errors import AiidError, AuditError
-from aiid_proxy.home import AUDIT_KEY_ENV, MASTER_KEY_ENV, validate_name
+from aiid_proxy.home import child_env, validate_name
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,6 @@ _LEN = struct.Struct("!I")
 MAX_FRAME = 16 * 1024 * 1024
 STOP_TIMEOUT = 30.0  # seconds the child gets to commit what is queued after its stdin closes
 HOLD = 0.002  # seconds a `response` record may wait to travel with the next record
-SECRET_ENV = frozenset({AUDIT_KEY_ENV, MASTER_KEY_ENV})  # never passed on to the child
 
 
 class AuditAppender(Protocol):
@@ -413,7 +412,7 @@ class AuditWriterProcess:
         self._removal_pending = False
         root = str(Path(aiid_proxy.__file__).resolve().parent.parent)
         # The keys a gateway may take from its environment are not the writer's business.
-        env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+        env = child_env()
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         try:
             self._proc = subprocess.Popen(

@@ -14,15 +14,33 @@ The one lossy rendering is a REAL's (15 significant digits), so the fast path ta
 significant digits, as the writer stores it): two such doubles cannot share a 15-digit
 rendering, so the stored value is the authentic one too. Anything else (another float, a
 BLOB, invalid UTF-8, an altered schema) takes the exact path.
+
+A long table is split into seq ranges, one per extra core, each checked by a worker process
+(:mod:`aiid_proxy.audit.verify_range`) chained on the stored mac before its range. When every
+range verifies, the stored macs are the chain's, and only the anchors in that span are
+checked here; anything less and the sequential pass above decides from seq 1.
 """
 
 from __future__ import annotations
 
+import marshal
+import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from aiid_proxy.audit.chain import MACED, Anchors, ChainState, VerifyResult, parse_head
+from aiid_proxy.audit import verify_range
+from aiid_proxy.audit.chain import (
+    GENESIS_BYTES,
+    GENESIS_MAC,
+    MACED,
+    Anchors,
+    ChainState,
+    VerifyResult,
+    parse_head,
+)
 from aiid_proxy.audit.signed import Anchor
 from aiid_proxy.audit.store import (
     COLS_SQL,
@@ -33,14 +51,21 @@ from aiid_proxy.audit.store import (
     open_existing,
     schema_state,
 )
+from aiid_proxy.audit.verify_range import clean, run_range
 from aiid_proxy.errors import AuditError, UsageError
+from aiid_proxy.home import child_env
 
 # The record's canonical JSON rendered by SQLite, with latency_ms raw to check its rendering.
-FAST_SQL = (  # built from the COLUMNS constant only
+_RENDER = (  # built from the COLUMNS constant only
     f"SELECT seq, CAST(json_array({', '.join(MACED)}) AS BLOB), latency_ms, mac "  # noqa: S608
-    "FROM audit WHERE seq >= ? ORDER BY seq"
+    "FROM audit WHERE seq >= ?"
 )
-LAT_BOUND = 1e9  # |latency_ms| below this has at most 12 significant digits at 3 decimals
+FAST_SQL = f"{_RENDER} ORDER BY seq"
+RANGE_SQL = f"{_RENDER} AND seq < ? ORDER BY seq"
+# A table this long is split across processes (one per extra core, a worker starts in ~25 ms).
+PARALLEL_MIN = 50_000
+MAX_WORKERS = 3
+WORKER_TIMEOUT = 600.0  # seconds; a worker past it is killed and the sequential pass decides
 # Where a pass from the start begins: rows someone numbered 0 or below come first and fail.
 FIRST_SEQ = -(2**63)
 _ROW_SQL = f"{SELECT_SQL} WHERE seq = ?"
@@ -118,7 +143,7 @@ def verify_db(
             raise AuditError(f"audit database {path} has no audit table")
         state = ChainState(key, anchors)
         if schema == "pristine":
-            done = _fast(conn, state)
+            done = _parallel(path, conn, key, state, _worker_count()) or _fast(conn, state)
             if not done:
                 _exact(conn, state, "seq", state.expected - 1 if state.expected > 1 else None)
         else:
@@ -147,10 +172,11 @@ def _fetch_row(conn: sqlite3.Connection, seq: int) -> tuple[object, ...] | None:
 
 
 def _fast(conn: sqlite3.Connection, state: ChainState) -> bool:
-    """Fast pass over a pristine table. True when finished (ok or a failure recorded); False
-    when SQLite cannot render a row (a BLOB, invalid UTF-8): the caller goes on exactly."""
+    """Fast pass over a pristine table from ``state.expected``. True when finished (ok or a
+    failure recorded); False when SQLite cannot render a row (a BLOB, invalid UTF-8): the
+    caller goes on exactly. Anchor rows and rows the rendering does not verify are decided by
+    the exact check, which names any failure."""
     copy = state.base.copy
-    anchor = state.anchors.next_seq
     expected = state.expected
     prev = state.prev_bytes
     try:
@@ -165,30 +191,13 @@ def _fast(conn: sqlite3.Connection, state: ChainState) -> bool:
             return False
         if not batch:
             return True
-        for seq, rendered, lat, mac in batch:
-            if seq == expected and (
-                lat is None
-                or (
-                    lat.__class__ is float
-                    and -LAT_BOUND < lat < LAT_BOUND
-                    and round(lat * 1000.0) / 1000.0 == lat
-                )
-            ):
-                h = copy()
-                h.update(prev)
-                h.update(rendered)
-                digest = h.digest()
-                hexed = digest.hex()
-                if hexed == mac:
-                    if seq == anchor:
-                        if not state.accept(seq, digest, hexed):
-                            return True
-                        anchor = state.anchors.next_seq
-                    expected = seq + 1
-                    prev = digest
-                    continue
-            # Not verified by the fast rendering: decide exactly (and name the failure).
+        i, n = 0, len(batch)
+        while True:
+            i, expected, prev = clean(batch, i, copy, expected, prev, state.anchors.next_seq)
             state.expected, state.prev_bytes, state.prev_hex = expected, prev, prev.hex()
+            if i == n:
+                break
+            seq = batch[i][0]
             try:
                 values = _fetch_row(conn, seq)
             except sqlite3.Error:
@@ -197,8 +206,120 @@ def _fast(conn: sqlite3.Connection, state: ChainState) -> bool:
                 if values is None:
                     state.fail(expected, f"seq {seq} vanished while verifying")
                 return True
-            expected, prev, anchor = state.expected, state.prev_bytes, state.anchors.next_seq
-        state.expected, state.prev_bytes, state.prev_hex = expected, prev, prev.hex()
+            expected, prev = state.expected, state.prev_bytes
+            i += 1
+
+
+def _worker_count() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    return min(cpus, MAX_WORKERS + 1) - 1
+
+
+def _parallel(
+    path: Path, conn: sqlite3.Connection, key: bytes, state: ChainState, workers: int
+) -> bool:
+    """Verify seqs 1..last split into ranges, the first here and one per worker process.
+
+    Only an accelerator: when every range verifies, the chain holds from seq 1 to the table's
+    last seq (each range starts from the stored mac its predecessor verified), so ``state``
+    moves there after checking the anchors in that span. Anything else (a range that stops
+    early, a worker that fails, a table not starting at seq 1) leaves ``state`` untouched and
+    the sequential pass decides and names it. True when an anchor disagreed (failure recorded).
+    """
+    if workers < 1 or state.expected != 1:
+        return False
+    try:
+        first, last = conn.execute("SELECT min(seq), max(seq) FROM audit").fetchone()
+        if first != 1 or not isinstance(last, int) or last < PARALLEL_MIN:
+            return False
+        bounds = [1 + last * k // (workers + 1) for k in range(workers + 1)] + [last + 1]
+        befores = [_stored_mac(conn, start - 1) for start in bounds[1:-1]]
+    except sqlite3.Error:
+        return False
+    if None in befores:
+        return False
+    uri = f"{path.resolve().as_uri()}?mode=rw"
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for k, before in enumerate(befores, start=1):
+            job = (uri, RANGE_SQL, key, bounds[k], bounds[k + 1], before)
+            procs.append(_start_worker())
+            _send(procs[-1], marshal.dumps(job))
+        try:
+            reached = run_range(conn, RANGE_SQL, state.base.copy, 1, bounds[1], GENESIS_BYTES)
+        except sqlite3.Error:
+            return False
+        if reached != bounds[1]:
+            return False
+        for k, proc in enumerate(procs, start=1):
+            if _worker_result(proc) != bounds[k + 1]:
+                return False
+    except OSError:
+        return False
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    # Every row in 1..last verified: its stored mac is the chain's mac there.
+    try:
+        for seq in (*state.anchors.pending(last), last):
+            before = _stored_mac(conn, seq - 1) if seq > 1 else GENESIS_MAC
+            mac = _stored_mac(conn, seq)
+            if before is None or mac is None:  # verified a moment ago: being rewritten
+                return state.fail(seq, f"seq {seq} changed while verifying")
+            state.expected, state.prev_bytes, state.prev_hex = seq, bytes.fromhex(before), before
+            if not state.accept(seq, bytes.fromhex(mac), mac):
+                return True
+    except sqlite3.Error as e:
+        why = f"audit database unreadable after seq {state.expected - 1}: {describe(e)}"
+        return state.fail(state.expected, why)
+    return False
+
+
+def _stored_mac(conn: sqlite3.Connection, seq: int) -> str | None:
+    row = conn.execute("SELECT mac FROM audit WHERE seq = ?", (seq,)).fetchone()
+    mac = row[0] if row else None
+    return mac if isinstance(mac, str) and len(mac) == 64 else None
+
+
+def _start_worker() -> subprocess.Popen[bytes]:
+    # -I: no environment-driven imports, no user site, no script directory on the path; the
+    # key travels in the job on stdin, never in argv or the environment.
+    return subprocess.Popen(
+        [sys.executable, "-I", "-S", verify_range.__file__],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=child_env(),
+        close_fds=True,
+    )
+
+
+def _send(proc: subprocess.Popen[bytes], job: bytes) -> None:
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(job)
+        proc.stdin.close()
+    finally:
+        proc.stdin = None  # sent (or failed): communicate() only reads from here on
+
+
+def _worker_result(proc: subprocess.Popen[bytes]) -> int | None:
+    try:
+        out, _ = proc.communicate(timeout=WORKER_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return None
+    if proc.returncode != 0:
+        return None
+    try:
+        reached = marshal.loads(out)  # noqa: S302 - our own worker, over a pipe only we hold
+    except (EOFError, ValueError, TypeError):
+        return None
+    return reached if isinstance(reached, int) else None
 
 
 def _rows_after(
