@@ -164,6 +164,30 @@ def test_appends_from_many_threads(writer: AuditWriterProcess, tmp_path: Path) -
     assert sorted(seqs) == list(range(1, 801))
 
 
+def test_a_waiting_thread_wakes_on_its_reply_not_on_its_poll(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The reader thread may take a reply before the waiting thread's select sees the pipe
+    # readable. The waiter used to sleep out its poll slice then (50 ms on ~10% of appends);
+    # with an hour-long slice, one lost wake-up would now hang this test.
+    monkeypatch.setattr(service, "POLL", 3600.0)
+    w = AuditWriterProcess()
+    try:
+        lg = _open(w, tmp_path)
+        done = threading.Event()
+
+        def work() -> None:
+            for _ in range(300):
+                lg.append_sync("request")
+            done.set()
+
+        threading.Thread(target=work, daemon=True).start()
+        assert done.wait(WAIT * 2), "an append_sync waited for its poll slice"
+        assert lg.head()[0] == 300
+    finally:
+        w.close()
+
+
 def test_bad_records_are_refused_in_the_caller(writer: AuditWriterProcess, tmp_path: Path) -> None:
     lg = _open(writer, tmp_path)
     with pytest.raises(ValueError, match="unknown audit field"):

@@ -37,6 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import wait as futures_wait
 from pathlib import Path
 from typing import Protocol
 
@@ -62,6 +63,7 @@ OK, ERR, LOG = "ok", "err", "log"  # LOG: (LOG, 0, level, message), the child's 
 _LEN = struct.Struct("!I")
 MAX_FRAME = 16 * 1024 * 1024
 STOP_TIMEOUT = 30.0  # seconds the child gets to commit what is queued after its stdin closes
+POLL = 0.05  # seconds between checks for a writer gone or a closing flag (not for replies)
 HOLD = 0.002  # seconds a `response` record may wait to travel with the next record
 
 
@@ -559,7 +561,7 @@ class AuditWriterProcess:
         """Until attached to an event loop: wait for replies and pump them."""
         while self._loop is None and self._dead is None and not self._closing:
             try:
-                ready, _, _ = select.select([self._rfd], [], [], 0.05)
+                ready, _, _ = select.select([self._rfd], [], [], POLL)
             except (OSError, ValueError):
                 return
             if ready:
@@ -605,14 +607,21 @@ class AuditWriterProcess:
     def wait[T](self, fut: Future[T], timeout: float | None) -> T:
         """fut's result, pumping replies meanwhile (the caller may be the loop's thread)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        # On the loop's thread nobody else reads replies: wait for the pipe. Elsewhere the
+        # reader thread or the loop does, and may take the reply before this thread's select
+        # sees it (a lost wake-up worth the whole slice): wait for the future itself.
+        own = self._loop is not None and threading.get_ident() == self._loop_thread
         while not fut.done():
-            left = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
+            left = POLL if deadline is None else min(POLL, deadline - time.monotonic())
             if left <= 0:
                 break
-            try:
-                select.select([self._rfd], [], [], left)
-            except (OSError, ValueError):
-                break
+            if own:
+                try:
+                    select.select([self._rfd], [], [], left)
+                except (OSError, ValueError):
+                    break
+            else:
+                futures_wait([fut], left)
             self.pump()
         return fut.result(0 if fut.done() else timeout)
 
@@ -645,7 +654,7 @@ class AuditWriterProcess:
         deadline = time.monotonic() + STOP_TIMEOUT
         while self._dead is None and time.monotonic() < deadline:
             with contextlib.suppress(OSError, ValueError):
-                select.select([self._rfd], [], [], 0.05)
+                select.select([self._rfd], [], [], POLL)
             self.pump()  # reads the last replies, then EOF
         if self._dead is None:
             log.error("audit writer process did not stop in %.0f s; killing it", STOP_TIMEOUT)
