@@ -137,7 +137,7 @@ def _frames(
             for lg in list(logs.values()):
                 if lg.unsynced:
                     lg.idle()  # LAZY_SYNC s of quiet (sooner than overdue: it is idle time)
-        chunk = os.read(fd, 262144)
+        chunk = os.read(fd, 65536)
         if not chunk:
             if parser.partial:
                 raise AuditError("audit writer channel closed inside a frame")
@@ -572,7 +572,7 @@ class AuditWriterProcess:
         with self._rlock:
             while True:
                 try:
-                    chunk = os.read(self._rfd, 262144)
+                    chunk = os.read(self._rfd, 65536)
                 except BlockingIOError:
                     return
                 except OSError as e:
@@ -595,7 +595,7 @@ class AuditWriterProcess:
                     if entry is None:
                         continue
                     _resolve(entry, msg)
-                if len(chunk) < 262144:
+                if len(chunk) < 65536:
                     return
         self._detach()
         code = self._proc.poll()  # never blocks: this may be the event loop
