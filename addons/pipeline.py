@@ -22,7 +22,8 @@ from typing import Any
 from mitmproxy import connection, ctx, exceptions, http, tcp, udp
 from mitmproxy.utils import human
 
-from aiid_proxy.audit.service import WRITER_MODES
+from addons import errorpage
+from aiid_proxy.audit.writers import WRITER_MODES
 from aiid_proxy.bodies import DEFAULT_BODY_LIMIT, too_large
 from aiid_proxy.control import Answer, ApprovalBroker, ControlServer
 from aiid_proxy.errors import AiidError, AuditError, RequestRefused
@@ -386,6 +387,7 @@ class Intake:
             self.guard.conn_tokens.get(flow.client_conn.id),
         )
         flow.metadata[STATE] = st
+        errorpage.remember(req, st.request_id)  # for mitmproxy's own error answers
         declared = req.headers.get("content-length", "")
         gw = self.rt.gw()
         if declared.isdigit() and int(declared) > gw.body_limit:
@@ -850,6 +852,7 @@ def make_addons(rt: Runtime | None = None) -> list[Any]:
     """Every addon, in pipeline order. Add them as separate top-level addons."""
     rt = rt or Runtime()
     guard = ConnectGuard(rt)
+    errorpage.install()
     return [
         rt,
         guard,

@@ -28,7 +28,8 @@ from typing import Any
 from urllib.parse import unquote
 
 from aiid_proxy.audit import AppendResult
-from aiid_proxy.audit.service import AuditAppender, writer_factory
+from aiid_proxy.audit.service import AuditAppender
+from aiid_proxy.audit.writers import writer_factory
 from aiid_proxy.bodies import DEFAULT_BODY_LIMIT, decode_body
 from aiid_proxy.budget import (
     COSTLESS_KINDS,

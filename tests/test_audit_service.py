@@ -29,8 +29,8 @@ from aiid_proxy.audit.service import (
     RemoteAuditLog,
     _frame,
     _frames,
-    writer_factory,
 )
+from aiid_proxy.audit.writers import RESPAWN_AFTER, ProcessWriters, writer_factory
 from aiid_proxy.clock import FakeClock
 from aiid_proxy.errors import AuditError
 from aiid_proxy.gateway import Gateway
@@ -123,7 +123,7 @@ def test_a_dead_writer_fails_every_append(writer: AuditWriterProcess, tmp_path: 
     with pytest.raises(AuditError, match="audit writer"):
         for _ in range(1000):  # bounded: the reply thread notices EOF within milliseconds
             lg.append("request").result(WAIT)
-    with pytest.raises(AuditError, match="refused until the gateway restarts"):
+    with pytest.raises(AuditError, match="refused until it is restarted"):
         lg.append("request")
 
 
@@ -276,6 +276,45 @@ def test_gateway_with_the_writer_process(
     assert st.allows() and st.audit is not None
     rows = list(read_rows(gateway_home.audit_path("acme")))
     assert rows[-1]["seq"] == st.audit.seq and rows[-1]["event"] == "request"
+    gw.close()
+    audit_key = gateway_home.audit_key({})
+    assert verify_db(gateway_home.audit_path("acme"), tenant_key(audit_key, "acme")).ok
+
+
+def test_a_gateway_refuses_while_its_writer_is_dead_then_recovers(
+    make_gateway: Callable[..., Gateway],
+    policies_dir: Path,
+    gateway_home: Home,
+    issue: Callable[..., str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gw = make_gateway(policies_dir, audit_writer="process")
+    writers = gw._audit_writers
+    assert isinstance(writers, ProcessWriters)
+    token = issue()
+    before = run_pipeline(gw, token).audit
+    assert before is not None
+    os.kill(writers.writer.pid, signal.SIGKILL)
+    refused = 0
+    for _ in range(1000):  # refused (AuditError), never allowed, until the replacement is in
+        try:
+            run_pipeline(gw, token)
+        except AuditError:
+            refused += 1
+            break
+    assert refused == 1
+    with caplog.at_level(logging.WARNING, logger="aiid_proxy.audit.writers"):
+        for _ in range(50):
+            writers.join(WAIT)
+            try:
+                st = run_pipeline(gw, token)
+                break
+            except AuditError:
+                continue
+    assert st.audit is not None and st.audit.seq > before.seq
+    assert "audit writer process restarted" in caplog.text
+    gw.seal(st, "POST", URL, BODY)
+    assert st.allows()
     gw.close()
     audit_key = gateway_home.audit_key({})
     assert verify_db(gateway_home.audit_path("acme"), tenant_key(audit_key, "acme")).ok
@@ -439,3 +478,114 @@ def test_a_closed_writer_refuses_requests(tmp_path: Path) -> None:
         lg.append("request")
     with pytest.raises(AuditError, match="closed"):
         w.submit(APPEND, 1, "2026-01-01T00:00:00.000000Z", ())
+
+
+# -- a dead writer process is replaced ---------------------------------------------------------
+def _until_refused(lg: RemoteAuditLog) -> None:
+    """Append until the death of the writer shows (bounded: EOF is noticed in milliseconds)."""
+    for _ in range(1000):
+        try:
+            lg.append("request").result(WAIT)
+        except AuditError:
+            return
+    raise AssertionError("appends kept succeeding after the writer was killed")
+
+
+def _until_accepted(lg: RemoteAuditLog, writers: ProcessWriters) -> int:
+    """Append until one commits again, joining the replacement under way between tries."""
+    for _ in range(50):
+        writers.join(WAIT)
+        try:
+            return lg.append_sync("request").seq
+        except AuditError:
+            continue
+    raise AssertionError("the writer process was never replaced")
+
+
+def test_a_dead_writer_process_is_replaced_and_the_chain_goes_on(tmp_path: Path) -> None:
+    writers = ProcessWriters()
+    try:
+        logs = {t: _open(writers, tmp_path, t) for t in ("acme", "globex")}  # type: ignore[arg-type]
+        for lg in logs.values():
+            assert [lg.append_sync("request").seq for _ in range(3)] == [1, 2, 3]
+        first = writers.writer
+        os.kill(first.pid, signal.SIGKILL)
+        _until_refused(logs["acme"])  # fail closed: refused, never let through
+        seq = _until_accepted(logs["acme"], writers)
+        assert writers.writer is not first and writers.writer.pid != first.pid
+        assert writers.restarts == 1
+        assert first._proc.returncode is not None  # the dead child was reaped
+        # Both tenants moved over; each chain goes on where its database ends.
+        assert logs["globex"].append_sync("request").seq == 4
+        assert seq == logs["acme"].head()[0]
+    finally:
+        writers.close()
+    key = tenant_key(ROOT, "acme")
+    res = verify_db(tmp_path / "acme.db", key, checkpoint_path=tmp_path / "acme.ckpt")
+    assert res.ok, res.reason
+    assert res.count == seq
+
+
+def test_replacements_are_at_most_one_per_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writers = ProcessWriters()
+    clock = FakeClock(1_780_000_000.0)
+    try:
+        lg = writers.open(tmp_path / "a.db", "acme", ROOT, clock=clock)
+        starts: list[int] = []
+        real = service.AuditWriterProcess
+
+        def failing(*a: object, **kw: object) -> AuditWriterProcess:
+            starts.append(1)
+            raise AuditError("cannot start the audit writer process: test")
+
+        monkeypatch.setattr("aiid_proxy.audit.writers.AuditWriterProcess", failing)
+        os.kill(writers.writer.pid, signal.SIGKILL)
+        _until_refused(lg)
+        with pytest.raises(AuditError, match="refused until it is restarted"):
+            lg.append("request")  # sees it dead: one attempt starts, in the background
+        writers.join(WAIT)
+        assert len(starts) == 1  # ... and failed
+        for _ in range(5):
+            with pytest.raises(AuditError):
+                lg.append("request").result(WAIT)
+            writers.join(WAIT)
+        assert len(starts) == 1  # not again within RESPAWN_AFTER
+        clock.advance(RESPAWN_AFTER)
+        monkeypatch.setattr("aiid_proxy.audit.writers.AuditWriterProcess", real)
+        assert _until_accepted(lg, writers) == 1
+        assert len(starts) == 1 and writers.restarts == 1
+    finally:
+        writers.close()
+
+
+def test_a_replacement_is_read_on_the_event_loop(tmp_path: Path) -> None:
+    writers = ProcessWriters()
+    lg = writers.open(tmp_path / "a.db", "acme", ROOT)
+
+    async def go() -> list[int]:
+        writers.attach(asyncio.get_running_loop())
+        assert (await asyncio.wrap_future(lg.append("request"))).seq == 1
+        os.kill(writers.writer.pid, signal.SIGKILL)
+        for _ in range(1000):
+            try:
+                await asyncio.wrap_future(lg.append("request"))
+            except AuditError:
+                break
+        for _ in range(200):
+            await asyncio.sleep(0.01)  # the loop must run to attach the replacement
+            try:
+                return [(await asyncio.wrap_future(lg.append("request"))).seq for _ in range(3)]
+            except AuditError:
+                continue
+        raise AssertionError("never replaced")
+
+    try:
+        seqs = asyncio.run(asyncio.wait_for(go(), WAIT))
+        assert seqs[1:] == [seqs[0] + 1, seqs[0] + 2]
+        reader = writers.writer._reader  # the replacement's replies are read on the loop
+        reader.join(WAIT)
+        assert not reader.is_alive()
+    finally:
+        writers.close()

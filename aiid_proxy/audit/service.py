@@ -455,12 +455,29 @@ class AuditWriterProcess:
         create: bool = True,
     ) -> RemoteAuditLog:
         validate_name("tenant", tenant)
+        tid, head = self.open_log(Path(path), tenant, root_key, checkpoint_path, create)
+        return RemoteAuditLog(
+            self, tid, Path(path), tenant, clock, head, root_key=root_key, ckpt=checkpoint_path
+        )
+
+    def open_log(
+        self,
+        path: Path,
+        tenant: str,
+        root_key: bytes,
+        checkpoint_path: Path | None,
+        create: bool,
+    ) -> tuple[int, tuple[int, str]]:
+        """Open a tenant's log in the child: its id here and its head."""
         tid = next(self._ids)
         ckpt = str(checkpoint_path) if checkpoint_path is not None else None
-        head = _seq_mac(
-            self.call(OPEN, tid, str(path), tenant, bytes(root_key), ckpt, create), OPEN
-        )
-        return RemoteAuditLog(self, tid, Path(path), tenant, clock, head)
+        reply = self.call(OPEN, tid, str(path), tenant, bytes(root_key), ckpt, create)
+        return tid, _seq_mac(reply, OPEN)
+
+    @property
+    def dead(self) -> bool:
+        """The child is gone (or the channel broke): every request fails."""
+        return self._dead is not None
 
     # -- requests -----------------------------------------------------------
     def submit(
@@ -602,7 +619,7 @@ class AuditWriterProcess:
         if self._closing:
             self._die("audit writer is closed")
         else:
-            self._die(f"{why} (status {code}); every request is refused until the gateway restarts")
+            self._die(f"{why} (status {code}); every request is refused until it is restarted")
 
     def wait[T](self, fut: Future[T], timeout: float | None) -> T:
         """fut's result, pumping replies meanwhile (the caller may be the loop's thread)."""
@@ -677,7 +694,11 @@ class AuditWriterProcess:
 
 
 class RemoteAuditLog:
-    """One tenant's audit log in an :class:`AuditWriterProcess`; same surface as AuditLog."""
+    """One tenant's audit log in an :class:`AuditWriterProcess`; same surface as AuditLog.
+
+    ``owner`` (a :class:`~aiid_proxy.audit.writers.ProcessWriters`) restarts a writer process
+    that died and moves this log to the new one (:meth:`rebind`): records sent to the dead one
+    failed, the chain goes on from the database's head."""
 
     def __init__(
         self,
@@ -687,11 +708,16 @@ class RemoteAuditLog:
         tenant: str,
         clock: Clock,
         head: tuple[int, str],
+        *,
+        root_key: bytes,
+        ckpt: Path | None,
     ) -> None:
         self.path = path
         self.tenant = tenant
-        self._service = service
-        self._tid = tid
+        self.checkpoint_path = ckpt
+        self.owner: Reviver | None = None
+        self._root_key = bytes(root_key)  # to reopen in a restarted writer
+        self._bound = (service, tid)  # one attribute: read and replaced atomically
         self._clock = clock
         self._head = head
         self._head_lock = threading.Lock()
@@ -700,15 +726,37 @@ class RemoteAuditLog:
     def __repr__(self) -> str:
         return f"RemoteAuditLog(path={str(self.path)!r}, tenant={self.tenant!r})"
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def service(self) -> AuditWriterProcess:
+        return self._bound[0]
+
+    def reopen_in(self, service: AuditWriterProcess) -> tuple[int, tuple[int, str]]:
+        """Open this log in another writer process (not yet used: see :meth:`rebind`)."""
+        return service.open_log(self.path, self.tenant, self._root_key, self.checkpoint_path, False)
+
+    def rebind(self, service: AuditWriterProcess, tid: int, head: tuple[int, str]) -> None:
+        """From now on, send records to ``service`` as its log ``tid``."""
+        with self._head_lock:
+            if head[0] >= self._head[0]:
+                self._head = head
+        self._bound = (service, tid)
+
     def append(self, event: str, **fields: object) -> Future[AppendResult]:
         """Queue a record; the future resolves once the child has durably committed it."""
         values = normalize(event, fields)
         if self._closed:
             raise AuditError("audit log is closed")
+        service, tid = self._bound
+        if service.dead and self.owner is not None:
+            self.owner.revive(self._clock.monotonic())  # in the background; this one fails
         ts = format_ts(self._clock.now())
-        fut = self._service.submit(
+        fut = service.submit(
             APPEND,
-            self._tid,
+            tid,
             ts,
             values,
             convert=self._committed,
@@ -725,8 +773,9 @@ class RemoteAuditLog:
 
     def append_sync(self, event: str, **fields: object) -> AppendResult:
         fut = self.append(event, **fields)
-        self._service.release()  # nothing held back: this caller waits
-        return self._service.wait(fut, None)
+        service = self._bound[0]
+        service.release()  # nothing held back: this caller waits
+        return service.wait(fut, None)
 
     def head(self) -> tuple[int, str]:
         """The last (seq, mac) this gateway saw committed; (0, GENESIS_MAC) for an empty log."""
@@ -734,45 +783,25 @@ class RemoteAuditLog:
             return self._head if self._head[0] else (0, GENESIS_MAC)
 
     def checkpoint(self) -> None:
-        self._service.call(CHECKPOINT, self._tid)
+        service, tid = self._bound
+        service.call(CHECKPOINT, tid)
 
     def close(self) -> None:
         """Commit everything pending and write a last checkpoint. Idempotent."""
         if self._closed:
             return
         self._closed = True
+        service, tid = self._bound
+        if service.dead:
+            return  # nothing it could commit: what it held failed already
         try:
-            self._service.call(CLOSE, self._tid)
+            service.call(CLOSE, tid)
         except AuditError as e:
             log.error("closing audit log of %s: %s", self.tenant, e.one_line())
 
 
-class _ThreadWriters:
-    """The "thread" mode: each tenant's AuditLog has its own writer thread here."""
-
-    def open(self, path: Path, tenant: str, root_key: bytes, **kw: object) -> AuditAppender:
-        return AuditLog(path, tenant, root_key, **kw)  # type: ignore[arg-type]
-
-    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def writer_factory(mode: str) -> _ThreadWriters | AuditWriterProcess:
-    """The audit writers for ``mode``: "thread" (in-process) or "process" (a child)."""
-    if mode == "thread":
-        return _ThreadWriters()
-    if mode == "process":
-        return AuditWriterProcess()
-    raise AuditError(f"unknown audit writer mode {mode!r} (thread or process)")
-
-
-WRITER_MODES: Mapping[str, str] = {
-    "process": "a child process holds the audit logs (no GIL shared with the event loop)",
-    "thread": "a writer thread in the gateway process",
-}
+class Reviver(Protocol):
+    def revive(self, now: float) -> None: ...
 
 
 if __name__ == "__main__":

@@ -1,0 +1,174 @@
+"""Where a gateway's audit logs are written: writer threads here, or a supervised child process.
+
+``writer_factory("process")`` gives :class:`ProcessWriters`: one
+:class:`~aiid_proxy.audit.service.AuditWriterProcess` at a time. When it dies (killed, out of
+memory, a broken pipe) every record sent to it fails and its requests are refused: fail closed.
+The next record a log is asked for starts a replacement in the background, at most once per
+:data:`RESPAWN_AFTER` seconds; the new child reopens every tenant's log where the database's
+chain ends, and the logs move over to it. Requests are refused until then, never let through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+
+from aiid_proxy.audit.log import AuditLog
+from aiid_proxy.audit.service import AuditAppender, AuditWriterProcess, RemoteAuditLog
+from aiid_proxy.clock import SYSTEM_CLOCK, Clock
+from aiid_proxy.errors import AiidError, AuditError
+
+log = logging.getLogger(__name__)
+
+RESPAWN_AFTER = 1.0  # seconds between two attempts to replace a dead writer process
+
+
+class ThreadWriters:
+    """The "thread" mode: each tenant's AuditLog has its own writer thread here."""
+
+    def open(self, path: Path, tenant: str, root_key: bytes, **kw: object) -> AuditAppender:
+        return AuditLog(path, tenant, root_key, **kw)  # type: ignore[arg-type]
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class ProcessWriters:
+    """The "process" mode: one writer process, replaced when it dies."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._writer = AuditWriterProcess()
+        self._logs: weakref.WeakSet[RemoteAuditLog] = weakref.WeakSet()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_attempt: float | None = None
+        self._reviving: threading.Thread | None = None
+        self._closed = False
+        self.restarts = 0
+
+    def __repr__(self) -> str:
+        return f"ProcessWriters({self._writer!r}, restarts={self.restarts})"
+
+    @property
+    def writer(self) -> AuditWriterProcess:
+        return self._writer
+
+    def open(
+        self,
+        path: Path,
+        tenant: str,
+        root_key: bytes,
+        *,
+        checkpoint_path: Path | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        create: bool = True,
+    ) -> RemoteAuditLog:
+        writer = self._writer
+        if writer.dead:
+            self.revive(clock.monotonic())
+        lg = writer.open(
+            path, tenant, root_key, checkpoint_path=checkpoint_path, clock=clock, create=create
+        )
+        lg.owner = self
+        with self._lock:
+            self._logs.add(lg)
+        return lg
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Read replies on ``loop`` (call from its thread), this writer's and its successors'."""
+        self._loop = loop
+        self._writer.attach(loop)
+
+    def revive(self, now: float) -> None:
+        """Replace a dead writer process in the background, unless an attempt is under way or
+        the last one was less than RESPAWN_AFTER seconds ago."""
+        with self._lock:
+            if self._closed or not self._writer.dead or self._reviving is not None:
+                return
+            if self._last_attempt is not None and now - self._last_attempt < RESPAWN_AFTER:
+                return
+            self._last_attempt = now
+            self._reviving = threading.Thread(
+                target=self._replace, args=(self._writer,), name="aiid-audit-revive", daemon=True
+            )
+            self._reviving.start()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for a replacement under way (tests, shutdown)."""
+        thread = self._reviving
+        if thread is not None:
+            thread.join(timeout)
+
+    def _replace(self, dead: AuditWriterProcess) -> None:
+        new: AuditWriterProcess | None = None
+        with self._lock:
+            logs = list(self._logs)
+        try:
+            new = AuditWriterProcess()
+            moved = []
+            for lg in logs:
+                if not lg.closed:
+                    moved.append((lg, *lg.reopen_in(new)))
+        except AiidError as e:
+            log.error(
+                "audit writer process could not be restarted (next try in %.0f s): %s",
+                RESPAWN_AFTER,
+                e.one_line(),
+            )
+            if new is not None:
+                new.close()
+            with self._lock:
+                self._reviving = None
+            return
+        with self._lock:
+            if self._closed:
+                self._reviving = None
+                closing = True
+            else:
+                closing = False
+                self._writer = new
+                for lg, tid, head in moved:
+                    lg.rebind(new, tid, head)
+                self.restarts += 1
+                self._reviving = None
+        if closing:
+            new.close()
+            return
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(new.attach, loop)
+        dead.close()
+        log.warning(
+            "audit writer process restarted (pid %d): %d tenant logs reopened", new.pid, len(moved)
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            thread = self._reviving
+        if thread is not None:
+            thread.join()
+        self._writer.close()
+
+
+def writer_factory(mode: str) -> ThreadWriters | ProcessWriters:
+    """The audit writers for ``mode``: "thread" (in-process) or "process" (a child)."""
+    if mode == "thread":
+        return ThreadWriters()
+    if mode == "process":
+        return ProcessWriters()
+    raise AuditError(f"unknown audit writer mode {mode!r} (thread or process)")
+
+
+WRITER_MODES: Mapping[str, str] = {
+    "process": "a child process holds the audit logs (no GIL shared with the event loop); "
+    "restarted when it dies",
+    "thread": "a writer thread in the gateway process",
+}
