@@ -679,6 +679,29 @@ def test_a_record_numbered_below_1_is_named(
     assert f"invalid seq {seq}" in res.reason
 
 
+def test_a_record_without_a_seq_is_named(corpus: Corpus, tmp_path: Path) -> None:
+    # Rebuilt with "seq INTEGER PRIMARY KEY DESC", seq is no longer the rowid and may be NULL:
+    # table_info cannot tell, `seq >= ?` skips the row. The table counts as altered and takes
+    # the exact pass in rowid order, which names the row.
+    db = tmp_path / "a.db"
+    shutil.copyfile(corpus.db, db)
+    conn = sqlite3.connect(db, isolation_level=None)
+    cols = ", ".join(COLUMNS)
+    sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'audit'").fetchone()[0]
+    conn.execute("ALTER TABLE audit RENAME TO old")
+    conn.execute(sql.replace("seq INTEGER PRIMARY KEY", "seq INTEGER PRIMARY KEY DESC"))
+    conn.execute(f"INSERT INTO audit ({cols}) SELECT {cols} FROM old ORDER BY seq")
+    conn.execute(
+        f"INSERT INTO audit ({cols}) SELECT NULL, {', '.join(COLUMNS[1:])} FROM old WHERE seq = 3"
+    )
+    conn.execute("DROP TABLE old")
+    conn.close()
+    res = verify_db(db, KEY, checkpoint_path=corpus.ckpt)
+    assert not res.ok
+    assert (res.first_bad_seq, res.count) == (N_ROWS + 1, N_ROWS), res.reason
+    assert "malformed seq" in res.reason
+
+
 # -- truncation below the last checkpoint (real file + checkpoint file) --------------------
 def test_truncation_below_the_last_checkpoint_is_detected(corpus: Corpus, tmp_path: Path) -> None:
     db = tmp_path / "a.db"

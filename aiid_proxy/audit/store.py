@@ -87,6 +87,11 @@ def schema_state(conn: sqlite3.Connection) -> str:
         conn.execute("SELECT rowid FROM audit LIMIT 0")
     except sqlite3.OperationalError:
         return "altered"
+    # seq must BE the rowid (never NULL, one per row). "INTEGER PRIMARY KEY DESC" looks the
+    # same to table_info but is a plain column that may hold NULL, which `seq >= ?` skips.
+    plan = conn.execute("EXPLAIN QUERY PLAN SELECT seq FROM audit WHERE seq = 1").fetchall()
+    if not any("INTEGER PRIMARY KEY" in str(row[-1]) for row in plan):
+        return "altered"
     return "pristine"
 
 
