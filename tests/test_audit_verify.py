@@ -115,6 +115,55 @@ def test_a_clean_table_verifies_in_every_range(
     assert verify_db(db, KEY, checkpoint_path=ckpt).head == res.head
 
 
+def test_a_clean_split_is_taken_and_only_the_tail_is_read_again(
+    pristine: tuple[Path, Path], workers: Callable[[int], Spawned], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db, ckpt = pristine
+    starts: list[int] = []
+    real = verify_mod._fast
+
+    def fast(conn: sqlite3.Connection, state: Any) -> bool:
+        starts.append(state.expected)
+        return real(conn, state)
+
+    monkeypatch.setattr(verify_mod, "_fast", fast)
+    workers(2)
+    assert verify_db(db, KEY, checkpoint_path=ckpt).ok
+    assert starts == [N + 1]  # the workers' verdicts were taken: nothing before N re-read
+
+
+def test_a_worker_that_read_another_file_is_not_believed(
+    copy: tuple[Path, Path], workers: Callable[[int], Spawned], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An authentic copy renamed over the path once this process has the tampered file open,
+    # and renamed back once the workers have read it: every process saw the same path, the
+    # workers another file. Their OK must not count.
+    db, ckpt = copy
+    authentic, live = db.with_name("authentic.db"), db.with_name("live.db")
+    shutil.copyfile(db, authentic)
+    _mutate(db, "update", 100)
+    sent, ranged = verify_mod._send, verify_mod.run_range
+    spawned = workers(1)
+
+    def swap_in(proc: subprocess.Popen[bytes], job: bytes) -> None:
+        db.rename(live)
+        authentic.rename(db)
+        sent(proc, job)
+
+    def swap_back(*args: Any) -> int:
+        reached = ranged(*args)
+        for proc in spawned.procs:
+            proc.wait(60)  # it has read (and named) the authentic copy
+        db.rename(authentic)
+        live.rename(db)
+        return reached
+
+    monkeypatch.setattr(verify_mod, "_send", swap_in)
+    monkeypatch.setattr(verify_mod, "run_range", swap_back)
+    res = verify_db(db, KEY, checkpoint_path=ckpt)
+    assert (res.ok, res.first_bad_seq) == (False, 100), res.reason
+
+
 def test_rows_appended_past_the_split_are_verified_sequentially(
     copy: tuple[Path, Path], workers: Callable[[int], Spawned], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -234,10 +283,14 @@ def test_the_worker_reports_how_far_its_range_verified(pristine: tuple[Path, Pat
     conn.close()
 
     def job(key: bytes, before_mac: str) -> int:
-        res = _run_worker(marshal.dumps((uri, verify_mod.RANGE_SQL, key, 41, 81, before_mac)))
+        res = _run_worker(
+            marshal.dumps((uri, str(db), verify_mod.RANGE_SQL, key, 41, 81, before_mac))
+        )
         assert res.returncode == 0, res.stderr
-        reached: int = marshal.loads(res.stdout)
-        return reached
+        reached, files = marshal.loads(res.stdout)
+        st = db.stat()
+        assert files[""] == (st.st_dev, st.st_ino)  # the file it read
+        return int(reached)
 
     assert job(KEY, before) == 81
     assert job(tenant_key(ROOT, "other"), before) == 41  # another tenant's key: nothing

@@ -51,7 +51,7 @@ from aiid_proxy.audit.store import (
     open_existing,
     schema_state,
 )
-from aiid_proxy.audit.verify_range import clean, run_range
+from aiid_proxy.audit.verify_range import clean, open_files, run_range
 from aiid_proxy.errors import AuditError, UsageError
 from aiid_proxy.home import child_env
 
@@ -245,17 +245,20 @@ def _parallel(
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for k, before in enumerate(befores, start=1):
-            job = (uri, RANGE_SQL, key, bounds[k], bounds[k + 1], before)
+            job = (uri, str(path), RANGE_SQL, key, bounds[k], bounds[k + 1], before)
             procs.append(_start_worker())
             _send(procs[-1], marshal.dumps(job))
         try:
             reached = run_range(conn, RANGE_SQL, state.base.copy, 1, bounds[1], GENESIS_BYTES)
         except sqlite3.Error:
             return False
-        if reached != bounds[1]:
+        # The files this connection reads. A worker that read others (a copy renamed over the
+        # path after we opened it) verified something else: its word counts for nothing.
+        ours = open_files(str(path))
+        if reached != bounds[1] or not ours:
             return False
         for k, proc in enumerate(procs, start=1):
-            if _worker_result(proc) != bounds[k + 1]:
+            if _worker_result(proc) != (bounds[k + 1], ours):
                 return False
     except OSError:
         return False
@@ -308,7 +311,9 @@ def _send(proc: subprocess.Popen[bytes], job: bytes) -> None:
         proc.stdin = None  # sent (or failed): communicate() only reads from here on
 
 
-def _worker_result(proc: subprocess.Popen[bytes]) -> int | None:
+def _worker_result(proc: subprocess.Popen[bytes]) -> object:
+    """What the worker answered: (first seq not verified, the files it read); None if it
+    failed."""
     try:
         out, _ = proc.communicate(timeout=WORKER_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -316,10 +321,9 @@ def _worker_result(proc: subprocess.Popen[bytes]) -> int | None:
     if proc.returncode != 0:
         return None
     try:
-        reached = marshal.loads(out)  # noqa: S302 - our own worker, over a pipe only we hold
+        return marshal.loads(out)  # noqa: S302 - our own worker, over a pipe only we hold
     except (EOFError, ValueError, TypeError):
         return None
-    return reached if isinstance(reached, int) else None
 
 
 def _rows_after(

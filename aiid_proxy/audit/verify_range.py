@@ -3,9 +3,10 @@
 Stdlib only, on purpose: ``aiid audit verify`` runs this file as a script
 (``python -I -S verify_range.py``) in one worker process per extra core, and a worker that
 imports nothing of ours starts in ~25 ms. The job arrives on stdin as one ``marshal`` frame
-(the database URI, the range query, the tenant key, the range and the mac before it), never in
-the argument list or the environment; the reply on stdout is the first seq the range did not
-verify (its end when every row verified).
+(the database URI and path, the range query, the tenant key, the range and the mac before it),
+never in the argument list or the environment; the reply on stdout is the first seq the range
+did not verify (its end when every row verified) and the identity of the files it read
+(:func:`open_files`): a file swapped in under the same path meanwhile must not pass.
 
 A row verifies when it has the seq expected next, a ``latency_ms`` whose rendering is exact
 (see :mod:`aiid_proxy.audit.verify`), and SQLite's rendering of its maced columns, HMACed
@@ -18,8 +19,10 @@ from __future__ import annotations
 import hmac
 import marshal
 import sqlite3
+import stat
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 LAT_BOUND = 1e9  # |latency_ms| below this has at most 12 significant digits at 3 decimals
@@ -102,16 +105,41 @@ def run_range(
     return expected
 
 
+def open_files(path: str) -> dict[str, tuple[int, int]] | None:
+    """(device, inode) of each file of the database at ``path`` this process has open (the
+    database itself under "", its "-wal" and "-shm"), as the kernel holds them: what was read,
+    whatever the path names now. None where that cannot be known (no /proc)."""
+    real = str(Path(path).resolve())
+    names = {real: "", real + "-wal": "-wal", real + "-shm": "-shm"}
+    out: dict[str, tuple[int, int]] = {}
+    try:
+        fds = list(Path("/proc/self/fd").iterdir())
+    except OSError:
+        return None
+    for link in fds:
+        try:
+            suffix = names.get(str(link.readlink()))
+            if suffix is None:
+                continue
+            st = link.stat()  # the open file itself, not what the path names now
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            out[suffix] = (st.st_dev, st.st_ino)
+    return out
+
+
 def _worker() -> int:
     # From our own parent, over a pipe only it holds.
-    uri, sql, key, start, end, prev_hex = marshal.load(sys.stdin.buffer)  # noqa: S302
+    uri, path, sql, key, start, end, prev_hex = marshal.load(sys.stdin.buffer)  # noqa: S302
     conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=BUSY_TIMEOUT)
     try:
         copy = keyed_mac(key).copy
         reached = run_range(conn, sql, copy, start, end, bytes.fromhex(prev_hex))
+        files = open_files(path)  # while still open: the files this range was read from
     finally:
         conn.close()
-    sys.stdout.buffer.write(marshal.dumps(reached))
+    sys.stdout.buffer.write(marshal.dumps((reached, files)))
     sys.stdout.buffer.flush()
     return 0
 
