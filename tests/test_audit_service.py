@@ -8,6 +8,7 @@ import base64
 import logging
 import os
 import signal
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -526,8 +527,15 @@ def test_a_dead_writer_process_is_replaced_and_the_chain_goes_on(tmp_path: Path)
     assert res.count == seq
 
 
+@pytest.mark.parametrize(
+    "failure",
+    [
+        pytest.param(AuditError("cannot start the audit writer process: test"), id="audit-error"),
+        pytest.param(RuntimeError("can't start new thread"), id="any-other-error"),
+    ],
+)
 def test_replacements_are_at_most_one_per_interval(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: Exception
 ) -> None:
     writers = ProcessWriters()
     clock = FakeClock(1_780_000_000.0)
@@ -538,7 +546,7 @@ def test_replacements_are_at_most_one_per_interval(
 
         def failing(*a: object, **kw: object) -> AuditWriterProcess:
             starts.append(1)
-            raise AuditError("cannot start the audit writer process: test")
+            raise failure
 
         monkeypatch.setattr("aiid_proxy.audit.writers.AuditWriterProcess", failing)
         os.kill(writers.writer.pid, signal.SIGKILL)
@@ -587,5 +595,58 @@ def test_a_replacement_is_read_on_the_event_loop(tmp_path: Path) -> None:
         reader = writers.writer._reader  # the replacement's replies are read on the loop
         reader.join(WAIT)
         assert not reader.is_alive()
+    finally:
+        writers.close()
+
+
+def _dead(lg: RemoteAuditLog) -> None:
+    os.kill(lg.service.pid, signal.SIGKILL)
+    _until_refused(lg)
+
+
+def test_a_log_left_on_a_dead_writer_is_moved_to_the_live_one(tmp_path: Path) -> None:
+    # A log opened just as its writer died, after the replacement took its list of logs: it
+    # is still bound to the dead writer. Its next record moves it to the live one.
+    writers = ProcessWriters()
+    clock = FakeClock(1_780_000_000.0)
+    try:
+        a = writers.open(tmp_path / "a.db", "acme", ROOT, clock=clock)
+        b = writers.open(tmp_path / "b.db", "globex", ROOT, clock=clock)
+        assert b.append_sync("request").seq == 1
+        writers._logs.discard(b)  # not in the list the replacement will read
+        _dead(a)
+        assert _until_accepted(a, writers) == 1
+        writers._logs.add(b)
+        assert b.service.dead and not writers.writer.dead
+        clock.advance(RESPAWN_AFTER)  # one attempt per interval, moves included
+        with pytest.raises(AuditError):
+            b.append("request")  # still on the dead one: refused, and a move starts
+        writers.join(WAIT)
+        assert b.service is writers.writer
+        assert b.append_sync("request").seq == 2
+        assert writers.restarts == 1  # moved, not another process
+    finally:
+        writers.close()
+
+
+def test_a_log_that_went_backwards_is_not_reopened(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    writers = ProcessWriters()
+    try:
+        lg = writers.open(tmp_path / "a.db", "acme", ROOT)
+        assert [lg.append_sync("request").seq for _ in range(3)] == [1, 2, 3]
+        _dead(lg)
+        conn = sqlite3.connect(tmp_path / "a.db", isolation_level=None)
+        conn.execute("DELETE FROM audit WHERE seq > 1")  # while nobody writes: a rollback
+        conn.close()
+        with caplog.at_level(logging.CRITICAL, logger="aiid_proxy.audit.writers"):
+            with pytest.raises(AuditError):
+                lg.append("request")
+            writers.join(WAIT)
+        assert "now ends at seq 1, before seq 3" in caplog.text
+        assert lg.service.dead  # not moved: its requests stay refused
+        with pytest.raises(AuditError):
+            lg.append("request")
     finally:
         writers.close()

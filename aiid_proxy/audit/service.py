@@ -747,6 +747,11 @@ class RemoteAuditLog:
 
     def append(self, event: str, **fields: object) -> Future[AppendResult]:
         """Queue a record; the future resolves once the child has durably committed it."""
+        return self._append(event, fields)[1]
+
+    def _append(
+        self, event: str, fields: dict[str, object]
+    ) -> tuple[AuditWriterProcess, Future[AppendResult]]:
         values = normalize(event, fields)
         if self._closed:
             raise AuditError("audit log is closed")
@@ -762,7 +767,7 @@ class RemoteAuditLog:
             convert=self._committed,
             hold=is_lazy(values),
         )
-        return fut  # type: ignore[return-value]  # resolved with an AppendResult
+        return service, fut  # type: ignore[return-value]  # resolved with an AppendResult
 
     def _committed(self, payload: object) -> AppendResult:
         result = AppendResult(*_seq_mac(payload, APPEND))
@@ -772,8 +777,7 @@ class RemoteAuditLog:
         return result
 
     def append_sync(self, event: str, **fields: object) -> AppendResult:
-        fut = self.append(event, **fields)
-        service = self._bound[0]
+        service, fut = self._append(event, fields)
         service.release()  # nothing held back: this caller waits
         return service.wait(fut, None)
 

@@ -11,6 +11,7 @@ chain ends, and the logs move over to it. Requests are refused until then, never
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import weakref
@@ -18,7 +19,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from aiid_proxy.audit.log import AuditLog
-from aiid_proxy.audit.service import AuditAppender, AuditWriterProcess, RemoteAuditLog
+from aiid_proxy.audit.service import (
+    STOP_TIMEOUT,
+    AuditAppender,
+    AuditWriterProcess,
+    RemoteAuditLog,
+)
+from aiid_proxy.audit.store import describe
 from aiid_proxy.clock import SYSTEM_CLOCK, Clock
 from aiid_proxy.errors import AiidError, AuditError
 
@@ -87,16 +94,18 @@ class ProcessWriters:
         self._writer.attach(loop)
 
     def revive(self, now: float) -> None:
-        """Replace a dead writer process in the background, unless an attempt is under way or
-        the last one was less than RESPAWN_AFTER seconds ago."""
+        """Called by a log whose writer is dead: replace the writer, or move the logs still
+        bound to a dead one, in the background; at most one attempt per RESPAWN_AFTER s."""
         with self._lock:
-            if self._closed or not self._writer.dead or self._reviving is not None:
+            if self._closed or self._reviving is not None:
+                return
+            if not self._writer.dead and not any(_stranded(lg) for lg in self._logs):
                 return
             if self._last_attempt is not None and now - self._last_attempt < RESPAWN_AFTER:
                 return
             self._last_attempt = now
             self._reviving = threading.Thread(
-                target=self._replace, args=(self._writer,), name="aiid-audit-revive", daemon=True
+                target=self._replace, name="aiid-audit-revive", daemon=True
             )
             self._reviving.start()
 
@@ -106,47 +115,65 @@ class ProcessWriters:
         if thread is not None:
             thread.join(timeout)
 
-    def _replace(self, dead: AuditWriterProcess) -> None:
-        new: AuditWriterProcess | None = None
-        with self._lock:
-            logs = list(self._logs)
+    def _replace(self) -> None:
         try:
-            new = AuditWriterProcess()
-            moved = []
-            for lg in logs:
-                if not lg.closed:
-                    moved.append((lg, *lg.reopen_in(new)))
-        except AiidError as e:
+            self._replace_once()
+        except Exception as e:  # whatever it was: the next attempt must stay possible
             log.error(
                 "audit writer process could not be restarted (next try in %.0f s): %s",
                 RESPAWN_AFTER,
-                e.one_line(),
+                e.one_line() if isinstance(e, AiidError) else describe(e),
             )
-            if new is not None:
-                new.close()
+        finally:
             with self._lock:
                 self._reviving = None
-            return
+
+    def _replace_once(self) -> None:
         with self._lock:
-            if self._closed:
-                self._reviving = None
-                closing = True
-            else:
-                closing = False
-                self._writer = new
+            current = self._writer
+            logs = [lg for lg in self._logs if _stranded(lg)]
+        target = AuditWriterProcess() if current.dead else current
+        installed = False
+        try:
+            moved = []
+            for lg in logs:
+                tid, head = lg.reopen_in(target)
+                acked = lg.head()
+                if head[0] < acked[0] or (head[0] == acked[0] and head[1] != acked[1]):
+                    # Committed records do not vanish when a process dies: this database was
+                    # truncated or rewritten. The tenant stays refused; verify will name it.
+                    log.critical(
+                        "audit log of %s now ends at seq %d, before seq %d this gateway saw "
+                        "committed: not reopened, its requests stay refused",
+                        lg.tenant,
+                        head[0],
+                        acked[0],
+                    )
+                    continue
+                moved.append((lg, tid, head))
+            with self._lock:
+                if self._closed:
+                    return
+                self._writer = target
                 for lg, tid, head in moved:
-                    lg.rebind(new, tid, head)
-                self.restarts += 1
-                self._reviving = None
-        if closing:
-            new.close()
+                    lg.rebind(target, tid, head)
+                installed = True
+        finally:
+            if target is not current and not installed:
+                target.close()
+        if target is current:
+            log.warning("audit logs moved to the running writer process: %d", len(moved))
             return
+        self.restarts += 1
         loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(new.attach, loop)
-        dead.close()
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(target.attach, loop)
+        current.close()
         log.warning(
-            "audit writer process restarted (pid %d): %d tenant logs reopened", new.pid, len(moved)
+            "audit writer process restarted (pid %d): %d tenant logs reopened",
+            target.pid,
+            len(moved),
         )
 
     def close(self) -> None:
@@ -154,8 +181,12 @@ class ProcessWriters:
             self._closed = True
             thread = self._reviving
         if thread is not None:
-            thread.join()
+            thread.join(STOP_TIMEOUT)
         self._writer.close()
+
+
+def _stranded(lg: RemoteAuditLog) -> bool:
+    return not lg.closed and lg.service.dead
 
 
 def writer_factory(mode: str) -> ThreadWriters | ProcessWriters:
