@@ -650,3 +650,70 @@ def test_a_log_that_went_backwards_is_not_reopened(
             lg.append("request")
     finally:
         writers.close()
+
+
+# -- the whole product: kill the writer of a running `aiid run` --------------------------------
+@pytest.mark.e2e
+def test_a_running_gateway_survives_its_writer_being_killed(tmp_path: Path) -> None:
+    import openai
+    from e2e import OPENAI_CANARY, make_home, start_gateway
+    from standin import StandIn
+
+    si = StandIn(tmp_path)
+    si.start()
+    home = make_home(tmp_path, {"acme": {"openai": OPENAI_CANARY}})
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "acme.yaml").write_text(
+        "version: 1\ntenant: acme\ndefault: deny\nrules:\n"
+        "  - id: small\n    providers: [openai]\n    models: ['gpt-4o-mini']\n    effect: allow\n"
+    )
+    gw = start_gateway(home, policies, si.port, si.ca_path)
+    try:
+        client = openai.OpenAI(
+            api_key=gw.token("acme", "bot"),
+            max_retries=0,
+            http_client=openai.DefaultHttpxClient(proxy=gw.proxy, verify=str(gw.ca)),
+        )
+
+        def ask() -> int:
+            try:
+                client.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+                )
+                return 200
+            except openai.APIStatusError as e:
+                return e.status_code
+            except openai.APIConnectionError:
+                return 0  # killed (fail closed): no answer at all
+
+        assert ask() == 200
+        children = subprocess.run(
+            ["pgrep", "-P", str(gw.proc.pid)], capture_output=True, text=True, check=True
+        ).stdout.split()
+        assert len(children) == 1
+        os.kill(int(children[0]), signal.SIGKILL)
+        forwarded_before = len(si.requests)
+        statuses = [ask() for _ in range(3)]
+        for _ in range(300):  # bounded: the replacement takes well under a second
+            if statuses[-1] == 200:
+                break
+            statuses.append(ask())
+        assert statuses[-1] == 200, statuses
+        refused = [s for s in statuses if s != 200]
+        assert refused and all(s in (0, 500, 502, 503) for s in refused), statuses
+        # Nothing left without its durable record while the writer was down.
+        assert len(si.requests) - forwarded_before == statuses.count(200)
+        assert "audit writer process restarted" in gw.log()
+        after = subprocess.run(
+            ["pgrep", "-P", str(gw.proc.pid)], capture_output=True, text=True, check=True
+        ).stdout.split()
+        assert len(after) == 1 and after != children
+    finally:
+        gw.stop()
+        si.stop()
+    rows = read_rows(home / "tenants" / "acme" / "audit.db")
+    ids = {r["request_id"] for r in rows if r["event"] == "request"}
+    assert all(r.header("x-aiid-request-id") in ids for r in si.requests)
+    key = Home.resolve(home).audit_key({})
+    assert verify_db(home / "tenants" / "acme" / "audit.db", tenant_key(key, "acme")).ok
