@@ -525,10 +525,12 @@ class AuditLog:
                     self._unsynced_at = self._clock.monotonic()
                 self._lazy_gen += 1
         self.committed_batches += 1
-        self._auto_checkpoint(force=False)  # before resolving: a due checkpoint is on disk too
         for p, result in zip(live, results, strict=True):
             p.future.set_result(result)
         self._batch_done()
+        # After the answers are out: a due checkpoint (an fsync or two, every
+        # CHECKPOINT_INTERVAL) is not on any request's way out. It names a committed head.
+        self._auto_checkpoint(force=False)
         return stop
 
     @staticmethod
