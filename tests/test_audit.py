@@ -416,6 +416,40 @@ def test_checkpoint_file(
     assert why in res.reason
 
 
+@pytest.mark.parametrize(
+    "threaded", [pytest.param(True, id="thread"), pytest.param(False, id="drain")]
+)
+def test_the_writer_checkpoints_the_wal_itself(tmp_path: Path, threaded: bool) -> None:
+    # SQLite's automatic WAL checkpoint would run inside a COMMIT, on a request's way out: the
+    # writer turns it off and runs one after answering, every WAL_CHECKPOINT_RECORDS records.
+    from aiid_proxy.audit.log import WAL_CHECKPOINT_RECORDS
+
+    log = make_log(tmp_path / "a.db", threaded=threaded)
+    wal = tmp_path / "a.db-wal"
+    sizes = []
+    for i in range(4 * WAL_CHECKPOINT_RECORDS):
+        fut = log.append("request", request_id=f"r{i}", detail={"pad": "x" * 400})
+        if not threaded:
+            log.drain()
+        fut.result(10)
+        sizes.append(wal.stat().st_size)
+    conn = sqlite3.connect(tmp_path / "a.db")
+    try:
+        assert (
+            conn.execute("SELECT count(*) FROM audit").fetchone()[0] == 4 * WAL_CHECKPOINT_RECORDS
+        )
+    finally:
+        conn.close()
+    if not threaded:  # SQLite's own, inside COMMIT, is off on the writer's connection
+        assert log._conn is not None
+        assert log._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    log.close()
+    # Checkpointed and restarted from its start: it stops growing after the first round.
+    one_round = sizes[WAL_CHECKPOINT_RECORDS + 10]
+    assert max(sizes) <= one_round * 1.5, (one_round, max(sizes))
+    assert verify_db(tmp_path / "a.db", KEY).ok
+
+
 def test_checkpoints_written_by_the_log(tmp_path: Path) -> None:
     clock = FakeClock()
     ckpt = tmp_path / "ck"

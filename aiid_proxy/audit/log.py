@@ -53,6 +53,10 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 1024
 CHECKPOINT_INTERVAL = 0.5  # seconds of clock.monotonic() between automatic checkpoints
+# Records between two WAL checkpoints (~3 pages each: SQLite's own default is 1,000 pages). The
+# writer runs them after a batch's answers are out: SQLite's automatic one would run inside a
+# COMMIT, on a request's way out (copying ~4 MB and an fsync: p99.9 1.5 ms against 0.6 ms).
+WAL_CHECKPOINT_RECORDS = 300
 # Events whose records need not be fsync'd before their future resolves. A `response` record
 # is written after the response was released (the contract asks durability of the `request`
 # record, before the request leaves); committing it with synchronous=NORMAL keeps it safe from
@@ -238,6 +242,7 @@ class AuditLog:
         self._last_ckpt: tuple[int, str] | None = None
         self._last_ckpt_at = -math.inf
         self.committed_batches = 0
+        self._since_wal_checkpoint = 0
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         if not threaded:
@@ -359,6 +364,7 @@ class AuditLog:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA wal_autocheckpoint = 0")  # ours, after the answers
             self._full = True
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -531,6 +537,13 @@ class AuditLog:
         # After the answers are out: a due checkpoint (an fsync or two, every
         # CHECKPOINT_INTERVAL) is not on any request's way out. It names a committed head.
         self._auto_checkpoint(force=False)
+        self._since_wal_checkpoint += len(live)
+        if self._since_wal_checkpoint >= WAL_CHECKPOINT_RECORDS:
+            self._since_wal_checkpoint = 0
+            try:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error as e:  # the records are committed; the WAL just grows
+                log.warning("audit WAL checkpoint failed: %s", describe(e))
         return stop
 
     @staticmethod
