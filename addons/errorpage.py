@@ -5,11 +5,11 @@ an upstream it cannot connect to (502), a request head it cannot parse (400), a 
 limit (413). Its answer is an HTML page without our request id, where the contract promises
 ``x-aiid-request-id`` on every response and refusals as ``{"type": "error", "error": {...}}``.
 
-For HTTP/1 agents (every official SDK) this module swaps that page for the contract's JSON:
-the flow's own request id when the pipeline gave it one (its ``error`` audit record has the
-same id), a fresh one otherwise. mitmproxy offers no hook for it, so :func:`install` wraps the
-two places of ``mitmproxy.proxy.layers.http._http1`` that build the page; a test pins the
-behaviour against the installed mitmproxy. HTTP/2 agents still get mitmproxy's page.
+This module swaps that page for the contract's JSON, for HTTP/1 agents (every official SDK)
+and HTTP/2 agents (curl's default over TLS): the flow's own request id when the pipeline gave
+it one (its ``error`` audit record has the same id), a fresh one otherwise. mitmproxy offers no
+hook for it, so :func:`install` wraps the places of ``mitmproxy.proxy.layers.http._http1`` and
+``_http2`` that build the page; tests pin the behaviour against the installed mitmproxy.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Any
 from mitmproxy import http, version
 from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1
-from mitmproxy.proxy import commands
-from mitmproxy.proxy.layers.http import _http1
+from mitmproxy.proxy import commands, events
+from mitmproxy.proxy.layers.http import HttpLayer, _http1, _http2
 from mitmproxy.proxy.layers.http._events import HttpEvent, ResponseProtocolError
 
 from aiid_proxy.errors import RequestRefused
@@ -40,8 +40,8 @@ def remember(request: http.Request, request_id: str) -> None:
     _IDS[request] = request_id
 
 
-def error_response(status: int, message: str, request: http.Request | None = None) -> bytes:
-    """The whole HTTP/1.1 response mitmproxy would send as its error page, as JSON."""
+def _answer(status: int, message: str, request: http.Request | None) -> tuple[str, bytes]:
+    """(request id, JSON body) of the answer to an error mitmproxy raised for ``request``."""
     request_id = _IDS.get(request) if request is not None else None
     refusal = RequestRefused(
         status,
@@ -49,9 +49,15 @@ def error_response(status: int, message: str, request: http.Request | None = Non
         f"aiid gateway: {message}" if message else "aiid gateway: error",
     )
     rid = request_id or new_request_id()
+    return rid, refusal_body(refusal, rid)
+
+
+def error_response(status: int, message: str, request: http.Request | None = None) -> bytes:
+    """The whole HTTP/1.1 response mitmproxy would send as its error page, as JSON."""
+    rid, body = _answer(status, message, request)
     resp = http.Response.make(
         status,
-        refusal_body(refusal, rid),
+        body,
         {
             "server": version.MITMPROXY,
             "connection": "close",
@@ -60,6 +66,49 @@ def error_response(status: int, message: str, request: http.Request | None = Non
         },
     )
     return http1.assemble_response(resp)
+
+
+def _stream_request(server: _http2.Http2Server, stream_id: int) -> http.Request | None:
+    """The request of an HTTP/2 stream: its HttpStream, in the HttpLayer above ``server``
+    (still there when the error is sent: the stream is dropped after)."""
+    for layer in reversed(server.context.layers):
+        if isinstance(layer, HttpLayer):
+            flow = getattr(layer.streams.get(stream_id), "flow", None)
+            return flow.request if isinstance(flow, http.HTTPFlow) else None
+    return None
+
+
+def _h2_error(
+    server: _http2.Http2Server, event: ResponseProtocolError
+) -> Generator[commands.Command, Any, bool]:
+    """mitmproxy's own branch for an error it answers on an HTTP/2 stream, with our JSON in
+    place of its page; False (nothing sent) where mitmproxy would reset the stream instead."""
+    sid = event.stream_id
+    status = event.code.http_status_code()
+    stream = server.h2_conn.streams.get(sid)
+    if (
+        status is None
+        or stream is None
+        or server.is_closed(sid)
+        or not server.is_open_for_us(sid)
+        or stream.state_machine.headers_sent
+    ):
+        return False
+    rid, body = _answer(status, event.message, _stream_request(server, sid))
+    server.h2_conn.send_headers(
+        sid,
+        [
+            (b":status", b"%d" % status),
+            (b"server", version.MITMPROXY.encode()),
+            (b"content-type", b"application/json"),
+            (b"x-aiid-request-id", rid.encode()),
+        ],
+    )
+    server.h2_conn.send_data(sid, body, end_stream=True)
+    data = server.h2_conn.data_to_send()
+    if data:
+        yield commands.SendData(server.conn, data)
+    return True
 
 
 def install() -> None:
@@ -88,3 +137,13 @@ def install() -> None:
     server.send = send  # type: ignore[method-assign]
     # Errors raised before there is a request to speak of (an unparsable head).
     _http1.make_error_response = error_response
+
+    h2 = _http2.Http2Server
+    h2_original = h2._handle_event
+
+    def handle_event(self: Any, event: events.Event) -> Generator[commands.Command, Any, None]:
+        if isinstance(event, ResponseProtocolError) and (yield from _h2_error(self, event)):
+            return
+        yield from h2_original(self, event)
+
+    h2._handle_event = handle_event  # type: ignore[method-assign]

@@ -1,11 +1,14 @@
-"""mitmproxy's own error answers (upstream unreachable, unparsable request) reach HTTP/1 agents
-in the contract's shape, with ``x-aiid-request-id`` (the flow's own id when it has one)."""
+"""mitmproxy's own error answers (upstream unreachable, unparsable request) reach HTTP/1 and
+HTTP/2 agents in the contract's shape, with ``x-aiid-request-id`` (the flow's own id when it
+has one)."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -121,6 +124,43 @@ def test_an_sdk_gets_json_and_the_request_id_when_the_provider_is_down(
 
 
 @pytest.mark.e2e
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+@pytest.mark.parametrize("version", ["--http2", "--http1.1"])
+def test_curl_gets_json_and_the_request_id_when_the_provider_is_down(
+    down: Gateway, tmp_path: Path, version: str
+) -> None:
+    # curl speaks HTTP/2 to the gateway by default (ALPN after CONNECT): mitmproxy answers
+    # that on another code path than HTTP/1.
+    head, body_file = tmp_path / "head", tmp_path / "body"
+    token = down.token("acme", "bot")
+    done = subprocess.run(
+        [
+            *("curl", "-sS", version, "--proxy", down.proxy, "--cacert", str(down.ca)),
+            *("-H", f"Authorization: Bearer {token}", "-H", "content-type: application/json"),
+            *("-d", '{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'),
+            *("-D", str(head), "-o", str(body_file), "-w", "%{http_version} %{http_code}"),
+            "https://api.openai.com/v1/chat/completions",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ("2 502" if version == "--http2" else "1.1 502")
+    headers = dict(line.split(": ", 1) for line in head.read_text().splitlines() if ": " in line)
+    assert headers["content-type"] == "application/json"
+    rid = headers["x-aiid-request-id"]
+    assert RID.match(rid)
+    body = json.loads(body_file.read_text())
+    assert body["error"]["type"] == "upstream_error"
+    assert body["error"]["request_id"] == rid
+    assert body["error"]["message"].startswith("aiid gateway: ")
+    rows = [r for r in read_audit(down.home, "acme") if r["request_id"] == rid]
+    assert [r["event"] for r in rows] == ["request", "error"]
+    assert OPENAI_CANARY not in body_file.read_text() + head.read_text()
+
+
+@pytest.mark.e2e
 def test_an_unparsable_request_gets_json_with_an_id(down: Gateway) -> None:
     with socket.create_connection(("127.0.0.1", down.port), timeout=10) as s:
         s.sendall(b"GET http://example.com/ HTTP/1.1\r\nHost example.com\r\n\r\n")
@@ -140,10 +180,11 @@ def test_an_unparsable_request_gets_json_with_an_id(down: Gateway) -> None:
 
 
 def test_the_swap_is_installed_once(tmp_path: Path) -> None:
-    from mitmproxy.proxy.layers.http import _http1
+    from mitmproxy.proxy.layers.http import _http1, _http2
 
     errorpage.install()
-    send = _http1.Http1Server.send
+    send, handle = _http1.Http1Server.send, _http2.Http2Server._handle_event
     errorpage.install()
     assert _http1.Http1Server.send is send
+    assert _http2.Http2Server._handle_event is handle
     assert _http1.make_error_response is errorpage.error_response
