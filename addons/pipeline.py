@@ -123,6 +123,7 @@ class Runtime:
         self.gateway = gateway
         self.on_gateway: list[Callable[[Gateway], None]] = []
         self._key: tuple[str, str, int, str] | None = None
+        self._failed: tuple[tuple[str, str, int, str], str] | None = None  # key, error
         self.broker = ApprovalBroker()
         self.control: ControlServer | None = None
 
@@ -175,6 +176,9 @@ class Runtime:
         )
 
     def configure(self, updated: set[str]) -> None:
+        # Every check first, then the gateway, and only then option updates of our own: an
+        # update re-enters configure, and a refusal after one made mitmproxy's rollback
+        # re-enter it again and again (~15 s and a RecursionError before a start failed).
         opts = ctx.options
         pin: dict[str, Any] = {}
         for name, want in PINNED.items():
@@ -185,8 +189,6 @@ class Runtime:
                     f"aiid-proxy requires {name}={want!r}: other values let traffic bypass checks"
                 )
             pin[name] = want  # a mitmproxy default (e.g. under mitmdump -s): pin it
-        if pin:
-            opts.update(**pin)
         for name in ("tls_version_client_min", "tls_version_server_min"):
             if name in updated and getattr(opts, name) not in TLS_OK:
                 raise exceptions.OptionsError(f"aiid-proxy requires {name} of TLS1_2 or higher")
@@ -196,6 +198,9 @@ class Runtime:
             )
         if not all(str(m).startswith("regular") for m in (opts.mode or ["regular"])):
             raise exceptions.OptionsError("aiid-proxy runs in regular proxy mode only")
+        self._build(opts)
+        if pin:
+            opts.update(**pin)
         if "aiid_body_limit" in updated or "body_size_limit" in updated:
             limit = opts.aiid_body_limit
             current = opts.body_size_limit
@@ -203,6 +208,9 @@ class Runtime:
             # the limit get the contract's JSON 413 from Intake, decoded sizes from the Route.
             if current is None or human.parse_size(current) != 2 * limit:
                 opts.update(body_size_limit=str(2 * limit))
+
+    def _build(self, opts: Any) -> None:
+        """(Re)build the Gateway when the options it is made from changed."""
         if self.gateway is not None and self._key is None:
             return  # injected (tests)
         home = Home.resolve(opts.aiid_home or None)
@@ -215,6 +223,10 @@ class Runtime:
         )
         if key == self._key:
             return
+        if self._failed is not None and self._failed[0] == key:
+            # mitmproxy's rollback asks again with the same options: same answer, not a
+            # second gateway (a second writer process, a second vault check)
+            raise exceptions.OptionsError(self._failed[1])
         try:
             gw = Gateway(
                 home,
@@ -223,7 +235,9 @@ class Runtime:
                 audit_writer=str(opts.aiid_audit_writer),
             )
         except AiidError as e:
-            raise exceptions.OptionsError(f"aiid-proxy cannot start: {e.one_line()}") from None
+            self._failed = (key, f"aiid-proxy cannot start: {e.one_line()}")
+            raise exceptions.OptionsError(self._failed[1]) from None
+        self._failed = None
         if self.gateway is not None:
             self.gateway.close()
         self.gateway = gw

@@ -1379,6 +1379,32 @@ def test_configure_sets_body_size_limit_from_aiid_body_limit(
     assert tctx.options.body_size_limit == "24690"
 
 
+def test_a_gateway_that_cannot_start_is_refused_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A refusal after configure had updated an option of its own made mitmproxy's rollback
+    # re-enter configure (each time building a gateway) until a RecursionError.
+    built: list[Path] = []
+
+    def refuse(home: Home, *args: Any, **kw: Any) -> Gateway:
+        built.append(home.root)
+        raise AuditError("the audit key does not match")
+
+    monkeypatch.setattr(pipeline, "Gateway", refuse)
+    rt = Runtime()
+    with taddons.context(proxyserver.Proxyserver(), *make_addons(rt)) as tctx:
+        limit = tctx.options.body_size_limit
+        built.clear()  # the context's own first configure (the default home)
+        with pytest.raises(exceptions.OptionsError, match="cannot start: the audit key"):
+            tctx.configure(rt, aiid_home=str(tmp_path / "home"), aiid_body_limit=12345)
+        # once: the rollback's asks with the same options get the same answer (it also asks
+        # with the options before, here the default home: another gateway, tried once too)
+        assert built.count(tmp_path / "home") == 1, built
+        assert len(built) <= 2, built
+        assert tctx.options.body_size_limit == limit  # nothing of ours was applied
+        assert rt.gateway is None
+
+
 @pytest.mark.parametrize(
     ("before", "values", "after"),
     [

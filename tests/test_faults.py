@@ -381,6 +381,10 @@ def test_wrong_or_malformed_master_key_refuses_to_start(rig: Rig) -> None:
     assert len(line) == 1, out
     assert "the vault master key does not open tenant 'acme'" in line[0]
     assert "wrong AIID_MASTER_KEY or runtime/master.key?" in line[0]
+    # That line is all: mitmproxy's rollback of the refused options once re-entered configure
+    # until a RecursionError (~15 s, hundreds of traceback lines, a gateway built each time).
+    assert "Traceback" not in out and "RecursionError" not in out, out
+    assert out.count("master key id") == 1, out
     assert wrong not in out
     _no_secret(out)
     bad = "not-base64!" + wrong
