@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,27 @@ def tune_gc() -> None:
     gc.freeze()
 
 
+def listen_problem(host: str, port: int) -> str | None:
+    """Why the proxy could not listen on host:port (bound and released here, with the options
+    asyncio's server uses), or None. mitmproxy would log the reason to stdout, which may be
+    the console, and say only "Error logged during startup, exiting..." on stderr."""
+    where = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (OSError, UnicodeError) as e:
+        return f"cannot listen on {where}: {getattr(e, 'strerror', None) or e}"
+    for family, kind, proto, _, addr in infos:
+        try:
+            with socket.socket(family, kind, proto) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(addr)
+        except OSError as e:
+            return f"cannot listen on {where}: {(e.strerror or str(e)).lower()}"
+    return None
+
+
 def run_gateway(
     *, home: Home, policies: Path, host: str, port: int, sets: list[str], console: bool
 ) -> int:
@@ -92,6 +114,10 @@ def run_gateway(
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     async def main() -> int:
+        problem = listen_problem(host, port)
+        if problem is not None:
+            print(f"aiid: error: {problem}", file=sys.stderr)
+            return 1
         try:
             master, _rt, _view = build_master(home, policies, host, port, sets, console)
         except exceptions.OptionsError as e:

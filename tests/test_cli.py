@@ -11,6 +11,7 @@ import json
 import os
 import pwd
 import shutil
+import socket
 import sqlite3
 import sys
 import tempfile
@@ -207,6 +208,26 @@ def test_errors_are_one_line_with_the_right_status(
 ) -> None:
     r = aiid("--home", home.root, *args, env={"AIID_POLICIES": str(policies)})
     one_line_error(r, code, *needles)
+
+
+def test_run_on_a_port_in_use_says_why_in_one_line(aiid: Run, home: Home, policies: Path) -> None:
+    # mitmproxy alone logs the reason to stdout (the console's screen) and prints only
+    # "Error logged during startup, exiting..." on stderr.
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = aiid(
+            "--home",
+            home.root,
+            "run",
+            "--no-console",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--policies",
+            policies,
+        )
+    one_line_error(r, 1, f"cannot listen on 127.0.0.1:{port}", "address already in use")
 
 
 def test_a_missing_home_is_a_clear_error(aiid: Run, tmp_path: Path) -> None:
