@@ -31,6 +31,9 @@ AUDIENCE = "aiid-gateway"
 ALGORITHM = "EdDSA"
 MAX_LIFETIME = 24 * 3600
 LEEWAY = 30
+"""Seconds a token may look issued (``iat``) or valid (``nbf``) ahead of this clock: the
+issuing host's clock may run ahead. Expiry has none: a token is refused from ``exp`` on, as
+``aiid token issue --ttl`` promises."""
 MAX_TOKEN_BYTES = 4096
 MAX_JTI_CHARS = 128
 REQUIRED_CLAIMS = ("exp", "iat", "iss", "aud", "sub", "tid", "jti")
@@ -236,7 +239,7 @@ class TokenVerifier:
 
     def _check_live(self, ident: AgentIdentity) -> None:
         """The checks that can change after a token was first accepted."""
-        if ident.expires_at <= self._clock.now() - LEEWAY:
+        if ident.expires_at <= self._clock.now():
             raise TokenError("token expired")
         if not self._tenant_known(ident.tenant):
             raise TokenError("unknown tenant")
@@ -309,7 +312,7 @@ class TokenVerifier:
                 raise TokenError("malformed token")
             if nbf > now + LEEWAY:
                 raise TokenError("token not yet valid")
-        if exp <= now - LEEWAY:
+        if exp <= now:
             raise TokenError("token expired")
 
         # Names and id.
