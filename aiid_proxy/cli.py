@@ -134,7 +134,7 @@ def vault_put(ctx: click.Context, tenant_name: str, provider: str, from_env: str
         if sys.stdin.isatty():
             click.echo("paste the secret, then Enter and Ctrl-D:", err=True)
         secret = sys.stdin.read()
-    secret = secret.strip("\r\n")
+    secret = secret.strip()  # a line end, or spaces pasted around the key: never part of it
     if not secret or "\n" in secret:
         raise UsageError("expected exactly one non-empty secret line")
     info = _vault(_home(ctx), tenant_name).put(provider, secret)

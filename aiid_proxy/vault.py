@@ -323,6 +323,19 @@ class Vault:
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
+                # A key that opens none of the other entries is the wrong key (a stray
+                # AIID_MASTER_KEY): storing under it would leave a vault no single key opens.
+                for other, other_id in self._conn.execute(
+                    "SELECT provider, key_id FROM secrets WHERE provider != ? ORDER BY provider",
+                    (provider,),
+                ):
+                    if other_id not in keyring:
+                        raise ConfigError(
+                            f"the vault master key in use ({key_id}) does not open tenant "
+                            f"{self.tenant!r}'s vault: entry {other!r} is under master key id "
+                            f"{other_id} (wrong {MASTER_KEY_ENV} or runtime/master.key?); "
+                            "nothing stored"
+                        )
                 row = self._conn.execute(
                     "SELECT created FROM secrets WHERE provider = ?", (provider,)
                 ).fetchone()

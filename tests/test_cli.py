@@ -6,6 +6,7 @@ end-to-end tests)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import os
@@ -32,6 +33,7 @@ from aiid_proxy.cli import main
 from aiid_proxy.control import Answer, ControlServer, Pending
 from aiid_proxy.home import Home
 from aiid_proxy.identity import RevocationList
+from aiid_proxy.vault import MasterKeyring, Vault
 
 
 @dataclass
@@ -144,6 +146,33 @@ def test_vault_put_list_rotate_never_show_the_secret(aiid: Run, home: Home) -> N
     assert rot.code == 0 and rot.out.startswith("re-wrapped ")
     for r in (listed, rot):
         assert secret not in r.out + r.err
+
+
+@pytest.mark.parametrize(
+    "typed",
+    [
+        pytest.param("sk-x-123\n", id="line"),
+        pytest.param("  sk-x-123  \r\n", id="spaces-crlf"),
+        pytest.param("\tsk-x-123", id="tab-no-newline"),
+    ],
+)
+def test_vault_put_stores_the_key_without_surrounding_whitespace(
+    aiid: Run, home: Home, typed: str
+) -> None:
+    # Spaces pasted around a key are never part of it; sent upstream they break the request.
+    r = aiid("--home", home.root, "vault", "put", NOKEY_TENANT, "openai", stdin=typed)
+    assert r.code == 0, r
+    with Vault(home.vault_path(NOKEY_TENANT), NOKEY_TENANT, MasterKeyring.from_home(home, {})) as v:
+        assert v.get("openai").reveal() == "sk-x-123"
+
+
+def test_vault_put_under_a_stray_master_key_is_refused(aiid: Run, home: Home) -> None:
+    stray = base64.b64encode(bytes(range(32))).decode()
+    r = aiid(
+        "--home", home.root, "vault", "put", TENANT, "openai", stdin="sk-new\n",
+        env={"AIID_MASTER_KEY": stray},
+    )  # fmt: skip
+    one_line_error(r, 1, "does not open tenant", "wrong AIID_MASTER_KEY", "nothing stored")
 
 
 def test_token_issue_prints_only_the_token_and_revoke_refuses_it(aiid: Run, home: Home) -> None:

@@ -301,6 +301,32 @@ def test_wrong_master_key(tmp_path: Path, clock: FakeClock) -> None:
         v.get("openai")
 
 
+def test_put_under_a_key_that_opens_no_other_entry_is_refused(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    path = tmp_path / "v.db"
+    with Vault(path, "acme", MasterKeyring([K1]), clock) as v:
+        v.put("openai", CANARY)
+    before = raw_rows(path)
+    with Vault(path, "acme", MasterKeyring([K2]), clock) as v:
+        with pytest.raises(ConfigError) as err:
+            v.put("anthropic", "sk-ant-other")
+        assert str(err.value) == (
+            f"the vault master key in use ({key_id_of(K2)}) does not open tenant 'acme''s "
+            f"vault: entry 'openai' is under master key id {key_id_of(K1)} (wrong "
+            "AIID_MASTER_KEY or runtime/master.key?); nothing stored"
+        )
+        assert raw_rows(path) == before  # nothing stored
+        # Replacing the only entry is how a lost master key is recovered from: allowed.
+        v.put("openai", CANARY + "-new")
+        assert v.get("openai").reveal() == CANARY + "-new"
+    # Mid-rotation the keyring holds both keys: entries under either are fine.
+    with Vault(path, "acme", MasterKeyring([K1, K2]), clock) as v:
+        v.put("anthropic", "sk-ant-other")
+        assert {i.key_id for i in v.list()} == {key_id_of(K1), key_id_of(K2)}
+        assert v.get("anthropic").reveal() == "sk-ant-other"
+
+
 def test_nonces_and_deks_unique_across_1000_puts(vault: Vault) -> None:
     seen: set[bytes] = set()
     wrapped: set[bytes] = set()
