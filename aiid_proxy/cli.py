@@ -13,7 +13,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from aiid_proxy.errors import AiidError, UsageError
+from aiid_proxy.errors import AiidError, ConfigError, UsageError
 from aiid_proxy.home import Home, validate_name
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -22,6 +22,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _home(ctx: click.Context) -> Home:
     home: Home = ctx.obj["home"]
     return home
+
+
+def _registered_region(home: Home, tenant: str) -> str | None:
+    """The region the tenant was registered with (``tenant add --region``), when the home
+    knows the tenant; ``policy explain`` works from policy files alone otherwise."""
+    if not home.tenant_settings_path(tenant).is_file():
+        return None
+    return home.tenant_region(tenant)
 
 
 def _policies_dir(value: str | None) -> Path:
@@ -90,10 +98,31 @@ def tenant_add(ctx: click.Context, name: str, region: str | None) -> None:
     home.require()
     if region is not None:
         validate_name("region", region)
+        known = _known_regions(_policies_dir(None))
+        if region not in known:
+            raise UsageError(
+                f"unknown region {region!r}: no provider is in it (known: {', '.join(known)}; "
+                "a providers.yaml in the policy directory can add providers)"
+            )
     if add_tenant(home, name, region):
         click.echo(f"tenant {name} added")
-    else:
-        click.echo(f"tenant {name} already exists")
+        return
+    current = home.tenant_region(name)
+    if region is not None and region != current:
+        raise ConfigError(
+            f"tenant {name} already exists with region {current or 'none'}; its region is "
+            "set when it is added and is not changed"
+        )
+    click.echo(f"tenant {name} already exists")
+
+
+def _known_regions(policies: Path) -> list[str]:
+    """The regions of the providers this gateway knows (built in, and providers.yaml)."""
+    from aiid_proxy.providers import Registry
+
+    path = policies / "providers.yaml"
+    reg = Registry.load(path) if path.is_file() else Registry.builtin()
+    return sorted({p.region for p in reg.providers if p.region})
 
 
 @tenant.command("list")
@@ -326,7 +355,9 @@ def _param(values: Sequence[str]) -> dict[str, Any]:
 @click.option("--param", "params", multiple=True, metavar="K=V")
 @click.option("--at", "at", default=None, help="evaluate at this ISO time (default now)")
 @click.option("--policies", default=None, help="policy directory ($AIID_POLICIES, ./policies)")
+@click.pass_context
 def policy_explain(
+    ctx: click.Context,
     tenant_name: str,
     agent: str,
     provider: str | None,
@@ -380,6 +411,7 @@ def policy_explain(
         path=path_,
         now=now,
         region=region,
+        tenant_region=_registered_region(_home(ctx), tenant_name),
         **_param(params),
     )
     ex = pol.explain(ctxt)

@@ -579,6 +579,7 @@ class Gateway:
             n=f.n if f else None,
             stream=f.stream if f else False,
             tools=f.tools if f else False,
+            tenant_region=self.tenant(state.identity.tenant).region,
         )
 
     def policy_for(self, tenant: str) -> Policy | None:

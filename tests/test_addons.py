@@ -1177,6 +1177,24 @@ def test_allowed_response_carries_the_request_id_and_usage_is_recorded(
     assert row["model"] == "gpt-4o-mini" and row["agent"] == "bot"
 
 
+def test_a_tenant_registered_in_a_region_is_kept_there(
+    make_harness: Callable[..., Harness], gateway_home: Home, issue: Callable[..., str]
+) -> None:
+    # `aiid tenant add acme --region eu`; acme's policy names no region: openai is in "us"
+    settings = gateway_home.tenant_settings_path(TENANT)
+    settings.write_text(json.dumps({**json.loads(settings.read_text()), "region": "eu"}))
+    h = make_harness()
+    flow = make_flow(issue())
+    h.send(flow)
+    err = refusal(flow)
+    assert flow.response is not None and flow.response.status_code == 403
+    assert (err["type"], err["rule"]) == ("policy_denied", "region")
+    assert err["message"] == (
+        "provider region 'us' is outside the tenant region 'eu' (aiid tenant add)"
+    )
+    assert [r["event"] for r in audit_rows(h.home)][-1] == "deny"
+
+
 def _gzip_resp(body: bytes) -> http.Response:
     r = http.Response.make(
         200, b"", {"content-type": "application/json", "content-encoding": "gzip"}

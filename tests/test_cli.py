@@ -123,6 +123,25 @@ def test_tenant_add_and_list(aiid: Run, home: Home) -> None:
     assert "globex\tregion=eu" in listed and f"{TENANT}\tregion=-" in listed
 
 
+def test_tenant_region_is_a_known_one_and_set_once(aiid: Run, home: Home) -> None:
+    one_line_error(
+        aiid("--home", home.root, "tenant", "add", "mars1", "--region", "mars"),
+        2,
+        "unknown region 'mars'",
+        "known: eu, us",
+    )
+    assert not home.tenant_settings_path("mars1").exists()
+    assert aiid("--home", home.root, "tenant", "add", "eu1", "--region", "eu").code == 0
+    again = aiid("--home", home.root, "tenant", "add", "eu1", "--region", "eu")
+    assert (again.code, again.out.strip()) == (0, "tenant eu1 already exists")
+    one_line_error(
+        aiid("--home", home.root, "tenant", "add", "eu1", "--region", "us"),
+        1,
+        "tenant eu1 already exists with region eu",
+    )
+    assert home.tenant_region("eu1") == "eu"
+
+
 def test_vault_put_list_rotate_never_show_the_secret(aiid: Run, home: Home) -> None:
     secret = "sk-cli-test-0123456789abcdef"
     r = aiid("--home", home.root, "vault", "put", NOKEY_TENANT, "openai", stdin=secret + "\n")

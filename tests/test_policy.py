@@ -340,6 +340,39 @@ overrides:
     assert len(lines) == 6 and "MATCH" in lines[-1]
 
 
+@pytest.mark.parametrize(
+    ("policy_region", "tenant_region", "provider_region", "effect", "reason"),
+    [
+        pytest.param(None, "eu", "us", "deny", "outside the tenant region 'eu' (aiid tenant add)",
+                     id="tenant-region-alone"),
+        pytest.param(None, "eu", "eu", "allow", None, id="tenant-region-inside"),
+        pytest.param("eu", "us", "eu", "deny", "outside the tenant region 'us' (aiid tenant add)",
+                     id="both-set-both-hold"),
+        pytest.param("eu", "eu", "us", "deny", "outside the tenant region 'eu'",
+                     id="both-agree"),
+        pytest.param(None, "eu", None, "allow", None, id="provider-without-region"),
+        pytest.param(None, None, "us", "allow", None, id="no-region-anywhere"),
+    ],
+)  # fmt: skip
+def test_the_tenants_registered_region_holds_with_the_policys(
+    policy_region: str | None,
+    tenant_region: str | None,
+    provider_region: str | None,
+    effect: str,
+    reason: str | None,
+) -> None:
+    head = HEAD + (f"region: {policy_region}\n" if policy_region else "")
+    p = policy("rules:\n  - {id: all, effect: allow}\n", head)
+    ctx = llm(region=provider_region, tenant_region=tenant_region)
+    d, ex = p.decide(ctx), p.explain(ctx)
+    assert (d.effect, ex.decision.effect) == (effect, effect)
+    if reason is None:
+        assert d.rule_id == "all"
+    else:
+        assert d.rule_id == ex.decision.rule_id == "region"
+        assert reason in d.reason and d.reason == ex.decision.reason
+
+
 def test_explain_egress_reasons() -> None:
     p = policy(PRECEDENCE_POLICY)
     why = {t.rule_id: t.why for t in p.explain(egress(method="DELETE", path="/user")).traces}

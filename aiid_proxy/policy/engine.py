@@ -383,13 +383,20 @@ class Engine:
             approval_timeout=self._timeout,
         )
 
-    def _region_deny(self, region: str) -> Decision:
-        return Decision(
-            "deny",
-            REGION_RULE_ID,
-            f"provider region {region!r} is outside the tenant region {self._region!r}",
-            approval_timeout=self._timeout,
-        )
+    def _region_deny(self, ctx: RequestContext) -> Decision | None:
+        """Deny a provider outside the policy's region or the tenant's registered region
+        (``aiid tenant add --region``): both hold where both are set."""
+        if ctx.region is None:
+            return None
+        for want, where in ((self._region, ""), (ctx.tenant_region, " (aiid tenant add)")):
+            if want is not None and ctx.region != want:
+                return Decision(
+                    "deny",
+                    REGION_RULE_ID,
+                    f"provider region {ctx.region!r} is outside the tenant region {want!r}{where}",
+                    approval_timeout=self._timeout,
+                )
+        return None
 
     def _view(self, agent: str) -> tuple[_Candidates, _Candidates]:
         """(LLM candidates, host candidates) for ``agent``."""
@@ -429,8 +436,10 @@ class Engine:
     def decide(self, ctx: RequestContext) -> Decision:
         if ctx.tenant != self._tenant:
             return self._wrong_tenant(ctx.tenant)
-        if self._region is not None and ctx.region is not None and ctx.region != self._region:
-            return self._region_deny(ctx.region)
+        if ctx.region is not None and (self._region is not None or ctx.tenant_region is not None):
+            denied = self._region_deny(ctx)
+            if denied is not None:
+                return denied
         agent = ctx.agent
         view = self._views.get(agent) or self._view(agent)
         now = ctx.now
@@ -470,10 +479,9 @@ class Engine:
         path = normalize_path(ctx.path)
         traces: list[RuleTrace] = []
         decision: Decision | None = None
-        if self._region is not None:
-            region = None
-            if ctx.region is not None and ctx.region != self._region:
-                region = self._region_deny(ctx.region)
+        if self._region is not None or ctx.tenant_region is not None:
+            region = self._region_deny(ctx)
+            if region is not None:
                 why = region.reason
             elif ctx.region is None:
                 why = "request carries no provider region"

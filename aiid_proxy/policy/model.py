@@ -131,13 +131,14 @@ class RequestContext:
     method: str
     path: str
     now: float
-    region: str | None = None
+    region: str | None = None  # the provider's region
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     n: int | None = None
     stream: bool = False
     tools: bool = False
+    tenant_region: str | None = None  # `aiid tenant add --region`: enforced with the policy's
 
 
 @dataclass(frozen=True)
