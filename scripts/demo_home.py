@@ -1,7 +1,8 @@
 """`make run` helper: create the demo home if there is none, then print the agent lines.
 
 Idempotent: an existing home, tenant or vault entry is kept. The demo tenant gets a placeholder
-OpenAI/Anthropic key unless $OPENAI_KEY_FOR_VAULT / $ANTHROPIC_KEY_FOR_VAULT hold real ones.
+OpenAI/Anthropic key; $OPENAI_KEY_FOR_VAULT / $ANTHROPIC_KEY_FOR_VAULT, when set, are stored
+every time (replacing a placeholder or an older key).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ def main() -> None:
         ("openai", "OPENAI_KEY_FOR_VAULT"),
         ("anthropic", "ANTHROPIC_KEY_FOR_VAULT"),
     ):
-        if f"\n{provider} " not in "\n" + have:
-            secret = os.environ.get(var) or f"sk-demo-placeholder-{provider}"
+        given = os.environ.get(var)
+        if given or f"\n{provider} " not in "\n" + have:
+            secret = given or f"sk-demo-placeholder-{provider}"
             aiid("vault", "put", "demo", provider, stdin=secret + "\n")
     token = aiid("token", "issue", "demo", "demo-agent", "--ttl", "24h").strip()
     ca = (home / "certs" / "mitmproxy-ca-cert.pem").absolute()

@@ -1,0 +1,48 @@
+"""scripts/demo_home.py, the first half of `make run`: the demo home and the agent's lines."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from aiid_proxy.home import Home
+from aiid_proxy.vault import MasterKeyring, Vault
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "demo_home.py"
+
+
+def _run(home: Path, **env: str) -> list[str]:
+    base = {k: v for k, v in os.environ.items() if not k.endswith("_KEY_FOR_VAULT")}
+    base.pop("AIID_MASTER_KEY", None)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT)],
+        env={**base, "AIID_HOME": str(home), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return done.stdout.splitlines()
+
+
+def _key(home: Path, provider: str) -> str:
+    h = Home(home)
+    with Vault(h.vault_path("demo"), "demo", MasterKeyring.from_home(h, {})) as v:
+        return v.get(provider).reveal()
+
+
+def test_the_demo_home_and_a_real_key_given_later(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    lines = _run(home)
+    assert lines[1] == "HTTPS_PROXY=http://127.0.0.1:8080"
+    assert lines[2] == f"SSL_CERT_FILE={home / 'certs' / 'mitmproxy-ca-cert.pem'}"
+    assert lines[3].startswith("OPENAI_API_KEY=ey")
+    assert _key(home, "openai") == "sk-demo-placeholder-openai"
+    # `OPENAI_KEY_FOR_VAULT=sk-... make run` on a home that already has the placeholder
+    _run(home, OPENAI_KEY_FOR_VAULT="sk-real-key-for-the-demo")
+    assert _key(home, "openai") == "sk-real-key-for-the-demo"
+    assert _key(home, "anthropic") == "sk-demo-placeholder-anthropic"
+    _run(home)  # and a run without it keeps the real key
+    assert _key(home, "openai") == "sk-real-key-for-the-demo"
