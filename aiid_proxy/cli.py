@@ -7,7 +7,7 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -22,6 +22,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _home(ctx: click.Context) -> Home:
     home: Home = ctx.obj["home"]
     return home
+
+
+MAX_GRANT = 24 * 3600  # seconds an `approve --ttl` grant may last
 
 
 def _registered_region(home: Home, tenant: str) -> str | None:
@@ -281,6 +284,8 @@ def policy_check(directory: str | None, policies: str | None) -> None:
         raise UsageError(f"policy directory {d} does not exist")
     loaded, errors = load_policy_dir(d)
     extras = _check_data_files(d)
+    if not any("providers.yaml" in line for line in extras):
+        extras += _region_problems(d, loaded)
     for e in errors:
         click.echo(e.one_line(), err=True)
     for line in extras:
@@ -290,6 +295,28 @@ def policy_check(directory: str | None, policies: str | None) -> None:
     for name, p in sorted(loaded.items()):
         click.echo(f"ok {name}: {len(p.rules)} rules, {len(p.overrides)} overrides")
     click.echo(f"OK {len(loaded)} policies")
+
+
+def _region_problems(d: Path, loaded: Mapping[str, Any]) -> list[str]:
+    """``region:`` values no provider is in: every provider with a region would be denied."""
+    known = _known_regions(d)
+    out: list[str] = []
+    for _tenant, pol in sorted(loaded.items()):
+        if pol.region is None or pol.region in known:
+            continue
+        try:
+            text = Path(pol.source).read_text(encoding="utf-8-sig")
+        except OSError:
+            text = ""
+        line = next(
+            (n for n, row in enumerate(text.splitlines(), 1) if row.startswith("region")), None
+        )
+        where = f"{pol.source}:{line}" if line is not None else str(pol.source)
+        out.append(
+            f"{where}: unknown region {pol.region!r}: no provider is in it "
+            f"(known: {', '.join(known)}; providers.yaml can add providers)"
+        )
+    return out
 
 
 def _check_data_files(d: Path) -> list[str]:
@@ -667,7 +694,9 @@ def _answer(home: Home, tenant_name: str, request_id: str, payload: dict[str, An
 @main_group.command()
 @click.argument("tenant_name", metavar="TENANT", callback=_name("tenant"))
 @click.argument("request_id")
-@click.option("--ttl", default=None, help="also approve matching requests for this long")
+@click.option(
+    "--ttl", default=None, help="also approve matching requests for this long (at most 24h)"
+)
 @click.option("--as", "who", default=None, help="who decided (default $USER)")
 @click.pass_context
 def approve(
@@ -677,6 +706,11 @@ def approve(
     from aiid_proxy.admin import parse_ttl
 
     seconds = parse_ttl(ttl) if ttl else None
+    if seconds is not None and not 0 < seconds <= MAX_GRANT:
+        raise UsageError(
+            f"--ttl must be more than 0 and at most 24h, got {ttl!r} (a standing approval "
+            "belongs in the policy's overrides, which expire and are audited)"
+        )
     by = who or _operator()
     _answer(_home(ctx), tenant_name, request_id, {"answer": "approve", "ttl": seconds, "by": by})
 

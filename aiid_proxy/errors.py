@@ -33,10 +33,16 @@ class PolicyError(AiidError):
         self.message = message
         self.file = file
         self.line = line
+        self.others: tuple[PolicyError, ...] = ()  # further errors found in the same file
         where = ""
         if file is not None:
             where = f"{file}:{line}: " if line is not None else f"{file}: "
         super().__init__(f"{where}{message}")
+
+    @property
+    def all(self) -> tuple[PolicyError, ...]:
+        """This error and every other one found in the same file, in the order checked."""
+        return (self, *self.others)
 
 
 class VaultError(AiidError):

@@ -129,6 +129,8 @@ class PolicyStore:
             policy = load_policy_file(path)
         except (AiidError, InvalidName, OSError) as e:
             msg = e.one_line() if isinstance(e, AiidError) else f"{path}: {e.strerror}"
+            if isinstance(e, PolicyError) and e.others:
+                msg += f" (and {len(e.others)} more: aiid policy check)"
             return PolicyEvent(tenant, False, now, None, msg)
         self._policies[tenant] = policy
         self._loaded_at[tenant] = now

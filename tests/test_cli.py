@@ -346,6 +346,41 @@ def test_policy_check_names_file_and_line(
     assert needle in errs[0]
 
 
+def test_policy_check_names_every_bad_setting_and_rule(aiid: Run, policies: Path) -> None:
+    bad = policies / f"{TENANT}.yaml"
+    bad.write_text(
+        "version: 1\n"
+        "tenant: other\n"  # 2
+        "default: allow\n"  # 3
+        "approval: {timeout: soon}\n"  # 4
+        "rules:\n"
+        "  - {id: a, effect: allow}\n"
+        "  - {id: a, effect: allow}\n"  # 7: duplicate
+        "  - {id: b, effect: maybe}\n"  # 8
+        "  - {id: c, effect: deny, models: []}\n"  # 9
+        "limits:\n"
+        "  tenant: {requests_per_minute: -1}\n"  # 11
+    )
+    r = aiid("policy", "check", policies)
+    assert r.code == 1 and "OK" not in r.out
+    lines = [int(e.split(":")[1]) for e in r.err.splitlines()]
+    assert lines == [2, 3, 4, 7, 8, 9, 11], r.err
+    assert all(e.startswith(f"{bad}:") for e in r.err.splitlines())
+
+
+def test_policy_check_names_a_region_no_provider_is_in(aiid: Run, policies: Path) -> None:
+    bad = policies / f"{TENANT}.yaml"
+    bad.write_text("version: 1\ntenant: acme\ndefault: deny\nregion: mars\n")
+    r = aiid("policy", "check", policies)
+    assert r.code == 1
+    assert r.err.splitlines() == [
+        f"{bad}:4: unknown region 'mars': no provider is in it (known: eu, us; providers.yaml "
+        "can add providers)"
+    ]
+    bad.write_text("version: 1\ntenant: acme\ndefault: deny\nregion: eu\n")
+    assert aiid("policy", "check", policies).code == 0
+
+
 @pytest.mark.parametrize(
     ("args", "expect"),
     [
@@ -639,6 +674,7 @@ def test_approve_and_deny_answer_the_held_request(
         pytest.param(["approve", TENANT, "req_zzz"], "no pending request req_zzz", id="unknown"),
         pytest.param(["approve", NOKEY_TENANT, "req_a"], "for tenant nokey", id="other-tenant"),
         pytest.param(["approve", TENANT, "req_a", "--ttl", "soon"], "soon", id="bad-ttl"),
+        pytest.param(["approve", TENANT, "req_a", "--ttl", "48h"], "at most 24h", id="ttl-48h"),
     ],
 )
 def test_approve_errors_are_one_line(

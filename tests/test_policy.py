@@ -582,3 +582,23 @@ def test_policy_package_never_imports_mitmproxy() -> None:
             assert not any(n.split(".")[0] == "mitmproxy" for n in names), path
     code = "import sys, aiid_proxy.policy; assert 'mitmproxy' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_a_reload_with_several_errors_keeps_the_last_good_policy_and_counts_them(
+    tmp_path: Path,
+) -> None:
+    from aiid_proxy.clock import FakeClock
+    from aiid_proxy.policystore import PolicyStore
+
+    f = tmp_path / "acme.yaml"
+    f.write_text(HEAD + "rules:\n  - {id: a, effect: allow}\n")
+    store = PolicyStore(tmp_path, clock=FakeClock())
+    store.refresh()
+    good = store.get("acme")
+    assert good is not None
+    f.write_text("version: 1\ntenant: other\ndefault: allow\nrules:\n  - {id: b, effect: maybe}\n")
+    (ev,) = store.refresh()
+    assert not ev.ok and store.get("acme") is good
+    assert ev.error is not None
+    assert ev.error.startswith(f"{f}:2: tenant 'other' does not match the file name")
+    assert ev.error.endswith("(and 2 more: aiid policy check)")

@@ -92,9 +92,27 @@ def parse_duration(text: str | float) -> float:
 
 
 class _Validator(Checker):
+    """Validates a whole file: a bad setting or rule is recorded and checking goes on with the
+    next one, so ``aiid policy check`` names each (the first error of each setting and rule)."""
+
     def __init__(self, file: str) -> None:
         super().__init__(file)
         self.ids: dict[str, int] = {}
+        self.found: list[PolicyError] = []
+
+    def attempt[T](self, check: Callable[[], T], fallback: T) -> T:
+        """``check()``, or ``fallback`` once its error is recorded."""
+        try:
+            return check()
+        except PolicyError as e:
+            self.found.append(e)
+            return fallback
+
+    def raise_found(self) -> None:
+        if self.found:
+            first, *rest = self.found
+            first.others = tuple(rest)
+            raise first
 
     # -- globs -----------------------------------------------------------------------------------
     def glob(self, g: str, kind: str, line: int) -> str:
@@ -344,58 +362,91 @@ class _Validator(Checker):
         top = self.mapping(data, "a policy file", 1)
         self.keys(top, _TOP_KEYS, "policy", ("version", "tenant", "default"))
         version = top["version"]
-        if type(version) is not int or version != 1:
-            self.fail(
-                f"unsupported policy version {version!r} (expected 1)", top.value_lines["version"]
-            )
-        tenant = self.string(top, "tenant", "policy")
-        if NAME_RE.fullmatch(tenant) is None:
-            self.fail(
-                f"invalid tenant name {tenant!r}: must match {NAME_RE.pattern}",
-                top.value_lines["tenant"],
-            )
-        if expected_tenant is not None and tenant != expected_tenant:
-            self.fail(
-                f"tenant {tenant!r} does not match the file name (expected {expected_tenant!r})",
-                top.value_lines["tenant"],
-            )
-        if top["default"] != "deny":
-            self.fail(
-                f"default must be 'deny' (the only accepted value), got {top['default']!r}",
-                top.value_lines["default"],
-            )
-        region = None
-        if "region" in top:
+
+        def check_version() -> None:
+            if type(version) is not int or version != 1:
+                self.fail(
+                    f"unsupported policy version {version!r} (expected 1)",
+                    top.value_lines["version"],
+                )
+
+        self.attempt(check_version, None)
+
+        def check_tenant() -> str:
+            tenant = self.string(top, "tenant", "policy")
+            if NAME_RE.fullmatch(tenant) is None:
+                self.fail(
+                    f"invalid tenant name {tenant!r}: must match {NAME_RE.pattern}",
+                    top.value_lines["tenant"],
+                )
+            if expected_tenant is not None and tenant != expected_tenant:
+                self.fail(
+                    f"tenant {tenant!r} does not match the file name "
+                    f"(expected {expected_tenant!r})",
+                    top.value_lines["tenant"],
+                )
+            return tenant
+
+        tenant = self.attempt(check_tenant, expected_tenant or "")
+
+        def check_default() -> None:
+            if top["default"] != "deny":
+                self.fail(
+                    f"default must be 'deny' (the only accepted value), got {top['default']!r}",
+                    top.value_lines["default"],
+                )
+
+        self.attempt(check_default, None)
+
+        def check_region() -> str | None:
+            if "region" not in top:
+                return None
             region = self.string(top, "region", "policy")
             if NAME_RE.fullmatch(region) is None:
                 self.fail(
                     f"invalid region {region!r}: must match {NAME_RE.pattern}",
                     top.value_lines["region"],
                 )
-        record_prompts = False
-        if "audit" in top:
+            return region
+
+        region = self.attempt(check_region, None)
+
+        def check_audit() -> bool:
+            if "audit" not in top:
+                return False
             am = self.mapping(top["audit"], "audit", top.value_lines["audit"])
             self.keys(am, ("record_prompts",), "audit")
-            record_prompts = (
-                self.boolean(am, "record_prompts", "audit") if "record_prompts" in am else False
-            )
-        timeout = DEFAULT_APPROVAL_TIMEOUT
-        if "approval" in top:
+            return self.boolean(am, "record_prompts", "audit") if "record_prompts" in am else False
+
+        record_prompts = self.attempt(check_audit, False)
+
+        def check_approval() -> float:
+            if "approval" not in top:
+                return DEFAULT_APPROVAL_TIMEOUT
             ap = self.mapping(top["approval"], "approval", top.value_lines["approval"])
             self.keys(ap, ("timeout",), "approval")
-            if "timeout" in ap:
-                try:
-                    timeout = parse_duration(ap["timeout"])
-                except PolicyError as e:
-                    self.fail(f"approval.timeout: {e.message}", ap.value_lines["timeout"])
+            if "timeout" not in ap:
+                return DEFAULT_APPROVAL_TIMEOUT
+            try:
+                return parse_duration(ap["timeout"])
+            except PolicyError as e:
+                self.fail(f"approval.timeout: {e.message}", ap.value_lines["timeout"])
+
+        timeout = self.attempt(check_approval, DEFAULT_APPROVAL_TIMEOUT)
         rules = self.rules(top, "rules", override=False)
         overrides = cast(tuple[Override, ...], self.rules(top, "overrides", override=True))
+        no_section: tuple[Any, tuple[tuple[str, Any], ...]] = (None, ())
         tenant_limit, agent_limits = (
-            self.section(top, "limits", self.limit) if "limits" in top else (None, ())
+            self.attempt(lambda: self.section(top, "limits", self.limit), no_section)
+            if "limits" in top
+            else no_section
         )
         tenant_budget, agent_budgets = (
-            self.section(top, "budgets", self.budget) if "budgets" in top else (None, ())
+            self.attempt(lambda: self.section(top, "budgets", self.budget), no_section)
+            if "budgets" in top
+            else no_section
         )
+        self.raise_found()
         try:
             return Policy(
                 tenant=tenant,
@@ -420,10 +471,19 @@ class _Validator(Checker):
             return ()
         seq = top[key]
         if not isinstance(seq, YSeq):
-            self.fail(f"{key} must be a list, got {type_name(seq)}", top.value_lines[key])
-        return tuple(
-            self.rule(item, line, override) for item, line in zip(seq, seq.lines, strict=True)
-        )
+            self.found.append(
+                PolicyError(
+                    f"{key} must be a list, got {type_name(seq)}", self.file, top.value_lines[key]
+                )
+            )
+            return ()
+        out: list[Rule] = []
+        for item, line in zip(seq, seq.lines, strict=True):
+            try:
+                out.append(self.rule(item, line, override))
+            except PolicyError as e:  # the next rule is checked all the same
+                self.found.append(e)
+        return tuple(out)
 
 
 # -- public entry points -------------------------------------------------------------------------
@@ -483,7 +543,7 @@ def load_policy_dir(directory: Path) -> tuple[dict[str, Policy], list[PolicyErro
         try:
             policy = load_policy_file(path)
         except PolicyError as e:
-            errors.append(e)
+            errors.extend(e.all)
             continue
         if policy.tenant in policies:
             errors.append(
