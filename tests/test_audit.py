@@ -1021,3 +1021,11 @@ def test_lazy_records_do_not_wait_for_quiet_forever(tmp_path: Path) -> None:
         threading.Event().wait(0.01)
     assert not log.unsynced
     log.close()
+
+
+def test_the_audit_database_is_private_like_the_vault(tmp_path: Path) -> None:
+    path = tmp_path / "t" / "audit.db"
+    with make_log(path) as log:
+        log.append_sync("request")
+        modes = {p.name: p.stat().st_mode & 0o777 for p in path.parent.iterdir() if p.is_file()}
+    assert modes == {"audit.db": 0o600, "audit.db-wal": 0o600, "audit.db-shm": 0o600}, modes

@@ -13,6 +13,7 @@ head inside its own transaction, so there is never a seq gap or a fork of the ch
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -355,6 +356,11 @@ class AuditLog:
                 "backup; every request of this tenant is refused meanwhile)"
             )
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            # Private like the vault (SQLite gives -wal and -shm the same mode): the records
+            # name agents and models, and prompts where the tenant asks for them.
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         if self._connect is not None:
             conn = self._connect(self.path)
         else:
