@@ -13,7 +13,9 @@ import json
 import math
 import os
 import re
+import sqlite3
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from aiid_proxy.clock import SYSTEM_CLOCK, Clock
 from aiid_proxy.errors import ConfigError, UsageError
-from aiid_proxy.home import Home, append_durable, encode_key, validate_name, write_private
+from aiid_proxy.home import (
+    AUDIT_KEY_ENV,
+    MASTER_KEY_ENV,
+    Home,
+    append_durable,
+    encode_key,
+    validate_name,
+    write_private,
+)
 from aiid_proxy.identity import ALGORITHM, AUDIENCE, ISSUER, JTI_RE, MAX_LIFETIME
 from aiid_proxy.vault import ensure_schema
 
@@ -152,14 +162,19 @@ def _init_ca(home: Home, clock: Clock, created: list[str]) -> None:
             created.append(f"certs/{path.name}")
 
 
-def init_home(home: Home, clock: Clock = SYSTEM_CLOCK) -> list[str]:
+def init_home(
+    home: Home, clock: Clock = SYSTEM_CLOCK, env: Mapping[str, str] | None = None
+) -> list[str]:
     """Create the home's keys and directories; never overwrite an existing key or CA file.
 
     Returns what was created, as paths relative to the home (directories end in ``/``).
     Idempotent: a second call returns ``[]`` and changes nothing. If ``runtime/token.pub``
     exists without ``admin/signing.key`` (a gateway-only home), no signing key is made,
-    since it could not match the verification key.
+    since it could not match the verification key. A missing master or audit key is not
+    replaced while vault entries or audit records depend on it (ConfigError), unless ``env``
+    (default: the process environment) holds it.
     """
+    env = os.environ if env is None else env
     created: list[str] = []
     if not home.root.exists():
         _mkdir_private(home.root)
@@ -192,13 +207,49 @@ def init_home(home: Home, clock: Clock = SYSTEM_CLOCK) -> list[str]:
                 "remove the wrong one and run `aiid init` again"
             )
 
-    for path in (home.master_key_path, home.audit_key_path):
-        if not path.exists():
-            write_private(path, (encode_key(os.urandom(32)) + "\n").encode())
-            created.append(f"runtime/{path.name}")
+    for path, env_name, what in (
+        (home.master_key_path, MASTER_KEY_ENV, ("vault entries", "wrapped", "open")),
+        (home.audit_key_path, AUDIT_KEY_ENV, ("audit records", "chained", "verify")),
+    ):
+        if path.exists():
+            continue
+        used = _tenants_with_data(home, path == home.master_key_path)
+        if used:
+            if env.get(env_name):
+                continue  # the key lives in the environment: a file key would not be it
+            things, how, verb = what
+            whose = f"tenant {used[0]!r}" + (" and others" if len(used) > 1 else "")
+            raise ConfigError(
+                f"runtime/{path.name} is missing, but the {things} of {whose} are {how} under "
+                f"it: restore it from backup, or set {env_name}; a new key would {verb} none "
+                "of them"
+            )
+        write_private(path, (encode_key(os.urandom(32)) + "\n").encode())
+        created.append(f"runtime/{path.name}")
 
     _init_ca(home, clock, created)
     return created
+
+
+def _tenants_with_data(home: Home, vault: bool) -> list[str]:
+    """Tenants whose vault holds an entry (``vault``) or whose audit log holds a record."""
+    out: list[str] = []
+    for tenant in home.tenants():
+        path = home.vault_path(tenant) if vault else home.audit_path(tenant)
+        if not path.is_file():
+            continue
+        sql = "SELECT 1 FROM secrets LIMIT 1" if vault else "SELECT 1 FROM audit LIMIT 1"
+        try:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                found = conn.execute(sql).fetchone() is not None
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            found = True  # unreadable: assume it holds data rather than orphan it
+        if found:
+            out.append(tenant)
+    return out
 
 
 def add_tenant(

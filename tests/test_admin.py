@@ -81,6 +81,45 @@ def test_init_creates_everything_then_is_idempotent(tmp_path: Path) -> None:
     assert snapshot(home.root) == before
 
 
+@pytest.mark.parametrize(
+    ("key", "env_name", "needle"),
+    [
+        pytest.param("master.key", "AIID_MASTER_KEY", "vault entries", id="master"),
+        pytest.param("audit.key", "AIID_AUDIT_KEY", "audit records", id="audit"),
+    ],
+)
+def test_init_does_not_replace_a_lost_key_that_data_depends_on(
+    tmp_path: Path, key: str, env_name: str, needle: str
+) -> None:
+    from aiid_proxy.audit import AuditLog
+    from aiid_proxy.vault import MasterKeyring, Vault
+
+    home = Home(tmp_path / "h")
+    init_home(home, env={})
+    assert add_tenant(home, "acme")
+    with Vault(home.vault_path("acme"), "acme", MasterKeyring.from_home(home, {})) as v:
+        v.put("openai", "sk-x")
+    with AuditLog(home.audit_path("acme"), "acme", home.audit_key({})) as log:
+        log.append_sync("request")
+    lost = home.runtime_dir / key
+    lost.unlink()
+    with pytest.raises(ConfigError) as err:
+        init_home(home, env={})
+    assert f"runtime/{key} is missing, but the {needle} of tenant 'acme' are " in str(err.value)
+    assert f"restore it from backup, or set {env_name}" in str(err.value)
+    assert not lost.exists()  # nothing made up in its place
+    assert init_home(home, env={env_name: "x"}) == []  # the key lives in the environment
+    assert not lost.exists()
+
+
+def test_init_makes_a_missing_key_when_nothing_depends_on_it(tmp_path: Path) -> None:
+    home = Home(tmp_path / "h")
+    init_home(home, env={})
+    assert add_tenant(home, "acme")  # no vault entry, no audit record yet
+    (home.runtime_dir / "master.key").unlink()
+    assert init_home(home, env={}) == ["runtime/master.key"]
+
+
 PRESEEDED = [
     pytest.param("admin/signing.key", ["runtime/token.pub"], id="signing-key"),
     pytest.param("runtime/token.pub", [], id="token-pub-alone"),
