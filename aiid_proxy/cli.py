@@ -133,6 +133,7 @@ def _known_regions(policies: Path) -> list[str]:
 def tenant_list(ctx: click.Context) -> None:
     """List tenants."""
     home = _home(ctx)
+    home.require()  # no home is an error, as for every other command, not an empty list
     for t in home.tenants():
         click.echo(f"{t}\tregion={home.tenant_region(t) or '-'}")
 

@@ -278,10 +278,15 @@ def test_run_on_a_port_in_use_says_why_in_one_line(aiid: Run, home: Home, polici
     one_line_error(r, 1, f"cannot listen on 127.0.0.1:{port}", "address already in use")
 
 
-def test_a_missing_home_is_a_clear_error(aiid: Run, tmp_path: Path) -> None:
-    one_line_error(
-        aiid("--home", tmp_path / "none", "vault", "list", TENANT), 1, "no aiid home", "aiid init"
-    )
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["vault", "list", TENANT], id="vault-list"),
+        pytest.param(["tenant", "list"], id="tenant-list"),
+    ],
+)
+def test_a_missing_home_is_a_clear_error(aiid: Run, tmp_path: Path, args: list[str]) -> None:
+    one_line_error(aiid("--home", tmp_path / "none", *args), 1, "no aiid home", "aiid init")
 
 
 BAD_NAMES = ["Acme", "a b", "../etc", "a" * 64, "x.y", "é", "_lead"]
