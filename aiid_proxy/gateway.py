@@ -620,10 +620,16 @@ class Gateway:
         if not decision.allowed or reservation is None:
             if hold is not None:
                 self.ledger.release(hold)
+            message = (
+                f"request needs {est_in + out_cap} tokens, more than the {decision.limit} "
+                "limit ever allows: it can never pass; lower max_tokens or the prompt"
+                if decision.never
+                else f"rate limit reached: {decision.limit}; retry after {decision.retry_after} s"
+            )
             raise RequestRefused(
                 429,
                 "rate_limited",
-                f"rate limit reached: {decision.limit}; retry after {decision.retry_after} s",
+                message,
                 decision.limit,
                 headers=ratelimit_headers(decision, refused=True),
             )

@@ -11,6 +11,7 @@ request never went out.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import threading
@@ -154,6 +155,7 @@ class RateDecision:
     limit_tokens: int | None
     reset_requests_s: float | None
     reset_tokens_s: float | None
+    never: bool = False  # the request needs more tokens than the limit ever holds
 
 
 @dataclass(frozen=True)
@@ -271,11 +273,10 @@ class RateLimiter:
                 if wait > worst_wait:
                     worst, worst_wait = check, wait
             if worst is not None:
-                if math.isinf(worst_wait):
-                    retry = UNSATISFIABLE_RETRY_AFTER
-                else:
-                    retry = max(1, math.ceil(worst_wait))
-                return self._decision(checks, False, worst.label, retry), None
+                never = math.isinf(worst_wait)
+                retry = UNSATISFIABLE_RETRY_AFTER if never else max(1, math.ceil(worst_wait))
+                decision = self._decision(checks, False, worst.label, retry)
+                return (dataclasses.replace(decision, never=True) if never else decision), None
             for check in checks:
                 taken = check.bucket.try_take(check.amount)
                 assert taken, "checked under the same lock"

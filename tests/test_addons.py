@@ -797,6 +797,30 @@ def test_rate_limit_refuses_the_extra_request_until_time_passes(
     assert h.send(make_flow(token)).sent is not None
 
 
+def test_a_request_larger_than_the_token_limit_is_told_it_can_never_pass(
+    make_harness: Callable[..., Harness], policies_dir: Path, issue: Callable[..., str]
+) -> None:
+    acme = policies_dir / f"{TENANT}.yaml"
+    acme.write_text(
+        acme.read_text().replace(
+            '"limited-*": {requests_per_minute: 2}',
+            '"limited-*": {requests_per_minute: 2, tokens_per_minute: 1000}',
+        )
+    )
+    h = make_harness()
+    body = json.dumps(
+        {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
+         "max_tokens": 5000}
+    ).encode()  # fmt: skip
+    flow = make_flow(issue("limited-1"), body=body)
+    assert h.send(flow).sent is None
+    assert flow.response is not None and flow.response.status_code == 429
+    err = refusal(flow)
+    assert err["type"] == "rate_limited" and err["rule"] == "agent tokens_per_minute"
+    assert "more than the agent tokens_per_minute limit ever allows" in err["message"]
+    assert "lower max_tokens" in err["message"]
+
+
 def test_a_refusal_after_the_rate_limit_stage_gives_the_reservation_back(
     h: Harness, issue: Callable[..., str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -161,12 +161,19 @@ def test_reservation_above_capacity_can_never_pass(
     clock = FakeClock()
     rl = RateLimiter(clock)
     d, r = acquire(rl, tenant_limit=tenant_limit, agent_limit=agent_limit, tokens=101)
-    assert (d.allowed, d.limit, d.retry_after, r) == (False, label, 60, None)
+    assert (d.allowed, d.limit, d.retry_after, r, d.never) == (False, label, 60, None, True)
     clock.advance(3600)
     assert not acquire(rl, tenant_limit=tenant_limit, agent_limit=agent_limit, tokens=101)[
         0
     ].allowed
     assert acquire(rl, tenant_limit=tenant_limit, agent_limit=agent_limit, tokens=100)[0].allowed
+
+
+def test_a_wait_is_not_never() -> None:
+    rl = RateLimiter(FakeClock())
+    assert acquire(rl, agent_limit=tpm(100), tokens=100)[0].allowed
+    d, _ = acquire(rl, agent_limit=tpm(100), tokens=100)
+    assert (d.allowed, d.never) == (False, False) and 1 <= d.retry_after <= 60
 
 
 def test_no_limits_always_allowed() -> None:
