@@ -491,6 +491,7 @@ class PolicyStage(_Stage):
         by = broker.granted(key)
         if by is not None:
             st.approved_by = by
+            st.standing_approval = True
             return
         timeout = float(d.approval_timeout)
         pending = broker.hold(st.identity.tenant, st.request_id, key, timeout)

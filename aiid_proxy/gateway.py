@@ -138,6 +138,7 @@ class FlowState:
     digest: bytes | None = None
     done: list[str] = field(default_factory=list)
     approved_by: str | None = None
+    standing_approval: bool = False  # approved by an earlier answer's --ttl, never held
     response_recorded: bool = False
     error_recorded: bool = False
     rate: RateDecision | None = None  # the allowing rate decision (x-ratelimit-* headers)
@@ -834,9 +835,19 @@ class Gateway:
             "provider": state.provider_name,
             "model": state.model,
             "rule": d.rule_id if d else None,
-            "reason": d.reason if d and d.effect != "allow" else None,
+            "reason": self._reason(state),
             "detail": detail,
         }
+
+    @staticmethod
+    def _reason(state: FlowState) -> str | None:
+        d = state.decision
+        if d is None or d.effect == "allow":
+            return None
+        if d.effect == "approve" and state.approved_by:
+            how = " (standing approval, not held)" if state.standing_approval else ""
+            return f"approved by {state.approved_by}{how}"
+        return d.reason
 
     def record_refusal(
         self, state: FlowState, refusal: RequestRefused

@@ -910,6 +910,17 @@ def test_approval_with_ttl_grants_later_identical_requests(
     again = make_flow(token, body=chat_body("o1-mini"))
     res2 = h.run(asyncio.wait_for(h.drive(again), 10))
     assert res2.sent is not None
+    # Each request record says how it was approved: the held one by alice's answer (with its
+    # approval record), the second by her standing approval, without a hold or a record.
+    first, second = (
+        [r for r in h.rows(request_id=rid_of(f)) if r["event"] != "response"]
+        for f in (res.flow, again)
+    )
+    assert [r["event"] for r in first] == ["approval", "request"]
+    assert first[1]["reason"] == "approved by alice"
+    assert [(r["event"], r["reason"]) for r in second] == [
+        ("request", "approved by alice (standing approval, not held)")
+    ]
 
 
 def test_approval_timeout_denies(
