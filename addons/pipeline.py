@@ -28,6 +28,7 @@ from aiid_proxy.bodies import DEFAULT_BODY_LIMIT, too_large
 from aiid_proxy.control import Answer, ApprovalBroker, ControlServer
 from aiid_proxy.errors import AiidError, AuditError, RequestRefused
 from aiid_proxy.gateway import (
+    RECORDED_BYTES,
     FlowState,
     Gateway,
     Target,
@@ -775,6 +776,7 @@ class ResponseFilter:
                 output_cap=st.output_cap,
                 request_id=st.request_id,
                 on_cut=lambda: close_upstream(flow),
+                keep=RECORDED_BYTES if self.rt.gw().records_prompts(st) else 0,
             )
             resp.stream = sf
             flow.metadata["aiid_stream"] = sf
@@ -793,10 +795,12 @@ class ResponseFilter:
         usage: Usage | None = None
         hits = 0
         extra: dict[str, Any] = {}
+        completion: bytes | None = None
         est_in = st.route.facts.estimated_input_tokens if st.route and st.route.facts else 0
         if isinstance(sf, StreamFilter):
             usage = sf.usage(est_in)
             hits = sf.scrubber.hits
+            completion = bytes(sf.kept)
             if sf.cut:
                 extra["cut"] = sf.cut
         else:
@@ -806,11 +810,12 @@ class ResponseFilter:
             hits = scrubber.hits
             if hits:
                 resp.content = clean
+            completion = clean
             if st.route is not None and st.route.provider is not None:
                 usage = parse_usage(st.route.provider, st.route.route, clean)
                 if usage is None and 200 <= resp.status_code < 300 and st.route.route:
                     usage = estimate_body_usage(clean, est_in)  # no usage reported: estimate
-        fut = gw.record_response(st, resp.status_code, usage, hits, extra)
+        fut = gw.record_response(st, resp.status_code, usage, hits, extra, completion)
         if fut is not None:
             # Not awaited: the contract makes the *request* record durable before anything
             # leaves; the response record commits after the response is released, without

@@ -80,6 +80,9 @@ DEFAULT_MAX_TOKENS_RESERVE = 4096
 """Output tokens reserved (per choice) for a generating request that sets no max_tokens; a
 stream under a token limit or budget is cut when it runs past its reservation."""
 PROVIDERS_FILE = "providers.yaml"
+RECORDED_BYTES = 65536
+"""Of a prompt (the request body) and a completion (the response body, scrubbed), what a
+record keeps when the tenant's policy sets ``audit: {record_prompts: true}``."""
 
 
 def new_request_id() -> str:
@@ -828,7 +831,7 @@ class Gateway:
         if with_prompt and state.identity is not None and state.route is not None:
             policy = self.policy_for(state.identity.tenant)
             if policy is not None and policy.record_prompts and state.route.body:
-                detail["prompt"] = state.route.body[:65536].decode("utf-8", "replace")
+                detail["prompt"] = state.route.body[:RECORDED_BYTES].decode("utf-8", "replace")
         return {
             "request_id": state.request_id,
             "agent": state.identity.agent if state.identity else None,
@@ -838,6 +841,13 @@ class Gateway:
             "reason": self._reason(state),
             "detail": detail,
         }
+
+    def records_prompts(self, state: FlowState) -> bool:
+        """The tenant's policy keeps prompts and completions (``audit.record_prompts``)."""
+        if state.identity is None:
+            return False
+        policy = self.policy_for(state.identity.tenant)
+        return policy is not None and policy.record_prompts
 
     @staticmethod
     def _reason(state: FlowState) -> str | None:
@@ -934,9 +944,11 @@ class Gateway:
         usage: Usage | None,
         scrubbed: int = 0,
         extra: Mapping[str, Any] | None = None,
+        completion: bytes | None = None,
     ) -> concurrent.futures.Future[AppendResult] | None:
         """Audit the response, settle the reservation and the budget hold with its usage.
-        ``extra`` goes into ``detail`` (``cut``, ``incomplete``)."""
+        ``extra`` goes into ``detail`` (``cut``, ``incomplete``); ``completion`` (the body the
+        agent got, scrubbed) only when the tenant's policy records prompts and completions."""
         if state.response_recorded or state.identity is None:
             return None
         state.response_recorded = True
@@ -954,6 +966,8 @@ class Gateway:
             detail["cost_usd"] = cost_usd
         if extra:
             detail.update(extra)
+        if completion and self.records_prompts(state):
+            detail["completion"] = completion[:RECORDED_BYTES].decode("utf-8", "replace")
         self.emit(
             "response",
             {

@@ -124,6 +124,7 @@ class StreamGuard:
         output_cap: int | None = None,
         request_id: str = "",
         on_cut: Callable[[], None] | None = None,
+        keep: int = 0,
     ) -> None:
         self.scrubber = scrubber
         self.tracker = tracker
@@ -136,6 +137,10 @@ class StreamGuard:
         self.released = 0
         """Bytes handed to the agent."""
         self.closed = False
+        self.keep = keep
+        self.kept = bytearray()
+        """The first ``keep`` bytes handed to the agent (scrubbed): the completion, for a
+        tenant whose policy records prompts and completions."""
 
     def __call__(self, chunk: bytes) -> bytes:
         if chunk:
@@ -146,8 +151,14 @@ class StreamGuard:
         out = bytearray()
         for event in self.splitter.feed(chunk):
             self._event(event, out)
-        self.released += len(out)
+        self._released(out)
         return bytes(out)
+
+    def _released(self, out: bytearray) -> None:
+        self.released += len(out)
+        room = self.keep - len(self.kept)
+        if room > 0 and out:
+            self.kept += out[:room]
 
     def close(self) -> bytes:
         """End of stream: the unfinished tail (if any) goes out like an event."""
@@ -162,7 +173,7 @@ class StreamGuard:
         if self.cut is None and not self._check(out):
             out += self.scrubber.feed(rest)
             out += self.scrubber.flush()
-        self.released += len(out)
+        self._released(out)
         return bytes(out)
 
     def _event(self, event: bytes, out: bytearray) -> None:

@@ -372,10 +372,15 @@ def test_no_secret_or_token_is_written_to_the_audit_log(
     assert '"hi"' not in dump  # record_prompts is off
 
 
-def test_prompts_are_recorded_only_when_the_tenant_asks(
+def test_prompts_and_completions_are_recorded_only_when_the_tenant_asks(
     make_harness: Callable[..., Harness], policies_dir: Path, issue: Callable[..., str]
 ) -> None:
     policy = policies_dir / "acme.yaml"
+    plain = make_harness(policies_dir)  # the policy as it was: nothing kept
+    flow = make_flow(issue())
+    plain.send(flow)
+    for r in plain.rows(request_id=rid_of(flow)):
+        assert {"prompt", "completion"}.isdisjoint(json.loads(str(r["detail"])))
     policy.write_text(
         policy.read_text().replace(
             "default: deny\n", "default: deny\naudit: {record_prompts: true}\n"
@@ -384,8 +389,22 @@ def test_prompts_are_recorded_only_when_the_tenant_asks(
     h = make_harness(policies_dir)
     flow = make_flow(issue())
     h.send(flow)
-    req = next(r for r in h.rows(request_id=rid_of(flow)) if r["event"] == "request")
-    assert '"hi"' in json.loads(str(req["detail"]))["prompt"]
+    rows = {r["event"]: json.loads(str(r["detail"])) for r in h.rows(request_id=rid_of(flow))}
+    assert '"hi"' in rows["request"]["prompt"]
+    # and the completion, as the agent got it (the key the provider echoed is scrubbed)
+    assert json.loads(rows["response"]["completion"])["choices"][0]["message"]["content"]
+    echo = make_flow(issue())
+    h.send(echo, upstream=http.Response.make(200, b'{"echo": "' + CANARY_OPENAI.encode() + b'"}'))
+    done = next(r for r in h.rows(request_id=rid_of(echo)) if r["event"] == "response")
+    assert json.loads(json.loads(str(done["detail"]))["completion"]) == {"echo": "[REDACTED]"}
+    # a streamed completion is kept as the events the agent got
+    sflow = make_flow(issue(), body=chat_body(stream=True))
+    stream = _sse({"choices": [{"delta": {"content": "streamed " + CANARY_OPENAI}}]})
+    h.send(sflow, upstream=http.Response.make(200, b"", {"content-type": "text/event-stream"}),
+           chunks=[stream[:20], stream[20:]])  # fmt: skip
+    done = next(r for r in h.rows(request_id=rid_of(sflow)) if r["event"] == "response")
+    kept = json.loads(str(done["detail"]))["completion"]
+    assert "streamed [REDACTED]" in kept and kept.startswith("data: ")
     assert CANARY_OPENAI not in json.dumps(h.rows(), default=str)
 
 
