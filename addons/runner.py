@@ -106,6 +106,15 @@ def listen_problem(host: str, port: int) -> str | None:
     return None
 
 
+def _quiet_cancellations(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """asyncio's handler, minus CancelledError: at shutdown mitmproxy cancels the task of each
+    open connection, and asyncio's stream callback (Python 3.12) then reports the
+    cancellation as an error with a traceback. A cancellation is not one."""
+    if isinstance(context.get("exception"), asyncio.CancelledError):
+        return
+    loop.default_exception_handler(context)
+
+
 def run_gateway(
     *, home: Home, policies: Path, host: str, port: int, sets: list[str], console: bool
 ) -> int:
@@ -125,6 +134,7 @@ def run_gateway(
             return 1
         tune_gc()
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_quiet_cancellations)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, master.shutdown)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)

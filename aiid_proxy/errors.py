@@ -60,7 +60,15 @@ class SecretNotFound(AiidError):
 
 
 class TokenError(AiidError):
-    """An agent token was missing, malformed, expired, revoked or otherwise refused."""
+    """An agent token was missing, malformed, expired, revoked or otherwise refused.
+
+    ``identity``: for a token whose signature verified but that is no longer valid (expired,
+    revoked), who it names (an ``identity.AgentIdentity``): the refusal can be audited in that
+    tenant's log. None for anything not signed by the admin key."""
+
+    def __init__(self, message: str, identity: object | None = None) -> None:
+        super().__init__(message)
+        self.identity = identity
 
 
 class AuditError(AiidError):

@@ -21,6 +21,7 @@ import os
 import re
 import secrets
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -375,6 +376,8 @@ class Gateway:
         self.listeners: list[Callable[[str, Mapping[str, Any]], None]] = []
         self._tenants: dict[str, TenantRuntime] = {}
         self._tenant_lock = threading.Lock()
+        self._live: weakref.WeakSet[FlowState] = weakref.WeakSet()  # flows not yet done
+        self._closing = False
         self.policies = PolicyStore(policies_dir, clock=clock, on_event=self._policy_event)
         self._audit_writers = writer_factory(audit_writer)
         try:
@@ -473,7 +476,22 @@ class Gateway:
             log.exception("could not audit policy event")
 
     def close(self) -> None:
+        """Stop: every request still in flight gets its ``error`` record first (a stream cut
+        by the shutdown, a request held for approval), then the audit logs commit and close."""
+        self._closing = True
         self.policies.stop()
+        for state in list(self._live):
+            if (
+                state.identity is not None
+                and state.refusal is None
+                and not state.response_recorded
+                and not state.error_recorded
+            ):
+                self.record_error(
+                    state,
+                    "gateway shut down before the request completed",
+                    sent=state.digest is not None,
+                )
         for rt in self._tenants.values():
             rt.audit.close()
         self._audit_writers.close()
@@ -483,12 +501,14 @@ class Gateway:
         self._audit_writers.attach(loop)
 
     def new_flow(self, target: Target, connection_token: str | None = None) -> FlowState:
-        return FlowState(
+        state = FlowState(
             request_id=new_request_id(),
             target=target,
             started=self.clock.monotonic(),
             connection_token=connection_token,
         )
+        self._live.add(state)  # weakly: a finished flow's state goes with its flow
+        return state
 
     # -- stages -------------------------------------------------------------
     def identify(self, state: FlowState, headers: Iterable[tuple[str, str]]) -> AgentIdentity:
@@ -497,6 +517,12 @@ class Gateway:
         try:
             ident = self.verifier.verify(token)
         except TokenError as e:
+            # Signed by the admin key but expired or revoked: the refusal is audited in the
+            # tenant it names (a revoked token still in use is that tenant's business). The
+            # flow is refused all the same: "identity" is never marked.
+            who = e.identity
+            if isinstance(who, AgentIdentity) and who.tenant in self.home.tenants():
+                state.identity = who
             raise unauthenticated(str(e)) from None
         state.identity = ident
         state.mark("identity")
@@ -933,8 +959,11 @@ class Gateway:
             fields["detail"]["cost_usd"] = pico_to_usd(cost)
         try:
             return self.tenant(state.identity.tenant).audit.append("error", **fields)
-        except AiidError:
-            log.exception("could not audit error")
+        except AiidError as e:
+            if self._closing:  # closed already: this flow's error record was written then
+                log.info("flow %s ended after shutdown: %s", state.request_id, e.one_line())
+            else:
+                log.exception("could not audit error")
             return None
 
     def record_response(
@@ -951,6 +980,8 @@ class Gateway:
         agent got, scrubbed) only when the tenant's policy records prompts and completions."""
         if state.response_recorded or state.identity is None:
             return None
+        if self._closing and state.error_recorded:
+            return None  # the shutdown recorded how this flow ended; the log is closed
         state.response_recorded = True
         latency_ms = (self.clock.monotonic() - state.started) * 1000.0
         cost = self._settle(state, usage)

@@ -240,12 +240,12 @@ class TokenVerifier:
     def _check_live(self, ident: AgentIdentity) -> None:
         """The checks that can change after a token was first accepted."""
         if ident.expires_at <= self._clock.now():
-            raise TokenError("token expired")
+            raise TokenError("token expired", ident)
         if not self._tenant_known(ident.tenant):
             raise TokenError("unknown tenant")
         self._revocations.refresh_if_stale(ident.tenant)
         if self._revocations.is_revoked(ident.tenant, ident.jti):
-            raise TokenError("token revoked")
+            raise TokenError("token revoked", ident)
 
     def _decode(self, token: str) -> tuple[dict[str, Any], dict[str, Any]]:
         try:
@@ -312,8 +312,6 @@ class TokenVerifier:
                 raise TokenError("malformed token")
             if nbf > now + LEEWAY:
                 raise TokenError("token not yet valid")
-        if exp <= now:
-            raise TokenError("token expired")
 
         # Names and id.
         sub, tid, jti = claims["sub"], claims["tid"], claims["jti"]

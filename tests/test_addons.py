@@ -523,8 +523,9 @@ REFUSALS = [
         **ANON,
         id="bad-signature",
     ),
-    ref(_expired, 401, "unauthenticated", **ANON, id="expired-token"),
-    ref(_revoked, 401, "unauthenticated", **ANON, id="revoked-token"),
+    # signed by the admin key but no longer valid: refused, and audited in its tenant
+    ref(_expired, 401, "unauthenticated", id="expired-token"),
+    ref(_revoked, 401, "unauthenticated", id="revoked-token"),
     ref(
         lambda h, i: make_flow("sk-proj-abcdefghijklmnopqrstuvwxyz012345"),
         401,

@@ -717,3 +717,53 @@ def test_a_running_gateway_survives_its_writer_being_killed(tmp_path: Path) -> N
     assert all(r.header("x-aiid-request-id") in ids for r in si.requests)
     key = Home.resolve(home).audit_key({})
     assert verify_db(home / "tenants" / "acme" / "audit.db", tenant_key(key, "acme")).ok
+
+
+# -- the whole product: SIGTERM while a stream is in flight ---------------------------------------
+@pytest.mark.e2e
+def test_a_stream_cut_by_shutdown_gets_its_error_record(tmp_path: Path) -> None:
+    import openai
+    from e2e import OPENAI_CANARY, make_home, start_gateway
+    from standin import StandIn
+
+    si = StandIn(tmp_path)
+    si.start()
+    home = make_home(tmp_path, {"acme": {"openai": OPENAI_CANARY}})
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "acme.yaml").write_text(
+        "version: 1\ntenant: acme\ndefault: deny\nrules:\n"
+        "  - id: small\n    providers: [openai]\n    models: ['gpt-4o-mini']\n    effect: allow\n"
+    )
+    gw = start_gateway(home, policies, si.port, si.ca_path)
+    got: list[str] = []
+    try:
+        client = openai.OpenAI(
+            api_key=gw.token("acme", "bot"),
+            max_retries=0,
+            http_client=openai.DefaultHttpxClient(proxy=gw.proxy, verify=str(gw.ca)),
+        )
+        stream = client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            extra_headers={"x-standin-events": "100", "x-standin-delay-ms": "100"},
+        )
+        with pytest.raises(openai.APIConnectionError):  # ~10 s of stream: cut by the stop
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    got.append(chunk.choices[0].delta.content)
+                    if len(got) == 2:
+                        gw.proc.send_signal(signal.SIGTERM)
+        assert gw.proc.wait(30) == 0
+    finally:
+        gw.stop()
+        si.stop()
+    assert 2 <= len(got) < 100
+    rows = [r for r in read_rows(home / "tenants" / "acme" / "audit.db") if r["request_id"]]
+    assert [r["event"] for r in rows] == ["request", "error"], rows
+    assert rows[1]["reason"] == "gateway shut down before the request completed"
+    assert rows[0]["request_id"] == rows[1]["request_id"]
+    assert "Traceback" not in gw.log() and "audit log is closed" not in gw.log(), gw.log()
+    key = Home.resolve(home).audit_key({})
+    assert verify_db(home / "tenants" / "acme" / "audit.db", tenant_key(key, "acme")).ok

@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable
 
 import pytest
-from conftest import CANARY_OPENAI
+from conftest import CANARY_OPENAI, audit_rows
 
 from aiid_proxy.errors import IncompleteVerdict, RequestRefused
 from aiid_proxy.gateway import (
@@ -19,6 +19,7 @@ from aiid_proxy.gateway import (
     is_ip_literal,
     refusal_body,
 )
+from aiid_proxy.home import Home
 
 URL = "https://api.openai.com/v1/chat/completions"
 BODY = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
@@ -414,3 +415,27 @@ def test_refusal_body_shape(refusal: RequestRefused, rule: str | None) -> None:
             "request_id": "req_abc",
         },
     }
+
+
+def test_close_records_how_each_request_in_flight_ended(
+    gateway: Gateway, gateway_home: Home, issue: Callable[..., str]
+) -> None:
+    sent = run_pipeline(gateway, issue())
+    gateway.seal(sent, "POST", URL, BODY)  # left for the provider; no response yet
+    done = run_pipeline(gateway, issue())
+    gateway.seal(done, "POST", URL, BODY)
+    assert gateway.record_response(done, 200, None) is not None
+    refused = gateway.new_flow(Target("https", "api.openai.com", 443, "POST", "/v1/x"))
+    with pytest.raises(RequestRefused):
+        gateway.identify(refused, [("authorization", "Bearer nope")])
+    gateway.close()
+    rows = audit_rows(gateway_home)
+    by_request = {r["request_id"]: [x["event"] for x in rows if x["request_id"] == r["request_id"]]
+                  for r in rows}  # fmt: skip
+    assert by_request[sent.request_id] == ["request", "error"]
+    assert by_request[done.request_id] == ["request", "response"]  # nothing added
+    err = next(r for r in rows if r["request_id"] == sent.request_id and r["event"] == "error")
+    assert err["reason"] == "gateway shut down before the request completed"
+    # Hooks that run after the shutdown find the log closed: no error, no second record.
+    assert gateway.record_response(sent, 200, None) is None
+    assert gateway.record_error(sent, "connection closed") is None

@@ -524,7 +524,7 @@ def test_shipped_policies_load() -> None:
     assert errors == []
     assert "demo" in policies
     acme = load_policy_file(ROOT / "policies" / "examples" / "acme.yaml")
-    assert acme.region == "eu" and acme.overrides and acme.agent_limits and acme.agent_budgets
+    assert acme.region == "us" and acme.overrides and acme.agent_limits and acme.agent_budgets
     kinds = {r.effect for r in acme.rules} | {"host" for r in acme.rules if r.hosts}
     assert kinds == {"allow", "deny", "approve", "host"}
 
