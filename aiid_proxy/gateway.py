@@ -643,6 +643,17 @@ class Gateway:
             )
         tenant_limit = policy.tenant_limit if policy else None
         agent_limit = policy.agent_limit(ident.agent) if policy else None
+        if f is not None and f.max_tokens is None and out_cap:
+            # No max_tokens: the default reservation is only a guess; under a token limit it
+            # is no more than what the limit leaves after the input, so the request can pass
+            # (the stream is cut there, as for a max_tokens that size).
+            per_minute = [
+                lim.tokens_per_minute
+                for lim in (tenant_limit, agent_limit)
+                if lim is not None and lim.tokens_per_minute is not None
+            ]
+            if per_minute and min(per_minute) - est_in > 0:
+                out_cap = min(out_cap, min(per_minute) - est_in)
         hold = self._hold_budget(state, policy, est_in, out_cap)  # may refuse; holds nothing then
         decision, reservation = self.ratelimiter.acquire(
             ident.tenant, ident.agent, tenant_limit, agent_limit, est_in + out_cap

@@ -841,6 +841,34 @@ def test_a_request_larger_than_the_token_limit_is_told_it_can_never_pass(
     assert "lower max_tokens" in err["message"]
 
 
+def test_without_max_tokens_a_small_token_limit_reserves_what_it_leaves(
+    make_harness: Callable[..., Harness], policies_dir: Path, issue: Callable[..., str]
+) -> None:
+    # The default reservation (4096 output tokens) over a 300/minute limit refused every
+    # request that set no max_tokens, for ever.
+    acme = policies_dir / f"{TENANT}.yaml"
+    acme.write_text(
+        acme.read_text().replace(
+            '"limited-*": {requests_per_minute: 2}',
+            '"limited-*": {requests_per_minute: 2, tokens_per_minute: 300}',
+        )
+    )
+    h = make_harness()
+    body = json.dumps(
+        {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    ).encode()
+    flow = make_flow(issue("limited-1"), body=body)
+    assert h.send(flow).sent is not None
+    st = pipeline.state_of(flow)
+    assert st is not None and st.route is not None and st.route.facts is not None
+    est_in = st.route.facts.estimated_input_tokens
+    assert st.output_cap == 300 - est_in  # the stream is cut there
+    # A request that asks for more than the limit by max_tokens is still refused as such.
+    big = make_flow(issue("limited-1"), body=chat_body(max_tokens=301))
+    assert h.send(big).sent is None and big.response is not None
+    assert big.response.status_code == 429
+
+
 def test_a_refusal_after_the_rate_limit_stage_gives_the_reservation_back(
     h: Harness, issue: Callable[..., str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
