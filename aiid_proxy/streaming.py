@@ -34,17 +34,25 @@ _EOL = re.compile(rb"\r\n|\r|\n")
 CUT_REASON = "reservation exceeded"
 
 
-def cut_event(wire_format: str, message: str) -> bytes:
-    """One SSE event that the provider's SDKs surface as an error, in ``wire_format``."""
+def cut_event(wire_format: str, message: str, request_id: str = "") -> bytes:
+    """One SSE event that the provider's SDKs surface as an error, in ``wire_format``; it
+    carries the request id (as the gateway's refusals do) when there is one."""
+    ours: dict[str, object] = {"rule": None, "request_id": request_id} if request_id else {}
+    body: dict[str, object]
     if wire_format == "anthropic":
-        body = {"type": "error", "error": {"type": "aiid_stream_cut", "message": message}}
+        body = {"type": "error", "error": {"type": "aiid_stream_cut", "message": message, **ours}}
         return b"event: error\ndata: " + json.dumps(body).encode() + b"\n\n"
     if wire_format == "gemini":
-        body = {"error": {"code": 429, "message": message, "status": "RESOURCE_EXHAUSTED"}}
+        body = {"error": {"code": 429, "message": message, "status": "RESOURCE_EXHAUSTED", **ours}}
         return b"data: " + json.dumps(body).encode() + b"\n\n"
     body = {
         "type": "error",
-        "error": {"message": message, "type": "aiid_stream_cut", "code": "reservation_exceeded"},
+        "error": {
+            "message": message,
+            "type": "aiid_stream_cut",
+            "code": "reservation_exceeded",
+            **ours,
+        },
     }
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
@@ -195,7 +203,7 @@ class StreamGuard:
             f"tokens (max_tokens, or the gateway's default when it is absent)"
             + (f"; request {self.request_id}" if self.request_id else "")
         )
-        out += cut_event(self.tracker.wire_format, message)
+        out += cut_event(self.tracker.wire_format, message, self.request_id)
         if self.on_cut is not None:
             try:
                 self.on_cut()

@@ -332,6 +332,9 @@ def test_cut_event_shapes(fmt: str, marker: bytes) -> None:
     assert marker in e and e.endswith(b"\n\n")
     data = json.loads(e.split(b"data: ", 1)[1])
     assert data["error"]["message"] == "stop"
+    assert "request_id" not in data["error"]
+    with_id = json.loads(cut_event(fmt, "stop", "req_1").split(b"data: ", 1)[1])
+    assert with_id["error"]["request_id"] == "req_1" and with_id["error"]["rule"] is None
 
 
 # -- the mitmproxy adapter -----------------------------------------------------------------------
