@@ -358,6 +358,30 @@ def revoke_token(home: Home, tenant: str, jti: str, expires_at: int | None = Non
     append_durable(path, f"{jti} {expires_at or 0}\n", 0o644)
 
 
+def revocation_target(home: Home, tenant: str, value: str) -> tuple[str, int | None]:
+    """(jti, exp) to revoke, from a token id, or from a whole token (``aiid token revoke`` takes
+    either): a token must carry the admin key's signature (expired or not) and name ``tenant``."""
+    if value.count(".") != 2:
+        return value, None
+    try:
+        claims = jwt.decode(
+            value,
+            home.verify_key_pem(),
+            algorithms=[ALGORITHM],
+            audience=AUDIENCE,
+            issuer=ISSUER,
+            options={"verify_exp": False, "verify_iat": False, "verify_nbf": False},
+        )
+    except jwt.PyJWTError:
+        raise UsageError("not a token of this home (bad signature or claims)") from None
+    if claims.get("tid") != tenant:
+        raise UsageError(f"that token belongs to tenant {claims.get('tid')!r}, not {tenant!r}")
+    jti, exp = claims.get("jti"), claims.get("exp")
+    if not isinstance(jti, str):
+        raise UsageError("that token carries no token id")
+    return jti, exp if isinstance(exp, int) and not isinstance(exp, bool) else None
+
+
 # -- audit checkpoints ------------------------------------------------------------------
 def checkpoint_key_paths(home: Home) -> tuple[Path, Path]:
     """The audit checkpoint signing key and its public half. In ``admin/``: a gateway (or a

@@ -223,13 +223,15 @@ def token_issue(ctx: click.Context, tenant_name: str, agent: str, ttl: str) -> N
 @click.argument("jti")
 @click.pass_context
 def token_revoke(ctx: click.Context, tenant_name: str, jti: str) -> None:
-    """Refuse token JTI from now on (a running gateway too, within 2 s)."""
-    from aiid_proxy.admin import revoke_token
+    """Refuse token JTI from now on (a running gateway too, within 2 s). JTI may also be the
+    token itself: it must then be one of this home's tokens for TENANT."""
+    from aiid_proxy.admin import revocation_target, revoke_token
 
     home = _home(ctx)
     home.require()
     home.require_tenant(tenant_name)
-    revoke_token(home, tenant_name, jti)
+    jti, expires_at = revocation_target(home, tenant_name, jti)
+    revoke_token(home, tenant_name, jti, expires_at)
     click.echo(f"revoked {jti}")
 
 

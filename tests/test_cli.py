@@ -207,6 +207,22 @@ def test_token_issue_prints_only_the_token_and_revoke_refuses_it(aiid: Run, home
     assert RevocationList(home).is_revoked(TENANT, claims["jti"])
 
 
+def test_token_revoke_takes_the_token_itself(aiid: Run, home: Home) -> None:
+    token = aiid("--home", home.root, "token", "issue", TENANT, "bot").out.strip()
+    jti = jwt.decode(token, options={"verify_signature": False})["jti"]
+    one_line_error(
+        aiid("--home", home.root, "token", "revoke", NOKEY_TENANT, token),
+        2,
+        f"that token belongs to tenant {TENANT!r}, not {NOKEY_TENANT!r}",
+    )
+    forged = token[: token.rindex(".") + 1] + "A" * 86
+    one_line_error(aiid("--home", home.root, "token", "revoke", TENANT, forged), 2, "not a token")
+    assert not RevocationList(home).is_revoked(TENANT, jti)
+    r = aiid("--home", home.root, "token", "revoke", TENANT, token)
+    assert (r.code, r.out.strip()) == (0, f"revoked {jti}")
+    assert RevocationList(home).is_revoked(TENANT, jti)
+
+
 # -- errors ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("args", "code", "needles"),
