@@ -252,6 +252,14 @@ def main() -> int:
     ap.add_argument("--skip-direct", action="store_true", help="no direct baseline run")
     ap.add_argument("--json", action="store_true", help="print the results as JSON too")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, audit)")
+    ap.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="OPTION=VALUE",
+        help="passed to `aiid run` (e.g. aiid_audit_writer=thread)",
+    )
     args = ap.parse_args()
     events = max(1, round(args.seconds * 1000 / args.interval_ms))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -275,7 +283,8 @@ def main() -> int:
         policies = work / "policies"
         policies.mkdir()
         (policies / "bench.yaml").write_text(POLICY)
-        gw = start_gateway(home, policies, si_port, Path(ca))
+        extra = [arg for kv in args.sets for arg in ("--set", kv)]
+        gw = start_gateway(home, policies, si_port, Path(ca), extra)
         token = gw.token("bench", "bench-agent", "1h")
         print(
             f"{args.streams} streams x {events} events every {args.interval_ms} ms "
