@@ -496,6 +496,9 @@ class PolicyStage(_Stage):
             return
         timeout = float(d.approval_timeout)
         pending = broker.hold(st.identity.tenant, st.request_id, key, timeout)
+        held = gw.record_hold(st, timeout)  # not awaited: the hold itself needs no fsync
+        if held is not None:
+            held.add_done_callback(_log_unwritten)
         gw.emit("pending", {"state": st, "deadline": time.time() + timeout})
         log.info(
             "request %s held for approval (rule %s, %ss): aiid approve %s %s",

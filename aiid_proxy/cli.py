@@ -641,6 +641,7 @@ def audit_tail(
                         "error": "magenta",
                         "response": "green",
                         "approval": "yellow",
+                        "held": "yellow",
                         "policy": "cyan",
                     }.get(str(r.get("event")))
                     line = click.style(line, fg=fg)

@@ -924,6 +924,20 @@ class Gateway:
             log.exception("could not audit refusal")
             return None
 
+    def record_hold(
+        self, state: FlowState, timeout: float
+    ) -> concurrent.futures.Future[AppendResult] | None:
+        """Audit that a request is held for a human's answer (``held``), when the hold starts:
+        a request waiting for approval is on record even if the answer never comes."""
+        if state.identity is None or state.decision is None:
+            return None
+        fields = self._record_fields(state)
+        fields["reason"] = (
+            f"held for approval by rule {state.decision.rule_id}, {int(timeout)} s to answer: "
+            f"aiid approve {state.identity.tenant} {state.request_id}"
+        )
+        return self.tenant(state.identity.tenant).audit.append("held", **fields)
+
     def record_approval(
         self, state: FlowState, approved: bool, by: str, reason: str
     ) -> concurrent.futures.Future[AppendResult] | None:

@@ -907,7 +907,8 @@ async def _held(h: Harness, flow: http.HTTPFlow, answer: Answer | None) -> tuple
     st = pipeline.state_of(flow)
     assert st is not None and st.request_id in h.rt.broker.pending
     assert not task.done()  # nothing left while held
-    assert not any(r["request_id"] == st.request_id for r in audit_rows(h.home))
+    # nothing but the hold itself is on record while it waits (that record is not awaited)
+    assert {r["event"] for r in audit_rows(h.home) if r["request_id"] == st.request_id} <= {"held"}
     if answer is not None:
         h.rt.broker.answer(TENANT, st.request_id, answer)
     res = await asyncio.wait_for(task, 10)
@@ -929,6 +930,10 @@ def test_approve_rule_holds_until_a_human_answers(
     res, rid = h.run(_held(h, flow, answer))
     h.settle()
     rows = h.rows(request_id=rid)
+    held = rows[0]  # on record from the start of the hold, before anyone answers
+    assert (held["event"], held["rule"], held["status"]) == ("held", "big-needs-human", None)
+    assert held["reason"].startswith("held for approval by rule big-needs-human, ")
+    assert held["reason"].endswith(f"aiid approve {TENANT} {rid}")
     approval = next(r for r in rows if r["event"] == "approval")
     assert json.loads(approval["detail"])["decided_by"] == decided_by
     assert decided_by in approval["reason"]
@@ -936,14 +941,14 @@ def test_approve_rule_holds_until_a_human_answers(
     if passes:
         assert res.sent is not None
         assert res.sent.headers["authorization"] == f"Bearer {CANARY_OPENAI}"
-        assert [r["event"] for r in rows] == ["approval", "request", "response"]
-        assert json.loads(rows[1]["detail"])["approved_by"] == "alice"
+        assert [r["event"] for r in rows] == ["held", "approval", "request", "response"]
+        assert json.loads(rows[2]["detail"])["approved_by"] == "alice"
     else:
         assert res.sent is None
         assert flow.response is not None and flow.response.status_code == 403
         err = refusal(flow)
         assert err["rule"] == "big-needs-human" and "bob" in err["message"]
-        assert [r["event"] for r in rows] == ["approval", "deny"]
+        assert [r["event"] for r in rows] == ["held", "approval", "deny"]
 
 
 def test_approval_with_ttl_grants_later_identical_requests(
@@ -964,8 +969,8 @@ def test_approval_with_ttl_grants_later_identical_requests(
         [r for r in h.rows(request_id=rid_of(f)) if r["event"] != "response"]
         for f in (res.flow, again)
     )
-    assert [r["event"] for r in first] == ["approval", "request"]
-    assert first[1]["reason"] == "approved by alice"
+    assert [r["event"] for r in first] == ["held", "approval", "request"]
+    assert first[2]["reason"] == "approved by alice"
     assert [(r["event"], r["reason"]) for r in second] == [
         ("request", "approved by alice (standing approval, not held)")
     ]
@@ -980,7 +985,7 @@ def test_approval_timeout_denies(
     assert res.sent is None
     assert flow.response is not None and flow.response.status_code == 403
     assert "timeout" in refusal(flow)["message"]
-    assert [r["event"] for r in h.rows(request_id=rid)] == ["approval", "deny"]
+    assert [r["event"] for r in h.rows(request_id=rid)] == ["held", "approval", "deny"]
 
 
 # --------------------------------------------------------------------------------------------

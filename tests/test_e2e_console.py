@@ -179,12 +179,13 @@ def test_allowed_denied_approved_and_timed_out(
     assert any("support-1" in f and "deny" in f and "no-gpt-4o" in f for f in flows), screen
     assert "gpt-4o is not allowed here" in screen  # the denial's reason
     # audited, with who decided
-    approval = audit(gw, "acme", rid)[0]
+    held, approval = audit(gw, "acme", rid)[:2]
+    assert held["event"] == "held"
     assert approval["event"] == "approval" and approval["status"] == 200
     assert json.loads(approval["detail"])["decided_by"] == "alice"
     quick = audit(gw, "quick", results[3][1])
-    assert [r["event"] for r in quick] == ["approval", "deny"]
-    assert json.loads(quick[0]["detail"])["decided_by"] == "timeout"
+    assert [r["event"] for r in quick] == ["held", "approval", "deny"]
+    assert json.loads(quick[1]["detail"])["decided_by"] == "timeout"
 
 
 def test_approval_for_a_ttl_lets_the_next_request_through_without_asking(
@@ -225,8 +226,8 @@ def test_console_keys_answer_the_pending_request(
     rid = wait_pending(gw, f"acme/{agent}")
     gw.send_keys(*keys)
     assert fut.result(timeout=60) == (status, rid)
-    approval = audit(gw, "acme", rid)[0]
-    assert approval["event"] == "approval"
+    held, approval = audit(gw, "acme", rid)[:2]
+    assert (held["event"], approval["event"]) == ("held", "approval")
     assert json.loads(approval["detail"])["decided_by"].endswith("(console)")
     assert verdict in approval["reason"]
 
