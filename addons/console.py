@@ -163,6 +163,9 @@ class ConsoleAddon:
                 text = text.replace(f"{gw.policies.directory}{os.sep}", "")
             s.add_policy_event(ev.at, ev.ok, text)
             return
+        if kind == "audit":  # a tenant's audit chain failed its check at start
+            s.add_event(now, "refused", str(data.get("text", "")))
+            return
         st = data.get("state")
         if not isinstance(st, FlowState):
             return

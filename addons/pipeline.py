@@ -125,6 +125,7 @@ class Runtime:
         self.on_gateway: list[Callable[[Gateway], None]] = []
         self._key: tuple[str, str, int, str] | None = None
         self._failed: tuple[tuple[str, str, int, str], str] | None = None  # key, error
+        self._checked = False  # the audit chains were verified at start
         self.broker = ApprovalBroker()
         self.control: ControlServer | None = None
 
@@ -132,6 +133,9 @@ class Runtime:
         if self.gateway is None:
             return
         self.gateway.attach(asyncio.get_running_loop())
+        if self._key is not None and not self._checked:  # built here: `aiid run`, not a test
+            self._checked = True
+            self.gateway.check_chains()
         if self.control is not None:
             return
         self.control = ControlServer(self.gateway.home, self._answer)

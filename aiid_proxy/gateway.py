@@ -392,6 +392,42 @@ class Gateway:
             self.policies.start()
 
     # -- plumbing -----------------------------------------------------------
+    def check_chains(self) -> threading.Thread:
+        """Verify every tenant's whole audit chain in the background, each in a child process
+        (``audit.startcheck``): a log altered while the gateway was down is named at once, in
+        the log (critical) and as an ``audit`` event (the console), not at the next
+        ``aiid audit verify``. Opening a log checks only its head."""
+        t = threading.Thread(target=self._check_chains, name="aiid-chain-check", daemon=True)
+        t.start()
+        return t
+
+    def _check_chains(self) -> None:
+        from aiid_proxy.audit.chain import tenant_key
+        from aiid_proxy.audit.startcheck import check_chain
+
+        for tenant in self.home.tenants():
+            path = self.home.audit_path(tenant)
+            if self._closing:
+                return
+            if not path.is_file():
+                continue
+            key = tenant_key(self._audit_root, tenant)
+            r = check_chain(path, key, self.home.checkpoint_path(tenant))
+            if r.get("ok") is True:
+                log.info("audit log of tenant %s verified: %s records", tenant, r.get("count"))
+                continue
+            text = (
+                f"audit log of tenant {tenant} does not verify: {r.get('reason')} "
+                f"(aiid audit verify {tenant})"
+                if r.get("ok") is False
+                else f"audit log of tenant {tenant} not checked: {r.get('reason')}"
+            )
+            if r.get("ok") is False:
+                log.critical("%s", text)
+            else:
+                log.warning("%s", text)
+            self.emit("audit", {"tenant": tenant, "text": text})
+
     def emit(self, kind: str, data: Mapping[str, Any]) -> None:
         for fn in list(self.listeners):
             try:

@@ -351,6 +351,15 @@ def fed(gateway: Gateway, issue: Callable[..., str]) -> Iterator[Fed]:
     yield Fed(gateway, issue, Console(file=io.StringIO(), width=100, height=30))
 
 
+def test_a_chain_that_fails_its_check_at_start_is_shown(fed: Fed) -> None:
+    text = (
+        "audit log of tenant acme does not verify: mac mismatch at seq 2 (aiid audit verify acme)"
+    )
+    fed.gw.emit("audit", {"tenant": "acme", "text": text})
+    assert [(e.kind, e.text) for e in fed.addon.state.events] == [("refused", text)]
+    assert any("does not verify" in line for line in screen(fed.addon.state, 140, 30))
+
+
 def test_events_from_the_gateway_fill_flows_counters_and_denials(fed: Fed) -> None:
     fed.request("support-1", "gpt-4o-mini")
     denied = fed.request("support-1", "gpt-4o")

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
+import sqlite3
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import CANARY_OPENAI, audit_rows
+from conftest import CANARY_OPENAI, TENANT, audit_rows
 
 from aiid_proxy.errors import IncompleteVerdict, RequestRefused
 from aiid_proxy.gateway import (
@@ -439,3 +442,28 @@ def test_close_records_how_each_request_in_flight_ended(
     # Hooks that run after the shutdown find the log closed: no error, no second record.
     assert gateway.record_response(sent, 200, None) is None
     assert gateway.record_error(sent, "connection closed") is None
+
+
+def test_the_whole_chain_of_each_tenant_is_checked_at_start(
+    make_gateway: Callable[..., Gateway],
+    policies_dir: Path,
+    gateway_home: Home,
+    issue: Callable[..., str],
+) -> None:
+    first = make_gateway(policies_dir)
+    for _ in range(3):
+        run_pipeline(first, issue())
+    first.close()
+    # altered while no gateway ran: opening the log checks only its head
+    conn = sqlite3.connect(gateway_home.audit_path(TENANT))
+    conn.execute("UPDATE audit SET model = 'x' WHERE seq = 2")
+    conn.commit()
+    conn.close()
+    gw = make_gateway(policies_dir)
+    seen: list[tuple[str, dict[str, Any]]] = []
+    gw.listeners.append(lambda kind, data: seen.append((kind, dict(data))))
+    gw.check_chains().join(120)
+    assert [(k, d["tenant"]) for k, d in seen] == [("audit", TENANT)]  # the other one is fine
+    text = seen[0][1]["text"]
+    assert text.startswith(f"audit log of tenant {TENANT} does not verify: ")
+    assert "seq 2" in text and text.endswith(f"(aiid audit verify {TENANT})")
