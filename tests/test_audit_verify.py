@@ -320,3 +320,33 @@ def test_the_key_reaches_a_worker_only_on_its_stdin(
         text = repr((args, env))
         assert canary not in text and KEY.hex() not in text and repr(KEY) not in text
         assert "AIID_AUDIT_KEY" not in env and "AIID_MASTER_KEY" not in env
+
+
+# -- the check `aiid run` makes at start (audit/startcheck.py) ----------------------------------
+def test_the_start_check_verifies_in_a_child_that_gets_the_key_on_stdin_only(
+    copy: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aiid_proxy.audit import startcheck
+
+    canary = "AIIDCANARY" + os.urandom(8).hex()
+    monkeypatch.setenv("AIID_AUDIT_KEY", canary)
+    seen: list[tuple[list[str], dict[str, str], str]] = []
+    real = subprocess.run
+
+    def spy(args: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+        seen.append((args, kw["env"], kw["input"]))
+        return real(args, **kw)
+
+    monkeypatch.setattr(startcheck.subprocess, "run", spy)
+    db, ckpt = copy
+    assert startcheck.check_chain(db, KEY, ckpt) == {
+        "ok": True, "count": N, "seq": None, "reason": f"OK {N} records"
+    }  # fmt: skip
+    _mutate(db, "update", 7)
+    bad = startcheck.check_chain(db, KEY, ckpt)
+    assert (bad["ok"], bad["seq"]) == (False, 7)
+    for args, env, stdin in seen:
+        assert KEY.hex() in stdin  # on stdin, and nowhere else
+        text = repr((args, env))
+        assert canary not in text and KEY.hex() not in text
+        assert "AIID_AUDIT_KEY" not in env
