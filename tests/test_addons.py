@@ -817,22 +817,23 @@ def test_rate_limit_refuses_the_extra_request_until_time_passes(
     assert h.send(make_flow(token)).sent is not None
 
 
-def test_a_request_larger_than_the_token_limit_is_told_it_can_never_pass(
-    make_harness: Callable[..., Harness], policies_dir: Path, issue: Callable[..., str]
-) -> None:
-    acme = policies_dir / f"{TENANT}.yaml"
+def _limited_tokens(make_harness: Callable[..., Harness], policies: Path, tpm: int) -> Harness:
+    """A harness whose limited-* agents also have ``tpm`` tokens a minute."""
+    acme = policies / f"{TENANT}.yaml"
     acme.write_text(
         acme.read_text().replace(
             '"limited-*": {requests_per_minute: 2}',
-            '"limited-*": {requests_per_minute: 2, tokens_per_minute: 1000}',
+            f'"limited-*": {{requests_per_minute: 2, tokens_per_minute: {tpm}}}',
         )
     )
-    h = make_harness()
-    body = json.dumps(
-        {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
-         "max_tokens": 5000}
-    ).encode()  # fmt: skip
-    flow = make_flow(issue("limited-1"), body=body)
+    return make_harness()
+
+
+def test_a_request_larger_than_the_token_limit_is_told_it_can_never_pass(
+    make_harness: Callable[..., Harness], policies_dir: Path, issue: Callable[..., str]
+) -> None:
+    h = _limited_tokens(make_harness, policies_dir, 1000)
+    flow = make_flow(issue("limited-1"), body=chat_body(max_tokens=5000))
     assert h.send(flow).sent is None
     assert flow.response is not None and flow.response.status_code == 429
     err = refusal(flow)
@@ -846,14 +847,7 @@ def test_without_max_tokens_a_small_token_limit_reserves_what_it_leaves(
 ) -> None:
     # The default reservation (4096 output tokens) over a 300/minute limit refused every
     # request that set no max_tokens, for ever.
-    acme = policies_dir / f"{TENANT}.yaml"
-    acme.write_text(
-        acme.read_text().replace(
-            '"limited-*": {requests_per_minute: 2}',
-            '"limited-*": {requests_per_minute: 2, tokens_per_minute: 300}',
-        )
-    )
-    h = make_harness()
+    h = _limited_tokens(make_harness, policies_dir, 300)
     body = json.dumps(
         {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
     ).encode()

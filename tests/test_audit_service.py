@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -336,6 +337,7 @@ def test_the_gateways_death_does_not_cut_a_batch_short(tmp_path: Path) -> None:
     code = f"""
 import os, sys
 from pathlib import Path
+from typing import Any
 from aiid_proxy.audit.service import AuditWriterProcess
 w = AuditWriterProcess()
 lg = w.open(Path({str(tmp_path / "a.db")!r}), "acme", bytes(range(32)))
@@ -653,8 +655,9 @@ def test_a_log_that_went_backwards_is_not_reopened(
 
 
 # -- the whole product: kill the writer of a running `aiid run` --------------------------------
-@pytest.mark.e2e
-def test_a_running_gateway_survives_its_writer_being_killed(tmp_path: Path) -> None:
+def _real_gateway(tmp_path: Path) -> tuple[Any, Any, Path, Any]:
+    """A stand-in, a home with acme's openai key, a real `aiid run`, and an openai client
+    pointed at it: (stand-in, gateway, home, client)."""
     import openai
     from e2e import OPENAI_CANARY, make_home, start_gateway
     from standin import StandIn
@@ -669,12 +672,20 @@ def test_a_running_gateway_survives_its_writer_being_killed(tmp_path: Path) -> N
         "  - id: small\n    providers: [openai]\n    models: ['gpt-4o-mini']\n    effect: allow\n"
     )
     gw = start_gateway(home, policies, si.port, si.ca_path)
+    client = openai.OpenAI(
+        api_key=gw.token("acme", "bot"),
+        max_retries=0,
+        http_client=openai.DefaultHttpxClient(proxy=gw.proxy, verify=str(gw.ca)),
+    )
+    return si, gw, home, client
+
+
+@pytest.mark.e2e
+def test_a_running_gateway_survives_its_writer_being_killed(tmp_path: Path) -> None:
+    import openai
+
+    si, gw, home, client = _real_gateway(tmp_path)
     try:
-        client = openai.OpenAI(
-            api_key=gw.token("acme", "bot"),
-            max_retries=0,
-            http_client=openai.DefaultHttpxClient(proxy=gw.proxy, verify=str(gw.ca)),
-        )
 
         def ask() -> int:
             try:
@@ -723,26 +734,10 @@ def test_a_running_gateway_survives_its_writer_being_killed(tmp_path: Path) -> N
 @pytest.mark.e2e
 def test_a_stream_cut_by_shutdown_gets_its_error_record(tmp_path: Path) -> None:
     import openai
-    from e2e import OPENAI_CANARY, make_home, start_gateway
-    from standin import StandIn
 
-    si = StandIn(tmp_path)
-    si.start()
-    home = make_home(tmp_path, {"acme": {"openai": OPENAI_CANARY}})
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "acme.yaml").write_text(
-        "version: 1\ntenant: acme\ndefault: deny\nrules:\n"
-        "  - id: small\n    providers: [openai]\n    models: ['gpt-4o-mini']\n    effect: allow\n"
-    )
-    gw = start_gateway(home, policies, si.port, si.ca_path)
+    si, gw, home, client = _real_gateway(tmp_path)
     got: list[str] = []
     try:
-        client = openai.OpenAI(
-            api_key=gw.token("acme", "bot"),
-            max_retries=0,
-            http_client=openai.DefaultHttpxClient(proxy=gw.proxy, verify=str(gw.ca)),
-        )
         stream = client.chat.completions.create(
             model="gpt-4o-mini",
             messages=[{"role": "user", "content": "hi"}],
