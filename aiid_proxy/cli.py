@@ -284,7 +284,7 @@ def policy_check(directory: str | None, policies: str | None) -> None:
 
     d = Path(directory).absolute() if directory else _policies_dir(policies)
     if not d.is_dir():
-        raise UsageError(f"policy directory {d} does not exist")
+        raise ConfigError(f"policy directory {d} does not exist")
     loaded, errors = load_policy_dir(d)
     extras = _check_data_files(d)
     if not any("providers.yaml" in line for line in extras):
@@ -410,7 +410,7 @@ def policy_explain(
     d = _policies_dir(policies)
     f = d / f"{tenant_name}.yaml"
     if not f.exists():
-        raise UsageError(f"no policy file {f}")
+        raise ConfigError(f"no policy file {f}")
     pol = load_policy_file(f)
     now = time.time()
     if at is not None:

@@ -236,7 +236,13 @@ def test_token_revoke_takes_the_token_itself(aiid: Run, home: Home) -> None:
         pytest.param(["token", "issue", TENANT, "bot", "--ttl", "25h"], 2, ["24h"], id="ttl-max"),
         pytest.param(["run", "--listen", "nope"], 2, ["HOST:PORT"], id="run-bad-listen"),
         pytest.param(["run", "--set", "novalue"], 2, ["OPTION=VALUE"], id="run-bad-set"),
-        pytest.param(["policy", "check", "/nonexistent/dir"], 2, ["does not exist"], id="no-dir"),
+        pytest.param(["policy", "check", "/nonexistent/dir"], 1, ["does not exist"], id="no-dir"),
+        pytest.param(
+            ["policy", "explain", "ghost", "--agent", "a", "--provider", "openai"],
+            1,
+            ["no policy file", "ghost.yaml"],
+            id="explain-no-policy",
+        ),
         pytest.param(
             ["policy", "explain", TENANT, "--agent", "a"], 2, ["--provider"], id="explain-what"
         ),
