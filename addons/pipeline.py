@@ -126,6 +126,8 @@ class Runtime:
         self._key: tuple[str, str, int, str] | None = None
         self._failed: tuple[tuple[str, str, int, str], str] | None = None  # key, error
         self._checked = False  # the audit chains were verified at start
+        self._rollback = False  # a build was just refused: its rollback builds nothing
+        self._skip: tuple[str, str, int, str] | None = None  # the options that rollback restored
         self.broker = ApprovalBroker()
         self.control: ControlServer | None = None
 
@@ -203,7 +205,8 @@ class Runtime:
             )
         if not all(str(m).startswith("regular") for m in (opts.mode or ["regular"])):
             raise exceptions.OptionsError("aiid-proxy runs in regular proxy mode only")
-        self._build(opts)
+        if not self._build(opts):
+            return  # a rollback of refused options: nothing of ours to apply either
         if pin:
             opts.update(**pin)
         if "aiid_body_limit" in updated or "body_size_limit" in updated:
@@ -214,10 +217,11 @@ class Runtime:
             if current is None or human.parse_size(current) != 2 * limit:
                 opts.update(body_size_limit=str(2 * limit))
 
-    def _build(self, opts: Any) -> None:
-        """(Re)build the Gateway when the options it is made from changed."""
+    def _build(self, opts: Any) -> bool:
+        """(Re)build the Gateway when the options it is made from changed; False for the
+        rollback of options just refused (nothing built, nothing to apply)."""
         if self.gateway is not None and self._key is None:
-            return  # injected (tests)
+            return True  # injected (tests)
         home = Home.resolve(opts.aiid_home or None)
         policies = Path(opts.aiid_policies or os.environ.get("AIID_POLICIES") or "policies")
         key = (
@@ -227,10 +231,18 @@ class Runtime:
             str(opts.aiid_audit_writer),
         )
         if key == self._key:
-            return
+            return True
+        if self._rollback or key == self._skip:
+            # mitmproxy's rollback of the options just refused re-enters configure with the
+            # options from before (once per nested rollback), at start the defaults: ./.aiid
+            # and ./policies, another home. Nothing is built from them: no policy record in
+            # another home's log, and the refusal the user sees stays about their own home.
+            self._rollback = False
+            self._skip = key
+            return False
         if self._failed is not None and self._failed[0] == key:
-            # mitmproxy's rollback asks again with the same options: same answer, not a
-            # second gateway (a second writer process, a second vault check)
+            # asked again with the same options: same answer, not a second gateway (a second
+            # writer process, a second vault check)
             raise exceptions.OptionsError(self._failed[1])
         try:
             gw = Gateway(
@@ -241,8 +253,10 @@ class Runtime:
             )
         except AiidError as e:
             self._failed = (key, f"aiid-proxy cannot start: {e.one_line()}")
+            self._rollback = True  # the next configure is mitmproxy undoing these options
             raise exceptions.OptionsError(self._failed[1]) from None
         self._failed = None
+        self._skip = None
         if self.gateway is not None:
             self.gateway.close()
         self.gateway = gw
@@ -255,6 +269,7 @@ class Runtime:
             gw.attach(loop)
         for fn in self.on_gateway:
             fn(gw)
+        return True
 
     async def done(self) -> None:
         if self.control is not None:

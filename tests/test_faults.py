@@ -401,6 +401,44 @@ def test_wrong_or_malformed_master_key_refuses_to_start(rig: Rig) -> None:
         gw.stop()
 
 
+def test_a_refused_start_never_falls_back_to_the_default_home(tmp_path: Path) -> None:
+    # mitmproxy's rollback of the refused options re-entered configure with the defaults:
+    # ./.aiid and ./policies. From a folder holding another home, the error then described
+    # that home (its key id), and a policy record landed in its audit log.
+    decoy = make_home(tmp_path / "cwd", {"acme": {"openai": OPENAI_CANARY}}).rename(
+        tmp_path / "cwd" / ".aiid"
+    )
+    (tmp_path / "cwd" / "policies").mkdir()
+    (tmp_path / "cwd" / "policies" / "acme.yaml").write_text(POLICY)
+    decoy_rows = (
+        sqlite3.connect(decoy / "tenants" / "acme" / "audit.db")
+        .execute("SELECT count(*) FROM audit")
+        .fetchone()[0]
+    )
+    home = make_home(tmp_path / "mine", {"acme": {"openai": OPENAI_CANARY}})
+    listed = subprocess.run(
+        [AIID, "--home", str(home), "vault", "list", "acme"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    mine_id = listed.stdout.splitlines()[1].split()[1]  # PROVIDER KEY-ID CREATED ROTATED
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIID_")}
+    env["AIID_MASTER_KEY"] = base64.b64encode(os.urandom(32)).decode()
+    p = subprocess.run(
+        [AIID, "--home", str(home), "run", "--no-console", "--listen", f"127.0.0.1:{free_port()}",
+         "--policies", str(tmp_path / "cwd" / "policies")],
+        cwd=tmp_path / "cwd", env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert p.stderr.count("aiid: error:") == 1, p.stderr
+    assert f"under master key id {mine_id}" in p.stderr  # this home's entry, not the decoy's
+    after = (
+        sqlite3.connect(decoy / "tenants" / "acme" / "audit.db")
+        .execute("SELECT count(*) FROM audit")
+        .fetchone()[0]
+    )
+    assert after == decoy_rows  # nothing written into the other home
+
+
 # -- policies ---------------------------------------------------------------------------------
 def test_missing_or_non_directory_policy_path_denies_by_default(rig: Rig) -> None:
     home = rig.home("policies")
