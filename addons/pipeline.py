@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import threading
 import time
 import traceback
@@ -53,23 +54,44 @@ from aiid_proxy.streaming import StreamGuard
 log = logging.getLogger("aiid")
 
 
+# Credentials an agent may send, whatever the gateway makes of them: an agent token (a JWT),
+# the value after Bearer/Basic (also on a header line mitmproxy could not parse, which it logs
+# verbatim: "Invalid header line: b'Authorization Bearer eyJ...'"), a provider-style key.
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{16,}")
+_SCHEME = re.compile(r"(?i)\b(bearer|basic)(\s+|%20|\+)[A-Za-z0-9._~+/=%-]{8,}")
+_KEYLIKE = re.compile(r"\bsk-[A-Za-z0-9_-]{16,}")
+
+
+def redact_credentials(text: str) -> str:
+    """``text`` with every agent-credential-shaped string replaced by ``[REDACTED]``."""
+    if "eyJ" in text:
+        text = _JWT.sub("[REDACTED]", text)
+    if "sk-" in text:
+        text = _KEYLIKE.sub("[REDACTED]", text)
+    return _SCHEME.sub(lambda m: f"{m.group(1)} [REDACTED]", text)
+
+
 class LogScrubber:
-    """Every log record of this process is scrubbed of every secret the gateway injected:
-    mitmproxy logs raw upstream bytes ("Unexpected data from server: b'...'") and its errors
-    quote upstream status lines, so a provider echoing its key would otherwise put it in the
-    log. Installed (as the log record factory) on first use."""
+    """Every log record of this process is scrubbed of every secret the gateway injected, and
+    of anything shaped like an agent's credential (:func:`redact_credentials`): mitmproxy logs
+    raw upstream bytes ("Unexpected data from server: b'...'") and its errors quote upstream
+    status lines and unparsable request lines. Installed (as the log record factory) when the
+    gateway loads."""
 
     def __init__(self) -> None:
         self.secrets: frozenset[str] = frozenset()  # replaced, never mutated: other threads log
         self._base: Callable[..., logging.LogRecord] | None = None
 
+    def install(self) -> None:
+        if self._base is None:
+            self._base = logging.getLogRecordFactory()
+            logging.setLogRecordFactory(self._record)
+
     def add(self, secret: str) -> None:
         if secret and secret not in self.secrets:
             # also as a bytes repr quotes a JSON-escaped echo ("\\/" for "/")
             self.secrets = self.secrets | {secret, secret.replace("/", "\\\\/")}
-        if self._base is None:
-            self._base = logging.getLogRecordFactory()
-            logging.setLogRecordFactory(self._record)
+        self.install()
 
     def _record(self, *args: Any, **kwargs: Any) -> logging.LogRecord:
         assert self._base is not None
@@ -80,12 +102,12 @@ class LogScrubber:
                 msg = rec.getMessage()
             except Exception:
                 msg = str(rec.msg)
-            clean = scrubber.scrub_text(msg)
+            clean = redact_credentials(scrubber.scrub_text(msg))
             if clean != msg:
                 rec.msg, rec.args = clean, ()
             if rec.exc_info and rec.exc_info[1] is not None:
                 text = "".join(traceback.format_exception(*rec.exc_info)).rstrip("\n")
-                clean = scrubber.scrub_text(text)
+                clean = redact_credentials(scrubber.scrub_text(text))
                 if clean != text:
                     rec.exc_text = clean  # the formatter uses it instead of formatting exc_info
         except Exception:  # never break the caller's logging; never log unscrubbed text
@@ -164,6 +186,7 @@ class Runtime:
         )
 
     def load(self, loader: Any) -> None:
+        LOG_SCRUBBER.install()  # before the first request: agents' lines can be logged
         loader.add_option(
             "aiid_home", str, "", "aiid home directory (default $AIID_HOME or ./.aiid)"
         )

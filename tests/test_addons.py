@@ -1703,3 +1703,31 @@ def test_settled_raises_the_futures_error_and_cancels_it_when_cancelled() -> Non
         return waiting
 
     assert asyncio.run(go()).cancelled()
+
+
+@pytest.mark.parametrize(
+    ("line", "kept"),
+    [
+        pytest.param(
+            "Invalid header line: b'Authorization Bearer eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJib3QifQ"
+            ".N9HhXmG703LKDs41uDxJSY9CK3XoPKyePfIr'",
+            "Invalid header line: b'Authorization Bearer [REDACTED]'",
+            id="bearer-jwt",
+        ),
+        pytest.param(
+            "Proxy-Authorization Basic eDpleUpoYmNpT2lKRlpFUlRRU0lz",
+            "Proxy-Authorization Basic [REDACTED]",
+            id="basic",
+        ),
+        pytest.param(
+            "Bad HTTP request line: GET /?key=sk-proj-abcdefghijklmnopqrstuv HTTP/1.1 x",
+            "Bad HTTP request line: GET /?key=[REDACTED] HTTP/1.1 x",
+            id="key-in-query",
+        ),
+        pytest.param(
+            "[127.0.0.1:4444] client connect", "[127.0.0.1:4444] client connect", id="untouched"
+        ),
+    ],
+)
+def test_log_lines_never_carry_an_agent_credential(line: str, kept: str) -> None:
+    assert pipeline.redact_credentials(line) == kept

@@ -15,6 +15,7 @@ Agent tokens: 0 hits in any audit row or log line (the token's jti may appear).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import gzip
 import json
@@ -392,6 +393,7 @@ def drive(port: int, ca: Path, tokens: dict[str, str], seen: Seen, full: bool = 
     dead_path = HOSTS["openai-eu"][1]
     raw = request_bytes("POST", dead_path, DEAD_HOST, auth, chat_body("gpt-4o-mini"))
     seen.add("upstream down", exchange(port, ca, DEAD_HOST, raw))
+    malformed(port, ca, bot)
     # HTTP/2 agent, echo streamed and not
     for stream in (False, True):
         with tunnel(port, ca, openai_host, "h2") as s:
@@ -402,6 +404,40 @@ def drive(port: int, ca: Path, tokens: dict[str, str], seen: Seen, full: bool = 
         hdrs = "\n".join(f"{k}: {v}" for k, v in r.headers).encode()
         seen.replies.append(hdrs + b"\n" + r.body)
         seen.statuses.append((f"h2 echo stream={stream}", r.status))
+
+
+def _send_raw(sock: socket.socket, raw: bytes) -> None:
+    """Send, then read whatever comes back until the proxy closes or goes quiet."""
+    sock.settimeout(2)
+    with contextlib.suppress(OSError):
+        sock.sendall(raw)
+        while sock.recv(65536):
+            pass
+
+
+def malformed(port: int, ca: Path, token: str) -> None:
+    """Requests mitmproxy cannot parse, carrying the agent's token where it logs them
+    verbatim ("Invalid header line: b'...'", "Bad HTTP request line: ...")."""
+    basic = base64.b64encode(f"x:{token}".encode()).decode()
+    host = HOSTS["openai"][0]
+    plain = [
+        f"GET http://{host}/v1/models?key={token} HTTP/1.1 junk\r\nHost: {host}\r\n\r\n",
+        f"GET http://{host}/v1/models HTTP/1.1\r\nHost: {host}\r\n"
+        f"Authorization Bearer {token}\r\n\r\n",
+        f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n"
+        f"Proxy-Authorization Basic {basic}\r\n\r\n",
+        f"CONNECT {host}:443 HTTP/1.1\r\nProxy-Authorization: Basic\r\n Bearer {token}\r\n\r\n",
+    ]
+    for raw in plain:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            _send_raw(sock, raw.encode())
+    with tunnel(port, ca, host) as tls:  # the same inside TLS
+        _send_raw(
+            tls,
+            f"POST /v1/x HTTP/1.1\r\nHost: {host}\r\nAuthorization Bearer {token}\r\n\r\n".encode(),
+        )
+    with tunnel(port, ca, host) as tls:
+        _send_raw(tls, f"GET /v1/models?key={token} HTTP/1.1 junk\r\nHost: {host}\r\n\r\n".encode())
 
 
 # --------------------------------------------------------------------------- the search
@@ -415,8 +451,10 @@ def needles(secret: str) -> list[bytes]:
 
 
 def token_needles(token: str) -> list[bytes]:
-    """The whole token and its signature (the part that makes it a credential)."""
-    return [token.encode(), token.rsplit(".", 1)[-1].encode()]
+    """The whole token, its signature (the part that makes it a credential), and the Basic
+    credential :func:`malformed` sends it in."""
+    basic = base64.b64encode(f"x:{token}".encode())
+    return [token.encode(), token.rsplit(".", 1)[-1].encode(), basic, basic[-40:]]
 
 
 def hits(blob: bytes, secrets: dict[str, list[bytes]]) -> list[str]:
