@@ -104,6 +104,20 @@ class KeyReader:
             self._saved = None
 
 
+def agent_hints(home: Home, listen: str) -> list[str]:
+    """What an agent needs, shown until the first request: the three lines `make run` printed
+    before the console took the screen (the token as the command that issues one)."""
+    tenants = home.tenants()
+    tenant = tenants[0] if len(tenants) == 1 else "TENANT"
+    agent = "demo-agent" if tenant == "demo" else "AGENT"
+    return [
+        "no requests yet. Agents need:",
+        f"  HTTPS_PROXY=http://{listen}",
+        f"  SSL_CERT_FILE={home.ca_cert_path}",
+        f"  OPENAI_API_KEY=$(aiid token issue {tenant} {agent})   (an agent token, not a key)",
+    ]
+
+
 class ConsoleAddon:
     def __init__(
         self,
@@ -118,12 +132,7 @@ class ConsoleAddon:
         self.rt = rt
         self.home = home
         self.state = ConsoleState(listen=listen)
-        self.state.hints = [
-            "no requests yet. Agents need:",
-            f"  HTTPS_PROXY=http://{listen}",
-            f"  SSL_CERT_FILE={home.ca_cert_path}",
-            "  and an agent token as their API key (aiid token issue TENANT AGENT)",
-        ]
+        self.state.hints = agent_hints(home, listen)
         self.console = console or Console()
         self.user = user or operator_name()
         self._shutdown = shutdown

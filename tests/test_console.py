@@ -660,3 +660,23 @@ def test_full_state_render_is_bounded_work() -> None:
         s.add_denial(NOW, "acme", "x", "r", "why")
     assert len(s.events) <= 50
     assert len(screen(s, 160, 50)) == 50
+
+
+def test_the_first_screen_gives_an_agent_all_three_lines(tmp_path: Path) -> None:
+    from addons.console import agent_hints
+    from aiid_proxy.admin import add_tenant, init_home
+    from aiid_proxy.home import Home
+
+    home = Home(tmp_path / "h")
+    init_home(home, env={})
+    assert add_tenant(home, "demo")
+    hints = agent_hints(home, "127.0.0.1:8080")
+    assert hints[1:] == [
+        "  HTTPS_PROXY=http://127.0.0.1:8080",
+        f"  SSL_CERT_FILE={home.ca_cert_path}",
+        "  OPENAI_API_KEY=$(aiid token issue demo demo-agent)   (an agent token, not a key)",
+    ]
+    assert add_tenant(home, "acme")  # several tenants: the user picks one
+    assert agent_hints(home, "h:1")[3].startswith(
+        "  OPENAI_API_KEY=$(aiid token issue TENANT AGENT)"
+    )
