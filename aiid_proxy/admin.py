@@ -71,9 +71,13 @@ def _pem_public(key: Ed25519PrivateKey) -> bytes:
 def _load_signing_key(home: Home) -> Ed25519PrivateKey:
     path = signing_key_path(home)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode & 0o777
+            data = f.read()
     except OSError:
         raise ConfigError(f"token signing key missing: {path} (run `aiid init`)") from None
+    if mode & 0o077:
+        raise ConfigError(f"{path} is open to other users (mode {mode:04o}): chmod 600 {path}")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):

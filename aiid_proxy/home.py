@@ -77,6 +77,16 @@ def write_private(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _read_private(path: Path) -> str:
+    """A secret key file's text; refused (ConfigError) when others may read or write it, as
+    ssh refuses such a private key: the contract keeps runtime keys 0600."""
+    with open(path, encoding="utf-8") as f:
+        mode = os.fstat(f.fileno()).st_mode & 0o777
+        if mode & 0o077:
+            raise ConfigError(f"{path} is open to other users (mode {mode:04o}): chmod 600 {path}")
+        return f.read()
+
+
 def append_durable(path: Path, line: str, mode: int = 0o600) -> None:
     """Append one line to ``path`` (created with ``mode``), fsync the file, and fsync the
     directory when the file is new so the entry survives a crash. Raises OSError."""
@@ -207,7 +217,7 @@ class Home:
         if env.get(MASTER_KEY_ENV):
             return [decode_key(env[MASTER_KEY_ENV], MASTER_KEY_ENV)]
         try:
-            lines = self.master_key_path.read_text().split()
+            lines = _read_private(self.master_key_path).split()
         except OSError:
             raise ConfigError(f"vault master key missing: {self.master_key_path}") from None
         if not lines:
@@ -220,7 +230,7 @@ class Home:
         if env.get(AUDIT_KEY_ENV):
             return decode_key(env[AUDIT_KEY_ENV], AUDIT_KEY_ENV)
         try:
-            text = self.audit_key_path.read_text()
+            text = _read_private(self.audit_key_path)
         except OSError:
             raise ConfigError(f"audit key missing: {self.audit_key_path}") from None
         return decode_key(text, "audit key")

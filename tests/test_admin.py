@@ -144,6 +144,7 @@ def test_init_never_overwrites_a_preexisting_file(
     home = Home(tmp_path / "h")
     (home.root / rel).parent.mkdir(parents=True)
     (home.root / rel).write_bytes(seeded)
+    (home.root / rel).chmod(0o600)  # a key open to others is refused (test_cli)
     mtime = (home.root / rel).stat().st_mtime_ns
     created = init_home(home)
     assert rel not in created

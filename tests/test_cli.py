@@ -301,6 +301,29 @@ def test_run_on_a_port_in_use_says_why_in_one_line(aiid: Run, home: Home, polici
 
 
 @pytest.mark.parametrize(
+    ("key", "args"),
+    [
+        pytest.param("runtime/master.key", ["vault", "list", TENANT], id="master-key"),
+        pytest.param("runtime/audit.key", ["audit", "verify", TENANT], id="audit-key"),
+        pytest.param("admin/signing.key", ["token", "issue", TENANT, "bot"], id="signing-key"),
+    ],
+)
+def test_a_secret_key_open_to_other_users_is_refused(
+    aiid: Run, home: Home, key: str, args: list[str]
+) -> None:
+    path = home.root / key
+    path.chmod(0o644)
+    try:
+        one_line_error(
+            aiid("--home", home.root, *args), 1, f"{path} is open to other users (mode 0644)",
+            f"chmod 600 {path}",
+        )  # fmt: skip
+    finally:
+        path.chmod(0o600)
+    assert aiid("--home", home.root, *args).code == 0
+
+
+@pytest.mark.parametrize(
     "args",
     [
         pytest.param(["vault", "list", TENANT], id="vault-list"),
