@@ -24,12 +24,18 @@ class PolicyEvent:
     source_hash: str | None
     error: str | None
     removed: bool = False
+    kept: bool = True  # a refused edit: a last good policy stays (else the tenant has none)
 
     def describe(self) -> str:
         if self.removed:
             return f"policy {self.tenant}: file removed, last good policy stays in force"
         if self.ok:
             return f"policy {self.tenant}: loaded {self.source_hash and self.source_hash[:12]}"
+        if not self.kept:
+            return (
+                f"policy {self.tenant}: refused, no policy in force: every request of this "
+                f"tenant is denied: {self.error}"
+            )
         return f"policy {self.tenant}: edit refused, last good policy stays: {self.error}"
 
 
@@ -131,7 +137,7 @@ class PolicyStore:
             msg = e.one_line() if isinstance(e, AiidError) else f"{path}: {e.strerror}"
             if isinstance(e, PolicyError) and e.others:
                 msg += f" (and {len(e.others)} more: aiid policy check)"
-            return PolicyEvent(tenant, False, now, None, msg)
+            return PolicyEvent(tenant, False, now, None, msg, kept=tenant in self._policies)
         self._policies[tenant] = policy
         self._loaded_at[tenant] = now
         return PolicyEvent(tenant, True, now, policy.source_hash, None)

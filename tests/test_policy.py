@@ -602,3 +602,15 @@ def test_a_reload_with_several_errors_keeps_the_last_good_policy_and_counts_them
     assert ev.error is not None
     assert ev.error.startswith(f"{f}:2: tenant 'other' does not match the file name")
     assert ev.error.endswith("(and 2 more: aiid policy check)")
+
+
+def test_a_policy_refused_at_start_says_no_policy_is_in_force(tmp_path: Path) -> None:
+    from aiid_proxy.clock import FakeClock
+    from aiid_proxy.policystore import PolicyStore
+
+    (tmp_path / "acme.yaml").write_text("version: 1\ntenant: acme\ndefault: allow\n")
+    (ev,) = PolicyStore(tmp_path, clock=FakeClock()).refresh()
+    assert not ev.ok and not ev.kept
+    assert ev.describe().startswith(
+        "policy acme: refused, no policy in force: every request of this tenant is denied: "
+    )
