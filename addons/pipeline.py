@@ -9,6 +9,7 @@ completed; the gate kills every flow that does not carry a complete, sealed allo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -379,6 +380,13 @@ class ConnectGuard:
         )
         flow.metadata[STATE] = st
         if is_ip_literal(flow.request.host):
+            # an agent identified by its CONNECT credentials: the refusal goes to its tenant's
+            # audit log (an attempt to reach a raw IP is that tenant's business)
+            value = flow.request.headers.get("proxy-authorization")
+            if value is not None:
+                with contextlib.suppress(AiidError):
+                    token = _token_from_value("proxy-authorization", value)
+                    st.identity = self.rt.gw().verifier.verify(token)
             await refuse(
                 self.rt,
                 flow,

@@ -949,6 +949,15 @@ class Gateway:
                 refusal.message,
             )
             return None
+        log.info(
+            "refused %s %s/%s %s %s: %s",
+            state.request_id,
+            state.identity.tenant,
+            state.identity.agent,
+            refusal.status,
+            refusal.rule or "-",
+            refusal.message,
+        )
         fields = self._record_fields(state)
         fields["rule"] = refusal.rule or fields["rule"]
         fields["reason"] = f"{refusal.type}: {refusal.message}"

@@ -767,6 +767,22 @@ def test_connect_to_a_raw_ip_is_refused(h: Harness, host: str) -> None:
     assert refusal(conn)["type"] == "policy_denied"
 
 
+def test_a_raw_ip_connect_by_an_identified_agent_is_audited(
+    h: Harness, issue: Callable[..., str]
+) -> None:
+    conn = connect_flow(make_flow(), "169.254.169.254", _basic(issue("coder-1")))
+    h.run(h.hook(HttpConnectHook(conn)))
+    err = refusal(conn)
+    rows = h.rows(request_id=err["request_id"])
+    assert [(r["event"], r["agent"], r["status"]) for r in rows] == [("deny", "coder-1", 403)]
+    assert "raw IP addresses are not allowed" in rows[0]["reason"]
+    # a CONNECT with a forged token is refused just the same, and not audited anywhere
+    forged = connect_flow(make_flow(), "10.0.0.1", _basic(issue("coder-1")[:-4] + "AAAA"))
+    h.run(h.hook(HttpConnectHook(forged)))
+    assert forged.response is not None and forged.response.status_code == 403
+    assert not h.rows(request_id=refusal(forged)["request_id"])
+
+
 @pytest.mark.parametrize(
     "make",
     [
