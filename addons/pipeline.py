@@ -119,6 +119,7 @@ class LogScrubber:
 LOG_SCRUBBER = LogScrubber()
 
 STATE = "aiid"  # flow.metadata key holding the FlowState
+SHUTDOWN_TICKS = 100  # x 10 ms: how long shutdown waits for held requests to be refused
 OURS = "aiid_refusal"  # flow.metadata key holding the refusal Response object we made
 
 # Options that would let traffic bypass the pipeline or weaken TLS, and the value we pin.
@@ -298,8 +299,20 @@ class Runtime:
     async def done(self) -> None:
         if self.control is not None:
             await self.control.stop()
+        await self._deny_held()
         if self.gateway is not None:
             self.gateway.close()
+
+    async def _deny_held(self) -> None:
+        """At shutdown, every request still held for approval is denied (403, its approval
+        record says why) rather than left for the closing connection to drop."""
+        held = [p for p in self.broker.pending.values() if not p.future.done()]
+        for p in held:
+            p.future.set_result(Answer(False, "shutdown", "the gateway is shutting down"))
+        for _ in range(SHUTDOWN_TICKS):  # bounded: let the held requests send their refusals
+            if not any(p.request_id in self.broker.pending for p in held):
+                break
+            await asyncio.sleep(0.01)
 
     def gw(self) -> Gateway:
         if self.gateway is None:

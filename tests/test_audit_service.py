@@ -655,7 +655,13 @@ def test_a_log_that_went_backwards_is_not_reopened(
 
 
 # -- the whole product: kill the writer of a running `aiid run` --------------------------------
-def _real_gateway(tmp_path: Path) -> tuple[Any, Any, Path, Any]:
+SMALL_ONLY = (
+    "version: 1\ntenant: acme\ndefault: deny\nrules:\n"
+    "  - id: small\n    providers: [openai]\n    models: ['gpt-4o-mini']\n    effect: allow\n"
+)
+
+
+def _real_gateway(tmp_path: Path, policy: str = SMALL_ONLY) -> tuple[Any, Any, Path, Any]:
     """A stand-in, a home with acme's openai key, a real `aiid run`, and an openai client
     pointed at it: (stand-in, gateway, home, client)."""
     import openai
@@ -667,10 +673,7 @@ def _real_gateway(tmp_path: Path) -> tuple[Any, Any, Path, Any]:
     home = make_home(tmp_path, {"acme": {"openai": OPENAI_CANARY}})
     policies = tmp_path / "policies"
     policies.mkdir()
-    (policies / "acme.yaml").write_text(
-        "version: 1\ntenant: acme\ndefault: deny\nrules:\n"
-        "  - id: small\n    providers: [openai]\n    models: ['gpt-4o-mini']\n    effect: allow\n"
-    )
+    (policies / "acme.yaml").write_text(policy)
     gw = start_gateway(home, policies, si.port, si.ca_path)
     client = openai.OpenAI(
         api_key=gw.token("acme", "bot"),
@@ -762,3 +765,48 @@ def test_a_stream_cut_by_shutdown_gets_its_error_record(tmp_path: Path) -> None:
     assert "Traceback" not in gw.log() and "audit log is closed" not in gw.log(), gw.log()
     key = Home.resolve(home).audit_key({})
     assert verify_db(home / "tenants" / "acme" / "audit.db", tenant_key(key, "acme")).ok
+
+
+@pytest.mark.e2e
+def test_a_request_held_at_shutdown_is_refused_not_dropped(tmp_path: Path) -> None:
+    import openai
+
+    policy = (
+        "version: 1\ntenant: acme\ndefault: deny\napproval: {timeout: 60s}\nrules:\n"
+        "  - {id: human, providers: [openai], effect: approve}\n"
+    )
+    si, gw, home, client = _real_gateway(tmp_path, policy)
+    got: list[object] = []
+
+    def ask() -> None:
+        try:
+            client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+            )
+            got.append(200)
+        except openai.APIStatusError as e:
+            got.append((e.status_code, e.message))
+        except openai.APIConnectionError as e:
+            got.append(repr(e))
+
+    try:
+        asker = threading.Thread(target=ask)
+        asker.start()
+        for _ in range(600):  # bounded: the hold starts within a second or two
+            if "held for approval" in gw.log():
+                break
+            time.sleep(0.05)
+        gw.proc.send_signal(signal.SIGTERM)
+        asker.join(60)
+        assert gw.proc.wait(30) == 0
+    finally:
+        gw.stop()
+        si.stop()
+    assert got == [
+        (403, "Error code: 403 - approval denied by shutdown: the gateway is shutting down")
+    ]
+    rows = [r for r in read_rows(home / "tenants" / "acme" / "audit.db") if r["request_id"]]
+    assert [(r["event"], r["status"]) for r in rows] == [
+        ("held", None), ("approval", 403), ("deny", 403)
+    ]  # fmt: skip
+    assert not si.requests  # nothing reached the provider
