@@ -395,16 +395,20 @@ def _event_lines(state: ConsoleState, n: int) -> list[Text]:
 
 
 def _agents_lines(state: ConsoleState, n_rows: int, now: float, width: int) -> list[Text]:
-    spend = any(c.spend_usd for c in state.agents.values())
+    # Narrow (the left two fifths of a 120-column screen): the counters give way before the
+    # agent's name does (at 46 columns the name got 6 cells, and none with spend shown).
+    tokens = width >= 56
+    spend = width >= 72 and any(c.spend_usd for c in state.agents.values())
     cols = [
         _Col("agent"),
         _Col("req", 6, right=True),
         _Col("deny", 5, right=True),
-        _Col("tokens", 9, right=True),
     ]
+    if tokens:
+        cols.append(_Col("tokens", 9, right=True))
     if spend:
         cols.append(_Col("spend", 9, right=True))
-    cols.append(_Col("rate limit", 16))
+    cols.append(_Col("rate limit", 16 if width >= 60 else 9))
     ranked = sorted(state.agents.items(), key=lambda kv: (-kv[1].requests, kv[0]))
     rows: list[list[Cell]] = []
     for (tenant, agent), c in ranked[: max(0, n_rows)]:
@@ -414,7 +418,9 @@ def _agents_lines(state: ConsoleState, n_rows: int, now: float, width: int) -> l
             rl = (f"ok ({c.rate_limited}x429)", "yellow")
         else:
             rl = ("ok", "green")
-        row: list[Cell] = [f"{tenant}/{agent}", str(c.requests), str(c.denials), str(c.tokens)]
+        row: list[Cell] = [f"{tenant}/{agent}", str(c.requests), str(c.denials)]
+        if tokens:
+            row.append(str(c.tokens))
         if spend:
             row.append(_usd(c.spend_usd))
         row.append(rl)

@@ -680,3 +680,17 @@ def test_the_first_screen_gives_an_agent_all_three_lines(tmp_path: Path) -> None
     assert agent_hints(home, "h:1")[3].startswith(
         "  OPENAI_API_KEY=$(aiid token issue TENANT AGENT)"
     )
+
+
+@pytest.mark.parametrize("width", [120, 130, 140, 150])
+def test_agent_names_stay_readable_beside_the_events(width: int) -> None:
+    # Between 115 and 150 columns the counters took the agents table's two fifths: the
+    # agent's name got 6 cells ("dem…"), or none with spend shown.
+    s = full_state(n_flows=4, n_pending=0)
+    for i in range(3):
+        c = s.counters("acme", f"support-{i}")
+        c.requests, c.denials, c.tokens, c.spend_usd = 10 + i, i, 1234, 0.5
+    lines = screen(s, width, 40)
+    header = next(line for line in lines if " req " in line and " deny" in line)
+    assert header.index(" req ") - header.index("agent") >= 16, header
+    assert any("acme/support-1 " in line and " 11 " in line for line in lines), "\n".join(lines)
