@@ -431,7 +431,9 @@ def _agents_lines(state: ConsoleState, n_rows: int, now: float, width: int) -> l
 def _flows_lines(state: ConsoleState, n_rows: int, width: int) -> list[Text]:
     wide = width >= WIDE - 4
     narrow = width < 56
-    spend = wide and any(r.spend_usd is not None for r in state.flows)
+    # the request id (28 cells) and spend only where tenant, agent and model still fit
+    with_id = width >= 146
+    spend = width >= 130 and any(r.spend_usd is not None for r in state.flows)
     cols = [_Col("time", 8)]
     if wide:
         cols.append(_Col("tenant", ratio=1))
@@ -447,7 +449,7 @@ def _flows_lines(state: ConsoleState, n_rows: int, width: int) -> list[Text]:
         cols += [_Col("ms", 5, right=True), _Col("tokens", 8, right=True)]
     if spend:
         cols.append(_Col("spend", 8, right=True))
-    if wide:
+    if with_id:
         cols.append(_Col("request", 28))
     rows: list[list[Cell]] = []
     for r in list(state.flows)[-n_rows:] if n_rows > 0 else []:
@@ -464,7 +466,7 @@ def _flows_lines(state: ConsoleState, n_rows: int, width: int) -> list[Text]:
             row += [_ms(r.latency_ms), r.tokens]
         if spend:
             row.append(_usd(r.spend_usd))
-        if wide:
+        if with_id:
             row.append(r.request_id)
         rows.append(row)
     return _grid(cols, rows, width)

@@ -694,3 +694,12 @@ def test_agent_names_stay_readable_beside_the_events(width: int) -> None:
     header = next(line for line in lines if " req " in line and " deny" in line)
     assert header.index(" req ") - header.index("agent") >= 16, header
     assert any("acme/support-1 " in line and " 11 " in line for line in lines), "\n".join(lines)
+
+
+def test_the_flows_table_keeps_tenant_and_agent_whole_at_120_columns() -> None:
+    # the request id (28 cells) and spend squeezed them to "ac…" and "suppo…"
+    lines = screen(full_state(), 120, 40)
+    rows = [line for line in lines if " approved " in line]
+    assert rows and all(" acme " in r and " support-" in r for r in rows), "\n".join(lines)
+    wide = screen(full_state(), 160, 40)
+    assert any("req_0000" in line for line in wide)  # room enough: the id is back
