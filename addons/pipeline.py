@@ -148,7 +148,6 @@ class Runtime:
         self.gateway = gateway
         self.on_gateway: list[Callable[[Gateway], None]] = []
         self._key: tuple[str, str, int, str] | None = None
-        self._failed: tuple[tuple[str, str, int, str], str] | None = None  # key, error
         self._checked = False  # the audit chains were verified at start
         self._rollback = False  # a build was just refused: its rollback builds nothing
         self._skip: tuple[str, str, int, str] | None = None  # the options that rollback restored
@@ -265,10 +264,6 @@ class Runtime:
             self._rollback = False
             self._skip = key
             return False
-        if self._failed is not None and self._failed[0] == key:
-            # asked again with the same options: same answer, not a second gateway (a second
-            # writer process, a second vault check)
-            raise exceptions.OptionsError(self._failed[1])
         try:
             gw = Gateway(
                 home,
@@ -277,10 +272,8 @@ class Runtime:
                 audit_writer=str(opts.aiid_audit_writer),
             )
         except AiidError as e:
-            self._failed = (key, f"aiid-proxy cannot start: {e.one_line()}")
             self._rollback = True  # the next configure is mitmproxy undoing these options
-            raise exceptions.OptionsError(self._failed[1]) from None
-        self._failed = None
+            raise exceptions.OptionsError(f"aiid-proxy cannot start: {e.one_line()}") from None
         self._skip = None
         if self.gateway is not None:
             self.gateway.close()

@@ -34,6 +34,7 @@ from aiid_proxy.home import (
     Home,
     append_durable,
     encode_key,
+    read_private,
     validate_name,
     write_private,
 )
@@ -71,13 +72,11 @@ def _pem_public(key: Ed25519PrivateKey) -> bytes:
 def _load_signing_key(home: Home) -> Ed25519PrivateKey:
     path = signing_key_path(home)
     try:
-        with open(path, "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode & 0o777
-            data = f.read()
+        data = read_private(path).encode()
     except OSError:
         raise ConfigError(f"token signing key missing: {path} (run `aiid init`)") from None
-    if mode & 0o077:
-        raise ConfigError(f"{path} is open to other users (mode {mode:04o}): chmod 600 {path}")
+    except UnicodeDecodeError:
+        raise ConfigError(f"token signing key unreadable: {path}") from None
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):

@@ -119,13 +119,18 @@ def tenant_add(ctx: click.Context, name: str, region: str | None) -> None:
     click.echo(f"tenant {name} already exists")
 
 
-def _known_regions(policies: Path) -> list[str]:
-    """The regions of the providers this gateway knows (built in, and providers.yaml)."""
+def _registry(policies: Path) -> Any:
+    """The providers a gateway with this policy directory knows: built in, and its
+    providers.yaml."""
     from aiid_proxy.providers import Registry
 
     path = policies / "providers.yaml"
-    reg = Registry.load(path) if path.is_file() else Registry.builtin()
-    return sorted({p.region for p in reg.providers if p.region})
+    return Registry.load(path) if path.is_file() else Registry.builtin()
+
+
+def _known_regions(policies: Path) -> list[str]:
+    """The regions of the providers this gateway knows."""
+    return sorted({p.region for p in _registry(policies).providers if p.region})
 
 
 @tenant.command("list")
@@ -403,7 +408,6 @@ def policy_explain(
     from datetime import datetime
 
     from aiid_proxy.policy import RequestContext, load_policy_file
-    from aiid_proxy.providers import Registry
 
     if provider is None and host is None:
         raise UsageError("give --provider (and --model) or --host")
@@ -420,13 +424,8 @@ def policy_explain(
             raise UsageError(f"--at must be an ISO 8601 time, got {at!r}") from None
     region = None
     if provider is not None:
-        reg = (
-            Registry.load(d / "providers.yaml")
-            if (d / "providers.yaml").exists()
-            else (Registry.builtin())
-        )
         try:
-            prov = reg.get(provider)
+            prov = _registry(d).get(provider)
         except (AiidError, KeyError):
             raise UsageError(f"unknown provider {provider!r}") from None
         region = prov.region

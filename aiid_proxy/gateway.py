@@ -56,7 +56,7 @@ from aiid_proxy.errors import (
     TokenError,
     VaultError,
 )
-from aiid_proxy.home import MASTER_KEY_ENV, Home
+from aiid_proxy.home import Home
 from aiid_proxy.identity import AgentIdentity, RevocationList, TokenVerifier
 from aiid_proxy.policy import Decision, Policy, RequestContext
 from aiid_proxy.policystore import PolicyEvent, PolicyStore
@@ -70,7 +70,7 @@ from aiid_proxy.providers import (
     parse_request,
 )
 from aiid_proxy.ratelimit import RateDecision, RateLimiter, Reservation
-from aiid_proxy.vault import ReloadingKeyring, Secret, Vault
+from aiid_proxy.vault import ReloadingKeyring, Secret, Vault, wrong_master_key
 
 log = logging.getLogger("aiid.gateway")
 
@@ -413,18 +413,16 @@ class Gateway:
                 continue
             key = tenant_key(self._audit_root, tenant)
             r = check_chain(path, key, self.home.checkpoint_path(tenant))
-            if r.get("ok") is True:
+            ok, reason = r.get("ok"), r.get("reason")
+            if ok is True:
                 log.info("audit log of tenant %s verified: %s records", tenant, r.get("count"))
                 continue
-            text = (
-                f"audit log of tenant {tenant} does not verify: {r.get('reason')} "
-                f"(aiid audit verify {tenant})"
-                if r.get("ok") is False
-                else f"audit log of tenant {tenant} not checked: {r.get('reason')}"
-            )
-            if r.get("ok") is False:
+            if ok is False:
+                text = f"audit log of tenant {tenant} does not verify: {reason} "
+                text += f"(aiid audit verify {tenant})"
                 log.critical("%s", text)
-            else:
+            else:  # the check itself could not run
+                text = f"audit log of tenant {tenant} not checked: {reason}"
                 log.warning("%s", text)
             self.emit("audit", {"tenant": tenant, "text": text})
 
@@ -442,11 +440,7 @@ class Gateway:
         for rt in list(self._tenants.values()):
             for info in rt.vault.list():
                 if info.key_id not in ring:
-                    raise ConfigError(
-                        f"the vault master key does not open tenant {rt.name!r}'s vault: entry "
-                        f"{info.provider!r} is under master key id {info.key_id}, the key in use "
-                        f"is {ring.current_id} (wrong {MASTER_KEY_ENV} or runtime/master.key?)"
-                    )
+                    raise wrong_master_key(rt.name, info.provider, info.key_id, ring.current_id)
 
     def tenant(self, name: str) -> TenantRuntime:
         rt = self._tenants.get(name)
@@ -556,9 +550,8 @@ class Gateway:
             # Signed by the admin key but expired or revoked: the refusal is audited in the
             # tenant it names (a revoked token still in use is that tenant's business). The
             # flow is refused all the same: "identity" is never marked.
-            who = e.identity
-            if isinstance(who, AgentIdentity) and who.tenant in self.home.tenants():
-                state.identity = who
+            if isinstance(e.identity, AgentIdentity):
+                state.identity = e.identity
             raise unauthenticated(str(e)) from None
         state.identity = ident
         state.mark("identity")
@@ -688,8 +681,9 @@ class Gateway:
                 for lim in (tenant_limit, agent_limit)
                 if lim is not None and lim.tokens_per_minute is not None
             ]
-            if per_minute and min(per_minute) - est_in > 0:
-                out_cap = min(out_cap, min(per_minute) - est_in)
+            room = min(per_minute, default=0) - est_in
+            if room > 0:
+                out_cap = min(out_cap, room)
         hold = self._hold_budget(state, policy, est_in, out_cap)  # may refuse; holds nothing then
         decision, reservation = self.ratelimiter.acquire(
             ident.tenant, ident.agent, tenant_limit, agent_limit, est_in + out_cap
@@ -901,10 +895,8 @@ class Gateway:
             detail["override"] = d.override
         if state.approved_by:
             detail["approved_by"] = state.approved_by
-        if with_prompt and state.identity is not None and state.route is not None:
-            policy = self.policy_for(state.identity.tenant)
-            if policy is not None and policy.record_prompts and state.route.body:
-                detail["prompt"] = state.route.body[:RECORDED_BYTES].decode("utf-8", "replace")
+        if with_prompt and state.route and state.route.body and self.records_prompts(state):
+            detail["prompt"] = state.route.body[:RECORDED_BYTES].decode("utf-8", "replace")
         return {
             "request_id": state.request_id,
             "agent": state.identity.agent if state.identity else None,

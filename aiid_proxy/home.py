@@ -36,9 +36,15 @@ MASTER_KEY_ENV = "AIID_MASTER_KEY"
 AUDIT_KEY_ENV = "AIID_AUDIT_KEY"
 
 
-def child_env() -> dict[str, str]:
-    """This process's environment without the key variables, for a child process of ours."""
-    return {k: v for k, v in os.environ.items() if k not in (MASTER_KEY_ENV, AUDIT_KEY_ENV)}
+def child_env(*, package: bool = False) -> dict[str, str]:
+    """This process's environment without the key variables, for a child process of ours;
+    ``package``: with this package's root first on PYTHONPATH (for ``python -m aiid_proxy...``
+    run with ``-P``, which leaves the working directory off sys.path)."""
+    env = {k: v for k, v in os.environ.items() if k not in (MASTER_KEY_ENV, AUDIT_KEY_ENV)}
+    if package:
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
 
 
 def validate_name(kind: str, name: str) -> str:
@@ -77,7 +83,7 @@ def write_private(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _read_private(path: Path) -> str:
+def read_private(path: Path) -> str:
     """A secret key file's text; refused (ConfigError) when others may read or write it, as
     ssh refuses such a private key: the contract keeps runtime keys 0600."""
     with open(path, encoding="utf-8") as f:
@@ -217,7 +223,7 @@ class Home:
         if env.get(MASTER_KEY_ENV):
             return [decode_key(env[MASTER_KEY_ENV], MASTER_KEY_ENV)]
         try:
-            lines = _read_private(self.master_key_path).split()
+            lines = read_private(self.master_key_path).split()
         except OSError:
             raise ConfigError(f"vault master key missing: {self.master_key_path}") from None
         if not lines:
@@ -230,7 +236,7 @@ class Home:
         if env.get(AUDIT_KEY_ENV):
             return decode_key(env[AUDIT_KEY_ENV], AUDIT_KEY_ENV)
         try:
-            text = _read_private(self.audit_key_path)
+            text = read_private(self.audit_key_path)
         except OSError:
             raise ConfigError(f"audit key missing: {self.audit_key_path}") from None
         return decode_key(text, "audit key")

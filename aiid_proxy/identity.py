@@ -238,11 +238,12 @@ class TokenVerifier:
         return tenant in known
 
     def _check_live(self, ident: AgentIdentity) -> None:
-        """The checks that can change after a token was first accepted."""
-        if ident.expires_at <= self._clock.now():
-            raise TokenError("token expired", ident)
+        """The checks that can change after a token was first accepted. The tenant first: an
+        error that names the identity (expired, revoked) names a tenant this home has."""
         if not self._tenant_known(ident.tenant):
             raise TokenError("unknown tenant")
+        if ident.expires_at <= self._clock.now():
+            raise TokenError("token expired", ident)
         self._revocations.refresh_if_stale(ident.tenant)
         if self._revocations.is_revoked(ident.tenant, ident.jti):
             raise TokenError("token revoked", ident)

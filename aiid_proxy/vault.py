@@ -210,6 +210,16 @@ class ReloadingKeyring:
 KeyringSource = MasterKeyring | Callable[[], MasterKeyring]
 
 
+def wrong_master_key(tenant: str, provider: str, key_id: str, current_id: str) -> ConfigError:
+    """The one error for a vault entry the master key in use cannot open (key ids are public,
+    keys are not shown): a wrong ``AIID_MASTER_KEY`` or key file."""
+    return ConfigError(
+        f"the vault master key does not open tenant {tenant!r}'s vault: entry {provider!r} is "
+        f"under master key id {key_id}, the key in use is {current_id} (wrong {MASTER_KEY_ENV} "
+        "or runtime/master.key?)"
+    )
+
+
 def _dek_aad(tenant: str, provider: str, key_id: str) -> bytes:
     return b"%sdek\0%s\0%s\0%s" % (
         _AAD_PREFIX,
@@ -330,12 +340,7 @@ class Vault:
                     (provider,),
                 ):
                     if other_id not in keyring:
-                        raise ConfigError(
-                            f"the vault master key in use ({key_id}) does not open tenant "
-                            f"{self.tenant!r}'s vault: entry {other!r} is under master key id "
-                            f"{other_id} (wrong {MASTER_KEY_ENV} or runtime/master.key?); "
-                            "nothing stored"
-                        )
+                        raise wrong_master_key(self.tenant, other, other_id, key_id)
                 row = self._conn.execute(
                     "SELECT created FROM secrets WHERE provider = ?", (provider,)
                 ).fetchone()

@@ -520,3 +520,22 @@ def test_cache_hit_skips_signature_but_not_live_checks(
     ctx.clock.advance(1.1)
     with pytest.raises(TokenError, match="^token revoked$"):
         ctx.verifier.verify(token)
+
+
+@pytest.mark.parametrize(
+    ("over", "message", "named"),
+    [
+        pytest.param({"exp_in": 0}, "token expired", True, id="expired"),
+        pytest.param({"tid": "ghost", "exp_in": 0}, "unknown tenant", False, id="expired-ghost"),
+        pytest.param({"tid": "ghost"}, "unknown tenant", False, id="ghost"),
+    ],
+)
+def test_a_refused_signed_token_names_its_identity_only_for_a_known_tenant(
+    ctx: Ctx, over: dict[str, Any], message: str, named: bool
+) -> None:
+    # The gateway audits a refusal in the tenant the error names: never one this home lacks.
+    exp_in = over.pop("exp_in", 900)
+    token = ctx.token(iat=ctx.now - 1000, exp=ctx.now + exp_in, **over)
+    with pytest.raises(TokenError, match=message) as err:
+        ctx.verifier.verify(token)
+    assert isinstance(err.value.identity, AgentIdentity) is named

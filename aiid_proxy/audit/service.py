@@ -41,7 +41,6 @@ from concurrent.futures import wait as futures_wait
 from pathlib import Path
 from typing import Protocol
 
-import aiid_proxy
 from aiid_proxy.audit.chain import GENESIS_MAC
 from aiid_proxy.audit.log import (
     LAZY_SYNC,
@@ -412,10 +411,8 @@ class AuditWriterProcess:
         self._held: list[bytes] = []  # frames held back to travel with the next one
         self._loop_thread = 0
         self._removal_pending = False
-        root = str(Path(aiid_proxy.__file__).resolve().parent.parent)
         # The keys a gateway may take from its environment are not the writer's business.
-        env = child_env()
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        env = child_env(package=True)
         try:
             self._proc = subprocess.Popen(
                 # -P: not the working directory first on sys.path (this process gets the key)

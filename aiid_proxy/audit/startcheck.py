@@ -10,13 +10,11 @@ environment.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-import aiid_proxy
 from aiid_proxy.audit.verify import verify_db
 from aiid_proxy.errors import AiidError
 from aiid_proxy.home import child_env
@@ -26,9 +24,7 @@ TIMEOUT = 3600.0  # seconds; a long log verifies at ~300,000 records/s
 
 def check_chain(path: Path, key: bytes, checkpoint: Path | None) -> dict[str, Any]:
     """Run the check in a child process: ``{"ok", "count", "seq", "reason"}``."""
-    root = str(Path(aiid_proxy.__file__).resolve().parent.parent)
-    env = child_env()
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env = child_env(package=True)
     req = {"path": str(path), "key": key.hex(), "checkpoint": str(checkpoint or "")}
     try:
         done = subprocess.run(
