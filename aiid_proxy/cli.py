@@ -259,13 +259,17 @@ def run(
             raise UsageError(f"--set expects OPTION=VALUE, got {s!r}")
     home = _home(ctx)
     home.require()
+    policy_dir = _policies_dir(policies)
+    if policy_dir.exists() and not policy_dir.is_dir():
+        # A missing directory may come later (it is watched); a file never becomes one.
+        raise ConfigError(f"policy directory {policy_dir} is not a directory")
     # The gateway's mitmproxy side lives in addons/; imported here only, never by the library.
     import importlib
 
     runner = importlib.import_module("addons.runner")
     code = runner.run_gateway(
         home=home,
-        policies=_policies_dir(policies),
+        policies=policy_dir,
         host=host.strip("[]") or "127.0.0.1",
         port=int(port_s),
         sets=list(sets),

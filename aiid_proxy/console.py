@@ -444,7 +444,7 @@ def _flows_lines(state: ConsoleState, n_rows: int, width: int) -> list[Text]:
     cols.append(_Col("decision", 8 if not narrow else 5))
     if not narrow:
         cols.append(_Col("rule", ratio=3))
-    cols.append(_Col("st", 3, right=True))
+    cols.append(_Col("st", 4, right=True))  # "kill" whole
     if not narrow:
         cols += [_Col("ms", 5, right=True), _Col("tokens", 8, right=True)]
     if spend:

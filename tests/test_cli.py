@@ -240,6 +240,12 @@ def test_token_revoke_takes_the_token_itself(aiid: Run, home: Home) -> None:
         pytest.param(["run", "--set", "novalue"], 2, ["OPTION=VALUE"], id="run-bad-set"),
         pytest.param(["policy", "check", "/nonexistent/dir"], 1, ["does not exist"], id="no-dir"),
         pytest.param(
+            ["run", "--no-console", "--policies", "/dev/null"],
+            1,
+            ["/dev/null", "not a directory"],
+            id="run-policies-file",
+        ),
+        pytest.param(
             ["policy", "explain", "ghost", "--agent", "a", "--provider", "openai"],
             1,
             ["no policy file", "ghost.yaml"],
@@ -418,6 +424,22 @@ def test_policy_check_names_every_bad_setting_and_rule(aiid: Run, policies: Path
     lines = [int(e.split(":")[1]) for e in r.err.splitlines()]
     assert lines == [2, 3, 4, 7, 8, 9, 11], r.err
     assert all(e.startswith(f"{bad}:") for e in r.err.splitlines())
+
+
+def test_policy_check_names_a_duplicate_of_a_rule_that_failed_on_a_key(
+    aiid: Run, policies: Path
+) -> None:
+    bad = policies / f"{TENANT}.yaml"
+    bad.write_text(
+        "version: 1\ntenant: acme\ndefault: deny\nrules:\n"
+        "  - {id: a, effect: allow, agent: [x]}\n"  # 5: unknown key, the id still counts
+        "  - {id: a, effect: allow}\n"  # 6: its duplicate
+    )
+    r = aiid("policy", "check", policies)
+    errs = r.err.splitlines()
+    assert r.code == 1 and len(errs) == 2, r.err
+    assert errs[0].startswith(f"{bad}:5:") and "unknown key 'agent'" in errs[0]
+    assert errs[1] == f"{bad}:6: duplicate id 'a' (first on line 5)"
 
 
 def test_policy_check_names_a_region_no_provider_is_in(aiid: Run, policies: Path) -> None:

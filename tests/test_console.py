@@ -227,6 +227,14 @@ def test_empty_state_tells_how_to_connect_an_agent() -> None:
     assert "HTTPS_PROXY" not in "\n".join(screen(s, 80, 24))
 
 
+@pytest.mark.parametrize("width", [60, 80, 120, 160])
+def test_a_killed_flow_says_kill_in_its_status_column(width: int) -> None:
+    s = ConsoleState(listen="127.0.0.1:8080", started=NOW)
+    s.add_flow(FlowRow(NOW, RID, "acme", "bot", "openai", "gpt-4o-mini", "error", "-", "kill"))
+    row = [line for line in screen(s, width, 24) if " error " in line]
+    assert len(row) == 1 and " kill" in row[0], row
+
+
 @pytest.mark.parametrize(("width", "height"), [(80, 24), (160, 40)])
 def test_control_characters_from_agents_never_reach_the_terminal(width: int, height: int) -> None:
     """Model names come from agents' requests: an escape sequence in one must not drive the

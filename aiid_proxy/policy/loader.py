@@ -164,12 +164,20 @@ class _Validator(Checker):
     def rule(self, v: object, line: int, override: bool) -> Rule:
         kind = "override" if override else "rule"
         m = self.mapping(v, f"{kind} item", line)
-        self.keys(
-            m,
-            _OVERRIDE_KEYS if override else _RULE_KEYS,
-            kind,
-            ("id", "effect", "approved_by", "expires") if override else ("id", "effect"),
-        )
+        try:
+            self.keys(
+                m,
+                _OVERRIDE_KEYS if override else _RULE_KEYS,
+                kind,
+                ("id", "effect", "approved_by", "expires") if override else ("id", "effect"),
+            )
+        except PolicyError:
+            # This rule's error is its key; its id still counts, so that a later rule with
+            # the same id is named as a duplicate too.
+            rid = m.get("id")
+            if isinstance(rid, str) and rid not in self.ids and "id" in m.value_lines:
+                self.ids[rid] = m.value_lines["id"]
+            raise
         rid = self.string(m, "id", kind)
         if RULE_ID_RE.fullmatch(rid) is None:
             self.fail(
