@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterable
+from typing import Any
 
 REDACTED = b"[REDACTED]"
+MIN_WATCHED = 8
+"""Secrets shorter than this are scrubbed as bytes only: as text they would match words."""
 
 
 def _variants(secret: str) -> list[bytes]:
@@ -21,7 +26,8 @@ class Scrubber:
     """
 
     def __init__(self, secrets: Iterable[str]) -> None:
-        self._needles = [v for s in secrets if s for v in _variants(s)]
+        self.secrets = tuple(s for s in secrets if s)
+        self._needles = [v for s in self.secrets for v in _variants(s)]
         self._pending = b""
         self.hits = 0
 
@@ -81,3 +87,117 @@ class Scrubber:
                     break
                 i = data.find(first, i + 1)
         return best
+
+
+class TextWatch:
+    """Secrets spelled out in decoded text, where :class:`Scrubber` cannot see them as bytes: a
+    model's streamed output split over several events (``"sk-pr"`` in one delta, the rest in
+    the next), or written with JSON escapes (``"\\u0073k-..."``).
+
+    Feed it the text pieces of each event in order. :meth:`feed` counts the secrets the text
+    completes; :attr:`holding` says the text ends in the first :data:`HOLD` or more characters
+    of one, so that the event should wait for the next to show whether a secret follows. Text
+    rarely ends that way, so streaming is held up (by one event) only where a key may follow;
+    at most ``HOLD - 1`` of a secret's first characters pass before it is recognised.
+    """
+
+    HOLD = 4
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        self._secrets = sorted({s for s in secrets if len(s) >= MIN_WATCHED}, key=len, reverse=True)
+        self._keep = max((len(s) for s in self._secrets), default=1) - 1
+        self._tail = ""
+        self.holding = False
+
+    @property
+    def active(self) -> bool:
+        return bool(self._secrets)
+
+    def feed(self, pieces: Iterable[str]) -> int:
+        text = self._tail + "".join(pieces)
+        found = 0
+        for s in self._secrets:
+            if s in text:
+                found += text.count(s)
+                text = text.replace(s, "\0")
+        self._tail = text[-self._keep :]
+        self.holding = self._ends_in_a_prefix()
+        return found
+
+    def _ends_in_a_prefix(self) -> bool:
+        t = self._tail
+        for s in self._secrets:
+            start = s[: self.HOLD]
+            i = t.find(start, max(0, len(t) - (len(s) - 1)))
+            while i != -1:
+                if s.startswith(t[i:]):
+                    return True
+                i = t.find(start, i + 1)
+        return False
+
+
+_DATA_LINE = re.compile(rb"^data:[ ]?(.*?)\r?$", re.MULTILINE)
+
+
+def escaped_secrets(blob: bytes, secrets: Iterable[str], *, sse: bool = False) -> int:
+    """How many times the secrets occur in the strings of ``blob`` decoded as JSON (for ``sse``,
+    the JSON of each ``data:`` line) that its bytes do not show: written with ``\\u`` escapes.
+    Only a blob with such an escape is decoded; one that is not JSON counts 0."""
+    watched = [s for s in secrets if len(s) >= MIN_WATCHED]
+    if not watched or b"\\u" not in blob:
+        return 0
+    docs = [m.group(1) for m in _DATA_LINE.finditer(blob)] if sse else [blob]
+    found = 0
+    for doc in docs:
+        if b"\\u" in doc:
+            try:
+                found += _count_in_strings(json.loads(doc), watched)
+            except (ValueError, RecursionError):
+                continue
+    return found
+
+
+def redact_escaped(body: bytes, secrets: Iterable[str]) -> tuple[bytes, int]:
+    """A JSON body whose strings spell a secret with ``\\u`` escapes, re-encoded with the secret
+    replaced (compact, UTF-8); any other body unchanged. Returns the body and the count."""
+    watched = [s for s in secrets if len(s) >= MIN_WATCHED]
+    if not watched or b"\\u" not in body:
+        return body, 0
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return body, 0
+    found = _count_in_strings(doc, watched)
+    if not found:
+        return body, 0
+    clean = _replace_in_strings(doc, watched)
+    return json.dumps(clean, ensure_ascii=False, separators=(",", ":")).encode(), found
+
+
+def _count_in_strings(doc: Any, secrets: list[str]) -> int:
+    found = 0
+    stack = [doc]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            found += sum(x.count(s) for s in secrets)
+        elif isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+    return found
+
+
+def _replace_in_strings(doc: Any, secrets: list[str]) -> Any:
+    if isinstance(doc, str):
+        for s in secrets:
+            doc = doc.replace(s, REDACTED.decode())
+        return doc
+    if isinstance(doc, dict):
+        return {
+            _replace_in_strings(k, secrets): _replace_in_strings(v, secrets) for k, v in doc.items()
+        }
+    if isinstance(doc, list):
+        return [_replace_in_strings(v, secrets) for v in doc]
+    return doc

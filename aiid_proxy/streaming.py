@@ -10,7 +10,11 @@ the body in whatever chunks the provider's bytes arrive and returns what goes to
   unfinished tail of an event is held, and an agent can do nothing with half an event anyway. So
   streaming adds no time to the first token.
 * Scrubbing: the released events go through a :class:`~aiid_proxy.scrub.Scrubber`, which holds
-  back only a suffix that could start a secret: nothing, at an event boundary.
+  back only a suffix that could start a secret: nothing, at an event boundary. A secret the
+  bytes do not show, spelled out in the text of several events or with JSON escapes, is
+  caught in the decoded text (:class:`~aiid_proxy.scrub.TextWatch`): the stream is cut there,
+  before the event that completes it. An event whose text ends in the first characters of a
+  secret waits for the next event (text rarely ends so: no delay otherwise).
 * Usage: an :class:`~aiid_proxy.providers.SSEUsageTracker` reads every byte (also after a cut).
 * Reservation: with ``output_cap`` set, an event after which the output generated so far
   (:meth:`SSEUsageTracker.output_floor`, counted low so that a stream within its limit is never
@@ -27,11 +31,12 @@ import re
 from collections.abc import Callable
 
 from aiid_proxy.providers import MAX_EVENT_BYTES, SSEUsageTracker, Usage
-from aiid_proxy.scrub import Scrubber
+from aiid_proxy.scrub import Scrubber, TextWatch, escaped_secrets
 
 log = logging.getLogger("aiid.stream")
 _EOL = re.compile(rb"\r\n|\r|\n")
 CUT_REASON = "reservation exceeded"
+KEY_CUT_REASON = "injected key in the output"
 
 
 def cut_event(wire_format: str, message: str, request_id: str = "") -> bytes:
@@ -149,6 +154,11 @@ class StreamGuard:
         self.kept = bytearray()
         """The first ``keep`` bytes handed to the agent (scrubbed): the completion, for a
         tenant whose policy records prompts and completions."""
+        self.watch = TextWatch(scrubber.secrets)
+        self.held = bytearray()
+        """Scrubbed events waiting while their text ends in the start of a secret."""
+        if self.watch.active:
+            tracker.texts = []
 
     def __call__(self, chunk: bytes) -> bytes:
         if chunk:
@@ -175,6 +185,15 @@ class StreamGuard:
         self.closed = True
         out = bytearray()
         rest = self.splitter.rest()
+        if self.cut is None and self.watch.active:
+            clean = self.scrubber.feed(rest) + self.scrubber.flush()
+            self.tracker.feed(clean)
+            self.tracker.close()  # dispatches an unterminated last event
+            if not self._check(out) and not self._watched(clean, out):
+                out += self.held + clean  # a secret's start at the very end: it is not one
+                self.held.clear()
+            self._released(out)
+            return bytes(out)
         if rest:
             self.tracker.feed(rest)
         self.tracker.close()  # dispatches an unterminated last event: check it before release
@@ -185,31 +204,71 @@ class StreamGuard:
         return bytes(out)
 
     def _event(self, event: bytes, out: bytearray) -> None:
-        self.tracker.feed(event)
         if self.cut is not None:
+            self.tracker.feed(event)
             return  # after a cut: counted, never forwarded
-        if self._check(out):
+        if not self.watch.active:
+            self.tracker.feed(event)
+            if not self._check(out):
+                out += self.scrubber.feed(event)
             return
-        out += self.scrubber.feed(event)
+        # the tracker reads the scrubbed bytes, so the text it hands the watch shows only
+        # secrets the byte scrubber missed
+        clean = self.scrubber.feed(event)
+        self.tracker.feed(clean)
+        if self._check(out) or self._watched(clean, out):
+            return
+        if self.watch.holding:
+            self.held += clean
+            return
+        if self.held:
+            out += self.held
+            self.held.clear()
+        out += clean
+
+    def _watched(self, clean: bytes, out: bytearray) -> bool:
+        """Cut the stream if the text of the events so far spells a secret; True if cut."""
+        texts = self.tracker.texts
+        if texts is None:
+            texts = self.tracker.texts = []
+        found = max(self.watch.feed(texts), escaped_secrets(clean, self.scrubber.secrets, sse=True))
+        texts.clear()
+        if not found:
+            return False
+        self.scrubber.hits += found
+        self.held.clear()  # the secret's first characters: never released
+        self._cut(
+            out,
+            KEY_CUT_REASON,
+            "aiid: stream cut: the provider's output spelled out the key the gateway injected",
+        )
+        return True
 
     def _check(self, out: bytearray) -> bool:
         cap = self.output_cap
         if cap is None or self.tracker.output_floor() <= cap:
             return False
-        self.cut = CUT_REASON
-        out += self.scrubber.flush()
-        message = (
+        out += self.held
+        self.held.clear()
+        self._cut(
+            out,
+            CUT_REASON,
             f"aiid: stream cut: the output exceeded this request's reservation of {cap} "
-            f"tokens (max_tokens, or the gateway's default when it is absent)"
-            + (f"; request {self.request_id}" if self.request_id else "")
+            f"tokens (max_tokens, or the gateway's default when it is absent)",
         )
+        return True
+
+    def _cut(self, out: bytearray, reason: str, message: str) -> None:
+        self.cut = reason
+        out += self.scrubber.flush()
+        if self.request_id:
+            message += f"; request {self.request_id}"
         out += cut_event(self.tracker.wire_format, message, self.request_id)
         if self.on_cut is not None:
             try:
                 self.on_cut()
             except Exception:  # best effort: nothing more is forwarded anyway
                 log.exception("closing the upstream of a cut stream failed")
-        return True
 
     def usage(self, input_estimate: int) -> Usage:
         """The provider's reported usage, else an estimate (flagged); never zero for a stream
@@ -217,4 +276,4 @@ class StreamGuard:
         return self.tracker.usage() or self.tracker.estimate(input_estimate)
 
 
-__all__ = ["CUT_REASON", "EventSplitter", "StreamGuard", "cut_event"]
+__all__ = ["CUT_REASON", "KEY_CUT_REASON", "EventSplitter", "StreamGuard", "cut_event"]

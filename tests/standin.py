@@ -24,6 +24,9 @@ Control request headers (all optional):
 - `x-standin-echo-key: 1`: echo the received credential: 401 provider-shaped error naming it and a
   response header `x-echo-key: <key>`; with a streaming request instead a 200 stream whose second
   text event carries the key, written as two TCP writes (HTTP chunks) split inside the key.
+  `x-standin-echo-key: spelled`: as 1, but a stream spells the key over three text events.
+  `x-standin-echo-key: escaped`: as 1, but the key is written in JSON `\\uXXXX` escapes in
+  the body or stream (the `x-echo-key` header stays plain).
 - `x-standin-events: N`: number of text pieces (default 5, 1..10000); also for non-stream replies.
 - `x-standin-delay-ms: D`: pause between streamed events (default 0, capped at 1000).
 - `x-standin-status: S`: reply with status S (200..599); >= 400 gives a provider-shaped error body.
@@ -304,6 +307,7 @@ def _build_leaf(
 @dataclass
 class _Controls:
     echo: bool
+    echo_mode: str  # "1", "spelled" or "escaped" when echo
     events: int
     delay: float  # seconds
     status: int | None
@@ -326,6 +330,7 @@ def _controls(rec: Recorded) -> _Controls:
     status = _int_header(status_raw, 0, 200, 599) if status_raw is not None else None
     return _Controls(
         echo=(rec.header("x-standin-echo-key") or "").strip() not in ("", "0"),
+        echo_mode=(rec.header("x-standin-echo-key") or "").strip().lower(),
         events=_int_header(rec.header("x-standin-events"), DEFAULT_EVENTS, 1, MAX_EVENTS),
         delay=_int_header(rec.header("x-standin-delay-ms"), 0, 0, MAX_DELAY_MS) / 1000.0,
         status=status or None,
@@ -418,6 +423,16 @@ def _echo_error(flavour: str, key: str) -> _Reply:
     return reply
 
 
+def _escape_key(reply: _Reply, key: str) -> None:
+    """The key in the body or events as JSON ``\\uXXXX`` escapes: the same JSON to a parser."""
+    plain = json.dumps(key)[1:-1].encode()
+    escaped = "".join(f"\\u{ord(c):04x}" for c in key).encode()
+    reply.body = reply.body.replace(plain, escaped)
+    if reply.events is not None:
+        reply.events = [e.replace(plain, escaped) for e in reply.events]
+        reply.split = {}
+
+
 def _sse(event: str | None, data: object, sep: bytes = b"\n\n") -> bytes:
     head = f"event: {event}\n".encode() if event else b""
     return head + b"data: " + _dumps(data) + sep
@@ -436,6 +451,8 @@ def _words(ctl: _Controls, stream: bool) -> list[str]:
     words = standin_words(ctl.events)
     if ctl.echo and stream:
         key = ctl.key or "(no key)"
+        if ctl.echo_mode == "spelled":
+            return ["Echo ", key[:5], key[5:12], key[12:], *words[2:]]
         words = ["Echo", f" {key}", *words[2:]] if len(words) > 1 else ["Echo", f" {key}"]
     return words
 
@@ -819,6 +836,8 @@ def _respond(rec: Recorded) -> _Reply:
     )
     if ctl.echo and not (streaming and json_route):
         reply = _echo_error(flavour, ctl.key or "")
+        if ctl.echo_mode == "escaped" and ctl.key:
+            _escape_key(reply, ctl.key)
         if ctl.status is not None:
             reply.status = ctl.status
         return reply
@@ -843,6 +862,8 @@ def _respond(rec: Recorded) -> _Reply:
         reply = _json_reply(200, flavour, obj)
     if ctl.echo:
         reply.headers.append(("x-echo-key", ctl.key or ""))
+    if ctl.echo and ctl.echo_mode == "escaped" and ctl.key:
+        _escape_key(reply, ctl.key)
     if ctl.status is not None:
         reply.status = ctl.status
     reply.delay = ctl.delay

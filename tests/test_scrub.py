@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aiid_proxy.scrub import REDACTED, Scrubber
+from aiid_proxy.scrub import REDACTED, Scrubber, TextWatch, escaped_secrets, redact_escaped
 
 KEY = "sk-canary-openai-XYZ0123"
 K = KEY.encode()
@@ -180,3 +180,66 @@ def test_any_chunking_equals_whole_body_and_never_leaks(
     assert secret.encode() not in out
     assert secret.replace("/", "\\/").encode() not in out
     assert out.count(REDACTED) >= text.count(secret.encode())
+
+
+# -- TextWatch and JSON escapes: a secret the bytes do not show ---------------------------------
+PKEY = "sk-proj-0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    ("pieces", "found", "holding"),
+    [
+        pytest.param(["hello ", PKEY[:2]], [0, 0], [False, False], id="2-chars-not-held"),
+        pytest.param(["hello ", PKEY[:4]], [0, 0], [False, True], id="4-chars-held"),
+        pytest.param([PKEY[:4], "x"], [0, 0], [True, False], id="not-continued"),
+        pytest.param([PKEY[:9], PKEY[9:]], [0, 1], [True, False], id="completed"),
+        pytest.param(list(PKEY), [0] * (len(PKEY) - 1) + [1], None, id="char-by-char"),
+        pytest.param([PKEY + PKEY[:5]], [1], [True], id="key-then-its-start"),
+        pytest.param(["tasks", "sk-p", "rom"], [0, 0, 0], [False, True, False], id="word"),
+    ],
+)
+def test_text_watch(pieces: list[str], found: list[int], holding: list[bool] | None) -> None:
+    w = TextWatch([PKEY, "short"])  # under MIN_WATCHED characters: bytes only
+    got = [(w.feed([p]), w.holding) for p in pieces]
+    assert [g[0] for g in got] == found
+    if holding is not None:
+        assert [g[1] for g in got] == holding
+
+
+def test_text_watch_never_counts_a_secret_twice() -> None:
+    w = TextWatch([PKEY])
+    assert w.feed([PKEY]) == 1
+    assert [w.feed(["!"]) for _ in range(3)] == [0, 0, 0]
+
+
+ESCAPED = "".join(f"\\u{ord(c):04x}" for c in PKEY)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected", "count"),
+    [
+        pytest.param(
+            f'{{"error": {{"message": "bad key {ESCAPED}"}}}}'.encode(),
+            b'{"error":{"message":"bad key [REDACTED]"}}',
+            1,
+            id="escaped-in-a-value",
+        ),
+        pytest.param(
+            f'{{"{ESCAPED}": ["\\u00e9", "{PKEY[:2]}\\u002d{PKEY[3:]}"]}}'.encode(),
+            '{"[REDACTED]":["é","[REDACTED]"]}'.encode(),
+            2,
+            id="key-and-list",
+        ),
+        pytest.param(b'{"a": "\\u00e9 no key"}', b'{"a": "\\u00e9 no key"}', 0, id="no-key"),
+        pytest.param(f"not json {ESCAPED}".encode(), f"not json {ESCAPED}".encode(), 0, id="text"),
+    ],
+)
+def test_redact_escaped(body: bytes, expected: bytes, count: int) -> None:
+    assert redact_escaped(body, [PKEY]) == (expected, count)
+    assert escaped_secrets(body, [PKEY]) == count
+
+
+def test_escaped_secrets_in_sse_data_lines() -> None:
+    events = f'event: x\r\ndata: {{"t": "{ESCAPED}"}}\r\n\r\ndata: [DONE]\n\n'.encode()
+    assert escaped_secrets(events, [PKEY], sse=True) == 1
+    assert escaped_secrets(events, [PKEY]) == 0  # not one JSON document

@@ -10,8 +10,14 @@ import pytest
 from standin import standin_words
 
 from aiid_proxy.providers import Registry, SSEUsageTracker, Usage
-from aiid_proxy.scrub import REDACTED, Scrubber
-from aiid_proxy.streaming import CUT_REASON, EventSplitter, StreamGuard, cut_event
+from aiid_proxy.scrub import REDACTED, Scrubber, TextWatch
+from aiid_proxy.streaming import (
+    CUT_REASON,
+    KEY_CUT_REASON,
+    EventSplitter,
+    StreamGuard,
+    cut_event,
+)
 
 REG = Registry.builtin()
 SECRET = "sk-canary-stream-0123456789abcdef"
@@ -174,8 +180,6 @@ def test_half_an_event_waits_for_its_end_only() -> None:
     ],
 )
 def test_secret_is_scrubbed_over_every_chunking(secret: str, words: list[str], hits: int) -> None:
-    """(A key a model spelled out over several deltas is not one run of bytes and is not
-    caught; providers echo keys in error bodies and headers, which are scrubbed whole.)"""
     events = [
         f'data: {{"choices": [{{"delta": {{"content": "{w.replace("/", "\\/")}"}}}}]}}\n\n'.encode()
         for w in words
@@ -188,6 +192,94 @@ def test_secret_is_scrubbed_over_every_chunking(secret: str, words: list[str], h
         out = b"".join(g(c) for c in chunks) + g(b"")
         assert out == stream.replace(escaped, REDACTED), chunks
         assert g.scrubber.hits == hits
+
+
+# A key a model spells out over several deltas (or with JSON escapes) is no run of bytes the
+# scrubber could see: it is caught in the text and the stream is cut before the event that
+# completes it; the events whose text ends in the key's first characters are never released.
+SPELLED = [
+    pytest.param("openai", "/v1/chat/completions", chat_stream, id="chat"),
+    pytest.param("openai", "/v1/responses", responses_stream, id="responses"),
+    pytest.param("anthropic", "/v1/messages", anthropic_stream, id="messages"),
+]
+
+
+@pytest.mark.parametrize(("provider", "path", "build"), SPELLED)
+@pytest.mark.parametrize(
+    "words",
+    [
+        pytest.param(["The key: ", SECRET[:3], SECRET[3:20], SECRET[20:], " ok"], id="3-pieces"),
+        pytest.param(["The key: " + SECRET[:10], SECRET[10:] + " ok"], id="2-pieces"),
+        pytest.param(["x"] + list(SECRET) + ["y"], id="char-by-char"),
+    ],
+)
+def test_a_key_spelled_out_over_deltas_cuts_the_stream(
+    provider: str, path: str, build: object, words: list[str]
+) -> None:
+    events = build(words)  # type: ignore[operator]
+    stream = b"".join(events)
+    for chunks in ([stream], events, [stream[i : i + 7] for i in range(0, len(stream), 7)]):
+        g, calls = guard(provider, path, secrets=(SECRET,))
+        out = b"".join(g(c) for c in chunks) + g(b"")
+        text, errors = text_of(provider, out)
+        assert SECRET[: TextWatch.HOLD] not in text, text  # at most HOLD - 1 of its characters
+        assert text in {"".join(words[:k]) for k in range(len(words))}  # whole events only
+        assert len(errors) == 1 and "spelled out the key" in json.dumps(errors[0])
+        assert SECRET not in json.dumps(errors[0]) and "req_test" in json.dumps(errors[0])
+        assert g.cut == KEY_CUT_REASON and calls == [1] and g.scrubber.hits == 1
+
+
+@pytest.mark.parametrize(("provider", "path", "build"), SPELLED)
+def test_text_ending_in_a_keys_first_characters_waits_for_the_next_event_only(
+    provider: str, path: str, build: object
+) -> None:
+    words = ["ask", " sk-c", "at", " done"]  # "sk-c" starts the key, "sk-cat" does not
+    events = build(words)  # type: ignore[operator]
+    g, calls = guard(provider, path, secrets=(SECRET,))
+    released = [g(e) for e in events]
+    out = b"".join(released) + g(b"")
+    assert out == b"".join(events) and g.cut is None and calls == []
+    held = events.index(next(e for e in events if b"sk-c" in e))
+    assert released[held] == b""  # held: a key may follow
+    assert released[held + 1] == events[held] + events[held + 1]  # released with the next
+
+
+def test_a_stream_ending_in_a_keys_first_characters_releases_them_at_the_end() -> None:
+    events = chat_stream(["see sk-can"], usage=False)[:-1]  # no [DONE]: the text ends there
+    g, _ = guard(secrets=(SECRET,))
+    assert b"".join(g(e) for e in events) == b""
+    assert g(b"") == b"".join(events) and g.cut is None
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(
+            {
+                "choices": [
+                    {"delta": {"content": "k " + "".join(f"\\u{ord(c):04x}" for c in SECRET)}}
+                ]
+            },
+            id="escaped-delta",
+        ),
+        pytest.param(
+            {"error": {"message": "bad key \\u0073" + SECRET[1:]}}, id="escaped-error-field"
+        ),
+    ],
+)
+def test_a_key_in_json_escapes_cuts_the_stream(data: dict[str, object]) -> None:
+    payload = json.dumps(data).replace("\\\\u", "\\u")  # the escapes as the provider wrote them
+    assert SECRET not in payload and json.loads(payload) != data
+    g, calls = guard(secrets=(SECRET,))
+    out = g(f"data: {payload}\n\n".encode()) + g(b"data: [DONE]\n\n") + g(b"")
+    assert SECRET.encode() not in out and b"\\u0073" not in out
+    assert g.cut == KEY_CUT_REASON and calls == [1]
+
+
+def test_without_a_secret_to_watch_nothing_is_held() -> None:
+    events = chat_stream(["sk-c", "at"])
+    g, _ = guard(secrets=())
+    assert [g(e) for e in events] == events
 
 
 # -- usage ---------------------------------------------------------------------------------------

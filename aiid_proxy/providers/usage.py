@@ -166,6 +166,9 @@ class SSEUsageTracker:
         """Non-empty pieces of generated text seen (each holds at least one token)."""
         self.finished = False
         """A terminal marker was seen ([DONE], message_stop, response.completed, ...)."""
+        self.texts: list[str] | None = None
+        """When a list: every piece of generated text is appended to it, in order (for
+        :class:`~aiid_proxy.scrub.TextWatch`; whoever set it empties it)."""
         self._line = bytearray()
         self._line_len = 0
         self._data: list[str] = []
@@ -353,6 +356,8 @@ class SSEUsageTracker:
             self.output_chars += len(value)
             if value:
                 self.text_deltas += 1
+                if self.texts is not None:
+                    self.texts.append(value)
 
     # -- results ----------------------------------------------------------------------------
     @property
