@@ -52,6 +52,13 @@ def _answer(status: int, message: str, request: http.Request | None) -> tuple[st
     return rid, refusal_body(refusal, rid)
 
 
+def id_headers(rid: str) -> dict[str, str]:
+    """The request id on an answer of the gateway's own: ``x-aiid-request-id`` (the contract),
+    and the headers the SDKs read into their errors' ``request_id`` (openai: ``x-request-id``;
+    anthropic: ``request-id``). Provider answers keep the provider's own."""
+    return {"x-aiid-request-id": rid, "x-request-id": rid, "request-id": rid}
+
+
 def error_response(status: int, message: str, request: http.Request | None = None) -> bytes:
     """The whole HTTP/1.1 response mitmproxy would send as its error page, as JSON."""
     rid, body = _answer(status, message, request)
@@ -62,7 +69,7 @@ def error_response(status: int, message: str, request: http.Request | None = Non
             "server": version.MITMPROXY,
             "connection": "close",
             "content-type": "application/json",
-            "x-aiid-request-id": rid,
+            **id_headers(rid),
         },
     )
     return http1.assemble_response(resp)
@@ -101,7 +108,7 @@ def _h2_error(
             (b":status", b"%d" % status),
             (b"server", version.MITMPROXY.encode()),
             (b"content-type", b"application/json"),
-            (b"x-aiid-request-id", rid.encode()),
+            *((k.encode(), v.encode()) for k, v in id_headers(rid).items()),
         ],
     )
     server.h2_conn.send_data(sid, body, end_stream=True)

@@ -49,7 +49,7 @@ from aiid_proxy.providers import (
     estimate_body_usage,
     parse_usage,
 )
-from aiid_proxy.scrub import Scrubber
+from aiid_proxy.scrub import Scrubber, redact_escaped
 from aiid_proxy.streaming import StreamGuard
 
 log = logging.getLogger("aiid")
@@ -361,7 +361,7 @@ async def refuse(rt: Runtime, flow: http.HTTPFlow, st: FlowState, r: RequestRefu
     resp = http.Response.make(
         r.status,
         refusal_body(r, st.request_id),
-        {"content-type": "application/json", "x-aiid-request-id": st.request_id, **r.headers},
+        {"content-type": "application/json", **errorpage.id_headers(st.request_id), **r.headers},
     )
     flow.response = resp
     flow.metadata[OURS] = resp
@@ -476,7 +476,7 @@ def refuse_now(rt: Runtime, flow: http.HTTPFlow, st: FlowState, r: RequestRefuse
     resp = http.Response.make(
         r.status,
         refusal_body(r, st.request_id),
-        {"content-type": "application/json", "x-aiid-request-id": st.request_id, **r.headers},
+        {"content-type": "application/json", **errorpage.id_headers(st.request_id), **r.headers},
     )
     flow.response = resp
     flow.metadata[OURS] = resp
@@ -866,6 +866,8 @@ class ResponseFilter:
             resp.trailers = None  # sent after this hook: never unscrubbed
             body = resp.get_content(strict=True) or b""  # undecodable: cannot scrub, _fail
             clean = scrubber.scrub(body)
+            clean, escaped = redact_escaped(clean, scrubber.secrets)  # "\u0073k-..."
+            scrubber.hits += escaped
             hits = scrubber.hits
             if hits:
                 resp.content = clean

@@ -60,6 +60,10 @@ def build_master(
 
         view = ConsoleAddon(rt, home, f"{host}:{port}")
         master.addons.add(view)
+    # before anything is configured (and logged): every option is declared by now
+    unknown = sorted({s.partition("=")[0].strip() for s in sets} - set(opts.keys()))
+    if unknown:
+        raise UnknownOption(f"unknown option(s) for --set: {', '.join(unknown)}")
     opts.update(
         listen_host=host,
         listen_port=port,
@@ -73,6 +77,10 @@ def build_master(
     if sets:
         opts.set(*sets)
     return master, rt, view
+
+
+class UnknownOption(exceptions.OptionsError):
+    """A ``--set`` naming no option: a usage error (exit 2), not a failed start."""
 
 
 def tune_gc() -> None:
@@ -131,7 +139,7 @@ def run_gateway(
             master, _rt, _view = build_master(home, policies, host, port, sets, console)
         except exceptions.OptionsError as e:
             print(f"aiid: error: {' '.join(str(e).split())}", file=sys.stderr)
-            return 1
+            return 2 if isinstance(e, UnknownOption) else 1
         tune_gc()
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(_quiet_cancellations)

@@ -344,7 +344,26 @@ def issue_token(
         "iat": iat,
         "exp": exp,
     }
-    return jwt.encode(claims, key, algorithm=ALGORITHM, headers={"typ": "JWT"})
+    token = jwt.encode(claims, key, algorithm=ALGORITHM, headers={"typ": "JWT"})
+    ledger = issued_path(home, tenant)
+    ledger.parent.mkdir(mode=0o700, exist_ok=True)
+    append_durable(ledger, f"{claims['jti']} {agent} {exp}\n", 0o600)
+    return token
+
+
+def issued_path(home: Home, tenant: str) -> Path:
+    """The ids of the tokens issued for ``tenant`` (``jti agent exp`` a line), in ``admin/``:
+    so that ``aiid token revoke`` can tell a mistyped id from a real one."""
+    return home.root / "admin" / "issued" / validate_name("tenant", tenant)
+
+
+def was_issued(home: Home, tenant: str, jti: str) -> bool:
+    """Whether this home issued a token ``jti`` for ``tenant`` (per its ledger)."""
+    try:
+        with issued_path(home, tenant).open(encoding="ascii", errors="replace") as f:
+            return any(line.split(" ", 1)[0] == jti for line in f)
+    except OSError:
+        return False
 
 
 def revoke_token(home: Home, tenant: str, jti: str, expires_at: int | None = None) -> None:

@@ -71,7 +71,10 @@ def pico_to_usd(pico: int) -> float:
 
 
 def format_usd(usd: float) -> str:
-    return f"{usd:.2f}" if usd >= 0.01 or usd == 0 else f"{usd:.6f}".rstrip("0")
+    """Dollars to the micro-dollar, trailing zeros dropped, at least cents: "0.05", "0.048",
+    "12.50", "0.000213" (so that spent and left add up to the budget in a refusal)."""
+    whole, _, frac = f"{usd:.6f}".partition(".")
+    return f"{whole}.{frac.rstrip('0').ljust(2, '0')}"
 
 
 # -- prices -----------------------------------------------------------------------------------

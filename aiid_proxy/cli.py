@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, cast
 
 import click
 
@@ -230,13 +230,20 @@ def token_issue(ctx: click.Context, tenant_name: str, agent: str, ttl: str) -> N
 def token_revoke(ctx: click.Context, tenant_name: str, jti: str) -> None:
     """Refuse token JTI from now on (a running gateway too, within 2 s). JTI may also be the
     token itself: it must then be one of this home's tokens for TENANT."""
-    from aiid_proxy.admin import revocation_target, revoke_token
+    from aiid_proxy.admin import revocation_target, revoke_token, was_issued
 
     home = _home(ctx)
     home.require()
     home.require_tenant(tenant_name)
     jti, expires_at = revocation_target(home, tenant_name, jti)
     revoke_token(home, tenant_name, jti, expires_at)
+    if expires_at is None and not was_issued(home, tenant_name, jti):
+        # revoked all the same (the token may come from a copy of this home's admin key)
+        click.echo(
+            f"aiid: warning: this home issued no token {jti} for tenant {tenant_name} "
+            "(mistyped?); revoked anyway",
+            err=True,
+        )
     click.echo(f"revoked {jti}")
 
 
@@ -297,7 +304,7 @@ def policy_check(directory: str | None, policies: str | None) -> None:
     loaded, errors = load_policy_dir(d)
     extras = _check_data_files(d)
     if not any("providers.yaml" in line for line in extras):
-        extras += _region_problems(d, loaded)
+        extras += _region_problems(d, loaded) + _rule_problems(d, loaded)
     for e in errors:
         click.echo(e.one_line(), err=True)
     for line in extras:
@@ -328,6 +335,31 @@ def _region_problems(d: Path, loaded: Mapping[str, Any]) -> list[str]:
             f"{where}: unknown region {pol.region!r}: no provider is in it "
             f"(known: {', '.join(known)}; providers.yaml can add providers)"
         )
+    return out
+
+
+def _rule_problems(d: Path, loaded: Mapping[str, Any]) -> list[str]:
+    """Rules that can never match: a provider name no provider has, or a ``hosts`` rule for a
+    provider's own host (provider hosts are governed by ``providers``/``models`` rules)."""
+    registry = _registry(d)
+    known = registry.names()
+    out: list[str] = []
+    for _tenant, pol in sorted(loaded.items()):
+        for rule in (*pol.rules, *pol.overrides):
+            where = f"{pol.source}:{rule.line}" if rule.line is not None else str(pol.source)
+            for name in rule.providers or ():
+                if not any(c in name for c in "*?[") and name not in known:
+                    out.append(
+                        f"{where}: rule {rule.id!r}: unknown provider {name!r}, so the rule "
+                        f"never matches (known: {', '.join(known)}; providers.yaml can add more)"
+                    )
+            for host in rule.hosts or ():
+                p = registry.match_host(host) if not any(c in host for c in "*?[") else None
+                if p is not None:
+                    out.append(
+                        f"{where}: rule {rule.id!r}: {host} is provider {p.name!r}'s host, "
+                        f"governed by providers/models rules: this hosts rule never matches"
+                    )
     return out
 
 
@@ -609,10 +641,23 @@ def audit_checkpoint(ctx: click.Context, tenant_name: str, out: str | None) -> N
 
 @audit.command("tail")
 @click.argument("tenant_name", metavar="TENANT", callback=_name("tenant"))
-@click.option("-n", "count", default=20, show_default=True, help="records to show first")
+@click.option(
+    "-n",
+    "count",
+    default=20,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="records to show first",
+)
 @click.option("-f", "follow", is_flag=True, help="keep printing new records")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object a line")
-@click.option("--interval", default=0.5, show_default=True, help="poll interval with -f, seconds")
+@click.option(
+    "--interval",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(min=0.05, max=3600),
+    help="poll interval with -f, seconds",
+)
 @click.pass_context
 def audit_tail(
     ctx: click.Context, tenant_name: str, count: int, follow: bool, as_json: bool, interval: float
@@ -652,9 +697,12 @@ def audit_tail(
             last = int(r["seq"])
         return last
 
-    last = show(read_rows(path, last=count))
+    last = show(read_rows(path, last=count)) if count else 0
     if not follow:
         return
+    if not last:  # -n 0, or nothing to show: follow from the current end, not from seq 1
+        head = read_rows(path, last=1)
+        last = int(cast(int, head[0]["seq"])) if head else 0
     try:
         while True:
             time.sleep(interval)
@@ -748,6 +796,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except click.Abort:
         _fail("aborted", 1)
+    except click.exceptions.NoArgsIsHelpError as e:  # `aiid`, `aiid vault`: the help, whole
+        click.echo(e.format_message(), err=True)
+        sys.exit(2)
     except click.UsageError as e:
         _fail(" ".join(e.format_message().split()), 2)
     except click.ClickException as e:

@@ -8,6 +8,7 @@ around every range boundary, the verdict with 1 or 3 workers equals the verdict 
 
 from __future__ import annotations
 
+import base64
 import marshal
 import os
 import shutil
@@ -350,3 +351,30 @@ def test_the_start_check_verifies_in_a_child_that_gets_the_key_on_stdin_only(
         text = repr((args, env))
         assert canary not in text and KEY.hex() not in text
         assert "AIID_AUDIT_KEY" not in env
+
+
+def test_the_documented_recipe_recomputes_every_mac(tmp_path: Path) -> None:
+    """docs/audit-integrity.md tells how to verify a log without aiid: its snippet, run as
+    written (paths adapted), against a real log with non-ASCII, a detail and a float."""
+    doc = (Path(__file__).parent.parent / "docs" / "audit-integrity.md").read_text()
+    snippet = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    home = tmp_path / ".aiid"
+    (home / "runtime").mkdir(parents=True)
+    (home / "tenants" / "demo").mkdir(parents=True)
+    (home / "runtime" / "audit.key").write_bytes(base64.b64encode(ROOT) + b"\n")
+    with AuditLog(home / "tenants" / "demo" / "audit.db", "demo", ROOT) as log:
+        log.append_sync("request", request_id="req_1", agent="a", model="gpt-4o", reason="é ✓")
+        log.append_sync("response", request_id="req_1", status=200, latency_ms=1.25)
+        log.append_sync("policy", reason="loaded", detail={"files": ["demo.yaml"], "n": 1})
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        exec(compile(snippet, "audit-integrity.md", "exec"), {})  # noqa: S102 - our own docs
+        con = sqlite3.connect(home / "tenants" / "demo" / "audit.db")
+        con.execute("UPDATE audit SET reason = 'e' WHERE seq = 1")
+        con.commit()
+        con.close()
+        with pytest.raises(AssertionError, match="chain broken at seq 1"):
+            exec(compile(snippet, "audit-integrity.md", "exec"), {})  # noqa: S102
+    finally:
+        os.chdir(cwd)

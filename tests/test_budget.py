@@ -18,6 +18,7 @@ from aiid_proxy.budget import (
     Price,
     PriceBook,
     PriceTable,
+    format_usd,
     month_start_ts,
     periods,
     pico_to_usd,
@@ -466,3 +467,19 @@ def test_policy_check_validates_prices_and_providers(
     out = capsys.readouterr()
     assert got == code, out
     assert expect in out.out + out.err
+
+
+@pytest.mark.parametrize(
+    ("usd", "text"),
+    [
+        pytest.param(0, "0.00", id="zero"),
+        pytest.param(0.05, "0.05", id="cents"),
+        pytest.param(0.048, "0.048", id="not-rounded-up-to-the-cap"),
+        pytest.param(0.002, "0.002", id="what-is-left"),
+        pytest.param(12.5, "12.50", id="at-least-cents"),
+        pytest.param(0.000213, "0.000213", id="micro-dollars"),
+        pytest.param(1000, "1000.00", id="large"),
+    ],
+)
+def test_format_usd(usd: float, text: str) -> None:
+    assert format_usd(usd) == text

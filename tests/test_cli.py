@@ -205,8 +205,19 @@ def test_token_issue_prints_only_the_token_and_revoke_refuses_it(aiid: Run, home
     assert claims["iss"] == "aiid" and claims["aud"] == "aiid-gateway"
     assert claims["exp"] - claims["iat"] == 3600
     r = aiid("--home", home.root, "token", "revoke", TENANT, claims["jti"])
-    assert (r.code, r.out.strip()) == (0, f"revoked {claims['jti']}")
+    assert (r.code, r.out.strip(), r.err) == (0, f"revoked {claims['jti']}", "")
     assert RevocationList(home).is_revoked(TENANT, claims["jti"])
+
+
+def test_token_revoke_of_an_id_never_issued_warns_and_revokes(aiid: Run, home: Home) -> None:
+    typo = "0123456789abcdef0123456789abcdef"
+    r = aiid("--home", home.root, "token", "revoke", TENANT, typo)
+    assert (r.code, r.out.strip()) == (0, f"revoked {typo}")
+    assert r.err.splitlines() == [
+        f"aiid: warning: this home issued no token {typo} for tenant {TENANT} (mistyped?); "
+        "revoked anyway"
+    ]
+    assert RevocationList(home).is_revoked(TENANT, typo)
 
 
 def test_token_revoke_takes_the_token_itself(aiid: Run, home: Home) -> None:
@@ -270,6 +281,10 @@ def test_token_revoke_takes_the_token_itself(aiid: Run, home: Home) -> None:
             ["audit", "verify", TENANT, "--expect-head", "12:zz"], 2, ["SEQ:MAC"], id="bad-head"
         ),
         pytest.param(["audit", "export", TENANT, "--format", "csv"], 2, ["csv"], id="bad-format"),
+        pytest.param(["audit", "tail", TENANT, "-n", "-1"], 2, ["-n", "-1"], id="tail-negative"),
+        pytest.param(
+            ["audit", "tail", TENANT, "-f", "--interval", "0"], 2, ["--interval"], id="tail-busy"
+        ),
         pytest.param(
             ["vault", "put", TENANT, "openai", "--from-env", "AIID_TEST_UNSET"],
             2,
@@ -286,6 +301,37 @@ def test_errors_are_one_line_with_the_right_status(
 ) -> None:
     r = aiid("--home", home.root, *args, env={"AIID_POLICIES": str(policies)})
     one_line_error(r, code, *needles)
+
+
+@pytest.mark.parametrize("args", [pytest.param([], id="aiid"), pytest.param(["vault"], id="group")])
+def test_a_command_without_its_subcommand_prints_the_help(aiid: Run, args: list[str]) -> None:
+    r = aiid(*args)
+    assert r.code == 2 and r.out == ""
+    assert r.err.startswith(f"Usage: aiid {' '.join([*args, ''])}[OPTIONS] COMMAND")
+    assert "Commands:" in r.err and "aiid: error" not in r.err
+
+
+def test_run_with_an_unknown_set_option_is_a_usage_error(
+    aiid: Run, home: Home, policies: Path
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = aiid(
+        "--home",
+        home.root,
+        "run",
+        "--no-console",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--policies",
+        policies,
+        "--set",
+        "nosuchopt=1",
+        "--set",
+        "flow_detail=1",
+    )
+    one_line_error(r, 2, "unknown option(s) for --set: flow_detail, nosuchopt")
 
 
 def test_run_on_a_port_in_use_says_why_in_one_line(aiid: Run, home: Home, policies: Path) -> None:
@@ -418,11 +464,12 @@ def test_policy_check_names_every_bad_setting_and_rule(aiid: Run, policies: Path
         "  - {id: c, effect: deny, models: []}\n"  # 9
         "limits:\n"
         "  tenant: {requests_per_minute: -1}\n"  # 11
+        "foo: 1\n"  # 12: an unknown top-level key stops nothing
     )
     r = aiid("policy", "check", policies)
     assert r.code == 1 and "OK" not in r.out
     lines = [int(e.split(":")[1]) for e in r.err.splitlines()]
-    assert lines == [2, 3, 4, 7, 8, 9, 11], r.err
+    assert lines == [2, 3, 4, 7, 8, 9, 11, 12], r.err
     assert all(e.startswith(f"{bad}:") for e in r.err.splitlines())
 
 
@@ -440,6 +487,23 @@ def test_policy_check_names_a_duplicate_of_a_rule_that_failed_on_a_key(
     assert r.code == 1 and len(errs) == 2, r.err
     assert errs[0].startswith(f"{bad}:5:") and "unknown key 'agent'" in errs[0]
     assert errs[1] == f"{bad}:6: duplicate id 'a' (first on line 5)"
+
+
+def test_policy_check_names_rules_that_can_never_match(aiid: Run, policies: Path) -> None:
+    bad = policies / f"{TENANT}.yaml"
+    bad.write_text(
+        "version: 1\ntenant: acme\ndefault: deny\nrules:\n"
+        "  - {id: a, providers: [opnai], effect: allow}\n"  # 5
+        "  - {id: b, providers: [open*], effect: allow}\n"  # a glob: may match
+        "  - {id: c, hosts: [api.openai.com], effect: allow}\n"  # 7
+        "  - {id: d, hosts: [api.github.com], effect: allow}\n"
+    )
+    r = aiid("policy", "check", policies)
+    assert r.code == 1 and "OK" not in r.out
+    errs = r.err.splitlines()
+    assert len(errs) == 2, r.err
+    assert errs[0].startswith(f"{bad}:5: rule 'a': unknown provider 'opnai'")
+    assert errs[1].startswith(f"{bad}:7: rule 'c': api.openai.com is provider 'openai'")
 
 
 def test_policy_check_names_a_region_no_provider_is_in(aiid: Run, policies: Path) -> None:
@@ -568,6 +632,13 @@ def test_audit_verify_ok_then_names_the_first_bad_seq(aiid: Run, audited: Home) 
     assert r.code == 1 and r.out.startswith(f"FAILED at seq {n}")
 
 
+def test_audit_verify_with_another_key_says_the_key_may_be_wrong(aiid: Run, audited: Home) -> None:
+    other = base64.b64encode(b"k" * 32).decode()
+    r = aiid("--home", audited.root, "audit", "verify", TENANT, env={"AIID_AUDIT_KEY": other})
+    assert r.code == 1 and r.out.startswith("FAILED at seq 1")
+    assert "not the audit key it was written with" in r.out
+
+
 def test_audit_tail_human_and_json(aiid: Run, audited: Home) -> None:
     n = _count(audited)
     r = aiid("--home", audited.root, "audit", "tail", TENANT)
@@ -598,10 +669,18 @@ def test_audit_tail_colours_events_on_a_terminal(
     assert lines and all(line.startswith(colour) for line in lines), r.out
 
 
+@pytest.mark.parametrize(
+    ("count", "shown"),
+    [
+        pytest.param("1", ["deny", "policy"], id="n1"),
+        pytest.param("0", ["policy"], id="n0-only-new-records"),
+    ],
+)
 def test_audit_tail_follow_prints_new_records(
-    aiid: Run, audited: Home, monkeypatch: pytest.MonkeyPatch
+    aiid: Run, audited: Home, monkeypatch: pytest.MonkeyPatch, count: str, shown: list[str]
 ) -> None:
-    """-f: polls for records after the last one shown; Ctrl-C ends it cleanly."""
+    """-f: polls for records after the last one shown (with -n 0, after the current end);
+    Ctrl-C ends it cleanly."""
     ticks = iter(range(10))
 
     def fake_sleep(_s: float) -> None:
@@ -617,11 +696,11 @@ def test_audit_tail_follow_prints_new_records(
 
     home = audited
     monkeypatch.setattr(time, "sleep", fake_sleep)
-    r = aiid("--home", home.root, "audit", "tail", TENANT, "-n", "1", "-f", "--json")
+    r = aiid("--home", home.root, "audit", "tail", TENANT, "-n", count, "-f", "--json")
     assert r.code == 0
     recs = [json.loads(line) for line in r.lines]
-    assert [x["event"] for x in recs] == ["deny", "policy"]
-    assert recs[1]["seq"] == recs[0]["seq"] + 1
+    assert [x["event"] for x in recs] == shown
+    assert recs[-1]["seq"] == _count(home)
 
 
 def test_audit_export_jsonl_has_every_record_with_its_mac(aiid: Run, audited: Home) -> None:

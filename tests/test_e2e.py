@@ -196,6 +196,13 @@ def test_denied_model_gets_403_with_rule(agent: Gateway, env: tuple[Gateway, Sta
     assert si.hits() == before
     deny = audit_rows(agent, "acme")[-1]
     assert deny["event"] == "deny" and deny["rule"] == "no-gpt-4o" and deny["status"] == 403
+    assert ei.value.request_id == body["request_id"] == deny["request_id"]  # the SDK's field
+    ac = anthropic.Anthropic(api_key=agent.token("acme", "support-1"), max_retries=0)
+    with pytest.raises(anthropic.PermissionDeniedError) as ai:
+        ac.messages.create(
+            model="not-claude", max_tokens=10, messages=[{"role": "user", "content": "hi"}]
+        )
+    assert ai.value.request_id == audit_rows(agent, "acme")[-1]["request_id"]
 
 
 @pytest.mark.parametrize(
@@ -393,6 +400,39 @@ def test_echoed_key_is_scrubbed(agent: Gateway, env: tuple[Gateway, StandIn]) ->
     )
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert OPENAI_CANARY not in text and "[REDACTED]" in text
+
+
+@pytest.mark.parametrize("mode", ["spelled", "escaped"])
+def test_a_key_spelled_over_deltas_or_escaped_never_reaches_the_agent(
+    agent: Gateway, env: tuple[Gateway, StandIn], mode: str
+) -> None:
+    """The key in no run of bytes the scrubber could see: over three stream deltas, or in JSON
+    \\u escapes. A body is re-encoded without it; a stream is cut before it completes."""
+    client = openai.OpenAI(
+        api_key=agent.token("acme", "support-1"),
+        max_retries=0,
+        default_headers={"x-standin-echo-key": mode},
+    )
+    if mode == "escaped":
+        with pytest.raises(openai.AuthenticationError) as ei:
+            client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+            )
+        assert OPENAI_CANARY not in str(ei.value.body) and "[REDACTED]" in str(ei.value.body)
+        assert OPENAI_CANARY not in json.dumps(dict(ei.value.response.headers))
+    stream = client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    text = ""
+    with pytest.raises(openai.APIError) as si:
+        for c in stream:
+            text += "".join(ch.delta.content or "" for ch in c.choices)
+    assert "spelled out the key" in str(si.value)
+    assert OPENAI_CANARY[:4] not in text and OPENAI_CANARY not in str(si.value)
+    rid = stream.response.headers["x-aiid-request-id"]
+    rows = [r for r in audit_rows(agent, "acme") if r["request_id"] == rid]
+    assert [r["event"] for r in rows] == ["request", "response"]
+    assert "injected key in the output" in json.dumps(rows[1], default=str)
 
 
 def wait_for(pred, seconds: float = 6.0) -> bool:  # type: ignore[no-untyped-def]

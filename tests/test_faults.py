@@ -440,21 +440,44 @@ def test_a_refused_start_never_falls_back_to_the_default_home(tmp_path: Path) ->
 
 
 # -- policies ---------------------------------------------------------------------------------
-def test_missing_or_non_directory_policy_path_denies_by_default(rig: Rig) -> None:
+def test_missing_policy_directory_denies_by_default(rig: Rig) -> None:
+    """A missing directory may be created later (it is watched): the gateway starts, deny-all."""
     home = rig.home("policies")
+    where = home.parent / "no-such-dir"
+    gw = rig.start(home, policies=where)
+    try:
+        before = rig.si.hits()
+        r = rig.call(gw)
+        assert r.status == 403, r
+        assert r.refusal["type"] == "policy_denied" and r.refusal["rule"] == "default"
+        assert rig.si.hits() == before
+        _wait_log(gw, f"policy directory {where} is missing or not a directory")
+    finally:
+        gw.stop()
+
+
+def test_a_policy_path_that_is_a_file_refuses_to_start(rig: Rig) -> None:
+    home = rig.home("policies-file")
     not_a_dir = home.parent / "policies.yaml"
     not_a_dir.write_text(POLICY)
-    for where in (home.parent / "no-such-dir", not_a_dir):
-        gw = rig.start(home, policies=where)
-        try:
-            before = rig.si.hits()
-            r = rig.call(gw)
-            assert r.status == 403, r
-            assert r.refusal["type"] == "policy_denied" and r.refusal["rule"] == "default"
-            assert rig.si.hits() == before
-            _wait_log(gw, f"policy directory {where} is missing or not a directory")
-        finally:
-            gw.stop()
+    p = subprocess.run(
+        [
+            AIID,
+            "run",
+            "--no-console",
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--policies",
+            str(not_a_dir),
+        ],
+        env=gateway_env(home),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert p.returncode == 1 and p.stdout == "", p
+    assert p.stderr == f"aiid: error: policy directory {not_a_dir} is not a directory\n"
 
 
 def test_policy_directory_removed_at_runtime_keeps_last_good_and_says_so(rig: Rig) -> None:

@@ -307,6 +307,17 @@ ERRORS = [
     pytest.param("region: EU West  # <-\n", "invalid region", id="region-name"),
     pytest.param("approval: {timeout: soon}  # <-\n", "invalid duration", id="approval-timeout"),
     pytest.param("approval: {timeout: 0}  # <-\n", "positive", id="approval-timeout-zero"),
+    pytest.param("approval: {timeout: 25h}  # <-\n", "maximum of 24h", id="approval-timeout-max"),
+    pytest.param(
+        "rules:\n  - id: a\n    effect: allow\n    when:\n      max_tokens: {max: -1}  # <-\n",
+        "must be >= 0",
+        id="range-negative",
+    ),
+    pytest.param(
+        "rules:\n  - id: a\n    effect: allow\n    when:\n      n: {min: 0.5}  # <-\n",
+        "whole number",
+        id="count-not-whole",
+    ),
     pytest.param("audit:\n  record_prompts: 1  # <-\n", "true or false", id="record-prompts"),
     pytest.param("reason: x\n1: y  # <-\n", "must be a string", id="non-string-key"),
 ]

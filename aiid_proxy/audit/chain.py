@@ -297,7 +297,14 @@ class ChainState:
         digest = h.digest()
         mac = digest.hex()
         if values[MAC] != mac:
-            return self.fail(seq, f"mac mismatch at seq {seq} (record modified?)")
+            # at the very first record, a key other than the one the log was written with is
+            # as likely as an edit
+            why = (
+                "record modified, or not the audit key it was written with?"
+                if seq == 1
+                else ("record modified?")
+            )
+            return self.fail(seq, f"mac mismatch at seq {seq} ({why})")
         return self.accept(seq, digest, mac)
 
     def fail(self, seq: int | None, reason: str) -> bool:

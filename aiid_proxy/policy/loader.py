@@ -12,6 +12,7 @@ import math
 import re
 from collections.abc import Callable
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -70,6 +71,8 @@ _RULE_KEYS = (*_MATCH_KEYS, "effect", "reason", "inject")
 _OVERRIDE_KEYS = (*_RULE_KEYS, "approved_by", "expires")
 _WHEN_KEYS = ("max_tokens", "temperature", "top_p", "n", "stream", "tools", "hours")
 _RANGE_KEYS = ("max_tokens", "temperature", "top_p", "n")
+_COUNT_KEYS = ("max_tokens", "n")
+MAX_APPROVAL_TIMEOUT = 24 * 3600.0
 
 
 def parse_duration(text: str | float) -> float:
@@ -99,6 +102,7 @@ class _Validator(Checker):
         super().__init__(file)
         self.ids: dict[str, int] = {}
         self.found: list[PolicyError] = []
+        self.late: list[PolicyError] = []  # reported after every error found in the file
 
     def attempt[T](self, check: Callable[[], T], fallback: T) -> T:
         """``check()``, or ``fallback`` once its error is recorded."""
@@ -109,8 +113,9 @@ class _Validator(Checker):
             return fallback
 
     def raise_found(self) -> None:
-        if self.found:
-            first, *rest = self.found
+        found = [*sorted(self.found, key=lambda e: e.line or 0), *self.late]
+        if found:
+            first, *rest = found
             first.others = tuple(rest)
             raise first
 
@@ -291,6 +296,15 @@ class _Validator(Checker):
             self.fail(f"{w} needs min and/or max", m.value_lines[key])
         lo = self.number(rm, "min", w) if "min" in rm else None
         hi = self.number(rm, "max", w) if "max" in rm else None
+        for bound, value in (("min", lo), ("max", hi)):
+            if value is None:
+                continue
+            if value < 0:  # no request carries a negative count, temperature or top_p
+                self.fail(f"{w}.{bound} must be >= 0, got {value:g}", rm.value_lines[bound])
+            if key in _COUNT_KEYS and value != int(value):
+                self.fail(
+                    f"{w}.{bound} must be a whole number, got {value:g}", rm.value_lines[bound]
+                )
         if lo is not None and hi is not None and lo > hi:
             self.fail(f"{w}: min {lo} > max {hi}", rm.value_lines["max"])
         return Range(lo, hi)
@@ -368,7 +382,16 @@ class _Validator(Checker):
         if data is None:
             self.fail("policy file is empty (expected version, tenant, default, rules)", 1)
         top = self.mapping(data, "a policy file", 1)
-        self.keys(top, _TOP_KEYS, "policy", ("version", "tenant", "default"))
+        for key in top:  # each unknown key is named, and checking goes on
+            if key not in _TOP_KEYS:
+                self.attempt(partial(self.unknown_key, top, key, _TOP_KEYS, "policy"), None)
+        missing = [k for k in ("version", "tenant", "default") if k not in top]
+        for key in missing:  # after an unknown key that may be its typo ("defualt")
+            self.late.append(
+                PolicyError(f"policy is missing required key {key!r}", self.file, top.line)
+            )
+        if missing:
+            self.raise_found()
         version = top["version"]
 
         def check_version() -> None:
@@ -436,9 +459,15 @@ class _Validator(Checker):
             if "timeout" not in ap:
                 return DEFAULT_APPROVAL_TIMEOUT
             try:
-                return parse_duration(ap["timeout"])
+                timeout = parse_duration(ap["timeout"])
             except PolicyError as e:
                 self.fail(f"approval.timeout: {e.message}", ap.value_lines["timeout"])
+            if timeout > MAX_APPROVAL_TIMEOUT:  # an agent's connection held open for days
+                self.fail(
+                    f"approval.timeout {ap['timeout']!r} is over the maximum of 24h",
+                    ap.value_lines["timeout"],
+                )
+            return timeout
 
         timeout = self.attempt(check_approval, DEFAULT_APPROVAL_TIMEOUT)
         rules = self.rules(top, "rules", override=False)

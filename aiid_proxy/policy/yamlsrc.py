@@ -126,16 +126,15 @@ class Checker:
     ) -> None:
         for k in m:
             if k not in allowed:
-                hint = difflib.get_close_matches(k, allowed, n=1)
-                tip = (
-                    f" (did you mean {hint[0]!r}?)"
-                    if hint
-                    else f" (expected: {', '.join(allowed)})"
-                )
-                self.fail(f"unknown key {k!r} in {what}{tip}", m.key_lines[k])
+                self.unknown_key(m, k, allowed, what)
         for k in required:
             if k not in m:
                 self.fail(f"{what} is missing required key {k!r}", m.line)
+
+    def unknown_key(self, m: YMap, k: str, allowed: tuple[str, ...], what: str) -> NoReturn:
+        hint = difflib.get_close_matches(k, allowed, n=1)
+        tip = f" (did you mean {hint[0]!r}?)" if hint else f" (expected: {', '.join(allowed)})"
+        self.fail(f"unknown key {k!r} in {what}{tip}", m.key_lines[k])
 
     def string(self, m: YMap, key: str, what: str) -> str:
         v = m[key]
