@@ -582,6 +582,7 @@ class PolicyStage(_Stage):
                 ) from e
         if not ans.approved:
             raise RequestRefused(403, "policy_denied", f"approval {text}", d.rule_id)
+        gw.recheck_held(st)  # revoked, expired or denied by an edit meanwhile: refused now
         st.approved_by = ans.by
 
 

@@ -658,6 +658,29 @@ class Gateway:
         state.mark("policy")
         return decision
 
+    def recheck_held(self, state: FlowState) -> None:
+        """After a hold for approval (minutes may have passed): the token must still be valid
+        and the policy in force now must not deny the request; else it is refused as it would
+        be now. A human's approval never outlives a revocation or a policy edit that denies."""
+        assert state.identity is not None
+        try:
+            self.verifier.recheck(state.identity)
+        except TokenError as e:
+            raise unauthenticated(f"{e} while the request was held for approval") from None
+        policy = self.policy_for(state.identity.tenant)
+        if policy is None:
+            decision = Decision("deny", "default", "no policy is loaded for this tenant")
+        else:
+            decision = policy.decide(self.context(state))
+        if decision.effect == "deny":
+            state.decision = decision
+            raise RequestRefused(
+                403,
+                "policy_denied",
+                f"{decision.reason} (the policy changed while the request was held)",
+                decision.rule_id,
+            )
+
     def reserve(self, state: FlowState) -> RateDecision:
         state.expect("ratelimit")
         assert state.identity is not None and state.route is not None

@@ -237,6 +237,11 @@ class TokenVerifier:
         self._tenant_cache = (now, known)
         return tenant in known
 
+    def recheck(self, ident: AgentIdentity) -> None:
+        """Raise TokenError if a token accepted earlier is no longer valid now (its tenant
+        removed, expired, revoked): for a request that waited, e.g. for an approval."""
+        self._check_live(ident)
+
     def _check_live(self, ident: AgentIdentity) -> None:
         """The checks that can change after a token was first accepted. The tenant first: an
         error that names the identity (expired, revoked) names a tenant this home has."""

@@ -908,8 +908,14 @@ def test_a_refusal_after_the_rate_limit_stage_gives_the_reservation_back(
 # --------------------------------------------------------------------------------------------
 
 
-async def _held(h: Harness, flow: http.HTTPFlow, answer: Answer | None) -> tuple[Result, str]:
-    """Drive ``flow`` until the policy stage holds it, answer, and let it finish."""
+async def _held(
+    h: Harness,
+    flow: http.HTTPFlow,
+    answer: Answer | None,
+    meanwhile: Callable[[], None] | None = None,
+) -> tuple[Result, str]:
+    """Drive ``flow`` until the policy stage holds it, run ``meanwhile``, answer, and let it
+    finish."""
     pending = asyncio.Event()
     h.gw.listeners.append(lambda kind, data: pending.set() if kind == "pending" else None)
     task = asyncio.ensure_future(h.drive(flow))
@@ -919,6 +925,8 @@ async def _held(h: Harness, flow: http.HTTPFlow, answer: Answer | None) -> tuple
     assert not task.done()  # nothing left while held
     # nothing but the hold itself is on record while it waits (that record is not awaited)
     assert {r["event"] for r in audit_rows(h.home) if r["request_id"] == st.request_id} <= {"held"}
+    if meanwhile is not None:
+        meanwhile()
     if answer is not None:
         h.rt.broker.answer(TENANT, st.request_id, answer)
     res = await asyncio.wait_for(task, 10)
@@ -959,6 +967,49 @@ def test_approve_rule_holds_until_a_human_answers(
         err = refusal(flow)
         assert err["rule"] == "big-needs-human" and "bob" in err["message"]
         assert [r["event"] for r in rows] == ["held", "approval", "deny"]
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "kind", "needle"),
+    [
+        pytest.param("revoke", 401, "unauthenticated", "token revoked while", id="revoked"),
+        pytest.param("expire", 401, "unauthenticated", "token expired while", id="expired"),
+        pytest.param("deny-edit", 403, "policy_denied", "policy changed while", id="policy-edit"),
+    ],
+)
+def test_an_approval_never_outlives_a_revocation_or_a_denying_edit(
+    h: Harness, issue: Callable[..., str], change: str, status: int, kind: str, needle: str
+) -> None:
+    """The token and the policy are checked again when a human approves: minutes may pass."""
+    token = issue(ttl=600)
+    jti = h.gw.verifier.verify(token).jti
+
+    def meanwhile() -> None:
+        if change == "revoke":
+            revoke_token(h.home, TENANT, jti)
+            h.clock.advance(5)  # past the revocation list's polling interval
+        elif change == "expire":
+            h.clock.advance(601)
+        else:
+            path = h.gw.policies.directory / f"{TENANT}.yaml"
+            text = path.read_text().replace(
+                "- id: big-needs-human",
+                "- id: no-o1\n    models: [o1*]\n    effect: deny\n  - id: big-needs-human",
+            )
+            path.write_text(text)
+            h.gw.policies.refresh()
+            assert "no-o1" in [r.id for r in h.gw.policy_for(TENANT).rules]  # type: ignore[union-attr]
+
+    flow = make_flow(token, body=chat_body("o1-mini"))
+    res, rid = h.run(_held(h, flow, Answer(True, "alice"), meanwhile))
+    h.settle()
+    assert res.sent is None
+    assert flow.response is not None and flow.response.status_code == status
+    err = refusal(flow)
+    assert err["type"] == kind and needle in err["message"], err
+    rows = h.rows(request_id=rid)
+    assert [r["event"] for r in rows] == ["held", "approval", "deny"]
+    assert rows[-1]["status"] == status
 
 
 def test_approval_with_ttl_grants_later_identical_requests(
