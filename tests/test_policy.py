@@ -14,6 +14,7 @@ import pytest
 import aiid_proxy.policy.engine as engine_mod
 from aiid_proxy.errors import PolicyError
 from aiid_proxy.policy import (
+    MAX_POLICY_BYTES,
     BudgetSpec,
     Decision,
     InjectSpec,
@@ -497,6 +498,22 @@ def test_load_policy_file_hash_source_and_name(tmp_path: Path) -> None:
         load_policy_file(binary)
     with pytest.raises(PolicyError, match="cannot read"):
         load_policy_file(tmp_path / "missing.yaml")
+
+
+def test_a_policy_file_over_the_size_cap_is_refused_unparsed(tmp_path: Path) -> None:
+    rule = '  - {id: r%d, agents: ["a%d-*"], providers: [openai], effect: allow}\n'
+    path = tmp_path / "acme.yaml"
+    text = HEAD + "rules:\n"
+    n = 0
+    while len(text.encode()) <= MAX_POLICY_BYTES - 100:
+        text += rule % (n, n)
+        n += 1
+    path.write_text(text)
+    assert len(load_policy_file(path).rules) == n  # just under the cap: loads
+    path.write_text(text + rule % (n, n) * 2)
+    with pytest.raises(PolicyError, match="over 256 KiB") as info:
+        load_policy_file(path)
+    assert info.value.file == str(path)
 
 
 def test_load_policy_dir(tmp_path: Path) -> None:

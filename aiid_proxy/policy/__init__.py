@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from aiid_proxy.policy.engine import normalize_path
 from aiid_proxy.policy.loader import (
+    MAX_POLICY_BYTES,
     NON_POLICY_FILES,
     load_policy_dir,
     load_policy_file,
@@ -36,6 +37,7 @@ from aiid_proxy.policy.model import (
 
 __all__ = [
     "DEFAULT_RULE_ID",
+    "MAX_POLICY_BYTES",
     "NON_POLICY_FILES",
     "REGION_RULE_ID",
     "BudgetSpec",
