@@ -313,10 +313,17 @@ class Runtime:
         return self.gateway
 
 
-async def settled[T](fut: Future[T]) -> T:
-    """Await a library future. One resolved on this loop's own thread (the audit writer
-    process's replies are read there) wakes the task directly, where ``asyncio.wrap_future``
-    would go through ``call_soon_threadsafe`` and the loop's self-pipe."""
+AUDIT_WAIT = 10.0
+"""Seconds a flow waits for an audit record (a writer stopped or stuck on its storage)
+before it is refused: fail closed, but never hang an agent for ever."""
+
+
+async def settled[T](fut: Future[T], timeout: float = AUDIT_WAIT) -> T:
+    """Await a library future (an audit record): raise AuditError after ``timeout`` s.
+
+    One resolved on this loop's own thread (the audit writer process's replies are read
+    there) wakes the task directly, where ``asyncio.wrap_future`` would go through
+    ``call_soon_threadsafe`` and the loop's self-pipe."""
     if not fut.done():
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
@@ -332,12 +339,21 @@ async def settled[T](fut: Future[T]) -> T:
             else:
                 loop.call_soon_threadsafe(wake, f)
 
+        def late() -> None:
+            if not waiter.done():
+                waiter.set_exception(
+                    AuditError(f"the audit log did not commit the record within {timeout:g} s")
+                )
+
         fut.add_done_callback(done)
+        timer = loop.call_later(timeout, late)
         try:
             await waiter
         except asyncio.CancelledError:
             fut.cancel()
             raise
+        finally:
+            timer.cancel()
     return fut.result()
 
 

@@ -1248,6 +1248,33 @@ def test_an_exception_in_the_library_kills_the_flow(
     assert len(error_rows(h, flow)) == (1 if identified else 0)
 
 
+def test_a_request_record_never_committed_kills_the_flow_after_the_wait(
+    h: Harness, issue: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer stopped (SIGSTOP) or stuck on its storage never answers: the flow is refused
+    after AUDIT_WAIT instead of hanging the agent, and nothing leaves."""
+    from concurrent.futures import Future
+
+    audit = h.gw.tenant(TENANT).audit
+    real_append = audit.append
+    stuck: list[Future[Any]] = []
+
+    def append(event: str, **fields: Any) -> Future[Any]:
+        if event == "request":
+            stuck.append(Future())
+            return stuck[-1]
+        return real_append(event, **fields)
+
+    monkeypatch.setattr(audit, "append", append)
+    monkeypatch.setattr(pipeline.settled, "__defaults__", (0.05,))
+    flow = make_flow(issue())
+    res = h.run(asyncio.wait_for(h.drive(flow), 10))
+    assert_killed(res, recorded=True)
+    (row,) = error_rows(h, flow)
+    assert "did not commit the record within 0.05 s" in (row["reason"] or "")
+    assert len(stuck) == 1 and not stuck[0].done()
+
+
 @pytest.mark.parametrize("at_once", [False, True], ids=["through-the-future", "at-append"])
 def test_an_audit_failure_kills_the_flow(
     h: Harness, issue: Callable[..., str], monkeypatch: pytest.MonkeyPatch, at_once: bool
