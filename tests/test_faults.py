@@ -584,3 +584,37 @@ def test_audit_log_never_creates_a_missing_database_when_told_not_to(tmp_path: P
         shutil.copyfile(tmp_path / "moved.db", db)  # a restored copy is another file
         with pytest.raises(AuditError, match="was removed or replaced while in use"):
             log.append_sync("request")
+
+
+@pytest.mark.parametrize("threaded", [False, True], ids=["inline", "writer-thread"])
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+def test_a_removed_or_replaced_wal_is_saved_into_the_database_and_renewed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, threaded: bool, how: str
+) -> None:
+    """`rm audit.db-wal` under a running gateway: SQLite would go on writing to the unlinked
+    file, and a crash then lost the records in it (found by a fault-injection pass: 23
+    forwarded requests without their record). The next commit saves them into the database
+    and starts a new log; a copy of the files on disk (a crash) holds every record."""
+    from aiid_proxy.audit import AuditLog, tenant_key, verify_db
+
+    root = bytes(range(32))
+    db = tmp_path / "audit.db"
+    wal = tmp_path / "audit.db-wal"
+    with AuditLog(db, "acme", root, threaded=threaded) as log:
+        for i in range(5):
+            log.append_sync("request", request_id=f"req_{i}")
+        assert wal.stat().st_size > 0  # the records are in the WAL, not yet in the database
+        wal.unlink()
+        if how == "replaced":
+            wal.write_bytes(b"garbage")
+        with caplog.at_level("ERROR"):
+            assert log.append_sync("request", request_id="req_5").seq == 6
+        assert "was removed or replaced while in use" in caplog.text
+        assert log.append_sync("response", request_id="req_5").seq == 7
+        crash = tmp_path / "crash"
+        crash.mkdir()
+        for f in tmp_path.glob("audit.db*"):
+            shutil.copyfile(f, crash / f.name)  # what a kill -9 now would leave
+    for where in (crash / "audit.db", db):
+        res = verify_db(where, tenant_key(root, "acme"))
+        assert (res.ok, res.count) == (True, 7), where

@@ -224,6 +224,8 @@ class AuditLog:
         self._after_batch = after_batch
         self._create = create
         self._file_id: tuple[int, int] | None = None
+        self._wal_path = Path(f"{self.path}-wal")
+        self._wal_id: tuple[int, int] | None = None
         self.tenant = validate_name("tenant", tenant)
         self._key = tenant_key(root_key, tenant)
         self._base = keyed_mac(self._key)
@@ -383,6 +385,7 @@ class AuditLog:
                 raise AuditError(f"audit table in {self.path} has an unexpected schema")
             self._head = self._check_head(conn)
             self._file_id = _file_id(self.path)
+            self._wal_id = _file_id(self._wal_path)
         except BaseException:
             conn.close()
             raise
@@ -490,6 +493,8 @@ class AuditLog:
                     f"audit database {self.path} was removed or replaced while in use; "
                     "refusing to write (restore it and restart the gateway)"
                 )
+            if _file_id(self._wal_path) != self._wal_id:
+                self._new_wal(conn)
             full = not all(is_lazy(p.values) for p in live)
             if full is not self._full:  # may not change inside a transaction
                 conn.execute(f"PRAGMA synchronous = {'FULL' if full else 'NORMAL'}")
@@ -551,6 +556,31 @@ class AuditLog:
             except sqlite3.Error as e:  # the records are committed; the WAL just grows
                 log.warning("audit WAL checkpoint failed: %s", describe(e))
         return stop
+
+    def _new_wal(self, conn: sqlite3.Connection) -> None:
+        """The write-ahead log was removed or replaced under the open connection, which
+        still writes to the old file: records committed there would be lost in a crash (and
+        unlinked, nobody reads them). Copy them into the database (a checkpoint reads the
+        old file through SQLite's descriptor and syncs the database), then leave WAL mode and
+        enter it again, which starts a new log at the path. Raises AuditError if it cannot."""
+        log.error(
+            "audit write-ahead log %s was removed or replaced while in use: saving its "
+            "records into the database and starting a new one",
+            self._wal_path,
+        )
+        try:
+            busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            mode = busy == 0 and conn.execute("PRAGMA journal_mode = DELETE").fetchone()[0]
+            mode = mode == "delete" and conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        except sqlite3.Error as e:
+            mode = describe(e)
+        if mode != "wal":
+            raise AuditError(
+                f"audit write-ahead log {self._wal_path} was removed or replaced while in use "
+                f"and could not be renewed ({mode or 'busy'}); refusing to write (restart the "
+                "gateway)"
+            )
+        self._wal_id = _file_id(self._wal_path)
 
     @staticmethod
     def _rollback(conn: sqlite3.Connection) -> None:
