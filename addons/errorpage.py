@@ -15,7 +15,7 @@ hook for it, so :func:`install` wraps the places of ``mitmproxy.proxy.layers.htt
 from __future__ import annotations
 
 import weakref
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 from mitmproxy import http, version
@@ -33,6 +33,14 @@ from aiid_proxy.gateway import new_request_id, refusal_body
 _IDS: weakref.WeakKeyDictionary[http.Request, str] = weakref.WeakKeyDictionary()
 _TYPES = {400: "bad_request", 413: "too_large", 502: "upstream_error"}
 _installed = False
+_scrub: Callable[[str], str] = str
+"""What mitmproxy's error messages go through before they reach an agent: they quote upstream
+bytes ("Received invalid header name: b'x-<key>'"). Set by the pipeline (set_scrubber)."""
+
+
+def set_scrubber(scrub: Callable[[str], str]) -> None:
+    global _scrub
+    _scrub = scrub
 
 
 def remember(request: http.Request, request_id: str) -> None:
@@ -46,7 +54,7 @@ def _answer(status: int, message: str, request: http.Request | None) -> tuple[st
     refusal = RequestRefused(
         status,
         _TYPES.get(status, "gateway_error"),
-        f"aiid gateway: {message}" if message else "aiid gateway: error",
+        f"aiid gateway: {_scrub(message)}" if message else "aiid gateway: error",
     )
     rid = request_id or new_request_id()
     return rid, refusal_body(refusal, rid)

@@ -90,9 +90,18 @@ class LogScrubber:
 
     def add(self, secret: str) -> None:
         if secret and secret not in self.secrets:
-            # also as a bytes repr quotes a JSON-escaped echo ("\\/" for "/")
-            self.secrets = self.secrets | {secret, secret.replace("/", "\\\\/")}
+            # also as a bytes repr quotes a JSON-escaped echo ("\\/" for "/"), and its first 8
+            # characters: mitmproxy quotes undecodable upstream bodies cut short ("LookupError
+            # when decoding b'sk-CANAR with 'bogus'")
+            more = {secret, secret.replace("/", "\\\\/")}
+            if len(secret) >= 16:
+                more.add(secret[:8])
+            self.secrets = self.secrets | more
         self.install()
+
+    def scrub(self, text: str) -> str:
+        """``text`` without any secret injected so far or anything credential-shaped."""
+        return redact_credentials(Scrubber(self.secrets).scrub_text(text))
 
     def _record(self, *args: Any, **kwargs: Any) -> logging.LogRecord:
         assert self._base is not None
@@ -108,9 +117,12 @@ class LogScrubber:
                 rec.msg, rec.args = clean, ()
             if rec.exc_info and rec.exc_info[1] is not None:
                 text = "".join(traceback.format_exception(*rec.exc_info)).rstrip("\n")
-                clean = redact_credentials(scrubber.scrub_text(text))
-                if clean != text:
-                    rec.exc_text = clean  # the formatter uses it instead of formatting exc_info
+                tb = redact_credentials(scrubber.scrub_text(text))
+                if tb != text:
+                    # into the message, exc_info gone: mitmproxy's formatter formats exc_info
+                    # itself (it ignores exc_text), so nothing else would keep it out
+                    rec.msg, rec.args = f"{clean}\n{tb}", ()
+                    rec.exc_info, rec.exc_text = None, None
         except Exception:  # never break the caller's logging; never log unscrubbed text
             rec.msg, rec.args, rec.exc_info, rec.exc_text = "(log line withheld)", (), None, None
         return rec
@@ -939,6 +951,9 @@ class ResponseFilter:
         fields = []
         changed = False
         for k, v in resp.headers.fields:
+            if scrubber.in_name(k):  # "x-sk-...: 1": dropped whole
+                changed = True
+                continue
             nv = scrubber.scrub(v)
             changed |= nv != v
             fields.append((k, nv))
@@ -951,6 +966,7 @@ def make_addons(rt: Runtime | None = None) -> list[Any]:
     rt = rt or Runtime()
     guard = ConnectGuard(rt)
     errorpage.install()
+    errorpage.set_scrubber(LOG_SCRUBBER.scrub)
     return [
         rt,
         guard,

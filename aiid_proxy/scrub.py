@@ -27,13 +27,24 @@ class Scrubber:
 
     def __init__(self, secrets: Iterable[str]) -> None:
         self.secrets = tuple(s for s in secrets if s)
-        self._needles = [v for s in self.secrets for v in _variants(s)]
+        # longest first over every secret: one may be a prefix of another (the log's)
+        self._needles = sorted(
+            {v for s in self.secrets for v in _variants(s)}, key=len, reverse=True
+        )
         self._pending = b""
         self.hits = 0
 
     @property
     def active(self) -> bool:
         return bool(self._needles)
+
+    def in_name(self, name: bytes) -> bool:
+        """A secret in a header name, in any case (HTTP/2 lowercases names): such a header
+        cannot be scrubbed into a valid name and is dropped; counted as a hit."""
+        low = name.lower()
+        found = any(s.lower().encode() in low for s in self.secrets)
+        self.hits += found
+        return found
 
     def scrub(self, data: bytes) -> bytes:
         """Scrub a complete body."""

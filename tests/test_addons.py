@@ -1740,6 +1740,31 @@ def test_headers_changed_after_responseheaders_are_scrubbed_again(
     assert CANARY_OPENAI.encode() not in raw and b"[REDACTED]" in raw
 
 
+@pytest.mark.parametrize("name", [f"x-{CANARY_OPENAI}", f"x-{CANARY_OPENAI}".lower()])
+def test_a_header_named_after_the_key_is_dropped(
+    h: Harness, issue: Callable[..., str], monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """A name cannot be scrubbed into a valid one ("[" is no token character): the field goes,
+    in any case (HTTP/2 lowercases names), and counts as a scrub hit."""
+    real_hook = h.hook
+
+    async def hook(event: Any) -> None:
+        if isinstance(event, HttpResponseHook) and event.flow.response is not None:
+            event.flow.response.headers.add(name, "1")
+        await real_hook(event)
+
+    monkeypatch.setattr(h, "hook", hook)
+    flow = make_flow(issue())
+    h.send(flow)
+    h.settle()
+    resp = flow.response
+    assert resp is not None and resp.status_code == 200
+    raw = b"".join(k + v for k, v in resp.headers.fields).lower()
+    assert CANARY_OPENAI.lower().encode() not in raw and b"x-aiid-request-id" in raw
+    (row,) = [r for r in h.rows(request_id=rid_of(flow)) if r["event"] == "response"]
+    assert json.loads(row["detail"])["scrubbed_secrets"] == 1
+
+
 def _resolve_here(fut: Future[int]) -> None:
     asyncio.get_running_loop().call_soon(fut.set_result, 7)
 
