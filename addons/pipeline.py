@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mitmproxy import connection, ctx, exceptions, http, tcp, udp
+from mitmproxy.net.http import url
 from mitmproxy.utils import human
 
 from addons import errorpage
@@ -472,11 +473,17 @@ class Intake:
         if flow.client_conn.tls and flow.server_conn.address is not None:
             connect_host = str(flow.server_conn.address[0])
         path, _, query = req.path.partition("?")
+        # A port in the Host header (or :authority) is where the agent says it is going, and
+        # what the URL (map_remote, upstream) is built from: it must pass the port check too.
+        port = req.port
+        if req.host_header:
+            _, stated = url.parse_authority(req.host_header, check=False)
+            port = stated if stated is not None else port
         st = self.rt.gw().new_flow(
             Target(
                 scheme=req.scheme,
                 host=req.pretty_host,
-                port=req.port,
+                port=port,
                 method=req.method,
                 path=path,
                 query=query,

@@ -887,6 +887,23 @@ def test_http2_attempts_are_refused(env: Env, send: Send) -> None:
     assert_refused(env, m, send(env, m))
 
 
+@pytest.mark.parametrize(
+    "send",
+    [
+        pytest.param(in_tunnel(post(host=f"{OPENAI}:444")), id="http1-host"),
+        pytest.param(h2_send(h2h(authority=f"{OPENAI}:444")), id="h2-authority"),
+    ],
+)
+def test_a_port_in_the_host_header_other_than_the_tunnels_is_refused(env: Env, send: Send) -> None:
+    """CONNECT api.openai.com:443, then `Host: api.openai.com:444`: mitmproxy builds the URL
+    (map_remote, the upstream address) from that port. Refused like any port but 443, before
+    any record says the request was allowed."""
+    m = mark()
+    r = send(env, m)
+    assert_refused(env, m, r)
+    assert r.status == 403 and b"only https on port 443" in r.body, (r.status, r.body[:300])
+
+
 def test_http2_body_without_content_length_cannot_smuggle_a_second_request(env: Env) -> None:
     """An h2 request without content-length is forwarded to an HTTP/1.1 upstream: its body must
     go with exact framing, never be read by the upstream as a request no stage saw."""
