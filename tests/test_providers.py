@@ -639,6 +639,12 @@ USER_HELLO = [{"role": "user", "content": "hello"}]
             id="max-completion-tokens",
         ),
         pytest.param(
+            ("api.openai.com", "POST", "/v1/completions"),
+            {"model": "gpt-3.5-turbo-instruct", "prompt": "hi", "n": 1, "best_of": 20},
+            {"n": 20},
+            id="best-of-counts-as-n",
+        ),
+        pytest.param(
             OPENAI_CHAT,
             {
                 "model": "o3",

@@ -271,7 +271,8 @@ def _generic_facts(route: Route, obj: dict[str, Any], path_model: str | None) ->
         max_tokens=max_tokens,
         temperature=_opt_number(obj, "temperature"),
         top_p=_opt_number(obj, "top_p"),
-        n=_opt_int(obj, "n", 1),
+        # completions generated (and billed): legacy completions' best_of makes as many
+        n=_largest([_opt_int(obj, "n", 1), _opt_int(obj, "best_of", 1)]),
         stream=_opt_bool(obj, "stream"),
         tools=tools,
         include_usage=include_usage,
