@@ -852,6 +852,19 @@ class ResponseFilter:
         if flow.metadata.get(OURS) is resp or not st.allows():
             resp.headers["x-aiid-request-id"] = st.request_id
             return
+        if 100 <= resp.status_code < 200:
+            # mitmproxy takes an upstream 1xx (103 Early Hints) for the final answer and
+            # drops the real one after it: the agent would wait for ever, the audit log say
+            # 103. Ended here, on record.
+            if flow.killable:
+                flow.kill()
+            self.rt.gw().record_error(
+                st,
+                f"the provider sent an informational {resp.status_code} response, which the "
+                "gateway does not relay",
+                sent=True,
+            )
+            return
         scrubber = self._scrubber(st)
         self._scrub_headers(resp, scrubber)
         ours = {"x-aiid-request-id": st.request_id}

@@ -1765,6 +1765,20 @@ def test_a_header_named_after_the_key_is_dropped(
     assert json.loads(row["detail"])["scrubbed_secrets"] == 1
 
 
+@pytest.mark.parametrize("status", [100, 103])
+def test_an_upstream_informational_response_ends_the_flow_on_record(
+    h: Harness, issue: Callable[..., str], status: int
+) -> None:
+    """mitmproxy takes a 1xx for the final answer and drops the real one after it: the agent
+    hung until its own timeout, and the log said 103. Killed, with an error record."""
+    flow = make_flow(issue())
+    res = h.send(flow, upstream=http.Response.make(status, b"", {"link": "</x>; rel=preload"}))
+    assert res.sent is not None and killed(flow)
+    rows = h.rows(request_id=rid_of(flow))
+    assert [r["event"] for r in rows] == ["request", "error"]
+    assert f"informational {status} response" in rows[1]["reason"]
+
+
 def _resolve_here(fut: Future[int]) -> None:
     asyncio.get_running_loop().call_soon(fut.set_result, 7)
 

@@ -378,11 +378,10 @@ def drive(port: int, ca: Path, tokens: dict[str, str], seen: Seen, full: bool = 
             raw = request_bytes("POST", path, host, auth + extra, chat_body(model, stream))
             seen.add(f"{provider} {extra} {stream}", exchange(port, ca, host, raw))
     gem = json.dumps({"contents": [{"parts": [{"text": "hi"}]}]}).encode()
-    for variant in ECHO_VARIANTS if full else [v for v in ECHO_VARIANTS if v != "early-hints"]:
+    for variant in ECHO_VARIANTS:
         raw = request_bytes("POST", f"{GEMINI_PATH}?echo={variant}", GEMINI_HOST, auth, gem)
-        # mitmproxy takes an upstream 103 for the final answer and then stalls: don't wait
-        timeout = 1.0 if variant == "early-hints" else 5.0
-        seen.add(f"gemini echo {variant}", exchange(port, ca, GEMINI_HOST, raw, timeout))
+        # (an upstream 103 ends the flow: mitmproxy would take it for the final answer)
+        seen.add(f"gemini echo {variant}", exchange(port, ca, GEMINI_HOST, raw, 5.0))
     # the key in a query string the agent sent (Gemini's ?key=): stripped, never echoed back
     raw = request_bytes("POST", f"{GEMINI_PATH}?key={bot}&echo=plain", GEMINI_HOST, auth, gem)
     seen.add("gemini key in query", exchange(port, ca, GEMINI_HOST, raw))
