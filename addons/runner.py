@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mitmproxy import exceptions, options
+from mitmproxy.addons import termlog
 from mitmproxy.tools.dump import DumpMaster
 
 from addons import dispatch
@@ -38,6 +40,35 @@ class Announce:
         )
 
 
+def keep_serving_when_the_log_fails() -> None:
+    """mitmproxy's terminal log exits the process when a line cannot be written (a full
+    disk under ``--no-console > file``, a closed pipe): the gateway then stopped serving, and
+    flows in flight lost their records. The audit log is the record that matters: a line
+    that cannot be written is dropped instead, and stderr told once (if it can be)."""
+    handler = termlog.TermLogHandler
+    if getattr(handler.emit, "aiid_safe", False):
+        return
+    failed = {"said": False}
+
+    def emit(self: termlog.TermLogHandler, record: logging.LogRecord) -> None:
+        try:
+            print(self.format(record), file=self.file)
+            failed["said"] = False
+        except OSError as e:
+            if not failed["said"]:
+                failed["said"] = True
+                with contextlib.suppress(OSError, ValueError):
+                    print(
+                        f"aiid: log output failed ({e.strerror or e}): lines are dropped until "
+                        "it works again; the audit log is not affected",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+
+    emit.aiid_safe = True  # type: ignore[attr-defined]
+    handler.emit = emit  # type: ignore[method-assign]
+
+
 def build_master(
     home: Home,
     policies: Path,
@@ -49,6 +80,7 @@ def build_master(
     if console and not sys.stdout.isatty():
         console = False  # no terminal to draw on: plain log lines instead
     opts = options.Options()
+    keep_serving_when_the_log_fails()
     master = DumpMaster(opts, with_termlog=not console, with_dumper=False)
     dispatch.install(master.addons)  # same hooks, same order, without the per-event chain walk
     rt = Runtime()

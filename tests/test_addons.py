@@ -1864,3 +1864,35 @@ def test_settled_raises_the_futures_error_and_cancels_it_when_cancelled() -> Non
 )
 def test_log_lines_never_carry_an_agent_credential(line: str, kept: str) -> None:
     assert pipeline.redact_credentials(line) == kept
+
+
+def test_a_log_line_that_cannot_be_written_is_dropped_not_fatal(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """mitmproxy's terminal log calls sys.exit(1) when stdout fails (a full disk under
+    `aiid run --no-console > file`): the gateway stopped serving. Dropped, said once."""
+    import errno
+    import logging
+
+    from mitmproxy.addons import termlog
+
+    from addons.runner import keep_serving_when_the_log_fails
+
+    class Full:
+        def write(self, _s: str) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def isatty(self) -> bool:
+            return False
+
+    keep_serving_when_the_log_fails()
+    keep_serving_when_the_log_fails()  # idempotent
+    handler = termlog.TermLogHandler(out=Full())  # type: ignore[arg-type]
+    rec = logging.LogRecord("aiid", logging.INFO, __file__, 1, "a line", (), None)
+    for _ in range(3):
+        handler.emit(rec)  # no SystemExit
+    err = capsys.readouterr().err
+    assert err.count("aiid: log output failed (No space left on device)") == 1, err
