@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import sys
 import time
@@ -383,8 +384,24 @@ def _check_data_files(d: Path) -> list[str]:
             reg = Registry.load(providers)
             click.echo(f"ok providers.yaml: {len(reg.providers)} providers (built-in included)")
         except ConfigError as e:
-            out.append(e.one_line())
+            out.append(_with_line(providers, e.one_line()))
     return out
+
+
+def _with_line(path: Path, message: str) -> str:
+    """``providers.yaml: provider 'x': ...`` as ``providers.yaml:LINE: provider 'x': ...``,
+    the line where provider ``x`` starts (errors there name the provider, not the line)."""
+    prefix = f"{path}: "
+    m = re.match(r"provider '([^']+)'", message.removeprefix(prefix))
+    if not message.startswith(prefix) or m is None:
+        return message
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return message
+    key = re.compile(rf"^\s+['\"]?{re.escape(m.group(1))}['\"]?\s*:")
+    line = next((n for n, text in enumerate(lines, 1) if key.match(text)), None)
+    return message if line is None else f"{path}:{line}: {message.removeprefix(prefix)}"
 
 
 def _param(values: Sequence[str]) -> dict[str, Any]:

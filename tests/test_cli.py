@@ -506,6 +506,21 @@ def test_policy_check_names_rules_that_can_never_match(aiid: Run, policies: Path
     assert errs[1].startswith(f"{bad}:7: rule 'c': api.openai.com is provider 'openai'")
 
 
+def test_policy_check_gives_the_line_of_a_bad_provider_in_providers_yaml(
+    aiid: Run, policies: Path
+) -> None:
+    bad = policies / "providers.yaml"
+    bad.write_text(
+        "version: 1\nproviders:\n  ok-one:\n    openai_compatible: true\n"
+        "    hosts: [a.example.com]\n"
+        "  my-prov:\n"  # 6
+        "    hosts: [api.myprov.example]\n    usage_format: openai\n"
+    )
+    r = aiid("policy", "check", policies)
+    assert r.code == 1
+    assert r.err.splitlines() == [f"{bad}:6: provider 'my-prov': missing 'auth'"]
+
+
 def test_policy_check_names_a_region_no_provider_is_in(aiid: Run, policies: Path) -> None:
     bad = policies / f"{TENANT}.yaml"
     bad.write_text("version: 1\ntenant: acme\ndefault: deny\nregion: mars\n")
