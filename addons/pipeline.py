@@ -171,17 +171,18 @@ class Runtime:
         if self.gateway is None:
             return
         self.gateway.attach(asyncio.get_running_loop())
+        if self.control is None:
+            self.control = ControlServer(self.gateway.home, self._answer)
+            try:
+                await self.control.start()
+            except OSError as e:
+                log.warning("approval control channel unavailable: %s", e)
+                self.control = None
         if self._key is not None and not self._checked:  # built here: `aiid run`, not a test
             self._checked = True
-            self.gateway.check_chains()
-        if self.control is not None:
-            return
-        self.control = ControlServer(self.gateway.home, self._answer)
-        try:
-            await self.control.start()
-        except OSError as e:
-            log.warning("approval control channel unavailable: %s", e)
-            self.control = None
+            # the channel is ours: no other gateway runs on this home, so a request an
+            # earlier run left without an end is unfinished for good
+            self.gateway.check_chains(close_unfinished=self.control is not None)
 
     def _answer(self, msg: dict[str, Any]) -> str:
         answer = msg.get("answer")

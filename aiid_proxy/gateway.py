@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from aiid_proxy.audit import AppendResult
+from aiid_proxy.audit import AppendResult, read_rows
+from aiid_proxy.audit.log import format_ts
 from aiid_proxy.audit.service import AuditAppender
 from aiid_proxy.audit.writers import writer_factory
 from aiid_proxy.bodies import DEFAULT_BODY_LIMIT, decode_body
@@ -84,6 +85,19 @@ PROVIDERS_FILE = "providers.yaml"
 RECORDED_BYTES = 65536
 """Of a prompt (the request body) and a completion (the response body, scrubbed), what a
 record keeps when the tenant's policy sets ``audit: {record_prompts: true}``."""
+
+
+UNFINISHED_WINDOW = 10_000
+"""Records read at start, at the end of each log, for requests an earlier run left unfinished."""
+UNFINISHED_REASON = (
+    "no record of how this request ended: the gateway stopped before it completed "
+    "(recorded when the gateway started again)"
+)
+
+
+def _log_failed_append(fut: concurrent.futures.Future[AppendResult]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("audit record not written: %s", fut.exception())
 
 
 def new_request_id() -> str:
@@ -358,6 +372,8 @@ class Gateway:
         home.require()
         self.home = home
         self.clock = clock
+        self._started_wall = clock.now()  # records from before are an earlier run's
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.body_limit = body_limit
         providers_file = policies_dir / PROVIDERS_FILE
         self.registry = registry or Registry.load(
@@ -392,16 +408,63 @@ class Gateway:
             self.policies.start()
 
     # -- plumbing -----------------------------------------------------------
-    def check_chains(self) -> threading.Thread:
+    def check_chains(self, close_unfinished: bool = False) -> threading.Thread:
         """Verify every tenant's whole audit chain in the background, each in a child process
         (``audit.startcheck``): a log altered while the gateway was down is named at once, in
         the log (critical) and as an ``audit`` event (the console), not at the next
-        ``aiid audit verify``. Opening a log checks only its head."""
-        t = threading.Thread(target=self._check_chains, name="aiid-chain-check", daemon=True)
+        ``aiid audit verify``. Opening a log checks only its head.
+
+        ``close_unfinished`` (no other gateway runs on this home): requests of an earlier run
+        whose end is on no record (the gateway was killed, or the power cut took their lazy
+        ``response`` record) get an ``error`` record saying so, in a chain that verified."""
+        t = threading.Thread(
+            target=self._check_chains,
+            args=(close_unfinished,),
+            name="aiid-chain-check",
+            daemon=True,
+        )
         t.start()
         return t
 
-    def _check_chains(self) -> None:
+    def _unfinished(self, path: Path) -> list[dict[str, Any]]:
+        """``held``/``request`` records written before this gateway started (among the last
+        UNFINISHED_WINDOW) with no ``response``, ``error`` or ``deny`` after them."""
+        rows = read_rows(path, last=UNFINISHED_WINDOW)
+        started = format_ts(self._started_wall)
+        open_: dict[str, dict[str, Any]] = {}
+        for r in rows:
+            rid = r["request_id"]
+            if not isinstance(rid, str) or not rid:
+                continue
+            if r["event"] in ("held", "request"):
+                if str(r["ts"]) < started:  # this run's own requests may be in flight
+                    open_[rid] = r
+            elif r["event"] in ("response", "error", "deny"):
+                open_.pop(rid, None)
+        return list(open_.values())
+
+    def _record_unfinished(self, tenant: str, rows: list[dict[str, Any]]) -> None:
+        audit = self.tenant(tenant).audit
+        for r in rows:
+            fut = audit.append(
+                "error",
+                request_id=r["request_id"],
+                agent=r["agent"],
+                provider=r["provider"],
+                model=r["model"],
+                rule=r["rule"],
+                reason=UNFINISHED_REASON,
+                detail={"unfinished_seq": r["seq"], "last_event": r["event"]},
+            )
+            fut.add_done_callback(_log_failed_append)
+        log.warning(
+            "tenant %s: %d requests of an earlier run have no record of how they ended (the "
+            "gateway stopped): recorded as errors",
+            tenant,
+            len(rows),
+        )
+
+    def _check_chains(self, close_unfinished: bool = False) -> None:
         from aiid_proxy.audit.chain import tenant_key
         from aiid_proxy.audit.startcheck import check_chain
 
@@ -416,6 +479,14 @@ class Gateway:
             ok, reason = r.get("ok"), r.get("reason")
             if ok is True:
                 log.info("audit log of tenant %s verified: %s records", tenant, r.get("count"))
+                if close_unfinished and self._loop is not None:
+                    try:
+                        rows = self._unfinished(path)
+                    except AiidError as e:
+                        log.warning("tenant %s: unfinished requests not checked: %s", tenant, e)
+                        continue
+                    if rows:
+                        self._loop.call_soon_threadsafe(self._record_unfinished, tenant, rows)
                 continue
             if ok is False:
                 text = f"audit log of tenant {tenant} does not verify: {reason} "
@@ -529,6 +600,7 @@ class Gateway:
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Run on ``loop`` what can (the audit writer process's replies); from its thread."""
         self._audit_writers.attach(loop)
+        self._loop = loop
 
     def new_flow(self, target: Target, connection_token: str | None = None) -> FlowState:
         state = FlowState(

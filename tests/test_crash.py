@@ -149,6 +149,17 @@ def _db_state(home: Path) -> tuple[list[str], set[str], list[dict[str, Any]]]:
     return integrity, durable, rows
 
 
+def _unfinished(rows: list[dict[str, Any]]) -> list[int]:
+    """seq of every held/request record with no response, error or deny after it."""
+    open_: dict[str, int] = {}
+    for r in rows:
+        if r["event"] in ("held", "request"):
+            open_[r["request_id"]] = r["seq"]
+        elif r["event"] in ("response", "error", "deny"):
+            open_.pop(r["request_id"], None)
+    return sorted(open_.values())
+
+
 def test_kill9_under_load_never_breaks_the_chain_or_loses_a_forwarded_request(env: Env) -> None:
     rng = random.Random(SEED)
     home = Home(env.home)
@@ -211,6 +222,26 @@ def test_kill9_under_load_never_breaks_the_chain_or_loses_a_forwarded_request(en
 
     # Every answer an agent got came from the provider through a recorded request.
     assert set(client_ok) <= set(upstream)
+    # A clean start after the last kill: every request an earlier run left without an end
+    # (the kills' in-flight requests) gets its error record, in the chain.
+    log = env.root / "gw-final.log"
+    gw = GatewayProc(
+        gateway_args(free_port(), env.policies, env.si.port, env.si.ca_path),
+        gateway_env(env.home),
+        log,
+        env.forks,
+    )
+    try:
+        gw.wait_listening()
+        for _ in range(1000):  # bounded: the start check runs beside the proxy
+            if "verified" in gw.output() and not _unfinished(_db_state(env.home)[2]):
+                break
+            time.sleep(0.02)
+    finally:
+        gw.stop()
+    _, _, rows = _db_state(env.home)
+    assert _unfinished(rows) == [], gw.output()[-2000:]
+    assert any(r["event"] == "error" and "no record of how" in (r["reason"] or "") for r in rows)
     p = aiid(env.home, "audit", "verify", "acme")
     assert p.stdout.startswith(f"OK {len(rows)} records"), p.stdout
     load_rounds = [r for r in env.rounds if not r["during_start"]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import sqlite3
@@ -467,3 +468,44 @@ def test_the_whole_chain_of_each_tenant_is_checked_at_start(
     text = seen[0][1]["text"]
     assert text.startswith(f"audit log of tenant {TENANT} does not verify: ")
     assert "seq 2" in text and text.endswith(f"(aiid audit verify {TENANT})")
+
+
+def test_requests_an_earlier_run_left_unfinished_get_an_error_record_at_start(
+    make_gateway: Callable[..., Gateway],
+    policies_dir: Path,
+    gateway_home: Home,
+    issue: Callable[..., str],
+    fake_clock: Any,
+) -> None:
+    """kill -9 (or a power cut that took a lazy `response` record): the log shows a request
+    that was let through and never how it ended. The next start says so, on record."""
+    first = make_gateway(policies_dir)
+    done = run_pipeline(first, issue())
+    first.record_response(done, 200, None).result(timeout=10)  # type: ignore[union-attr]
+    cut = run_pipeline(first, issue())
+    first._live.discard(cut)  # noqa: SLF001 - as after kill -9: shutdown cannot record its end
+    first.close()
+    fake_clock.advance(1)
+    gw = make_gateway(policies_dir)
+
+    async def start_and_wait() -> list[dict[str, Any]]:
+        gw.attach(asyncio.get_running_loop())
+        gw.check_chains(close_unfinished=True).join(120)
+        for _ in range(500):  # bounded: the records are queued on this loop
+            rows = [r for r in audit_rows(gateway_home) if r["event"] == "error"]
+            if rows:
+                return rows
+            await asyncio.sleep(0.01)
+        return []
+
+    errors = asyncio.run(start_and_wait())
+    assert [r["request_id"] for r in errors] == [cut.request_id]
+    (err,) = errors
+    assert err["reason"].startswith("no record of how this request ended")
+    assert (err["agent"], err["provider"], err["model"]) == ("bot", "openai", "gpt-4o-mini")
+    assert json.loads(err["detail"])["last_event"] == "request"
+    # this run's own requests are never taken for an earlier run's
+    mine = run_pipeline(gw, issue())
+    left = gw._unfinished(gateway_home.audit_path(TENANT))  # noqa: SLF001
+    assert left == [], [(r["seq"], r["ts"], r["event"]) for r in audit_rows(gateway_home)]
+    assert mine.request_id
