@@ -92,10 +92,7 @@ def build_master(
 
         view = ConsoleAddon(rt, home, f"{host}:{port}")
         master.addons.add(view)
-    # before anything is configured (and logged): every option is declared by now
-    unknown = sorted({s.partition("=")[0].strip() for s in sets} - set(opts.keys()))
-    if unknown:
-        raise UnknownOption(f"unknown option(s) for --set: {', '.join(unknown)}")
+    check_sets(opts, sets)  # before anything is configured (and logged, and audited)
     opts.update(
         listen_host=host,
         listen_port=port,
@@ -111,8 +108,27 @@ def build_master(
     return master, rt, view
 
 
-class UnknownOption(exceptions.OptionsError):
-    """A ``--set`` naming no option: a usage error (exit 2), not a failed start."""
+class BadSetting(exceptions.OptionsError):
+    """A ``--set`` naming no option, or with a value its option cannot take: a usage error
+    (exit 2), not a failed start."""
+
+
+def check_sets(opts: options.Options, sets: list[str]) -> None:
+    """Raise BadSetting unless every ``--set`` names a declared option (every addon's is, by
+    now) with a value it takes, parsed as ``mitmdump --set`` parses it (``NAME`` alone turns a
+    boolean on)."""
+    values: dict[str, list[str]] = {}
+    for spec in sets:
+        name, sep, value = spec.partition("=")
+        values.setdefault(name.strip(), []).extend([value] if sep else [])
+    unknown = sorted(set(values) - set(opts.keys()))
+    if unknown:
+        raise BadSetting(f"unknown option(s) for --set: {', '.join(unknown)}")
+    for name, given in values.items():
+        try:
+            opts._parse_setval(opts._options[name], given)  # mitmdump --set parses so
+        except exceptions.OptionsError as e:
+            raise BadSetting(f"--set {name}: {' '.join(str(e).split())}") from None
 
 
 def tune_gc() -> None:
@@ -171,7 +187,7 @@ def run_gateway(
             master, _rt, _view = build_master(home, policies, host, port, sets, console)
         except exceptions.OptionsError as e:
             print(f"aiid: error: {' '.join(str(e).split())}", file=sys.stderr)
-            return 2 if isinstance(e, UnknownOption) else 1
+            return 2 if isinstance(e, BadSetting) else 1
         tune_gc()
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(_quiet_cancellations)

@@ -252,7 +252,13 @@ def token_revoke(ctx: click.Context, tenant_name: str, jti: str) -> None:
 @main_group.command(context_settings={"ignore_unknown_options": False})
 @click.option("--listen", default="127.0.0.1:8080", show_default=True, help="HOST:PORT")
 @click.option("--policies", default=None, help="policy directory ($AIID_POLICIES, ./policies)")
-@click.option("--set", "sets", multiple=True, metavar="OPTION=VALUE", help="mitmproxy option")
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="OPTION[=VALUE]",
+    help="mitmproxy option, as mitmdump --set",
+)
 @click.option("--no-console", is_flag=True, help="plain log lines instead of the live console")
 @click.pass_context
 def run(
@@ -263,8 +269,8 @@ def run(
     if not sep or not port_s.isdigit() or not (0 < int(port_s) < 65536):
         raise UsageError(f"--listen must be HOST:PORT, got {listen!r}")
     for s in sets:
-        if "=" not in s:
-            raise UsageError(f"--set expects OPTION=VALUE, got {s!r}")
+        if not s.partition("=")[0].strip():
+            raise UsageError(f"--set expects OPTION=VALUE (or OPTION for true), got {s!r}")
     home = _home(ctx)
     home.require()
     policy_dir = _policies_dir(policies)
@@ -305,7 +311,9 @@ def policy_check(directory: str | None, policies: str | None) -> None:
     loaded, errors = load_policy_dir(d)
     extras = _check_data_files(d)
     if not any("providers.yaml" in line for line in extras):
-        extras += _region_problems(d, loaded) + _rule_problems(d, loaded)
+        sources = [(p.source, (*p.rules, *p.overrides)) for _, p in sorted(loaded.items())]
+        sources += [(e.file, e.rules) for e in errors if e.file and e.rules]
+        extras += _region_problems(d, loaded) + _rule_problems(d, sources)
     for e in errors:
         click.echo(e.one_line(), err=True)
     for line in extras:
@@ -339,15 +347,16 @@ def _region_problems(d: Path, loaded: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def _rule_problems(d: Path, loaded: Mapping[str, Any]) -> list[str]:
+def _rule_problems(d: Path, sources: Sequence[tuple[str, Sequence[Any]]]) -> list[str]:
     """Rules that can never match: a provider name no provider has, or a ``hosts`` rule for a
-    provider's own host (provider hosts are governed by ``providers``/``models`` rules)."""
+    provider's own host (provider hosts are governed by ``providers``/``models`` rules). Of
+    every file: the rules that validated in a file with errors too."""
     registry = _registry(d)
     known = registry.names()
     out: list[str] = []
-    for _tenant, pol in sorted(loaded.items()):
-        for rule in (*pol.rules, *pol.overrides):
-            where = f"{pol.source}:{rule.line}" if rule.line is not None else str(pol.source)
+    for source, rules in sources:
+        for rule in rules:
+            where = f"{source}:{rule.line}" if rule.line is not None else str(source)
             for name in rule.providers or ():
                 if not any(c in name for c in "*?[") and name not in known:
                     out.append(

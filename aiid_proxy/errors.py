@@ -6,6 +6,8 @@ contains a secret, a token or key material.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class AiidError(Exception):
     """Base of every error the library raises on purpose."""
@@ -34,6 +36,7 @@ class PolicyError(AiidError):
         self.file = file
         self.line = line
         self.others: tuple[PolicyError, ...] = ()  # further errors found in the same file
+        self.rules: tuple[Any, ...] = ()  # the file's rules that did validate (policy check)
         where = ""
         if file is not None:
             where = f"{file}:{line}: " if line is not None else f"{file}: "

@@ -39,7 +39,9 @@ CUT_REASON = "reservation exceeded"
 KEY_CUT_REASON = "injected key in the output"
 
 
-def cut_event(wire_format: str, message: str, request_id: str = "") -> bytes:
+def cut_event(
+    wire_format: str, message: str, request_id: str = "", code: str = "reservation_exceeded"
+) -> bytes:
     """One SSE event that the provider's SDKs surface as an error, in ``wire_format``; it
     carries the request id (as the gateway's refusals do) when there is one."""
     ours: dict[str, object] = {"rule": None, "request_id": request_id} if request_id else {}
@@ -55,7 +57,7 @@ def cut_event(wire_format: str, message: str, request_id: str = "") -> bytes:
         "error": {
             "message": message,
             "type": "aiid_stream_cut",
-            "code": "reservation_exceeded",
+            "code": code,
             **ours,
         },
     }
@@ -241,6 +243,7 @@ class StreamGuard:
             out,
             KEY_CUT_REASON,
             "aiid: stream cut: the provider's output spelled out the key the gateway injected",
+            "injected_key_in_output",
         )
         return True
 
@@ -258,12 +261,14 @@ class StreamGuard:
         )
         return True
 
-    def _cut(self, out: bytearray, reason: str, message: str) -> None:
+    def _cut(
+        self, out: bytearray, reason: str, message: str, code: str = "reservation_exceeded"
+    ) -> None:
         self.cut = reason
         out += self.scrubber.flush()
         if self.request_id:
             message += f"; request {self.request_id}"
-        out += cut_event(self.tracker.wire_format, message, self.request_id)
+        out += cut_event(self.tracker.wire_format, message, self.request_id, code)
         if self.on_cut is not None:
             try:
                 self.on_cut()

@@ -1896,3 +1896,16 @@ def test_a_log_line_that_cannot_be_written_is_dropped_not_fatal(
         handler.emit(rec)  # no SystemExit
     err = capsys.readouterr().err
     assert err.count("aiid: log output failed (No space left on device)") == 1, err
+
+
+def test_set_specs_are_parsed_as_mitmdump_parses_them() -> None:
+    from mitmproxy import options
+
+    from addons.runner import BadSetting, check_sets
+
+    opts = options.Options()
+    check_sets(opts, ["ssl_insecure", "tcp_timeout=30", "ignore_hosts=a", "ignore_hosts=b"])
+    assert opts.ssl_insecure is False and opts.tcp_timeout == 600  # checked, not applied
+    for bad in (["tcp_timeout=x"], ["tcp_timeout=1", "tcp_timeout=2"], ["nope=1"]):
+        with pytest.raises(BadSetting):
+            check_sets(opts, bad)

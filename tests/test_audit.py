@@ -912,6 +912,8 @@ def test_format_row(tmp_path: Path) -> None:
     out = format_row(evil)
     assert "\n" not in out and "\x1b" not in out and "\r" not in out
     assert "\\x1b" in out and 'reason="a\\r\\nb"' in out
+    quoted = format_row(dict(rows[0], reason='say "hi" \\o/'))
+    assert quoted.endswith('reason="say \\"hi\\" \\\\o/"')
 
 
 def test_missing_database_or_table(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 import jwt
 import pytest
-from conftest import NOKEY_TENANT, TENANT, write_policies
+from conftest import NOKEY_TENANT, TENANT, audit_rows, write_policies
 
 from addons.pipeline import Runtime
 from aiid_proxy.audit import AuditLog, tenant_key
@@ -248,7 +248,7 @@ def test_token_revoke_takes_the_token_itself(aiid: Run, home: Home) -> None:
         ),
         pytest.param(["token", "issue", TENANT, "bot", "--ttl", "25h"], 2, ["24h"], id="ttl-max"),
         pytest.param(["run", "--listen", "nope"], 2, ["HOST:PORT"], id="run-bad-listen"),
-        pytest.param(["run", "--set", "novalue"], 2, ["OPTION=VALUE"], id="run-bad-set"),
+        pytest.param(["run", "--set", "=1"], 2, ["OPTION=VALUE"], id="run-bad-set"),
         pytest.param(["policy", "check", "/nonexistent/dir"], 1, ["does not exist"], id="no-dir"),
         pytest.param(
             ["run", "--no-console", "--policies", "/dev/null"],
@@ -311,27 +311,33 @@ def test_a_command_without_its_subcommand_prints_the_help(aiid: Run, args: list[
     assert "Commands:" in r.err and "aiid: error" not in r.err
 
 
-def test_run_with_an_unknown_set_option_is_a_usage_error(
-    aiid: Run, home: Home, policies: Path
+@pytest.mark.parametrize(
+    ("sets", "needle"),
+    [
+        pytest.param(
+            ["nosuchopt=1", "flow_detail=1"],
+            "unknown option(s) for --set: flow_detail, nosuchopt",
+            id="unknown",
+        ),
+        pytest.param(["listen_port=abc"], "--set listen_port: ", id="bad-int"),
+        pytest.param(["ssl_insecure=maybe"], "--set ssl_insecure: ", id="bad-bool"),
+        pytest.param(["tcp_timeout"], "--set tcp_timeout: ", id="no-value-for-an-int"),
+    ],
+)
+def test_run_with_a_bad_set_is_a_usage_error_before_anything_starts(
+    aiid: Run, home: Home, policies: Path, sets: list[str], needle: str
 ) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    before = len(audit_rows(home))
+    args = [a for spec in sets for a in ("--set", spec)]
     r = aiid(
-        "--home",
-        home.root,
-        "run",
-        "--no-console",
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--policies",
-        policies,
-        "--set",
-        "nosuchopt=1",
-        "--set",
-        "flow_detail=1",
-    )
-    one_line_error(r, 2, "unknown option(s) for --set: flow_detail, nosuchopt")
+        "--home", home.root, "run", "--no-console", "--listen", f"127.0.0.1:{port}",
+        "--policies", policies, *args,
+    )  # fmt: skip
+    one_line_error(r, 2, needle)
+    assert r.out == "" and len(audit_rows(home)) == before  # nothing loaded, nothing audited
 
 
 def test_run_on_a_port_in_use_says_why_in_one_line(aiid: Run, home: Home, policies: Path) -> None:
@@ -504,6 +510,35 @@ def test_policy_check_names_rules_that_can_never_match(aiid: Run, policies: Path
     assert len(errs) == 2, r.err
     assert errs[0].startswith(f"{bad}:5: rule 'a': unknown provider 'opnai'")
     assert errs[1].startswith(f"{bad}:7: rule 'c': api.openai.com is provider 'openai'")
+
+
+def test_policy_check_names_each_bad_condition_limit_and_budget_and_dead_rules_too(
+    aiid: Run, policies: Path
+) -> None:
+    bad = policies / f"{TENANT}.yaml"
+    bad.write_text(
+        "version: 1\ntenant: acme\ndefault: deny\n"
+        "colour: blue\n"  # 4
+        "rules:\n"
+        "  - id: a\n"
+        "    providers: [openia]\n"  # the rule (line 6) can never match
+        "    effect: allow\n"
+        "    when:\n"
+        "      max_tokens: {max: -5}\n"  # 10
+        "      temperature: {min: -0.5}\n"  # 11
+        "      n: {max: 1.5}\n"  # 12
+        "  - {id: b, providers: [openai], effect: allow}\n"
+        "limits:\n"
+        "  tenant: {tokens_per_minute: -100}\n"  # 15
+        "  agents: {'a-*': {requests_per_minute: -3}}\n"  # 16
+        "budgets:\n"
+        "  tenant: {usd_per_day: -5, usd_per_month: -9}\n"  # 18, twice
+    )
+    r = aiid("policy", "check", policies)
+    assert r.code == 1
+    lines = [int(e.split(":")[1]) for e in r.err.splitlines()]
+    assert sorted(lines) == [4, 6, 10, 11, 12, 15, 16, 18, 18], r.err
+    assert any("unknown provider 'openia'" in e for e in r.err.splitlines())
 
 
 def test_policy_check_gives_the_line_of_a_bad_provider_in_providers_yaml(

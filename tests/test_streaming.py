@@ -225,6 +225,8 @@ def test_a_key_spelled_out_over_deltas_cuts_the_stream(
         assert SECRET[: TextWatch.HOLD] not in text, text  # at most HOLD - 1 of its characters
         assert text in {"".join(words[:k]) for k in range(len(words))}  # whole events only
         assert len(errors) == 1 and "spelled out the key" in json.dumps(errors[0])
+        if provider == "openai":
+            assert errors[0]["error"]["code"] == "injected_key_in_output"  # type: ignore[index]
         assert SECRET not in json.dumps(errors[0]) and "req_test" in json.dumps(errors[0])
         assert g.cut == KEY_CUT_REASON and calls == [1] and g.scrubber.hits == 1
 

@@ -245,5 +245,6 @@ def format_row(row: Mapping[str, object]) -> str:
     if g("request_id") is not None:
         parts.append(f"req={_clean(g('request_id'))}")
     if g("reason") is not None:
-        parts.append(f'reason="{_clean(g("reason"))}"')
+        reason = _clean(str(g("reason")).replace("\\", "\\\\").replace('"', '\\"'))
+        parts.append(f'reason="{reason}"')  # quoted as a shell or logfmt reader expects
     return " ".join(parts)

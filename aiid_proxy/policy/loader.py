@@ -106,6 +106,7 @@ class _Validator(Checker):
         self.ids: dict[str, int] = {}
         self.found: list[PolicyError] = []
         self.late: list[PolicyError] = []  # reported after every error found in the file
+        self.valid_rules: tuple[Rule, ...] = ()
 
     def attempt[T](self, check: Callable[[], T], fallback: T) -> T:
         """``check()``, or ``fallback`` once its error is recorded."""
@@ -120,6 +121,7 @@ class _Validator(Checker):
         if found:
             first, *rest = found
             first.others = tuple(rest)
+            first.rules = self.valid_rules
             raise first
 
     # -- globs -----------------------------------------------------------------------------------
@@ -280,15 +282,20 @@ class _Validator(Checker):
         self.keys(m, _WHEN_KEYS, w)
         if not m:
             return None
+        # each condition checked on its own (an error is recorded, the next one checked too)
         ranges: dict[str, Range] = {}
         for k in _RANGE_KEYS:
             if k in m:
-                ranges[k] = self.range(m, k, w)
+                ranges[k] = self.attempt(partial(self.range, m, k, w), Range(None, None))
         return When(
             **ranges,
-            stream=self.boolean(m, "stream", w) if "stream" in m else None,
-            tools=self.boolean(m, "tools", w) if "tools" in m else None,
-            hours=self.hours(m, w) if "hours" in m else None,
+            stream=self.attempt(partial(self.boolean, m, "stream", w), None)
+            if "stream" in m
+            else None,
+            tools=self.attempt(partial(self.boolean, m, "tools", w), None)
+            if "tools" in m
+            else None,
+            hours=self.attempt(partial(self.hours, m, w), None) if "hours" in m else None,
         )
 
     def range(self, m: YMap, key: str, what: str) -> Range:
@@ -299,15 +306,18 @@ class _Validator(Checker):
             self.fail(f"{w} needs min and/or max", m.value_lines[key])
         lo = self.number(rm, "min", w) if "min" in rm else None
         hi = self.number(rm, "max", w) if "max" in rm else None
-        for bound, value in (("min", lo), ("max", hi)):
-            if value is None:
-                continue
+
+        def check(bound: str, value: float) -> None:
             if value < 0:  # no request carries a negative count, temperature or top_p
                 self.fail(f"{w}.{bound} must be >= 0, got {value:g}", rm.value_lines[bound])
             if key in _COUNT_KEYS and value != int(value):
                 self.fail(
                     f"{w}.{bound} must be a whole number, got {value:g}", rm.value_lines[bound]
                 )
+
+        for bound, value in (("min", lo), ("max", hi)):
+            if value is not None:
+                self.attempt(partial(check, bound, value), None)
         if lo is not None and hi is not None and lo > hi:
             self.fail(f"{w}: min {lo} > max {hi}", rm.value_lines["max"])
         return Range(lo, hi)
@@ -345,14 +355,14 @@ class _Validator(Checker):
         self.keys(m, keys, what)
         if not m:
             self.fail(f"{what} needs requests_per_minute and/or tokens_per_minute", line)
-        vals: dict[str, int] = {}
-        for k in keys:
-            if k in m:
-                n = self.number(m, k, what, positive=True)
-                if not isinstance(n, int):
-                    self.fail(f"{what}.{k} must be a whole number, got {n}", m.value_lines[k])
-                vals[k] = n
-        return LimitSpec(**vals)
+
+        def count(k: str) -> int:
+            n = self.number(m, k, what, positive=True)
+            if not isinstance(n, int):
+                self.fail(f"{what}.{k} must be a whole number, got {n}", m.value_lines[k])
+            return n
+
+        return LimitSpec(**{k: self.attempt(partial(count, k), 1) for k in keys if k in m})
 
     def budget(self, v: object, what: str, line: int) -> BudgetSpec:
         m = self.mapping(v, what, line)
@@ -361,7 +371,11 @@ class _Validator(Checker):
         if not m:
             self.fail(f"{what} needs usd_per_day and/or usd_per_month", line)
         return BudgetSpec(
-            **{k: float(self.number(m, k, what, positive=True)) for k in keys if k in m}
+            **{
+                k: float(self.attempt(partial(self.number, m, k, what, positive=True), 1.0))
+                for k in keys
+                if k in m
+            }
         )
 
     def section[T](
@@ -370,14 +384,22 @@ class _Validator(Checker):
         m = self.mapping(top[key], key, top.value_lines[key])
         self.keys(m, ("tenant", "agents"), key)
         tenant = (
-            one(m["tenant"], f"{key}.tenant", m.value_lines["tenant"]) if "tenant" in m else None
+            self.attempt(partial(one, m["tenant"], f"{key}.tenant", m.value_lines["tenant"]), None)
+            if "tenant" in m
+            else None
         )
         agents: list[tuple[str, T]] = []
         if "agents" in m:
             am = self.mapping(m["agents"], f"{key}.agents", m.value_lines["agents"])
             for glob, spec in am.items():
-                self.name_glob(glob, "agent", am.key_lines[glob])
-                agents.append((glob, one(spec, f"{key}.agents[{glob!r}]", am.value_lines[glob])))
+
+                def entry(glob: str = glob, spec: object = spec) -> tuple[str, T]:
+                    self.name_glob(glob, "agent", am.key_lines[glob])
+                    return glob, one(spec, f"{key}.agents[{glob!r}]", am.value_lines[glob])
+
+                found = self.attempt(entry, None)
+                if found is not None:
+                    agents.append(found)
         return tenant, tuple(agents)
 
     # -- the file --------------------------------------------------------------------------------
@@ -475,6 +497,7 @@ class _Validator(Checker):
         timeout = self.attempt(check_approval, DEFAULT_APPROVAL_TIMEOUT)
         rules = self.rules(top, "rules", override=False)
         overrides = cast(tuple[Override, ...], self.rules(top, "overrides", override=True))
+        self.valid_rules = (*rules, *overrides)
         no_section: tuple[Any, tuple[tuple[str, Any], ...]] = (None, ())
         tenant_limit, agent_limits = (
             self.attempt(lambda: self.section(top, "limits", self.limit), no_section)
