@@ -192,8 +192,11 @@ class StreamGuard:
             self.tracker.feed(clean)
             self.tracker.close()  # dispatches an unterminated last event
             if not self._check(out) and not self._watched(clean, out):
-                out += self.held + clean  # a secret's start at the very end: it is not one
-                self.held.clear()
+                if self.watch.holding:  # the text ends in a secret's start: not released
+                    self._key_cut(out)
+                else:
+                    out += self.held + clean
+                    self.held.clear()
             self._released(out)
             return bytes(out)
         if rest:
@@ -238,6 +241,10 @@ class StreamGuard:
         if not found:
             return False
         self.scrubber.hits += found
+        self._key_cut(out)
+        return True
+
+    def _key_cut(self, out: bytearray) -> None:
         self.held.clear()  # the secret's first characters: never released
         self._cut(
             out,
@@ -245,14 +252,12 @@ class StreamGuard:
             "aiid: stream cut: the provider's output spelled out the key the gateway injected",
             "injected_key_in_output",
         )
-        return True
 
     def _check(self, out: bytearray) -> bool:
         cap = self.output_cap
         if cap is None or self.tracker.output_floor() <= cap:
             return False
-        out += self.held
-        self.held.clear()
+        self.held.clear()  # text ending in a secret's start: not released, cut or not
         self._cut(
             out,
             CUT_REASON,

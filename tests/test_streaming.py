@@ -246,11 +246,17 @@ def test_text_ending_in_a_keys_first_characters_waits_for_the_next_event_only(
     assert released[held + 1] == events[held] + events[held + 1]  # released with the next
 
 
-def test_a_stream_ending_in_a_keys_first_characters_releases_them_at_the_end() -> None:
-    events = chat_stream(["see sk-can"], usage=False)[:-1]  # no [DONE]: the text ends there
-    g, _ = guard(secrets=(SECRET,))
-    assert b"".join(g(e) for e in events) == b""
-    assert g(b"") == b"".join(events) and g.cut is None
+@pytest.mark.parametrize("cap", [None, 2], ids=["at-the-end", "at-a-reservation-cut"])
+def test_text_ending_in_a_keys_first_characters_is_never_released(cap: int | None) -> None:
+    """25 of the key's 33 characters, and then the stream ends (or is cut at its reservation):
+    the held events never go out; the stream ends with the key cut."""
+    # with a cap of 2 the third piece is the cut, while the second is held
+    events = chat_stream(["see", SECRET[:25], *([] if cap is None else ["x"])], usage=False)
+    g, calls = guard(secrets=(SECRET,), cap=cap)
+    out = b"".join(g(e) for e in events) + g(b"")
+    text, errors = text_of("openai", out)
+    assert SECRET[: TextWatch.HOLD] not in text and len(errors) == 1
+    assert g.cut == (KEY_CUT_REASON if cap is None else CUT_REASON) and calls == [1]
 
 
 @pytest.mark.parametrize(
