@@ -314,6 +314,7 @@ def policy_check(directory: str | None, policies: str | None) -> None:
         sources = [(p.source, (*p.rules, *p.overrides)) for _, p in sorted(loaded.items())]
         sources += [(e.file, e.rules) for e in errors if e.file and e.rules]
         extras += _region_problems(d, loaded) + _rule_problems(d, sources)
+        extras += _shadowed_entries(loaded)
     for e in errors:
         click.echo(e.one_line(), err=True)
     for line in extras:
@@ -373,6 +374,56 @@ def _rule_problems(d: Path, sources: Sequence[tuple[str, Sequence[Any]]]) -> lis
     return out
 
 
+def _shadowed_entries(loaded: Mapping[str, Any]) -> list[str]:
+    """``limits.agents`` / ``budgets.agents`` entries that never apply: the first glob that
+    matches an agent gives its limit, so an entry after ``"*"``, or a name after a glob that
+    matches it, is dead."""
+    from aiid_proxy.policy.engine import glob_to_regex
+
+    out: list[str] = []
+    for _tenant, pol in sorted(loaded.items()):
+        try:
+            lines = Path(pol.source).read_text(encoding="utf-8-sig").splitlines()
+        except (OSError, UnicodeDecodeError):
+            lines = []
+        for section, entries in (("limits", pol.agent_limits), ("budgets", pol.agent_budgets)):
+            globs = [g for g, _ in entries]
+            for i, glob in enumerate(globs):
+                literal = not any(c in glob for c in "*?[")
+                earlier = next(
+                    (
+                        g
+                        for g in globs[:i]
+                        if g == "*" or (literal and re.fullmatch(glob_to_regex(g), glob))
+                    ),
+                    None,
+                )
+                if earlier is None:
+                    continue
+                line = _key_line(lines, section, glob)
+                where = f"{pol.source}:{line}" if line else str(pol.source)
+                out.append(
+                    f"{where}: {section}.agents[{glob!r}] never applies: the earlier "
+                    f"{earlier!r} matches first (the first matching glob gives an agent's "
+                    f"{'limit' if section == 'limits' else 'budget'}; put specific names first)"
+                )
+    return out
+
+
+def _key_line(lines: Sequence[str], section: str, key: str) -> int | None:
+    """The line of ``key`` inside the top-level ``section`` (else the section's own line)."""
+    start = next((n for n, t in enumerate(lines) if t.startswith(f"{section}:")), None)
+    if start is None:
+        return None
+    pat = re.compile(rf"""(^|[{{,\s])['"]?{re.escape(key)}['"]?\s*:""")
+    for n in range(start + 1, len(lines)):
+        if lines[n] and not lines[n][0].isspace() and not lines[n].startswith("#"):
+            break  # the next top-level key
+        if pat.search(lines[n]):
+            return n + 1
+    return start + 1
+
+
 def _check_data_files(d: Path) -> list[str]:
     """Errors in the policy directory's ``prices.yaml`` and ``providers.yaml``, if present."""
     from aiid_proxy.budget import PRICES_FILE, PriceTable
@@ -384,9 +435,28 @@ def _check_data_files(d: Path) -> list[str]:
     if prices.exists():
         try:
             table = PriceTable.load(prices)
-            click.echo(f"ok {PRICES_FILE}: {len(table)} prices (built-in included)")
         except PolicyError as e:
             out.append(e.one_line())
+        else:
+            # a provider no registry knows: its prices never apply (a typo, like "opnai")
+            try:
+                known = set(_registry(d).names()) | {"*"}
+            except ConfigError:  # providers.yaml is broken: said below, prices not judged
+                known = {p.provider for p in table.entries}
+            unknown = sorted({p.provider for p in table.entries if p.source != "builtin"} - known)
+            try:
+                lines = prices.read_text(encoding="utf-8-sig").splitlines()
+            except (OSError, UnicodeDecodeError):
+                lines = []
+            for name in unknown:
+                line = _key_line(lines, "prices", name)
+                where = f"{prices}:{line}" if line else str(prices)
+                out.append(
+                    f"{where}: unknown provider {name!r}, so its prices never apply (known: "
+                    f"{', '.join(sorted(known - {'*'}))}; providers.yaml can add more)"
+                )
+            if not unknown:
+                click.echo(f"ok {PRICES_FILE}: {len(table)} prices (built-in included)")
     providers = d / "providers.yaml"
     if providers.exists():
         try:

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import binascii
 import concurrent.futures
+import dataclasses
 import functools
 import hashlib
 import ipaddress
@@ -162,6 +163,7 @@ class FlowState:
     rate: RateDecision | None = None  # the allowing rate decision (x-ratelimit-* headers)
     hold: Hold | None = None  # the budget hold of the request's worst-case cost
     output_cap: int | None = None  # output tokens reserved, enforced on streams when not None
+    output_limit: int | None = None  # max_tokens x n as the agent asked: no provider bills more
 
     def mark(self, stage: str) -> None:
         i = STAGES.index(stage)
@@ -765,6 +767,8 @@ class Gateway:
             est_in, out_cap = reservation_tokens(
                 kind, f.max_tokens, f.n, f.estimated_input_tokens, DEFAULT_MAX_TOKENS_RESERVE
             )
+        if f is not None and f.max_tokens is not None:
+            state.output_limit = f.max_tokens * max(1, f.n or 1)
         tenant_limit = policy.tenant_limit if policy else None
         agent_limit = policy.agent_limit(ident.agent) if policy else None
         if f is not None and f.max_tokens is None and out_cap:
@@ -1141,6 +1145,12 @@ class Gateway:
             return None  # the shutdown recorded how this flow ended; the log is closed
         state.response_recorded = True
         latency_ms = (self.clock.monotonic() - state.started) * 1000.0
+        if usage is not None and usage.estimated and state.output_limit is not None:
+            # an estimate (chars / 4, one per piece) never above what max_tokens allows: the
+            # provider cannot bill more, and a budget must not count more than it holds
+            usage = dataclasses.replace(
+                usage, output_tokens=min(usage.output_tokens, state.output_limit)
+            )
         cost = self._settle(state, usage)
         fields = self._record_fields(state)
         fields["reason"] = None

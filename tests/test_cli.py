@@ -541,6 +541,44 @@ def test_policy_check_names_each_bad_condition_limit_and_budget_and_dead_rules_t
     assert any("unknown provider 'openia'" in e for e in r.err.splitlines())
 
 
+def test_policy_check_names_agent_limits_and_budgets_that_never_apply(
+    aiid: Run, policies: Path
+) -> None:
+    bad = policies / f"{TENANT}.yaml"
+    bad.write_text(
+        "version: 1\ntenant: acme\ndefault: deny\n"
+        "limits:\n"
+        "  agents:\n"
+        '    "*": {tokens_per_minute: 60}\n'
+        '    "support-7": {requests_per_minute: 1}\n'  # 7: after "*"
+        "budgets:\n"
+        "  agents:\n"
+        '    "support-*": {usd_per_day: 5}\n'
+        "    support-7: {usd_per_day: 1}\n"  # 11: a name the glob before matches
+        '    "coder-*": {usd_per_day: 2}\n'  # fine
+    )
+    r = aiid("policy", "check", policies)
+    assert r.code == 1
+    assert r.err.splitlines() == [
+        f"{bad}:7: limits.agents['support-7'] never applies: the earlier '*' matches first "
+        "(the first matching glob gives an agent's limit; put specific names first)",
+        f"{bad}:11: budgets.agents['support-7'] never applies: the earlier 'support-*' matches "
+        "first (the first matching glob gives an agent's budget; put specific names first)",
+    ]
+
+
+def test_policy_check_names_prices_for_an_unknown_provider(aiid: Run, policies: Path) -> None:
+    prices = policies / "prices.yaml"
+    prices.write_text(
+        'version: 1\nprices:\n  openai:\n    "gpt-x*": {input: 1, output: 2}\n'
+        '  opnai:\n    "gpt-4o*": {input: 1, output: 2}\n'  # 5
+    )
+    r = aiid("policy", "check", policies)
+    assert r.code == 1
+    (line,) = r.err.splitlines()
+    assert line.startswith(f"{prices}:5: unknown provider 'opnai', so its prices never apply")
+
+
 def test_policy_check_gives_the_line_of_a_bad_provider_in_providers_yaml(
     aiid: Run, policies: Path
 ) -> None:

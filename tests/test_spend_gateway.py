@@ -192,6 +192,32 @@ def test_cost_is_recorded_for_tenants_without_budgets(
 
 
 @pytest.mark.parametrize(
+    ("max_tokens", "n", "usage", "billed"),
+    [
+        pytest.param(2, None, Usage(1, 3, estimated=True), 2, id="estimate-capped"),
+        pytest.param(2, 2, Usage(1, 5, estimated=True), 4, id="capped-at-max-tokens-times-n"),
+        pytest.param(2, None, Usage(1, 3), 3, id="reported-usage-is-the-bill"),
+        pytest.param(None, None, Usage(1, 9000, estimated=True), 9000, id="no-max-tokens"),
+    ],
+)
+def test_an_estimated_output_never_counts_more_than_max_tokens_allows(
+    gw: Gateway,
+    issue: Callable[..., str],
+    max_tokens: int | None,
+    n: int | None,
+    usage: Usage,
+    billed: int,
+) -> None:
+    """A provider that reports no usage: the estimate (chars / 4, one per piece) may run past
+    max_tokens, and concurrent requests then spent past a budget ($9 of $7 in an acceptance
+    run). Capped at max_tokens x n, which no provider bills past."""
+    extra = {"n": n} if n is not None else {}
+    row = finish(gw, start(gw, issue("free-1"), body(max_tokens=max_tokens, **extra)), usage)
+    assert row["output_tokens"] == billed
+    assert json.loads(row["detail"])["cost_usd"] == billed  # 1 USD per output token
+
+
+@pytest.mark.parametrize(
     ("sent", "spent"),
     [
         pytest.param(False, 0, id="never-left-everything-back"),
