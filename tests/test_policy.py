@@ -45,6 +45,8 @@ def llm(
     now: float = NOW,
     **kw: Any,
 ) -> RequestContext:
+    """A provider request, by default from inside the test policies' region (eu)."""
+    kw.setdefault("region", "eu")
     return RequestContext(
         "acme", agent, provider, model, "api.openai.com", "POST", "/v1/chat", now, **kw
     )
@@ -183,7 +185,15 @@ overrides:
         ),
         pytest.param(
             RequestContext(
-                "acme", "coder-1", "openai", "x", "api.github.com", "GET", "/repos/x", NOW
+                "acme",
+                "coder-1",
+                "openai",
+                "x",
+                "api.github.com",
+                "GET",
+                "/repos/x",
+                NOW,
+                region="eu",
             ),
             "deny",
             "default",
@@ -351,7 +361,12 @@ overrides:
                      id="both-set-both-hold"),
         pytest.param("eu", "eu", "us", "deny", "outside the tenant region 'eu'",
                      id="both-agree"),
-        pytest.param(None, "eu", None, "allow", None, id="provider-without-region"),
+        pytest.param(None, "eu", None, "deny",
+                     "provider 'openai' has no known region, so it counts as outside the tenant "
+                     "region 'eu' (aiid tenant add)", id="provider-without-region"),
+        pytest.param("eu", None, None, "deny", "has no known region",
+                     id="provider-without-region-policy"),
+        pytest.param(None, None, None, "allow", None, id="no-region-at-all"),
         pytest.param(None, None, "us", "allow", None, id="no-region-anywhere"),
     ],
 )  # fmt: skip
@@ -379,7 +394,7 @@ def test_explain_egress_reasons() -> None:
     why = {t.rule_id: t.why for t in p.explain(egress(method="DELETE", path="/user")).traces}
     assert why["github-read"] == "method 'DELETE' not in ['GET']; path '/user' not in ['/repos/*']"
     assert why["allow-support"] == "LLM rule; request is non-LLM egress to host 'api.github.com'"
-    assert why["region"] == "request carries no provider region"
+    assert why["region"] == "non-LLM egress: no provider region applies"
 
 
 def test_limits_and_budgets_first_matching_glob() -> None:

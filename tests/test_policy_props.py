@@ -201,7 +201,9 @@ def rule_matches(r: Rule, ctx: RequestContext) -> bool:
 
 
 def reference(p: Policy, ctx: RequestContext) -> tuple[str, str]:
-    if p.region is not None and ctx.region is not None and ctx.region != p.region:
+    # the contract: providers outside the region are denied; one of unknown region (None)
+    # counts as outside; non-LLM egress (no provider) has no region
+    if p.region is not None and ctx.provider is not None and ctx.region != p.region:
         return ("deny", "region")
     for o in p.overrides:
         if ctx.now < o.expires and rule_matches(o, ctx):

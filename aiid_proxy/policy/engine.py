@@ -385,17 +385,20 @@ class Engine:
 
     def _region_deny(self, ctx: RequestContext) -> Decision | None:
         """Deny a provider outside the policy's region or the tenant's registered region
-        (``aiid tenant add --region``): both hold where both are set."""
-        if ctx.region is None:
+        (``aiid tenant add --region``): both hold where both are set. A provider of unknown
+        region (none in providers.yaml) counts as outside. Non-LLM egress has no region."""
+        if ctx.provider is None:
             return None
         for want, where in ((self._region, ""), (ctx.tenant_region, " (aiid tenant add)")):
             if want is not None and ctx.region != want:
-                return Decision(
-                    "deny",
-                    REGION_RULE_ID,
-                    f"provider region {ctx.region!r} is outside the tenant region {want!r}{where}",
-                    approval_timeout=self._timeout,
+                why = (
+                    f"provider {ctx.provider!r} has no known region, so it counts as outside "
+                    f"the tenant region {want!r}{where}"
+                    if ctx.region is None
+                    else f"provider region {ctx.region!r} is outside the tenant region "
+                    f"{want!r}{where}"
                 )
+                return Decision("deny", REGION_RULE_ID, why, approval_timeout=self._timeout)
         return None
 
     def _view(self, agent: str) -> tuple[_Candidates, _Candidates]:
@@ -436,7 +439,7 @@ class Engine:
     def decide(self, ctx: RequestContext) -> Decision:
         if ctx.tenant != self._tenant:
             return self._wrong_tenant(ctx.tenant)
-        if ctx.region is not None and (self._region is not None or ctx.tenant_region is not None):
+        if ctx.provider is not None and (self._region is not None or ctx.tenant_region is not None):
             denied = self._region_deny(ctx)
             if denied is not None:
                 return denied
@@ -483,8 +486,8 @@ class Engine:
             region = self._region_deny(ctx)
             if region is not None:
                 why = region.reason
-            elif ctx.region is None:
-                why = "request carries no provider region"
+            elif ctx.provider is None:
+                why = "non-LLM egress: no provider region applies"
             else:
                 why = f"provider region {ctx.region!r} is the tenant region"
             traces.append(RuleTrace(REGION_RULE_ID, "region", region is not None, "deny", why))
