@@ -710,7 +710,8 @@ class InjectStage(_Stage):
         ours.append((b"x-aiid-request-id", st.request_id.encode()))
         for hname, hvalue in inj.extra_headers:  # provider data, e.g. an API version header
             ours.append((_hbytes(hname), _hbytes(hvalue)))
-        ours.append((_hbytes(inj.header), _hbytes(inj.value.reveal())))
+        if inj.header:  # an egress rule without `inject` sends no credential at all
+            ours.append((_hbytes(inj.header), _hbytes(inj.value.reveal())))
         if body or b"content-length" in names:
             ours.append((b"content-length", str(len(body)).encode()))
         # One pass: every credential the agent sent, its framing and encoding headers, and

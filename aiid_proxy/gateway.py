@@ -129,7 +129,7 @@ class RouteInfo:
 
 @dataclass(frozen=True)
 class Injection:
-    header: str
+    header: str  # "" for an egress rule without `inject`: nothing is injected
     value: Secret  # the header value, scheme included
     secret_name: str
     raw: Secret | None = None  # the vault secret alone: what scrubbing looks for
@@ -909,12 +909,11 @@ class Gateway:
         elif spec is not None:
             secret_name, header, scheme = spec.secret, spec.header.lower(), spec.scheme
         else:
-            raise RequestRefused(
-                403,
-                "policy_denied",
-                "egress rule names no secret to inject",
-                state.decision.rule_id,
-            )
+            # an egress rule without `inject`: the request leaves with no credential at all
+            # (every one the agent sent is stripped all the same)
+            state.injection = Injection(header="", value=Secret(""), secret_name="")
+            state.mark("inject")
+            return state.injection
         try:
             secret = rt.vault.get(secret_name)
         except SecretNotFound:

@@ -433,6 +433,27 @@ def test_host_egress_rule_injects_its_secret(h: Harness, issue: Callable[..., st
     assert b"canary" not in (flow2.response.content or b"")
 
 
+def test_an_egress_rule_without_inject_sends_no_credential(
+    make_harness: Callable[..., Harness], issue: Callable[..., str], tmp_path: Path
+) -> None:
+    """`inject` is optional: the request leaves with every credential the agent sent
+    stripped and none added (it was refused with "names no secret to inject", while
+    `policy explain` said allow)."""
+    d = write_policies(tmp_path / "noinject")
+    text = (d / f"{TENANT}.yaml").read_text()
+    rule = "  - {id: status-read, hosts: [status.example.com], methods: [GET], effect: allow}\n"
+    (d / f"{TENANT}.yaml").write_text(text.replace("limits:", rule + "limits:", 1))
+    h = make_harness(d)
+    flow = make_flow(issue(), host="status.example.com", method="GET", path="/x", body=b"")
+    assert flow.request.headers.get("authorization")  # the agent's token: never forwarded
+    res = h.send(flow)
+    assert res.sent is not None
+    sent = {k.lower() for k, _ in res.sent.headers.fields}
+    assert not sent & {b"authorization", b"x-api-key", b"proxy-authorization"}
+    assert flow.response is not None and flow.response.status_code == 200
+    assert [r["event"] for r in h.rows(request_id=rid_of(flow))] == ["request", "response"]
+
+
 # --------------------------------------------------------------------------------------------
 # refusals: status, shape, audit
 # --------------------------------------------------------------------------------------------
