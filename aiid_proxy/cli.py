@@ -555,13 +555,37 @@ def policy_explain(
         except ValueError:
             raise UsageError(f"--at must be an ISO 8601 time, got {at!r}") from None
     region = None
+    registry = _registry(d)
     if provider is not None:
         try:
-            prov = _registry(d).get(provider)
+            prov = registry.get(provider)
         except (AiidError, KeyError):
             raise UsageError(f"unknown provider {provider!r}") from None
         region = prov.region
         host = host or (prov.hosts[0] if prov.hosts else provider)
+    else:
+        # what the gateway decides before any rule: the path, and a provider's own host
+        # (governed by providers/models rules, never by hosts rules)
+        from aiid_proxy.gateway import path_problem
+
+        refused = None
+        problem = path_problem(path_)
+        match = registry.match(host or "", method.upper(), path_)
+        if problem is not None:
+            refused = ("-", f"400 bad_request: the request path {problem}")
+        elif match is not None and match.route is None:
+            refused = (
+                "default",
+                f"{method.upper()} {path_} is not a known {match.provider.name} API route",
+            )
+        elif match is not None:
+            provider, region = match.provider.name, match.provider.region
+            model = model or match.params.get("model")
+        if refused is not None:
+            click.echo("decision: deny")
+            click.echo(f"rule: {refused[0]}")
+            click.echo(f"reason: {refused[1]} (refused before any rule is looked at)")
+            return
     ctxt = RequestContext(
         tenant=tenant_name,
         agent=agent,

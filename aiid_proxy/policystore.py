@@ -57,9 +57,9 @@ def _policy_files(directory: Path) -> dict[str, Path]:
 class PolicyStore:
     """Holds the current good policy per tenant.
 
-    ``get`` is a dict lookup (no I/O). ``refresh`` re-reads files whose (mtime, size) changed;
-    it is driven by watchdog events and by a 1 s poll, so an edit applies within 2 s even where
-    file events are unavailable.
+    ``get`` is a dict lookup (no I/O). ``refresh`` re-reads files whose (mtime, size, ctime,
+    inode) changed; it is driven by watchdog events and by a 1 s poll, so an edit applies
+    within 2 s even where file events are unavailable.
     """
 
     def __init__(
@@ -74,7 +74,7 @@ class PolicyStore:
         self._on_event = on_event
         self._policies: dict[str, Policy] = {}
         self._loaded_at: dict[str, float] = {}
-        self._stamps: dict[str, tuple[int, int]] = {}
+        self._stamps: dict[str, tuple[int, int, int, int]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -110,7 +110,9 @@ class PolicyStore:
                     st = path.stat()
                 except OSError:
                     continue
-                stamp = (st.st_mtime_ns, st.st_size)
+                # ctime and inode too: an edit that keeps size and mtime (cp -p, rsync -t,
+                # touch -r) still changes the inode's ctime, or the inode itself
+                stamp = (st.st_mtime_ns, st.st_size, st.st_ctime_ns, st.st_ino)
                 if self._stamps.get(tenant) == stamp:
                     continue
                 self._stamps[tenant] = stamp

@@ -645,6 +645,40 @@ def test_policy_explain(aiid: Run, policies: Path, args: list[str], expect: list
     assert "considered:" in r.lines and any("no-gpt-4o" in line for line in r.lines)
 
 
+@pytest.mark.parametrize(
+    ("args", "expect"),
+    [
+        pytest.param(
+            ["--host", "api.openai.com", "--method", "GET", "--path", "/v2/x"],
+            ["decision: deny", "rule: default",
+             "reason: GET /v2/x is not a known openai API route (refused before any rule is "
+             "looked at)"],
+            id="provider-host-unknown-route",
+        ),
+        pytest.param(
+            ["--host", "api.github.com", "--method", "GET", "--path", "/repos/a/../b"],
+            ["decision: deny", "rule: -"],
+            id="dot-segments-400",
+        ),
+        pytest.param(
+            ["--host", "api.openai.com", "--method", "POST", "--path", "/v1/chat/completions",
+             "--model", "gpt-4o"],
+            ["decision: deny", "rule: no-gpt-4o"],
+            id="provider-host-is-a-provider-request",
+        ),
+    ],
+)  # fmt: skip
+def test_policy_explain_decides_what_the_gateway_decides_before_rules(
+    aiid: Run, policies: Path, args: list[str], expect: list[str]
+) -> None:
+    """A provider's host is no `hosts` rule's business, and a path the gateway refuses
+    (400) is refused here too: explain said allow for both."""
+    r = aiid("policy", "explain", TENANT, "--agent", "bot", *args, "--policies", policies)
+    assert r.code == 0, r
+    for e in expect:
+        assert e in r.lines, r.lines
+
+
 def test_policy_explain_names_an_active_override(aiid: Run, tmp_path: Path) -> None:
     pol = write_policies(tmp_path / "p")
     p = pol / f"{TENANT}.yaml"

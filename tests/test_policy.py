@@ -646,3 +646,22 @@ def test_a_policy_refused_at_start_says_no_policy_is_in_force(tmp_path: Path) ->
     assert ev.describe().startswith(
         "policy acme: refused, no policy in force: every request of this tenant is denied: "
     )
+
+
+def test_an_edit_that_keeps_size_and_mtime_is_still_reloaded(tmp_path: Path) -> None:
+    """`cp -p`, `rsync -t`, `touch -r`: same size, mtime restored. The inode's ctime moves."""
+    import os
+
+    from aiid_proxy.clock import FakeClock
+    from aiid_proxy.policystore import PolicyStore
+
+    f = tmp_path / "acme.yaml"
+    f.write_text(HEAD + "rules:\n  - {id: k1, effect: allow}\n")
+    store = PolicyStore(tmp_path, clock=FakeClock())
+    store.refresh()
+    st = f.stat()
+    f.write_text(HEAD + "rules:\n  - {id: k2, effect: allow}\n")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (f.stat().st_size, f.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    (ev,) = store.refresh()
+    assert ev.ok and [r.id for r in store.get("acme").rules] == ["k2"]  # type: ignore[union-attr]
