@@ -691,8 +691,13 @@ class InjectStage(_Stage):
         req = flow.request
         # a key in the query string is never an identity and never leaves (any spelling);
         # no "?" in the path: no query to parse
+        mark = st.token_mark
         if "?" in req.path:
-            for qname in {k for k in req.query if k.lower() in CREDENTIAL_QUERY_PARAMS}:
+            for qname in {
+                k
+                for k, v in req.query.items(multi=True)
+                if k.lower() in CREDENTIAL_QUERY_PARAMS or (mark and mark in v)
+            }:
                 del req.query[qname]
         assert st.route is not None
         fields = req.headers.fields
@@ -717,7 +722,16 @@ class InjectStage(_Stage):
         # One pass: every credential the agent sent, its framing and encoding headers, and
         # whatever we set are dropped; then ours are appended.
         drop = _STRIPPED | {k.lower() for k, _ in ours}
-        req.headers.fields = (*(f for f in fields if f[0].lower() not in drop), *ours)
+        bmark = mark.encode()
+        req.headers.fields = (
+            *(
+                f
+                for f in fields
+                # the agent's token in any other field (a cookie, x-auth-token): dropped too
+                if f[0].lower() not in drop and not (bmark and bmark in f[1])
+            ),
+            *ours,
+        )
         LOG_SCRUBBER.add(inj.scrub_value())
         req.trailers = None  # trailers are sent after the request hook: never forward them
         if await request_record_durable(flow, gw, st):

@@ -164,6 +164,7 @@ class FlowState:
     hold: Hold | None = None  # the budget hold of the request's worst-case cost
     output_cap: int | None = None  # output tokens reserved, enforced on streams when not None
     output_limit: int | None = None  # max_tokens x n as the agent asked: no provider bills more
+    token_mark: str = ""  # the agent token's signature: never sent upstream, in any field
 
     def mark(self, stage: str) -> None:
         i = STAGES.index(stage)
@@ -628,6 +629,9 @@ class Gateway:
                 state.identity = e.identity
             raise unauthenticated(str(e)) from None
         state.identity = ident
+        # the signature part: what makes the token a credential, and what no other header,
+        # cookie or query parameter may carry upstream (InjectStage drops any that does)
+        state.token_mark = token.rsplit(".", 1)[-1]
         state.mark("identity")
         return ident
 

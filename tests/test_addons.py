@@ -444,12 +444,18 @@ def test_an_egress_rule_without_inject_sends_no_credential(
     rule = "  - {id: status-read, hosts: [status.example.com], methods: [GET], effect: allow}\n"
     (d / f"{TENANT}.yaml").write_text(text.replace("limits:", rule + "limits:", 1))
     h = make_harness(d)
-    flow = make_flow(issue(), host="status.example.com", method="GET", path="/x", body=b"")
-    assert flow.request.headers.get("authorization")  # the agent's token: never forwarded
+    token = issue()
+    flow = make_flow(
+        token, host="status.example.com", method="GET", path=f"/x?token={token}&page=2",
+        body=b"", headers=[("cookie", f"t={token}"), ("x-auth-token", token), ("x-keep", "1")],
+    )  # fmt: skip
     res = h.send(flow)
     assert res.sent is not None
     sent = {k.lower() for k, _ in res.sent.headers.fields}
     assert not sent & {b"authorization", b"x-api-key", b"proxy-authorization"}
+    # the agent's token in any other field never leaves either (its signature is the mark)
+    assert token.rsplit(".", 1)[-1] not in repr(res.sent.headers.fields) + res.sent.url
+    assert res.sent.headers["x-keep"] == "1" and res.sent.query.get("page") == "2"
     assert flow.response is not None and flow.response.status_code == 200
     assert [r["event"] for r in h.rows(request_id=rid_of(flow))] == ["request", "response"]
 
