@@ -50,7 +50,7 @@ from aiid_proxy.providers import (
     estimate_body_usage,
     parse_usage,
 )
-from aiid_proxy.scrub import Scrubber, redact_escaped
+from aiid_proxy.scrub import Fragments, Scrubber, redact_escaped
 from aiid_proxy.streaming import StreamGuard
 
 log = logging.getLogger("aiid")
@@ -82,6 +82,7 @@ class LogScrubber:
 
     def __init__(self) -> None:
         self.secrets: frozenset[str] = frozenset()  # replaced, never mutated: other threads log
+        self.fragments = Fragments(())  # pieces of them (12+ characters): replaced likewise
         self._base: Callable[..., logging.LogRecord] | None = None
 
     def install(self) -> None:
@@ -91,6 +92,7 @@ class LogScrubber:
 
     def add(self, secret: str) -> None:
         if secret and secret not in self.secrets:
+            self.fragments = Fragments((*self.secrets, secret))
             # also as a bytes repr quotes a JSON-escaped echo ("\\/" for "/"), and its first 8
             # characters: mitmproxy quotes undecodable upstream bodies cut short ("LookupError
             # when decoding b'sk-CANAR with 'bogus'")
@@ -101,8 +103,9 @@ class LogScrubber:
         self.install()
 
     def scrub(self, text: str) -> str:
-        """``text`` without any secret injected so far or anything credential-shaped."""
-        return redact_credentials(Scrubber(self.secrets).scrub_text(text))
+        """``text`` without any secret injected so far (or a piece of one), or anything
+        credential-shaped."""
+        return redact_credentials(self.fragments.redact(Scrubber(self.secrets).scrub_text(text)))
 
     def _record(self, *args: Any, **kwargs: Any) -> logging.LogRecord:
         assert self._base is not None
@@ -113,12 +116,13 @@ class LogScrubber:
                 msg = rec.getMessage()
             except Exception:
                 msg = str(rec.msg)
-            clean = redact_credentials(scrubber.scrub_text(msg))
+            pieces = self.fragments
+            clean = redact_credentials(pieces.redact(scrubber.scrub_text(msg)))
             if clean != msg:
                 rec.msg, rec.args = clean, ()
             if rec.exc_info and rec.exc_info[1] is not None:
                 text = "".join(traceback.format_exception(*rec.exc_info)).rstrip("\n")
-                tb = redact_credentials(scrubber.scrub_text(text))
+                tb = redact_credentials(pieces.redact(scrubber.scrub_text(text)))
                 if tb != text:
                     # into the message, exc_info gone: mitmproxy's formatter formats exc_info
                     # itself (it ignores exc_text), so nothing else would keep it out
@@ -953,7 +957,8 @@ class ResponseFilter:
         if st is None or self.rt.gateway is None or st.refusal is not None:
             return
         msg = flow.error.msg if flow.error else "unknown error"
-        clean = self._scrubber(st).scrub_text(msg)  # errors quote upstream bytes (status lines)
+        scrubber = self._scrubber(st)  # errors quote upstream bytes (status lines, names)
+        clean = scrubber.fragments.redact(scrubber.scrub_text(msg))
         if clean != msg and flow.killable:
             flow.kill()  # else mitmproxy's 502 page would quote the key to the agent
         msg = clean
@@ -986,11 +991,21 @@ class ResponseFilter:
             resp.reason = reason  # "HTTP/1.1 401 Bad key sk-..." reaches HTTP/1.1 agents
         fields = []
         changed = False
+        # a piece of the key (12+ characters: all of it but the last, split over values)
+        # anywhere in the header block: the fields that hold one are scrubbed of it
+        blob = b"\n".join(k + b"\n" + v for k, v in resp.headers.fields)
+        pieces = scrubber.lower_fragments.found(blob.decode("utf-8", "surrogateescape").lower())
         for k, v in resp.headers.fields:
             if scrubber.in_name(k):  # "x-sk-...: 1": dropped whole
                 changed = True
                 continue
             nv = scrubber.scrub(v)
+            if pieces:
+                text = nv.decode("utf-8", "surrogateescape")
+                redacted = scrubber.fragments.redact(text)
+                if redacted != text:
+                    scrubber.hits += 1
+                    nv = redacted.encode("utf-8", "surrogateescape")
             changed |= nv != v
             fields.append((k, nv))
         if changed:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable
@@ -39,12 +40,21 @@ class Scrubber:
         return bool(self._needles)
 
     def in_name(self, name: bytes) -> bool:
-        """A secret in a header name, in any case (HTTP/2 lowercases names): such a header
-        cannot be scrubbed into a valid name and is dropped; counted as a hit."""
-        low = name.lower()
-        found = any(s.lower().encode() in low for s in self.secrets)
+        """A secret, or a :data:`FRAGMENT` of one, in a header name, in any case (HTTP/2
+        lowercases names): such a header cannot be scrubbed into a valid name and is dropped;
+        counted as a hit."""
+        low = name.lower().decode("utf-8", "surrogateescape")
+        found = any(s.lower() in low for s in self.secrets) or self.lower_fragments.found(low)
         self.hits += found
         return found
+
+    @functools.cached_property
+    def fragments(self) -> Fragments:
+        return Fragments(self.secrets)
+
+    @functools.cached_property
+    def lower_fragments(self) -> Fragments:
+        return Fragments(s.lower() for s in self.secrets)
 
     def scrub(self, data: bytes) -> bytes:
         """Scrub a complete body."""
@@ -212,3 +222,54 @@ def _replace_in_strings(doc: Any, secrets: list[str]) -> Any:
     if isinstance(doc, list):
         return [_replace_in_strings(v, secrets) for v in doc]
     return doc
+
+
+FRAGMENT = 12
+"""Characters of a secret that, found anywhere together, count as the secret: a piece of a key
+(all of it but its last character, say) is as good as the key to whoever reads it."""
+
+
+class Fragments:
+    """Every run of :data:`FRAGMENT` or more characters of the given secrets, in short text:
+    log lines, error pages, response headers. (Bodies are scrubbed for whole secrets, their
+    escapes and, in streams, their spelling over events: a scan of every body for fragments
+    would cost every response its length in lookups.)"""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        self._grams = frozenset(
+            s[i : i + FRAGMENT]
+            for s in secrets
+            if len(s) >= FRAGMENT
+            for i in range(len(s) - FRAGMENT + 1)
+        )
+        self._few = len(self._grams) <= 64
+
+    def __bool__(self) -> bool:
+        return bool(self._grams)
+
+    def found(self, text: str) -> bool:
+        if not self._grams or len(text) < FRAGMENT:
+            return False
+        if self._few:  # a handful of str.find: C speed over the text
+            return any(g in text for g in self._grams)
+        grams = self._grams
+        return any(text[i : i + FRAGMENT] in grams for i in range(len(text) - FRAGMENT + 1))
+
+    def redact(self, text: str) -> str:
+        """``text`` with every run of fragments replaced by ``[REDACTED]``."""
+        if not self.found(text):
+            return text
+        grams = self._grams
+        spans: list[list[int]] = []
+        for i in range(len(text) - FRAGMENT + 1):
+            if text[i : i + FRAGMENT] in grams:
+                if spans and i <= spans[-1][1]:
+                    spans[-1][1] = i + FRAGMENT
+                else:
+                    spans.append([i, i + FRAGMENT])
+        out, pos = [], 0
+        for a, b in spans:
+            out += [text[pos:a], REDACTED.decode()]
+            pos = b
+        out.append(text[pos:])
+        return "".join(out)

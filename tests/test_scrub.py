@@ -8,7 +8,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aiid_proxy.scrub import REDACTED, Scrubber, TextWatch, escaped_secrets, redact_escaped
+from aiid_proxy.scrub import (
+    REDACTED,
+    Fragments,
+    Scrubber,
+    TextWatch,
+    escaped_secrets,
+    redact_escaped,
+)
 
 KEY = "sk-canary-openai-XYZ0123"
 K = KEY.encode()
@@ -243,3 +250,20 @@ def test_escaped_secrets_in_sse_data_lines() -> None:
     events = f'event: x\r\ndata: {{"t": "{ESCAPED}"}}\r\n\r\ndata: [DONE]\n\n'.encode()
     assert escaped_secrets(events, [PKEY], sse=True) == 1
     assert escaped_secrets(events, [PKEY]) == 0  # not one JSON document
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(f"b'x-{PKEY[:-1]}('", "b'x-[REDACTED]('", id="all-but-the-last"),
+        pytest.param(f"{PKEY[:12]} and {PKEY[-12:]}", "[REDACTED] and [REDACTED]", id="pieces"),
+        pytest.param(f"{PKEY[:11]}", PKEY[:11], id="under-12-characters"),
+        pytest.param("nothing here", "nothing here", id="none"),
+    ],
+)
+@pytest.mark.parametrize("many", [False, True], ids=["few-grams", "many-grams"])
+def test_fragments(text: str, expected: str, many: bool) -> None:
+    others = [f"sk-other-{i:03d}-0123456789abcdef" for i in range(10)] if many else []
+    f = Fragments([PKEY, *others])
+    assert f.redact(text) == expected
+    assert f.found(text) is (text != expected)

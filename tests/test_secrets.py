@@ -183,6 +183,13 @@ class EchoUpstream(TLSServer):
         if variant == "escaped":  # the same JSON to any parser, the key in no run of bytes
             esc = "".join(f"\\u{ord(c):04x}" for c in key).encode()
             return [resp("401 Unauthorized", js, b'{"error":{"message":"bad key ' + esc + b'"}}')]
+        if variant == "name-all-but-last":  # an invalid name: mitmproxy's 502 quotes it
+            return [resp("200 OK", [(f"x-{key[:-1]}", "1"), *js], b"{}")]
+        if variant == "status-all-but-last":  # an unparsable status line, quoted likewise
+            return [b"HTTP/1.1 2x0 " + k[:-1] + b"\r\ncontent-length: 0\r\n\r\n"]
+        if variant == "split-values":  # halves in two fields: a piece of the key each
+            half = len(key) // 2
+            return [resp("200 OK", [("x-a", key[:half]), ("x-b", key[half:]), *js], b"{}")]
         if variant == "bogus-coding":  # mitmproxy's error quotes the body's first bytes
             return [resp("200 OK", [*js, ("content-encoding", "bogus")], k)]
         codecs = {
@@ -246,6 +253,9 @@ ECHO_VARIANTS = [
     "extra-data",
     "json-slash",
     "header-name",
+    "name-all-but-last",
+    "status-all-but-last",
+    "split-values",
     "escaped",
     "bogus-coding",
     "gzip",
