@@ -894,7 +894,7 @@ class ResponseFilter:
         # what `response` need not scrub again (header fields are an immutable tuple: any
         # change by another addon replaces it)
         flow.metadata[SCRUBBED_HEAD] = (resp.headers.fields, resp.reason)
-        ctype = resp.headers.get("content-type", "")
+        ctype = resp.headers.get("content-type", "").lower()
         encoded = resp.headers.get("content-encoding", "identity").lower() != "identity"
         route = st.route
         if ctype.startswith("text/event-stream") and not encoded and route and route.provider:
@@ -931,6 +931,30 @@ class ResponseFilter:
             completion = bytes(sf.kept)
             if sf.cut:
                 extra["cut"] = sf.cut
+        elif (
+            resp.headers.get("content-type", "").lower().startswith("text/event-stream")
+            and st.route is not None
+            and st.route.provider is not None
+        ):
+            # An event stream that could not be streamed (the provider encoded it, gzip,
+            # although asked for identity): read whole, then guarded as a stream all the same
+            # (the key spelled over events, the reservation), and sent re-encoded.
+            resp.trailers = None
+            body = resp.get_content(strict=True) or b""
+            guard = StreamGuard(
+                scrubber,
+                SSEUsageTracker(st.route.provider, st.route.route),
+                output_cap=st.output_cap,
+                request_id=st.request_id,
+            )
+            clean = guard.feed(body) + guard.close()
+            hits = scrubber.hits
+            if clean != body:
+                resp.content = clean
+            completion = clean
+            usage = guard.usage(est_in)
+            if guard.cut:
+                extra["cut"] = guard.cut
         else:
             resp.trailers = None  # sent after this hook: never unscrubbed
             body = resp.get_content(strict=True) or b""  # undecodable: cannot scrub, _fail

@@ -214,6 +214,19 @@ class EchoUpstream(TLSServer):
             for piece in (msg[:cut], msg[cut:]):
                 parts += [b"%x\r\n%s\r\n" % (len(piece), piece), 0.02]
             return [*parts, b"0\r\n\r\n"]
+        if variant == "sse-gzip-spelled":  # not streamable (encoded): guarded whole
+            third = len(k) // 3
+            events = b"".join(
+                b'data: {"candidates":[{"content":{"parts":[{"text":"' + piece + b'"}]}}]}\n\n'
+                for piece in (b"a ", k[:third], k[third : 2 * third], k[2 * third :], b" z")
+            )
+            return [
+                resp(
+                    "200 OK",
+                    [("content-type", "Text/Event-Stream"), ("content-encoding", "gzip")],
+                    gzip.compress(events),
+                )
+            ]
         if variant in ("sse-split", "sse-bytewise", "sse-gzip"):
             events = [
                 b'data: {"candidates":[{"content":{"parts":[{"text":"a"}]}}]}\n\n',
@@ -267,6 +280,7 @@ ECHO_VARIANTS = [
     "sse-split",
     "sse-bytewise",
     "sse-gzip",
+    "sse-gzip-spelled",
 ]
 
 
@@ -662,3 +676,18 @@ def test_no_agent_token_upstream(world: World) -> None:
     upstream += b"".join(r.body for r in world.si.requests)
     tokens = {name: token_needles(t) for name, t in world.tokens.items()}
     assert hits(upstream, tokens) == []
+
+
+def test_a_key_spelled_in_an_encoded_event_stream_is_cut(world: World) -> None:
+    """gzip despite `accept-encoding: identity`: mitmproxy cannot stream it, the gateway reads
+    it whole and guards it as a stream: the text the agent assembles never holds the key."""
+    replies = dict(zip((w for w, _ in world.seen.statuses), world.seen.replies, strict=True))
+    body = unpacked(replies["gemini echo sse-gzip-spelled"])[-1]
+    text = ""
+    for line in body.split(b"\n"):
+        if line.startswith(b"data: "):
+            obj = json.loads(line[6:])
+            for cand in obj.get("candidates", []):
+                text += "".join(p.get("text", "") for p in cand["content"]["parts"])
+    assert text.startswith("a ") and CANARIES["gemini"][:4] not in text, text
+    assert b"spelled out the key" in body
