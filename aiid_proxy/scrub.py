@@ -127,26 +127,30 @@ class TextWatch:
     def __init__(self, secrets: Iterable[str]) -> None:
         self._secrets = sorted({s for s in secrets if len(s) >= MIN_WATCHED}, key=len, reverse=True)
         self._keep = max((len(s) for s in self._secrets), default=1) - 1
-        self._tail = ""
+        self._tails: dict[str, str] = {}  # per channel: choices, blocks, candidates interleave
         self.holding = False
 
     @property
     def active(self) -> bool:
         return bool(self._secrets)
 
-    def feed(self, pieces: Iterable[str]) -> int:
-        text = self._tail + "".join(pieces)
+    def feed(self, pieces: Iterable[str | tuple[str, str]]) -> int:
+        """Add one event's text pieces (``(channel, text)``, or text on the one channel)."""
         found = 0
-        for s in self._secrets:
-            if s in text:
-                found += text.count(s)
-                text = text.replace(s, "\0")
-        self._tail = text[-self._keep :]
-        self.holding = self._ends_in_a_prefix()
+        for piece in pieces:
+            channel, text = piece if isinstance(piece, tuple) else ("", piece)
+            if channel not in self._tails and len(self._tails) >= MAX_CHANNELS:
+                channel = ""  # bounded work per event, whatever indexes a provider sends
+            text = self._tails.get(channel, "") + text
+            for s in self._secrets:
+                if s in text:
+                    found += text.count(s)
+                    text = text.replace(s, "\0")
+            self._tails[channel] = text[-self._keep :]
+        self.holding = any(self._ends_in_a_prefix(t) for t in self._tails.values())
         return found
 
-    def _ends_in_a_prefix(self) -> bool:
-        t = self._tail
+    def _ends_in_a_prefix(self, t: str) -> bool:
         for s in self._secrets:
             start = s[: self.HOLD]
             i = t.find(start, max(0, len(t) - (len(s) - 1)))
@@ -223,6 +227,9 @@ def _replace_in_strings(doc: Any, secrets: list[str]) -> Any:
         return [_replace_in_strings(v, secrets) for v in doc]
     return doc
 
+
+MAX_CHANNELS = 64
+"""Interleaved texts (choices, blocks, candidates) a TextWatch keeps apart; more share one."""
 
 FRAGMENT = 12
 """Characters of a secret that, found anywhere together, count as the secret: a piece of a key

@@ -284,6 +284,76 @@ def test_a_key_in_json_escapes_cuts_the_stream(data: dict[str, object]) -> None:
     assert g.cut == KEY_CUT_REASON and calls == [1]
 
 
+def _pieces(secret: str, n: int = 3) -> list[str]:
+    step = -(-len(secret) // n)
+    return [secret[i : i + step] for i in range(0, len(secret), step)]
+
+
+def _chat_delta(delta: dict[str, object], index: int = 0) -> bytes:
+    return ev({"choices": [{"index": index, "delta": delta}]})
+
+
+FIELD_STREAMS = [
+    pytest.param(
+        "openai", "/v1/chat/completions",
+        [_chat_delta({"reasoning_content": p}) for p in _pieces(SECRET)], id="reasoning-content",
+    ),
+    pytest.param(
+        "openai", "/v1/chat/completions",
+        [_chat_delta({"refusal": p}) for p in _pieces(SECRET)], id="refusal",
+    ),
+    pytest.param(
+        "openai", "/v1/chat/completions",
+        [_chat_delta({"function_call": {"arguments": p}}) for p in _pieces(SECRET)],
+        id="legacy-function-call",
+    ),
+    pytest.param(
+        "openai", "/v1/chat/completions",
+        [e for p in _pieces(SECRET, 6) for e in (_chat_delta({"content": "x"}, 0),
+                                                  _chat_delta({"content": p}, 1))],
+        id="choices-interleaved",
+    ),
+    pytest.param(
+        "openai", "/v1/responses",
+        [ev({"type": "response.reasoning_summary_text.delta", "delta": p, "output_index": 0,
+             "summary_index": 0}) for p in _pieces(SECRET)],
+        id="responses-reasoning-summary",
+    ),
+    pytest.param(
+        "anthropic", "/v1/messages",
+        [e for p in _pieces(SECRET, 6) for e in (
+            ev({"type": "content_block_delta", "index": 0,
+                "delta": {"type": "text_delta", "text": "x"}}, "content_block_delta"),
+            ev({"type": "content_block_delta", "index": 1,
+                "delta": {"type": "text_delta", "text": p}}, "content_block_delta"))],
+        id="anthropic-blocks-interleaved",
+    ),
+    pytest.param(
+        "anthropic", "/v1/messages",
+        [ev({"type": "content_block_delta", "index": 0,
+             "delta": {"type": "citations_delta", "citation": {"cited_text": p}}},
+            "content_block_delta") for p in _pieces(SECRET)],
+        id="anthropic-citation",
+    ),
+    pytest.param(
+        "gemini", "/v1beta/models/gemini-2.0-flash:streamGenerateContent",
+        [ev({"candidates": [{"index": i % 2, "content": {"parts": [{"text": p}]}}]})
+         for i, p in enumerate(q for p in _pieces(SECRET, 6) for q in ("x", p))],
+        id="gemini-candidates-interleaved",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("provider", "path", "events"), FIELD_STREAMS)
+def test_a_key_spelled_in_any_generated_field_or_interleaved_output_is_cut(
+    provider: str, path: str, events: list[bytes]
+) -> None:
+    g, calls = guard(provider, path, secrets=(SECRET,))
+    out = b"".join(g(e) for e in events) + g(b"")
+    assert g.cut == KEY_CUT_REASON and calls == [1], out[-300:]
+    assert b"spelled out the key" in out
+
+
 def test_without_a_secret_to_watch_nothing_is_held() -> None:
     events = chat_stream(["sk-c", "at"])
     g, _ = guard(secrets=())

@@ -26,6 +26,8 @@ _RESPONSES_TEXT = frozenset(
         "response.output_text.delta",
         "response.refusal.delta",
         "response.function_call_arguments.delta",
+        "response.reasoning_summary_text.delta",
+        "response.reasoning_text.delta",
     }
 )
 
@@ -166,9 +168,10 @@ class SSEUsageTracker:
         """Non-empty pieces of generated text seen (each holds at least one token)."""
         self.finished = False
         """A terminal marker was seen ([DONE], message_stop, response.completed, ...)."""
-        self.texts: list[str] | None = None
-        """When a list: every piece of generated text is appended to it, in order (for
-        :class:`~aiid_proxy.scrub.TextWatch`; whoever set it empties it)."""
+        self.texts: list[tuple[str, str]] | None = None
+        """When a list: every piece of generated text is appended to it, in order, with its
+        channel (a choice, content block or candidate: they interleave), for
+        :class:`~aiid_proxy.scrub.TextWatch`; whoever set it empties it."""
         self._line = bytearray()
         self._line_len = 0
         self._data: list[str] = []
@@ -279,23 +282,32 @@ class SSEUsageTracker:
         choices = obj.get("choices")
         if not isinstance(choices, list):
             return
-        for choice in choices:
+        for i, choice in enumerate(choices):
             if not isinstance(choice, dict):
                 continue
-            self._text(choice.get("text"))  # legacy completions
+            ch = f"c{choice.get('index', i)}"  # choices interleave: one text each
+            self._text(choice.get("text"), ch)  # legacy completions
             delta = choice.get("delta")
             if not isinstance(delta, dict):
                 continue
-            self._text(delta.get("content"))
+            self._text(delta.get("content"), ch)
+            for key in ("reasoning_content", "reasoning", "refusal"):
+                self._text(delta.get(key), f"{ch}{key}")
+            fc = delta.get("function_call")  # legacy functions
+            if isinstance(fc, dict):
+                self._text(fc.get("arguments"), f"{ch}f")
             calls = delta.get("tool_calls")
-            for call in calls if isinstance(calls, list) else []:
-                fn = call.get("function") if isinstance(call, dict) else None
+            for j, call in enumerate(calls if isinstance(calls, list) else []):
+                if not isinstance(call, dict):
+                    continue
+                fn = call.get("function")
                 if isinstance(fn, dict):
-                    self._text(fn.get("arguments"))
+                    self._text(fn.get("arguments"), f"{ch}t{call.get('index', j)}")
 
     def _responses(self, kind: str, obj: dict[str, Any]) -> None:
         if kind in _RESPONSES_TEXT:
-            self._text(obj.get("delta"))
+            part = obj.get("content_index", obj.get("summary_index"))
+            self._text(obj.get("delta"), f"{kind}{obj.get('output_index')}:{part}")
         elif kind in _RESPONSES_FINAL:
             self.finished = True
             response = obj.get("response")
@@ -328,8 +340,14 @@ class SSEUsageTracker:
         elif kind == "content_block_delta":
             delta = obj.get("delta")
             if isinstance(delta, dict):
+                block = f"b{obj.get('index')}"  # blocks interleave: one text each
                 for key in ("text", "partial_json", "thinking"):
-                    self._text(delta.get(key))
+                    self._text(delta.get(key), block + key)
+                citation = delta.get("citation")  # quoted, not generated: watched, not counted
+                if isinstance(citation, dict) and self.texts is not None:
+                    cited = citation.get("cited_text")
+                    if isinstance(cited, str) and cited:
+                        self.texts.append((block + "cite", cited))
         elif kind == "message_stop":
             self.finished = True
 
@@ -340,24 +358,28 @@ class SSEUsageTracker:
                 self._final = found  # cumulative: the last one wins
                 self._input = found.input_tokens
         candidates = obj.get("candidates")
-        for cand in candidates if isinstance(candidates, list) else []:
+        for i, cand in enumerate(candidates if isinstance(candidates, list) else []):
             if not isinstance(cand, dict):
                 continue
+            ch = f"g{cand.get('index', i)}"  # candidates interleave: one text each
             if cand.get("finishReason") is not None:
                 self.finished = True
             content = cand.get("content")
             parts = content.get("parts") if isinstance(content, dict) else None
             for part in parts if isinstance(parts, list) else []:
                 if isinstance(part, dict):
-                    self._text(part.get("text"))
+                    self._text(part.get("text"), ch)
+                    call = part.get("functionCall")
+                    if isinstance(call, dict) and call.get("args") is not None:
+                        self._text(json.dumps(call.get("args")), ch + "f")
 
-    def _text(self, value: object) -> None:
+    def _text(self, value: object, channel: str = "") -> None:
         if isinstance(value, str):
             self.output_chars += len(value)
             if value:
                 self.text_deltas += 1
                 if self.texts is not None:
-                    self.texts.append(value)
+                    self.texts.append((channel, value))
 
     # -- results ----------------------------------------------------------------------------
     @property
