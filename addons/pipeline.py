@@ -50,8 +50,8 @@ from aiid_proxy.providers import (
     estimate_body_usage,
     parse_usage,
 )
-from aiid_proxy.scrub import Fragments, Scrubber, redact_escaped
-from aiid_proxy.streaming import StreamGuard
+from aiid_proxy.scrub import Fragments, Scrubber, escaped_anywhere, redact_escaped
+from aiid_proxy.streaming import StreamGuard, spelled_in_array
 
 log = logging.getLogger("aiid")
 
@@ -962,6 +962,18 @@ class ResponseFilter:
             clean, escaped = redact_escaped(clean, scrubber.secrets)  # "\u0073k-..."
             scrubber.hits += escaped
             hits = scrubber.hits
+            spelled = escaped_anywhere(clean, scrubber.secrets)  # where no re-encoding reaches
+            if not spelled and st.route is not None and st.route.provider is not None:
+                tracker = SSEUsageTracker(st.route.provider, st.route.route)
+                spelled = spelled_in_array(clean, tracker, scrubber.secrets)  # Gemini's array
+            if spelled:
+                if flow.killable:
+                    flow.kill()
+                gw.record_error(
+                    st, "the response spelled the injected key where it cannot be scrubbed: "
+                    "killed", sent=True,
+                )  # fmt: skip
+                return
             if hits:
                 resp.content = clean
             completion = clean

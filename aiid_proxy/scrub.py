@@ -280,3 +280,31 @@ class Fragments:
             pos = b
         out.append(text[pos:])
         return "".join(out)
+
+
+_ESCAPE = re.compile(rb"\\(u[0-9a-fA-F]{4}|.)", re.DOTALL)
+
+
+def _unescape_once(m: re.Match[bytes]) -> bytes:
+    """One level of JSON string escapes, left to right (``\\\\u0073`` is ``\\u0073``)."""
+    esc = m.group(1)
+    if esc[:1] == b"u" and len(esc) == 5:
+        return chr(int(esc[1:], 16)).encode("utf-8", "replace")
+    return {b"n": b"\n", b"t": b"\t", b"r": b"\r", b"b": b"\b", b"f": b"\f"}.get(esc, esc)
+
+
+def escaped_anywhere(blob: bytes, secrets: Iterable[str]) -> bool:
+    """A secret that shows once JSON escapes are undone, up to three levels deep (a JSON
+    string holding JSON), without parsing: for bodies :func:`redact_escaped` cannot re-encode
+    (NDJSON, nesting too deep to parse, escapes inside a string of JSON)."""
+    watched = [s.encode() for s in secrets if len(s) >= MIN_WATCHED]
+    if not watched or b"\\u" not in blob:  # no escape of any depth hides a secret otherwise
+        return False
+    view = blob
+    for _ in range(3):
+        if b"\\" not in view:
+            break
+        view = _ESCAPE.sub(_unescape_once, view)
+        if any(w in view for w in watched):
+            return True
+    return False

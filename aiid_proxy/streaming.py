@@ -31,7 +31,7 @@ import re
 from collections.abc import Callable
 
 from aiid_proxy.providers import MAX_EVENT_BYTES, SSEUsageTracker, Usage
-from aiid_proxy.scrub import Scrubber, TextWatch, escaped_secrets
+from aiid_proxy.scrub import Scrubber, TextWatch, escaped_anywhere, escaped_secrets
 
 log = logging.getLogger("aiid.stream")
 _EOL = re.compile(rb"\r\n|\r|\n")
@@ -237,6 +237,8 @@ class StreamGuard:
         if texts is None:
             texts = self.tracker.texts = []
         found = max(self.watch.feed(texts), escaped_secrets(clean, self.scrubber.secrets, sse=True))
+        if not found and escaped_anywhere(clean, self.scrubber.secrets):
+            found = 1  # escaped where no JSON parse reaches it (a field over several lines)
         texts.clear()
         if not found:
             return False
@@ -286,4 +288,33 @@ class StreamGuard:
         return self.tracker.usage() or self.tracker.estimate(input_estimate)
 
 
-__all__ = ["CUT_REASON", "KEY_CUT_REASON", "EventSplitter", "StreamGuard", "cut_event"]
+def spelled_in_array(body: bytes, tracker: SSEUsageTracker, secrets: tuple[str, ...]) -> bool:
+    """A JSON-array stream read whole (Gemini's ``streamGenerateContent`` without
+    ``alt=sse``): True if the text of its elements spells a secret, or ends in its start, as
+    :class:`StreamGuard` would have cut it."""
+    watch = TextWatch(secrets)
+    if not watch.active or not body.lstrip().startswith(b"["):
+        return False
+    try:
+        items = json.loads(body)
+    except (ValueError, RecursionError):
+        return False
+    if not isinstance(items, list):
+        return False
+    tracker.texts = []
+    for item in items:
+        tracker.feed(b"data: " + json.dumps(item).encode() + b"\n\n")
+        if watch.feed(tracker.texts):
+            return True
+        tracker.texts.clear()
+    return watch.holding
+
+
+__all__ = [
+    "CUT_REASON",
+    "KEY_CUT_REASON",
+    "EventSplitter",
+    "StreamGuard",
+    "cut_event",
+    "spelled_in_array",
+]

@@ -190,6 +190,19 @@ class EchoUpstream(TLSServer):
         if variant == "split-values":  # halves in two fields: a piece of the key each
             half = len(key) // 2
             return [resp("200 OK", [("x-a", key[:half]), ("x-b", key[half:]), *js], b"{}")]
+        esc_key = "".join(f"\\u{ord(c):04x}" for c in key)
+        if variant == "ndjson-escaped":  # no one JSON document: cannot be re-encoded, killed
+            return [resp("200 OK", js, b'{"a":"' + esc_key.encode() + b'"}\n{"b":1}\n')]
+        if variant == "nested-escaped":  # escapes inside a string of JSON
+            inner = json.dumps({"a": '{"k":"' + esc_key + '"}'}).encode()
+            return [resp("200 OK", js, inner)]
+        if variant == "array-spelled":  # Gemini's JSON-array stream, read whole
+            third = len(key) // 3
+            items = [
+                {"candidates": [{"content": {"parts": [{"text": t}]}}]}
+                for t in ("a ", key[:third], key[third : 2 * third], key[2 * third :])
+            ]
+            return [resp("200 OK", js, json.dumps(items).encode())]
         if variant == "bogus-coding":  # mitmproxy's error quotes the body's first bytes
             return [resp("200 OK", [*js, ("content-encoding", "bogus")], k)]
         codecs = {
@@ -281,6 +294,9 @@ ECHO_VARIANTS = [
     "sse-bytewise",
     "sse-gzip",
     "sse-gzip-spelled",
+    "ndjson-escaped",
+    "nested-escaped",
+    "array-spelled",
 ]
 
 
@@ -676,6 +692,16 @@ def test_no_agent_token_upstream(world: World) -> None:
     upstream += b"".join(r.body for r in world.si.requests)
     tokens = {name: token_needles(t) for name, t in world.tokens.items()}
     assert hits(upstream, tokens) == []
+
+
+@pytest.mark.parametrize("variant", ["ndjson-escaped", "nested-escaped", "array-spelled"])
+def test_a_key_that_cannot_be_scrubbed_from_a_body_kills_the_flow(
+    world: World, variant: str
+) -> None:
+    """Escapes in no one JSON document (or in a string of JSON), a key spelled over a
+    JSON-array stream: nothing to re-encode safely, so nothing is sent."""
+    statuses = dict(world.seen.statuses)
+    assert statuses[f"gemini echo {variant}"] == 0  # the connection was killed
 
 
 def test_a_key_spelled_in_an_encoded_event_stream_is_cut(world: World) -> None:
