@@ -75,6 +75,7 @@ class PolicyStore:
         self._policies: dict[str, Policy] = {}
         self._loaded_at: dict[str, float] = {}
         self._stamps: dict[str, tuple[int, int, int, int]] = {}
+        self._refused: set[str] = set()  # tenants whose file was refused last
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -116,7 +117,9 @@ class PolicyStore:
                 if self._stamps.get(tenant) == stamp:
                     continue
                 self._stamps[tenant] = stamp
-                events.append(self._load(tenant, path))
+                ev = self._load(tenant, path)
+                if ev is not None:
+                    events.append(ev)
             for tenant in list(self._stamps):
                 if tenant not in files:
                     del self._stamps[tenant]
@@ -129,7 +132,9 @@ class PolicyStore:
                 self._on_event(ev)
         return events
 
-    def _load(self, tenant: str, path: Path) -> PolicyEvent:
+    def _load(self, tenant: str, path: Path) -> PolicyEvent | None:
+        """The event of (re)reading ``path``; None when its content is the policy in force
+        already (saved unchanged, touched): nothing to log or audit."""
         now = self._clock.now()
         try:
             if NAME_RE.fullmatch(tenant) is None:
@@ -139,7 +144,16 @@ class PolicyStore:
             msg = e.one_line() if isinstance(e, AiidError) else f"{path}: {e.strerror}"
             if isinstance(e, PolicyError) and e.others:
                 msg += f" (and {len(e.others)} more: aiid policy check)"
+            self._refused.add(tenant)
             return PolicyEvent(tenant, False, now, None, msg, kept=tenant in self._policies)
+        current = self._policies.get(tenant)
+        if (
+            current is not None
+            and current.source_hash == policy.source_hash
+            and tenant not in self._refused
+        ):
+            return None  # saved unchanged or touched: nothing new to log or audit
+        self._refused.discard(tenant)
         self._policies[tenant] = policy
         self._loaded_at[tenant] = now
         return PolicyEvent(tenant, True, now, policy.source_hash, None)

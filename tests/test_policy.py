@@ -665,3 +665,24 @@ def test_an_edit_that_keeps_size_and_mtime_is_still_reloaded(tmp_path: Path) -> 
     assert (f.stat().st_size, f.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
     (ev,) = store.refresh()
     assert ev.ok and [r.id for r in store.get("acme").rules] == ["k2"]  # type: ignore[union-attr]
+
+
+def test_a_file_saved_unchanged_is_no_new_load_but_a_fix_after_a_refusal_is(
+    tmp_path: Path,
+) -> None:
+    import os
+
+    from aiid_proxy.clock import FakeClock
+    from aiid_proxy.policystore import PolicyStore
+
+    f = tmp_path / "acme.yaml"
+    good = HEAD + "rules:\n  - {id: a, effect: allow}\n"
+    f.write_text(good)
+    store = PolicyStore(tmp_path, clock=FakeClock())
+    assert [e.ok for e in store.refresh()] == [True]
+    os.utime(f, ns=(1, 1))  # touched: same content
+    assert store.refresh() == []
+    f.write_text(good + "bogus: 1\n")
+    assert [e.ok for e in store.refresh()] == [False]
+    f.write_text(good)  # back to the policy in force: said, so the refusal is not the last word
+    assert [e.ok for e in store.refresh()] == [True]
