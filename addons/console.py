@@ -383,7 +383,12 @@ class ConsoleAddon:
             # no terminal to draw on: plain log lines on stderr instead
             self._log_to(logging.StreamHandler(sys.stderr))
             return
-        self._log_to(logging.FileHandler(self.home.root / "gateway.log"))
+        path = self.home.root / "gateway.log"
+        # private like the rest of the home: request ids, agents, models, hosts
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+        with contextlib.suppress(OSError):
+            path.chmod(0o600)
+        self._log_to(logging.FileHandler(path))
         log.info("console on; log lines go to %s", self.home.root / "gateway.log")
         loop = asyncio.get_running_loop()
         try:

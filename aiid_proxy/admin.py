@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from aiid_proxy.clock import SYSTEM_CLOCK, Clock
-from aiid_proxy.errors import ConfigError, UsageError
+from aiid_proxy.errors import AiidError, ConfigError, UsageError
 from aiid_proxy.home import (
     AUDIT_KEY_ENV,
     MASTER_KEY_ENV,
@@ -396,8 +396,8 @@ def revocation_target(home: Home, tenant: str, value: str) -> tuple[str, int | N
         )
     except jwt.PyJWTError:
         raise UsageError("not a token of this home (bad signature or claims)") from None
-    if claims.get("tid") != tenant:
-        raise UsageError(f"that token belongs to tenant {claims.get('tid')!r}, not {tenant!r}")
+    if claims.get("tid") != tenant:  # the data, not the command line, is wrong: exit 1
+        raise AiidError(f"that token belongs to tenant {claims.get('tid')!r}, not {tenant!r}")
     jti, exp = claims.get("jti"), claims.get("exp")
     if not isinstance(jti, str):
         raise UsageError("that token carries no token id")

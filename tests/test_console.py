@@ -641,6 +641,7 @@ def test_with_a_terminal_the_view_runs_and_logs_go_to_a_file(
     asyncio.run(go())
     log = (gateway.home.root / "gateway.log").read_text()
     assert "a line for the log file" in log
+    assert (gateway.home.root / "gateway.log").stat().st_mode & 0o777 == 0o600  # private
     assert "a line for the log file" not in out.getvalue()
     assert "127.0.0.1:8080" in out.getvalue()  # the view was drawn
 
