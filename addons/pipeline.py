@@ -590,6 +590,7 @@ class PolicyStage(_Stage):
             st.approved_by = by
             st.standing_approval = True
             return
+        gw.refuse_unpriced(st)  # refused anyway after the wait: never ask a human
         timeout = float(d.approval_timeout)
         pending = broker.hold(st.identity.tenant, st.request_id, key, timeout)
         held = gw.record_hold(st, timeout)  # not awaited: the hold itself needs no fsync

@@ -819,6 +819,26 @@ class Gateway:
         state.mark("ratelimit")
         return decision
 
+    def refuse_unpriced(self, state: FlowState) -> None:
+        """Refuse (403, rule ``budgets``) a priced route whose model has no price while a
+        budget applies to the agent: such a request can never pass. Checked before a hold for
+        approval too, so that no human approves what is refused anyway."""
+        assert state.identity is not None and state.route is not None
+        r = state.route
+        if r.provider is None or r.route is None or r.route.kind in COSTLESS_KINDS:
+            return
+        policy = self.policy_for(state.identity.tenant)
+        if not budgets_apply(policy, state.identity.agent):
+            return
+        if self.prices.current().lookup(r.provider.name, state.model) is None:
+            raise RequestRefused(
+                403,
+                "policy_denied",
+                f"no price for model {state.model or '(none)'!r} of provider "
+                f"{r.provider.name!r}; budgets need prices.yaml",
+                "budgets",
+            )
+
     def _hold_budget(
         self, state: FlowState, policy: Policy | None, est_in: int, out_cap: int
     ) -> Hold | None:
@@ -834,14 +854,7 @@ class Gateway:
         tenant_budget = policy.tenant_budget if policy else None
         agent_budget = agent_budget_of(policy, ident.agent) if policy else None
         if price is None:
-            if tenant_budget is not None or agent_budget is not None:
-                raise RequestRefused(
-                    403,
-                    "policy_denied",
-                    f"no price for model {state.model or '(none)'!r} of provider "
-                    f"{r.provider.name!r}; budgets need prices.yaml",
-                    "budgets",
-                )
+            self.refuse_unpriced(state)
             return None
         got = self.ledger.hold(
             ident.tenant,

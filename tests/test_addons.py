@@ -1039,6 +1039,23 @@ def test_an_approval_never_outlives_a_revocation_or_a_denying_edit(
     assert rows[-1]["status"] == status
 
 
+def test_a_request_refused_anyway_is_never_held_for_a_human(
+    make_harness: Callable[..., Harness], issue: Callable[..., str], tmp_path: Path
+) -> None:
+    """Under a budget, a model with no price is refused (403, rule budgets): before the hold,
+    not after a human approved it."""
+    d = write_policies(tmp_path / "priced")
+    f = d / f"{TENANT}.yaml"
+    f.write_text(f.read_text() + "budgets:\n  tenant: {usd_per_day: 5}\n")
+    h = make_harness(d)
+    flow = make_flow(issue(), body=chat_body("o1-unpriced-x"))
+    res = h.run(asyncio.wait_for(h.drive(flow), 10))  # a hold would hang: nobody answers
+    h.settle()
+    assert res.sent is None and flow.response is not None
+    assert flow.response.status_code == 403 and refusal(flow)["rule"] == "budgets"
+    assert [r["event"] for r in h.rows(request_id=rid_of(flow))] == ["deny"]
+
+
 def test_approval_with_ttl_grants_later_identical_requests(
     h: Harness, issue: Callable[..., str]
 ) -> None:
