@@ -170,6 +170,7 @@ class Runtime:
         self._skip: tuple[str, str, int, str] | None = None  # the options that rollback restored
         self.broker = ApprovalBroker()
         self.control: ControlServer | None = None
+        self.holds: dict[str, set[tuple[str, str]]] = {}  # client id -> (tenant, request id)
 
     async def running(self) -> None:
         if self.gateway is None:
@@ -449,6 +450,12 @@ class ConnectGuard:
 
     def client_disconnected(self, client: connection.Client) -> None:
         self.conn_tokens.pop(client.id, None)
+        # a request held for approval whose agent hung up: nobody waits for the answer
+        for tenant, rid in self.rt.holds.pop(client.id, ()):
+            with contextlib.suppress(AiidError):  # answered meanwhile
+                self.rt.broker.answer(
+                    tenant, rid, Answer(False, "agent", "the agent hung up while it was held")
+                )
 
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
         flow.kill()
@@ -573,9 +580,9 @@ class PolicyStage(_Stage):
     async def run(self, gw: Gateway, st: FlowState, flow: http.HTTPFlow) -> None:
         d = gw.decide(st)
         if d.effect == "approve":
-            await self._hold(gw, st, d)
+            await self._hold(gw, st, d, flow.client_conn.id)
 
-    async def _hold(self, gw: Gateway, st: FlowState, d: Decision) -> None:
+    async def _hold(self, gw: Gateway, st: FlowState, d: Decision, client: str = "") -> None:
         assert st.identity is not None
         key = (
             st.identity.tenant,
@@ -593,6 +600,8 @@ class PolicyStage(_Stage):
         gw.refuse_unpriced(st)  # refused anyway after the wait: never ask a human
         timeout = float(d.approval_timeout)
         pending = broker.hold(st.identity.tenant, st.request_id, key, timeout)
+        hold_key = (st.identity.tenant, st.request_id)
+        self.rt.holds.setdefault(client, set()).add(hold_key)
         held = gw.record_hold(st, timeout)  # not awaited: the hold itself needs no fsync
         if held is not None:
             held.add_done_callback(_log_unwritten)
@@ -611,6 +620,11 @@ class PolicyStage(_Stage):
             ans = Answer(False, "timeout", f"no answer within {int(timeout)} s")
         finally:
             broker.release(st.request_id)
+            mine = self.rt.holds.get(client)
+            if mine is not None:
+                mine.discard(hold_key)
+                if not mine:
+                    del self.rt.holds[client]
         verdict = "approved" if ans.approved else "denied"
         text = f"{verdict} by {ans.by}" + (f": {ans.reason}" if ans.reason else "")
         fut = gw.record_approval(st, ans.approved, ans.by, text)

@@ -1039,6 +1039,21 @@ def test_an_approval_never_outlives_a_revocation_or_a_denying_edit(
     assert rows[-1]["status"] == status
 
 
+def test_a_held_request_whose_agent_hangs_up_leaves_the_pending_list(
+    h: Harness, issue: Callable[..., str]
+) -> None:
+    """Nobody waits for the answer any more: denied at once ("the agent hung up"), on
+    record, instead of waiting for a human (who could still approve it) or the timeout."""
+    flow = make_flow(issue(), body=chat_body("o1-mini"))
+    guard = h.addon(pipeline.ConnectGuard)
+    res, rid = h.run(_held(h, flow, None, lambda: guard.client_disconnected(flow.client_conn)))
+    h.settle()
+    assert res.sent is None and rid not in h.rt.broker.pending and not h.rt.holds
+    rows = h.rows(request_id=rid)
+    assert [r["event"] for r in rows] == ["held", "approval", "deny"]
+    assert "the agent hung up" in rows[1]["reason"]
+
+
 def test_a_request_refused_anyway_is_never_held_for_a_human(
     make_harness: Callable[..., Harness], issue: Callable[..., str], tmp_path: Path
 ) -> None:
