@@ -601,6 +601,22 @@ def policy_explain(
     )
     ex = pol.explain(ctxt)
     dec = ex.decision
+    if dec.effect != "deny" and provider is not None and model is not None:
+        # what the gateway refuses after the rules, whatever they say: an unpriced model
+        # under a budget (checked before any hold for approval too)
+        from aiid_proxy.budget import PRICES_FILE, PriceTable, budgets_apply
+
+        if (
+            budgets_apply(pol, agent)
+            and PriceTable.load(d / PRICES_FILE).lookup(provider, model) is None
+        ):
+            click.echo("decision: deny")
+            click.echo("rule: budgets")
+            click.echo(
+                f"reason: no price for model {model!r} of provider {provider!r}; budgets need "
+                f"prices.yaml (the rules alone say {dec.effect}, rule {dec.rule_id})"
+            )
+            return
     click.echo(f"decision: {dec.effect}")
     click.echo(f"rule: {dec.rule_id}")
     if dec.reason:

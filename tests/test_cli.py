@@ -679,6 +679,20 @@ def test_policy_explain_decides_what_the_gateway_decides_before_rules(
         assert e in r.lines, r.lines
 
 
+def test_policy_explain_says_an_unpriced_model_under_a_budget_is_refused(
+    aiid: Run, tmp_path: Path
+) -> None:
+    pol = write_policies(tmp_path / "p")
+    f = pol / f"{TENANT}.yaml"
+    f.write_text(f.read_text() + "budgets:\n  tenant: {usd_per_day: 5}\n")
+    args = ["policy", "explain", TENANT, "--agent", "bot", "--provider", "anthropic"]
+    r = aiid(*args, "--model", "claude-zz-haiku-x", "--policies", str(pol))
+    assert r.code == 0 and r.lines[:2] == ["decision: deny", "rule: budgets"], r.lines
+    assert "no price for model 'claude-zz-haiku-x'" in r.lines[2]
+    r = aiid(*args, "--model", "claude-3-5-haiku-latest", "--policies", str(pol))  # priced
+    assert "decision: allow" in r.lines
+
+
 def test_policy_explain_names_an_active_override(aiid: Run, tmp_path: Path) -> None:
     pol = write_policies(tmp_path / "p")
     p = pol / f"{TENANT}.yaml"
