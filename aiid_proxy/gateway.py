@@ -574,7 +574,12 @@ class Gateway:
                 rule=None,
                 status=None if ev.ok else 1,
                 reason=ev.describe(),
-                detail={"ok": ev.ok, "hash": ev.source_hash, "removed": ev.removed},
+                detail={
+                    "ok": ev.ok,
+                    "hash": ev.source_hash,
+                    "removed": ev.removed,
+                    **({"expired": ev.expired} if ev.expired else {}),
+                },
             )
         except AiidError:
             log.exception("could not audit policy event")

@@ -25,8 +25,11 @@ class PolicyEvent:
     error: str | None
     removed: bool = False
     kept: bool = True  # a refused edit: a last good policy stays (else the tenant has none)
+    expired: str | None = None  # an override that ran out: "INC-4711 (approved by alice)"
 
     def describe(self) -> str:
+        if self.expired is not None:
+            return f"policy {self.tenant}: override {self.expired} expired; the rules decide again"
         if self.removed:
             return f"policy {self.tenant}: file removed, last good policy stays in force"
         if self.ok:
@@ -76,6 +79,7 @@ class PolicyStore:
         self._loaded_at: dict[str, float] = {}
         self._stamps: dict[str, tuple[int, int, int, int]] = {}
         self._refused: set[str] = set()  # tenants whose file was refused last
+        self._expired_seen: dict[str, set[tuple[str, str]]] = {}  # (policy hash, override id)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -126,11 +130,32 @@ class PolicyStore:
                     events.append(
                         PolicyEvent(tenant, True, self._clock.now(), None, None, removed=True)
                     )
+            events += self._expired_overrides()
         for ev in events:
             log.info(ev.describe())
             if self._on_event is not None:
                 self._on_event(ev)
         return events
+
+    def _expired_overrides(self) -> list[PolicyEvent]:
+        """One event for each override of a policy in force that ran out since the last
+        refresh (the poll runs every second): an override's end is on record like its start.
+        Overrides already expired when their policy was loaded are not news."""
+        now = self._clock.now()
+        out: list[PolicyEvent] = []
+        for tenant, policy in self._policies.items():
+            seen = self._expired_seen.setdefault(tenant, set())
+            for o in policy.overrides:
+                key = (policy.source_hash, o.id)
+                if o.expires <= now and key not in seen:
+                    seen.add(key)
+                    if self._loaded_at.get(tenant, now) < o.expires:  # in force since loaded
+                        who = f" (approved by {o.approved_by})" if o.approved_by else ""
+                        out.append(
+                            PolicyEvent(tenant, True, now, policy.source_hash, None,
+                                        expired=f"{o.id}{who}")
+                        )  # fmt: skip
+        return out
 
     def _load(self, tenant: str, path: Path) -> PolicyEvent | None:
         """The event of (re)reading ``path``; None when its content is the policy in force

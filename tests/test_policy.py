@@ -686,3 +686,30 @@ def test_a_file_saved_unchanged_is_no_new_load_but_a_fix_after_a_refusal_is(
     assert [e.ok for e in store.refresh()] == [False]
     f.write_text(good)  # back to the policy in force: said, so the refusal is not the last word
     assert [e.ok for e in store.refresh()] == [True]
+
+
+def test_an_override_running_out_is_an_event_once(tmp_path: Path) -> None:
+    """Its end is on record like its start (the gateway audits policy events); one already
+    expired when its policy is loaded is not news."""
+    from aiid_proxy.clock import FakeClock
+    from aiid_proxy.policystore import PolicyStore
+
+    clock = FakeClock(1_800_000_000.0)  # 2027-01-15T08:00:00Z
+    (tmp_path / "acme.yaml").write_text(
+        HEAD + "overrides:\n"
+        "  - {id: INC-1, models: [gpt-4o], effect: allow, approved_by: alice,\n"
+        "     expires: '2027-01-15T08:00:10Z'}\n"
+        "  - {id: OLD-1, models: [gpt-4o], effect: allow, approved_by: bob,\n"
+        "     expires: '2027-01-01T00:00:00Z'}\n"
+    )
+    store = PolicyStore(tmp_path, clock=clock)
+    assert [e.expired for e in store.refresh()] == [None]  # the load
+    clock.advance(9)
+    assert store.refresh() == []
+    clock.advance(2)
+    (ev,) = store.refresh()
+    assert ev.describe() == (
+        "policy acme: override INC-1 (approved by alice) expired; the rules decide again"
+    )
+    clock.advance(60)
+    assert store.refresh() == []
