@@ -324,7 +324,10 @@ class ConsoleAddon:
         for t in gw.tenants():
             pol = gw.policies.get(t.name)
             tenants[t.name] = tenant_info(
-                pol.source_hash if pol else None, gw.policies.loaded_at(t.name), t.audit.head()
+                pol.source_hash if pol else None,
+                gw.policies.loaded_at(t.name),
+                t.audit.head(),
+                gw.policies.refused(t.name),
             )
             for o in pol.overrides if pol else ():
                 if now < o.expires:

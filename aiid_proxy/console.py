@@ -88,6 +88,7 @@ class TenantInfo:
     policy: str | None = None  # short source hash of the policy in force
     loaded: float | None = None
     head: str | None = None  # "seq:mac-prefix"
+    refused: bool = False  # the file's latest edit was refused: an older policy is in force
 
 
 @dataclass
@@ -317,6 +318,8 @@ def _tenant_lines(state: ConsoleState, n: int) -> list[Text]:
             [("policy ", "dim"), info.policy] if info.policy else [("no policy", "bold red")]
         )
         loaded = f" @{_t(info.loaded)}" if info.loaded is not None else ""
+        if info.refused:  # until the file validates again: not just an event that scrolls
+            pol.append((" EDIT REFUSED", "bold red"))
         out.append(
             _line(
                 (name, "bold"),
@@ -559,12 +562,16 @@ def render(
 
 
 def tenant_info(
-    policy_hash: str | None, loaded_at: float | None, head: tuple[int, str] | None
+    policy_hash: str | None,
+    loaded_at: float | None,
+    head: tuple[int, str] | None,
+    refused: bool = False,
 ) -> TenantInfo:
     return TenantInfo(
         policy=policy_hash[:12] if policy_hash else None,
         loaded=loaded_at,
         head=f"{head[0]}:{head[1][:12]}" if head else None,
+        refused=refused,
     )
 
 

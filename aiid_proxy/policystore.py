@@ -137,6 +137,10 @@ class PolicyStore:
                 self._on_event(ev)
         return events
 
+    def refused(self, tenant: str) -> bool:
+        """The tenant's file was refused last: what is in force is an older policy (or none)."""
+        return tenant in self._refused
+
     def _expired_overrides(self) -> list[PolicyEvent]:
         """One event for each override of a policy in force that ran out since the last
         refresh (the poll runs every second): an override's end is on record like its start.

@@ -27,6 +27,7 @@ from aiid_proxy.console import (
     FlowRow,
     OverrideRow,
     PendingRow,
+    TenantInfo,
     parse_keys,
     render,
     tenant_info,
@@ -225,6 +226,16 @@ def test_empty_state_tells_how_to_connect_an_agent() -> None:
     assert "HTTPS_PROXY=http://127.0.0.1:9999" in text and "no tenants" in text
     s.add_flow(FlowRow(NOW, RID, "acme", "bot", "openai", "gpt-4o-mini", "allow", "r", "200"))
     assert "HTTPS_PROXY" not in "\n".join(screen(s, 80, 24))
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_a_tenant_whose_edit_was_refused_says_so_until_it_validates(width: int) -> None:
+    s = ConsoleState(listen="127.0.0.1:8080", started=NOW)
+    s.tenants["acme"] = TenantInfo(policy="abc123def456", loaded=NOW, head="3:aa", refused=True)
+    s.tenants["beta"] = TenantInfo(policy="0123456789ab", loaded=NOW, head="1:bb")
+    lines = screen(s, width, 24)
+    assert any("acme" in line and "EDIT REFUSED" in line for line in lines), lines
+    assert not any("beta" in line and "EDIT REFUSED" in line for line in lines)
 
 
 @pytest.mark.parametrize("width", [60, 80, 120, 160])

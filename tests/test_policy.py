@@ -683,9 +683,9 @@ def test_a_file_saved_unchanged_is_no_new_load_but_a_fix_after_a_refusal_is(
     os.utime(f, ns=(1, 1))  # touched: same content
     assert store.refresh() == []
     f.write_text(good + "bogus: 1\n")
-    assert [e.ok for e in store.refresh()] == [False]
+    assert [e.ok for e in store.refresh()] == [False] and store.refused("acme")
     f.write_text(good)  # back to the policy in force: said, so the refusal is not the last word
-    assert [e.ok for e in store.refresh()] == [True]
+    assert [e.ok for e in store.refresh()] == [True] and not store.refused("acme")
 
 
 def test_an_override_running_out_is_an_event_once(tmp_path: Path) -> None:
