@@ -83,6 +83,7 @@ class LogScrubber:
     def __init__(self) -> None:
         self.secrets: frozenset[str] = frozenset()  # replaced, never mutated: other threads log
         self.fragments = Fragments(())  # pieces of them (12+ characters): replaced likewise
+        self.scrubber = Scrubber(())
         self._base: Callable[..., logging.LogRecord] | None = None
 
     def install(self) -> None:
@@ -92,26 +93,28 @@ class LogScrubber:
 
     def add(self, secret: str) -> None:
         if secret and secret not in self.secrets:
-            self.fragments = Fragments((*self.secrets, secret))
+            self.fragments = Fragments((*self.secrets, secret))  # built once per new secret
             # also as a bytes repr quotes a JSON-escaped echo ("\\/" for "/"), and its first 8
             # characters: mitmproxy quotes undecodable upstream bodies cut short ("LookupError
             # when decoding b'sk-CANAR with 'bogus'")
             more = {secret, secret.replace("/", "\\\\/")}
             if len(secret) >= 16:
                 more.add(secret[:8])
-            self.secrets = self.secrets | more
+            secrets = self.secrets | more
+            self.scrubber = Scrubber(secrets)  # built once per new secret, not per log line
+            self.secrets = secrets
         self.install()
 
     def scrub(self, text: str) -> str:
         """``text`` without any secret injected so far (or a piece of one), or anything
         credential-shaped."""
-        return redact_credentials(self.fragments.redact(Scrubber(self.secrets).scrub_text(text)))
+        return redact_credentials(self.fragments.redact(self.scrubber.scrub_text(text)))
 
     def _record(self, *args: Any, **kwargs: Any) -> logging.LogRecord:
         assert self._base is not None
         rec = self._base(*args, **kwargs)
         try:
-            scrubber = Scrubber(self.secrets)
+            scrubber = self.scrubber
             try:
                 msg = rec.getMessage()
             except Exception:

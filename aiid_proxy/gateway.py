@@ -727,14 +727,17 @@ class Gateway:
     def policy_for(self, tenant: str) -> Policy | None:
         return self.policies.get(tenant)
 
-    def decide(self, state: FlowState) -> Decision:
-        state.expect("policy")
+    def _decide(self, state: FlowState) -> Decision:
+        """The tenant's policy in force on this request; deny (rule default) without one."""
         assert state.identity is not None
         policy = self.policy_for(state.identity.tenant)
         if policy is None:
-            decision = Decision("deny", "default", "no policy is loaded for this tenant")
-        else:
-            decision = policy.decide(self.context(state))
+            return Decision("deny", "default", "no policy is loaded for this tenant")
+        return policy.decide(self.context(state))
+
+    def decide(self, state: FlowState) -> Decision:
+        state.expect("policy")
+        decision = self._decide(state)
         state.decision = decision
         if decision.effect == "deny":
             raise RequestRefused(403, "policy_denied", decision.reason, decision.rule_id)
@@ -750,11 +753,7 @@ class Gateway:
             self.verifier.recheck(state.identity)
         except TokenError as e:
             raise unauthenticated(f"{e} while the request was held for approval") from None
-        policy = self.policy_for(state.identity.tenant)
-        if policy is None:
-            decision = Decision("deny", "default", "no policy is loaded for this tenant")
-        else:
-            decision = policy.decide(self.context(state))
+        decision = self._decide(state)
         if decision.effect == "deny":
             state.decision = decision
             raise RequestRefused(

@@ -48,13 +48,13 @@ class Scrubber:
         self.hits += found
         return found
 
-    @functools.cached_property
+    @property
     def fragments(self) -> Fragments:
-        return Fragments(self.secrets)
+        return _fragments(self.secrets)
 
-    @functools.cached_property
+    @property
     def lower_fragments(self) -> Fragments:
-        return Fragments(s.lower() for s in self.secrets)
+        return _fragments(tuple(s.lower() for s in self.secrets))
 
     def scrub(self, data: bytes) -> bytes:
         """Scrub a complete body."""
@@ -234,6 +234,11 @@ MAX_CHANNELS = 64
 FRAGMENT = 12
 """Characters of a secret that, found anywhere together, count as the secret: a piece of a key
 (all of it but its last character, say) is as good as the key to whoever reads it."""
+
+
+@functools.lru_cache(maxsize=256)  # a flow's scrubber asks for its key's on every response
+def _fragments(secrets: tuple[str, ...]) -> Fragments:
+    return Fragments(secrets)
 
 
 class Fragments:
