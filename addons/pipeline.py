@@ -35,10 +35,10 @@ from aiid_proxy.gateway import (
     FlowState,
     Gateway,
     Target,
-    _token_from_value,
     is_ip_literal,
     ratelimit_headers,
     refusal_body,
+    token_from_value,
 )
 from aiid_proxy.home import Home
 from aiid_proxy.policy import Decision
@@ -429,7 +429,7 @@ class ConnectGuard:
             value = flow.request.headers.get("proxy-authorization")
             if value is not None:
                 with contextlib.suppress(AiidError):
-                    token = _token_from_value("proxy-authorization", value)
+                    token = token_from_value("proxy-authorization", value)
                     st.identity = self.rt.gw().verifier.verify(token)
             await refuse(
                 self.rt,
@@ -446,7 +446,7 @@ class ConnectGuard:
         value = flow.request.headers.get("proxy-authorization")
         if value is not None:
             try:
-                token = _token_from_value("proxy-authorization", value)
+                token = token_from_value("proxy-authorization", value)
             except RequestRefused:
                 token = ""  # malformed: every request on this connection is refused
             self.conn_tokens[flow.client_conn.id] = token

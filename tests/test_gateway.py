@@ -23,6 +23,7 @@ from aiid_proxy.gateway import (
     is_ip_literal,
     refusal_body,
 )
+from aiid_proxy.gateway.recovery import unfinished_requests
 from aiid_proxy.home import Home
 
 URL = "https://api.openai.com/v1/chat/completions"
@@ -506,6 +507,6 @@ def test_requests_an_earlier_run_left_unfinished_get_an_error_record_at_start(
     assert json.loads(err["detail"])["last_event"] == "request"
     # this run's own requests are never taken for an earlier run's
     mine = run_pipeline(gw, issue())
-    left = gw._unfinished(gateway_home.audit_path(TENANT))  # noqa: SLF001
+    left = unfinished_requests(gateway_home.audit_path(TENANT), gw._started_wall)  # noqa: SLF001
     assert left == [], [(r["seq"], r["ts"], r["event"]) for r in audit_rows(gateway_home)]
     assert mine.request_id

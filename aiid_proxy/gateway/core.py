@@ -1,51 +1,30 @@
-"""The gateway pipeline as a library: identity -> route -> policy -> rate limit -> audit -> inject.
-
-Each stage is one method that takes the flow's :class:`FlowState`, does its check and records
-its result. The state knows the stage order; a flow may leave only when :meth:`FlowState.allows`
-is true, i.e. every stage ran, in order, and the decision is an allow. mitmproxy adapters (in
-``addons/``) call these methods; this module never imports mitmproxy.
-"""
+"""The :class:`Gateway`: runtime state shared by all flows, and one method per stage."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import concurrent.futures
 import dataclasses
-import functools
-import hashlib
-import ipaddress
-import json
 import logging
 import os
-import re
 import secrets
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
 
-from aiid_proxy.audit import AppendResult, read_rows
-from aiid_proxy.audit.log import format_ts
+from aiid_proxy.audit import AppendResult
 from aiid_proxy.audit.service import AuditAppender
 from aiid_proxy.audit.writers import writer_factory
 from aiid_proxy.bodies import DEFAULT_BODY_LIMIT, decode_body
 from aiid_proxy.budget import (
-    COSTLESS_KINDS,
     PRICES_FILE,
-    BudgetRefusal,
-    Hold,
     Ledger,
     PriceBook,
-    agent_budget_of,
-    budgets_apply,
     month_start_ts,
     pico_to_usd,
-    reservation_tokens,
     spend_records,
 )
 from aiid_proxy.clock import SYSTEM_CLOCK, Clock
@@ -58,292 +37,37 @@ from aiid_proxy.errors import (
     TokenError,
     VaultError,
 )
+from aiid_proxy.gateway import recovery
+from aiid_proxy.gateway.accounting import Accounting
+from aiid_proxy.gateway.flow import (
+    STAGES,
+    FlowState,
+    Injection,
+    RouteInfo,
+    Target,
+    new_request_id,
+    request_digest,
+)
+from aiid_proxy.gateway.wire import extract_token, refuse_target, unauthenticated
 from aiid_proxy.home import Home
 from aiid_proxy.identity import AgentIdentity, RevocationList, TokenVerifier
 from aiid_proxy.policy import Decision, Policy, RequestContext
 from aiid_proxy.policystore import PolicyEvent, PolicyStore
 from aiid_proxy.providers import (
-    CREDENTIAL_HEADERS,
-    Provider,
     Registry,
-    RequestFacts,
-    Route,
     Usage,
     parse_request,
 )
-from aiid_proxy.ratelimit import RateDecision, RateLimiter, Reservation
+from aiid_proxy.ratelimit import RateDecision, RateLimiter
 from aiid_proxy.vault import ReloadingKeyring, Secret, Vault, wrong_master_key
 
 log = logging.getLogger("aiid.gateway")
 
 VAULT_CACHE_S = 1.0  # a vault entry is read from disk at most once a second
-STAGES = ("identity", "route", "policy", "ratelimit", "audit", "inject")
-TOKEN_HEADERS = tuple(h for h in CREDENTIAL_HEADERS if h != "proxy-authorization")
-DEFAULT_MAX_TOKENS_RESERVE = 4096
-"""Output tokens reserved (per choice) for a generating request that sets no max_tokens; a
-stream under a token limit or budget is cut when it runs past its reservation."""
 PROVIDERS_FILE = "providers.yaml"
 RECORDED_BYTES = 65536
 """Of a prompt (the request body) and a completion (the response body, scrubbed), what a
 record keeps when the tenant's policy sets ``audit: {record_prompts: true}``."""
-
-
-UNFINISHED_WINDOW = 10_000
-"""Records read at start, at the end of each log, for requests an earlier run left unfinished."""
-UNFINISHED_REASON = (
-    "no record of how this request ended: the gateway stopped before it completed "
-    "(recorded when the gateway started again)"
-)
-
-
-def _log_failed_append(fut: concurrent.futures.Future[AppendResult]) -> None:
-    if not fut.cancelled() and fut.exception() is not None:
-        log.error("audit record not written: %s", fut.exception())
-
-
-def new_request_id() -> str:
-    return "req_" + secrets.token_hex(12)
-
-
-@dataclass(frozen=True)
-class Target:
-    """What the agent asked for, recorded before any rewriting option (map_remote) runs."""
-
-    scheme: str
-    host: str
-    port: int
-    method: str
-    path: str
-    query: str = ""
-    connect_host: str | None = None  # the CONNECT authority, for HTTPS through the proxy
-    sni: str | None = None
-
-
-@dataclass(frozen=True)
-class RouteInfo:
-    provider: Provider | None  # None: non-LLM egress
-    route: Route | None
-    facts: RequestFacts | None
-    body: bytes  # decoded body, exactly what goes upstream
-
-
-@dataclass(frozen=True)
-class Injection:
-    header: str  # "" for an egress rule without `inject`: nothing is injected
-    value: Secret  # the header value, scheme included
-    secret_name: str
-    raw: Secret | None = None  # the vault secret alone: what scrubbing looks for
-    extra_headers: tuple[tuple[str, str], ...] = ()
-
-    def scrub_value(self) -> str:
-        return (self.raw or self.value).reveal()
-
-
-@dataclass(eq=False)
-class FlowState:
-    """The verdict under construction for one flow."""
-
-    request_id: str
-    target: Target
-    started: float
-    connection_token: str | None = None
-    identity: AgentIdentity | None = None
-    route: RouteInfo | None = None
-    decision: Decision | None = None
-    reservation: Reservation | None = None
-    audit: AppendResult | None = None
-    injection: Injection | None = None
-    refusal: RequestRefused | None = None
-    digest: bytes | None = None
-    done: list[str] = field(default_factory=list)
-    approved_by: str | None = None
-    standing_approval: bool = False  # approved by an earlier answer's --ttl, never held
-    response_recorded: bool = False
-    error_recorded: bool = False
-    rate: RateDecision | None = None  # the allowing rate decision (x-ratelimit-* headers)
-    hold: Hold | None = None  # the budget hold of the request's worst-case cost
-    output_cap: int | None = None  # output tokens reserved, enforced on streams when not None
-    output_limit: int | None = None  # max_tokens x n as the agent asked: no provider bills more
-    token_mark: str = ""  # the agent token's signature: never sent upstream, in any field
-
-    def mark(self, stage: str) -> None:
-        i = STAGES.index(stage)
-        if self.refusal is not None or tuple(self.done) != STAGES[:i]:
-            raise IncompleteVerdict(f"stage {stage} out of order after {self.done}")
-        self.done.append(stage)
-
-    def expect(self, stage: str) -> None:
-        """Raise unless every stage before ``stage`` has completed and nothing refused."""
-        i = STAGES.index(stage)
-        if self.refusal is not None or tuple(self.done) != STAGES[:i]:
-            raise IncompleteVerdict(f"stage {stage} reached without {STAGES[:i]}")
-
-    def allows(self) -> bool:
-        return (
-            self.refusal is None
-            and tuple(self.done) == STAGES
-            and self.identity is not None
-            and self.route is not None
-            and self.decision is not None
-            and (self.decision.effect == "allow" or self.approved_by is not None)
-            and self.audit is not None
-            and self.injection is not None
-            and self.digest is not None
-        )
-
-    @property
-    def tenant(self) -> str | None:
-        return self.identity.tenant if self.identity else None
-
-    @property
-    def provider_name(self) -> str | None:
-        if self.route and self.route.provider:
-            return self.route.provider.name
-        return None
-
-    @property
-    def model(self) -> str | None:
-        return self.route.facts.model if self.route and self.route.facts else None
-
-
-def request_digest(
-    method: str, url: str, body: bytes, headers: Iterable[tuple[bytes, bytes]] = ()
-) -> bytes:
-    """What the verdict is bound to: method, URL, every header (in order) and the body."""
-    h = hashlib.sha256()
-    for part in (method.encode(), b"\0", url.encode(), b"\0"):
-        h.update(part)
-    for k, v in headers:
-        h.update(len(k).to_bytes(4, "big") + k + len(v).to_bytes(4, "big") + v)
-    h.update(b"\0")
-    h.update(body)
-    return h.digest()
-
-
-def refusal_body(refusal: RequestRefused, request_id: str) -> bytes:
-    return json.dumps(
-        {
-            "type": "error",
-            "error": {
-                "type": refusal.type,
-                "message": refusal.message,
-                "rule": refusal.rule,
-                "request_id": request_id,
-            },
-        }
-    ).encode()
-
-
-def unauthenticated(message: str) -> RequestRefused:
-    return RequestRefused(401, "unauthenticated", message)
-
-
-def _token_from_value(name: str, value: str) -> str:
-    value = value.strip()
-    if name in ("authorization", "proxy-authorization"):
-        scheme, _, rest = value.partition(" ")
-        scheme = scheme.lower()
-        rest = rest.strip()
-        if scheme == "bearer":
-            return rest
-        if scheme == "basic":
-            try:
-                decoded = base64.b64decode(rest, validate=True).decode("utf-8")
-            except (binascii.Error, ValueError):
-                raise unauthenticated("malformed Basic credentials") from None
-            _, sep, password = decoded.partition(":")
-            return password if sep else decoded
-        # never quote the value: a scheme-less header is the credential itself
-        raise unauthenticated("unsupported authorization scheme (use Bearer or Basic)")
-    return value
-
-
-def extract_token(headers: Iterable[tuple[str, str]], connection_token: str | None) -> str:
-    """Find the agent token among the request's credential headers.
-
-    ``Proxy-Authorization`` (on the request, or on the CONNECT that opened the connection)
-    identifies the agent and the SDK's own key headers are then ignored. Otherwise every
-    token-bearing header must carry the same token: two different values are ambiguous and
-    refused.
-    """
-    proxy: list[str] = []
-    others: list[tuple[str, str]] = []
-    for name, value in headers:
-        lname = name.lower()
-        if lname == "proxy-authorization":
-            proxy.append(_token_from_value(lname, value))
-        elif lname in TOKEN_HEADERS:
-            others.append((lname, value))
-    if connection_token is not None:
-        proxy.append(connection_token)
-    # with a proxy token the SDK's key headers may hold anything: they are not even parsed
-    chosen = proxy if proxy else [_token_from_value(n, v) for n, v in others]
-    distinct = set(chosen)
-    if not distinct or distinct == {""}:
-        raise unauthenticated("no agent token: send it as the API key or as Proxy-Authorization")
-    if len(distinct) > 1:
-        raise unauthenticated("conflicting credentials: more than one distinct token sent")
-    return distinct.pop()
-
-
-@functools.lru_cache(maxsize=4096)  # a pure function of the host, asked on every request
-def is_ip_literal(host: str) -> bool:
-    h = host.strip("[]")
-    if h.endswith(".") and not h.endswith(".."):
-        h = h[:-1]  # "127.0.0.1." is the same address to resolvers that accept it
-    try:
-        ipaddress.ip_address(h)
-        return True
-    except ValueError:
-        pass
-    # inet_aton-style shorthands that resolvers accept: 127.1, 0x7f.1, 2130706433
-    parts = h.split(".")
-    return all(p and (p.isdigit() or p.lower().startswith("0x")) for p in parts)
-
-
-# Headers some servers honour to change the method or the URL after the gateway decided.
-OVERRIDE_HEADERS = (
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
-    "x-original-url",
-    "x-rewrite-url",
-)
-_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-_PCT = re.compile(r"%([0-9A-Fa-f]{2})")
-
-
-def path_problem(path: str) -> str | None:
-    """Why a server could route ``path`` (no query) elsewhere than the policy read it, or None.
-
-    Refused: anything but origin-form printable ASCII, ``#`` and ``\\``; percent-encoded
-    unreserved characters (``%2e``, ``%69``: a server decodes them, the policy would not);
-    ``.``/``..`` segments (also ``..;`` and after up to three rounds of percent-decoding,
-    which catches ``%252e`` and ``..%2f``); invalid UTF-8 or controls once decoded.
-    """
-    if not path.startswith("/"):
-        return "must be an absolute path"
-    if not path.isascii() or not path.isprintable() or " " in path or "#" in path:
-        return "contains spaces, '#', control or non-ASCII characters"
-    if "\\" in path:
-        return "contains a backslash"
-    if any(chr(int(h, 16)) in _UNRESERVED for h in _PCT.findall(path)):
-        return "percent-encodes a character that needs no encoding"
-    text = path
-    for _ in range(3):
-        for seg in text.replace("\\", "/").split("/"):
-            if seg.split(";", 1)[0] in (".", ".."):
-                return "contains '.' or '..' segments"
-        if any(c < " " or c == "\x7f" for c in text):
-            return "contains control characters once decoded"
-        try:
-            decoded = unquote(text, errors="strict")
-        except UnicodeDecodeError:
-            return "does not decode as UTF-8"
-        if decoded == text:
-            break
-        text = decoded
-    return None
 
 
 @dataclass
@@ -392,6 +116,7 @@ class Gateway:
         self.keyring()  # fail at start, not on the first request, if the key is unusable
         self._audit_root = home.audit_key(env)
         self.ratelimiter = RateLimiter(clock)
+        self.accounting = Accounting(self.ratelimiter, self.ledger, self.prices)
         self.listeners: list[Callable[[str, Mapping[str, Any]], None]] = []
         self._tenants: dict[str, TenantRuntime] = {}
         self._tenant_lock = threading.Lock()
@@ -420,85 +145,29 @@ class Gateway:
         ``close_unfinished`` (no other gateway runs on this home): requests of an earlier run
         whose end is on no record (the gateway was killed, or the power cut took their lazy
         ``response`` record) get an ``error`` record saying so, in a chain that verified."""
+        loop = self._loop
+        on_unfinished = None
+        if close_unfinished and loop is not None:
+
+            def on_unfinished(tenant: str, rows: list[dict[str, Any]]) -> None:
+                loop.call_soon_threadsafe(self._record_unfinished, tenant, rows)
+
         t = threading.Thread(
-            target=self._check_chains,
-            args=(close_unfinished,),
+            target=recovery.check_chains,
+            args=(self.home, self._audit_root, self._started_wall),
+            kwargs={
+                "closing": lambda: self._closing,
+                "emit": self.emit,
+                "on_unfinished": on_unfinished,
+            },
             name="aiid-chain-check",
             daemon=True,
         )
         t.start()
         return t
 
-    def _unfinished(self, path: Path) -> list[dict[str, Any]]:
-        """``held``/``request`` records written before this gateway started (among the last
-        UNFINISHED_WINDOW) with no ``response``, ``error`` or ``deny`` after them."""
-        rows = read_rows(path, last=UNFINISHED_WINDOW)
-        started = format_ts(self._started_wall)
-        open_: dict[str, dict[str, Any]] = {}
-        for r in rows:
-            rid = r["request_id"]
-            if not isinstance(rid, str) or not rid:
-                continue
-            if r["event"] in ("held", "request"):
-                if str(r["ts"]) < started:  # this run's own requests may be in flight
-                    open_[rid] = r
-            elif r["event"] in ("response", "error", "deny"):
-                open_.pop(rid, None)
-        return list(open_.values())
-
     def _record_unfinished(self, tenant: str, rows: list[dict[str, Any]]) -> None:
-        audit = self.tenant(tenant).audit
-        for r in rows:
-            fut = audit.append(
-                "error",
-                request_id=r["request_id"],
-                agent=r["agent"],
-                provider=r["provider"],
-                model=r["model"],
-                rule=r["rule"],
-                reason=UNFINISHED_REASON,
-                detail={"unfinished_seq": r["seq"], "last_event": r["event"]},
-            )
-            fut.add_done_callback(_log_failed_append)
-        log.warning(
-            "tenant %s: %d requests of an earlier run have no record of how they ended (the "
-            "gateway stopped): recorded as errors",
-            tenant,
-            len(rows),
-        )
-
-    def _check_chains(self, close_unfinished: bool = False) -> None:
-        from aiid_proxy.audit.chain import tenant_key
-        from aiid_proxy.audit.startcheck import check_chain
-
-        for tenant in self.home.tenants():
-            path = self.home.audit_path(tenant)
-            if self._closing:
-                return
-            if not path.is_file():
-                continue
-            key = tenant_key(self._audit_root, tenant)
-            r = check_chain(path, key, self.home.checkpoint_path(tenant))
-            ok, reason = r.get("ok"), r.get("reason")
-            if ok is True:
-                log.info("audit log of tenant %s verified: %s records", tenant, r.get("count"))
-                if close_unfinished and self._loop is not None:
-                    try:
-                        rows = self._unfinished(path)
-                    except AiidError as e:
-                        log.warning("tenant %s: unfinished requests not checked: %s", tenant, e)
-                        continue
-                    if rows:
-                        self._loop.call_soon_threadsafe(self._record_unfinished, tenant, rows)
-                continue
-            if ok is False:
-                text = f"audit log of tenant {tenant} does not verify: {reason} "
-                text += f"(aiid audit verify {tenant})"
-                log.critical("%s", text)
-            else:  # the check itself could not run
-                text = f"audit log of tenant {tenant} not checked: {reason}"
-                log.warning("%s", text)
-            self.emit("audit", {"tenant": tenant, "text": text})
+        recovery.record_unfinished(self.tenant(tenant).audit, tenant, rows)
 
     def emit(self, kind: str, data: Mapping[str, Any]) -> None:
         for fn in list(self.listeners):
@@ -649,37 +318,7 @@ class Gateway:
         """Classify the target and read the body. ``headers`` lowercase-keyed."""
         state.expect("route")
         t = state.target
-        if headers.get("upgrade") or "upgrade" in headers.get("connection", "").lower():
-            raise RequestRefused(
-                403, "policy_denied", "protocol upgrades (WebSocket) are not allowed", "default"
-            )
-        if t.method.upper() == "CONNECT":
-            raise RequestRefused(403, "policy_denied", "CONNECT inside a tunnel", "default")
-        if is_ip_literal(t.host):
-            raise RequestRefused(
-                403, "policy_denied", "raw IP addresses are not allowed; use a host name", "default"
-            )
-        if t.scheme != "https" or t.port != 443:
-            raise RequestRefused(
-                403,
-                "policy_denied",
-                f"only https on port 443 is allowed (got {t.scheme}://{t.host}:{t.port})",
-                "default",
-            )
-        if t.connect_host is not None and t.connect_host.lower() != t.host.lower():
-            raise RequestRefused(
-                403, "policy_denied", "Host header does not match the CONNECT target", "default"
-            )
-        if t.sni is not None and t.sni.lower().rstrip(".") != t.host.lower().rstrip("."):
-            raise RequestRefused(
-                403, "policy_denied", "TLS SNI does not match the Host header", "default"
-            )
-        problem = path_problem(t.path)
-        if problem is not None:
-            raise RequestRefused(400, "bad_request", f"the request path {problem}")
-        for name in OVERRIDE_HEADERS:
-            if headers.get(name) is not None:
-                raise RequestRefused(403, "policy_denied", f"{name} is not allowed", "default")
+        refuse_target(t, headers)
         body = decode_body(raw_body, headers.get("content-encoding"), self.body_limit)
         match = self.registry.match(t.host, t.method, t.path)
         if match is None:
@@ -765,61 +404,8 @@ class Gateway:
 
     def reserve(self, state: FlowState) -> RateDecision:
         state.expect("ratelimit")
-        assert state.identity is not None and state.route is not None
-        ident = state.identity
-        policy = self.policy_for(ident.tenant)
-        f = state.route.facts
-        kind = state.route.route.kind if state.route.route is not None else None
-        est_in, out_cap = (0, 0)
-        if f is not None:
-            est_in, out_cap = reservation_tokens(
-                kind, f.max_tokens, f.n, f.estimated_input_tokens, DEFAULT_MAX_TOKENS_RESERVE
-            )
-        if f is not None and f.max_tokens is not None:
-            state.output_limit = f.max_tokens * max(1, f.n or 1)
-        tenant_limit = policy.tenant_limit if policy else None
-        agent_limit = policy.agent_limit(ident.agent) if policy else None
-        if f is not None and f.max_tokens is None and out_cap:
-            # No max_tokens: the default reservation is only a guess; under a token limit it
-            # is no more than what the limit leaves after the input, so the request can pass
-            # (the stream is cut there, as for a max_tokens that size).
-            per_minute = [
-                lim.tokens_per_minute
-                for lim in (tenant_limit, agent_limit)
-                if lim is not None and lim.tokens_per_minute is not None
-            ]
-            room = min(per_minute, default=0) - est_in
-            if room > 0:
-                out_cap = min(out_cap, room)
-        hold = self._hold_budget(state, policy, est_in, out_cap)  # may refuse; holds nothing then
-        decision, reservation = self.ratelimiter.acquire(
-            ident.tenant, ident.agent, tenant_limit, agent_limit, est_in + out_cap
-        )
-        if not decision.allowed or reservation is None:
-            if hold is not None:
-                self.ledger.release(hold)
-            message = (
-                f"request needs {est_in + out_cap} tokens, more than the {decision.limit} "
-                "limit ever allows: it can never pass; lower max_tokens or the prompt"
-                if decision.never
-                else f"rate limit reached: {decision.limit}; retry after {decision.retry_after} s"
-            )
-            raise RequestRefused(
-                429,
-                "rate_limited",
-                message,
-                decision.limit,
-                headers=ratelimit_headers(decision, refused=True),
-            )
-        state.reservation = reservation
-        state.hold = hold
-        state.rate = decision
-        token_limited = any(
-            lim is not None and lim.tokens_per_minute is not None
-            for lim in (tenant_limit, agent_limit)
-        )
-        if out_cap and (token_limited or budgets_apply(policy, ident.agent)):
-            state.output_cap = out_cap
+        assert state.identity is not None
+        decision = self.accounting.reserve(state, self.policy_for(state.identity.tenant))
         state.mark("ratelimit")
         return decision
 
@@ -827,79 +413,8 @@ class Gateway:
         """Refuse (403, rule ``budgets``) a priced route whose model has no price while a
         budget applies to the agent: such a request can never pass. Checked before a hold for
         approval too, so that no human approves what is refused anyway."""
-        assert state.identity is not None and state.route is not None
-        r = state.route
-        if r.provider is None or r.route is None or r.route.kind in COSTLESS_KINDS:
-            return
-        policy = self.policy_for(state.identity.tenant)
-        if not budgets_apply(policy, state.identity.agent):
-            return
-        if self.prices.current().lookup(r.provider.name, state.model) is None:
-            raise RequestRefused(
-                403,
-                "policy_denied",
-                f"no price for model {state.model or '(none)'!r} of provider "
-                f"{r.provider.name!r}; budgets need prices.yaml",
-                "budgets",
-            )
-
-    def _hold_budget(
-        self, state: FlowState, policy: Policy | None, est_in: int, out_cap: int
-    ) -> Hold | None:
-        """Hold the request's worst-case cost against its budgets, or refuse it: 429
-        ``budget_exceeded`` naming the budget, or 403 when a budget applies and the model has
-        no price. None when the request costs nothing or nothing can be priced."""
-        assert state.identity is not None and state.route is not None
-        r = state.route
-        if r.provider is None or r.route is None or r.route.kind in COSTLESS_KINDS:
-            return None
-        ident = state.identity
-        price = self.prices.current().lookup(r.provider.name, state.model)
-        tenant_budget = policy.tenant_budget if policy else None
-        agent_budget = agent_budget_of(policy, ident.agent) if policy else None
-        if price is None:
-            self.refuse_unpriced(state)
-            return None
-        got = self.ledger.hold(
-            ident.tenant,
-            ident.agent,
-            price.cost(est_in, out_cap),
-            price,
-            tenant_budget,
-            agent_budget,
-        )
-        if isinstance(got, BudgetRefusal):
-            raise RequestRefused(
-                429,
-                "budget_exceeded",
-                f"{got.message}; retry after {got.retry_after} s",
-                got.budget,
-                headers={"retry-after": str(got.retry_after)},
-            )
-        return got
-
-    def _settle(self, state: FlowState, usage: Usage | None) -> int | None:
-        """Settle the rate reservation and the budget hold with the real usage (None: the
-        request produced none, e.g. a provider error). The cost in pico-USD, when priced."""
-        if state.reservation is not None:
-            actual = usage.input_tokens + usage.output_tokens if usage else 0
-            self.ratelimiter.settle(state.reservation, actual)
-            state.reservation = None
-        hold, state.hold = state.hold, None
-        if hold is None or hold.price is None:
-            return None
-        cost = hold.price.cost(usage.input_tokens, usage.output_tokens) if usage else 0
-        self.ledger.settle(hold, cost)
-        return cost if usage is not None else None
-
-    def _release(self, state: FlowState) -> None:
-        """The request never reached the provider: give back everything it reserved."""
-        if state.reservation is not None:
-            self.ratelimiter.release(state.reservation)
-            state.reservation = None
-        if state.hold is not None:
-            self.ledger.release(state.hold)
-            state.hold = None
+        assert state.identity is not None
+        self.accounting.refuse_unpriced(state, self.policy_for(state.identity.tenant))
 
     def audit_request(self, state: FlowState) -> concurrent.futures.Future[AppendResult]:
         """Queue the ``request`` record (the ``audit`` stage). The caller may :meth:`inject`
@@ -1049,7 +564,7 @@ class Gateway:
         """Audit a refusal (``deny``) in the agent's tenant; unauthenticated refusals have no
         tenant to write to and are logged only."""
         state.refusal = refusal
-        self._release(state)
+        self.accounting.release(state)
         self.emit("deny", {"state": state, "refusal": refusal})
         if state.identity is None:
             log.info(
@@ -1123,9 +638,9 @@ class Gateway:
         f = state.route.facts if state.route else None
         if sent and f is not None and (state.reservation is not None or state.hold is not None):
             usage = Usage(f.estimated_input_tokens, 0, estimated=True)
-            cost = self._settle(state, usage)
+            cost = self.accounting.settle(state, usage)
         else:
-            self._release(state)
+            self.accounting.release(state)
         self.emit("error", {"state": state, "reason": reason})
         log.warning("flow %s killed: %s", state.request_id, reason)
         if state.identity is None:
@@ -1171,7 +686,7 @@ class Gateway:
             usage = dataclasses.replace(
                 usage, output_tokens=min(usage.output_tokens, state.output_limit)
             )
-        cost = self._settle(state, usage)
+        cost = self.accounting.settle(state, usage)
         fields = self._record_fields(state)
         fields["reason"] = None
         detail = fields["detail"]
@@ -1204,35 +719,3 @@ class Gateway:
             latency_ms=round(latency_ms, 3),
             **fields,
         )
-
-
-def ratelimit_headers(d: RateDecision, *, refused: bool) -> dict[str, str]:
-    h: dict[str, str] = {}
-    if refused:
-        h["retry-after"] = str(max(1, d.retry_after))
-    if d.limit_requests is not None:
-        h["x-ratelimit-limit-requests"] = str(d.limit_requests)
-    if d.remaining_requests is not None:
-        h["x-ratelimit-remaining-requests"] = str(max(0, d.remaining_requests))
-    if d.reset_requests_s is not None:
-        h["x-ratelimit-reset-requests"] = f"{d.reset_requests_s:.3f}s"
-    if d.limit_tokens is not None:
-        h["x-ratelimit-limit-tokens"] = str(d.limit_tokens)
-    if d.remaining_tokens is not None:
-        h["x-ratelimit-remaining-tokens"] = str(max(0, d.remaining_tokens))
-    if d.reset_tokens_s is not None:
-        h["x-ratelimit-reset-tokens"] = f"{d.reset_tokens_s:.3f}s"
-    return h
-
-
-__all__ = [
-    "CREDENTIAL_HEADERS",
-    "STAGES",
-    "FlowState",
-    "Gateway",
-    "Injection",
-    "RouteInfo",
-    "Target",
-    "extract_token",
-    "refusal_body",
-]

@@ -1,0 +1,279 @@
+"""``aiid init``, ``tenant``, ``vault``, ``token``, ``run``, ``approve`` and ``deny``."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import click
+
+from aiid_proxy.cli.base import _home, _known_regions, _name, _policies_dir, main_group
+from aiid_proxy.errors import ConfigError, UsageError
+from aiid_proxy.home import Home, validate_name
+
+MAX_GRANT = 24 * 3600  # seconds an `approve --ttl` grant may last
+
+
+# -- init / tenant ------------------------------------------------------------
+@main_group.command()
+@click.pass_context
+def init(ctx: click.Context) -> None:
+    """Create the home: keys and CA. Never overwrites an existing key."""
+    from aiid_proxy.admin import init_home
+
+    home = _home(ctx)
+    created = init_home(home)
+    for item in created:
+        click.echo(f"created {item}")
+    if not created:
+        click.echo(f"home {home.root} already initialised; nothing overwritten")
+    click.echo(f"agents trust: {home.ca_cert_path}")
+
+
+@main_group.group()
+def tenant() -> None:
+    """Manage tenants."""
+
+
+@tenant.command("add")
+@click.argument("name", callback=_name("tenant"))
+@click.option("--region", default=None, help="tenant region, e.g. eu or us")
+@click.pass_context
+def tenant_add(ctx: click.Context, name: str, region: str | None) -> None:
+    """Register tenant NAME and create its databases."""
+    from aiid_proxy.admin import add_tenant
+
+    home = _home(ctx)
+    home.require()
+    if region is not None:
+        validate_name("region", region)
+        known = _known_regions(_policies_dir(None))
+        if region not in known:
+            raise UsageError(
+                f"unknown region {region!r}: no provider is in it (known: {', '.join(known)}; "
+                "a providers.yaml in the policy directory can add providers)"
+            )
+    if add_tenant(home, name, region):
+        click.echo(f"tenant {name} added")
+        return
+    current = home.tenant_region(name)
+    if region is not None and region != current:
+        raise ConfigError(
+            f"tenant {name} already exists with region {current or 'none'}; its region is "
+            "set when it is added and is not changed"
+        )
+    click.echo(f"tenant {name} already exists")
+
+
+@tenant.command("list")
+@click.pass_context
+def tenant_list(ctx: click.Context) -> None:
+    """List tenants."""
+    home = _home(ctx)
+    home.require()  # no home is an error, as for every other command, not an empty list
+    for t in home.tenants():
+        click.echo(f"{t}\tregion={home.tenant_region(t) or '-'}")
+
+
+# -- vault ----------------------------------------------------------------------
+@main_group.group()
+def vault() -> None:
+    """Provider keys, encrypted at rest."""
+
+
+def _vault(home: Home, tenant_name: str) -> Any:
+    from aiid_proxy.vault import MasterKeyring, Vault
+
+    home.require()
+    home.require_tenant(tenant_name)
+    return Vault(home.vault_path(tenant_name), tenant_name, MasterKeyring(home.master_keys()))
+
+
+@vault.command("put")
+@click.argument("tenant_name", metavar="TENANT", callback=_name("tenant"))
+@click.argument("provider", callback=_name("provider"))
+@click.option("--from-env", "from_env", default=None, help="read the secret from this variable")
+@click.pass_context
+def vault_put(ctx: click.Context, tenant_name: str, provider: str, from_env: str | None) -> None:
+    """Store PROVIDER's key for TENANT, read from stdin (or --from-env)."""
+    if from_env is not None:
+        secret = os.environ.get(from_env)
+        if not secret:
+            raise UsageError(f"environment variable {from_env} is not set or empty")
+    else:
+        if sys.stdin.isatty():
+            click.echo("paste the secret, then Enter and Ctrl-D:", err=True)
+        secret = sys.stdin.read()
+    secret = secret.strip()  # a line end, or spaces pasted around the key: never part of it
+    if not secret or "\n" in secret:
+        raise UsageError("expected exactly one non-empty secret line")
+    info = _vault(_home(ctx), tenant_name).put(provider, secret)
+    click.echo(f"stored {provider} for {tenant_name} (key id {info.key_id})")
+
+
+@vault.command("list")
+@click.argument("tenant_name", metavar="TENANT", callback=_name("tenant"))
+@click.pass_context
+def vault_list(ctx: click.Context, tenant_name: str) -> None:
+    """Providers, key ids, created/rotated times; never the secret."""
+    rows = _vault(_home(ctx), tenant_name).list()
+    click.echo(f"{'PROVIDER':<20} {'KEY ID':<18} {'CREATED':<28} ROTATED")
+    for r in rows:
+        click.echo(f"{r.provider:<20} {r.key_id:<18} {r.created:<28} {r.rotated or '-'}")
+
+
+@vault.command("rotate-master")
+@click.pass_context
+def vault_rotate(ctx: click.Context) -> None:
+    """Re-wrap every data key under a new master key."""
+    from aiid_proxy.vault import rotate_master
+
+    home = _home(ctx)
+    home.require()
+    n = rotate_master(home)
+    click.echo(f"re-wrapped {n} secrets under a new master key")
+
+
+# -- tokens ---------------------------------------------------------------------
+@main_group.group()
+def token() -> None:
+    """Agent tokens."""
+
+
+@token.command("issue")
+@click.argument("tenant_name", metavar="TENANT", callback=_name("tenant"))
+@click.argument("agent", callback=_name("agent"))
+@click.option("--ttl", default="15m", show_default=True, help="lifetime, at most 24h")
+@click.pass_context
+def token_issue(ctx: click.Context, tenant_name: str, agent: str, ttl: str) -> None:
+    """Print an agent token, alone, on stdout."""
+    from aiid_proxy.admin import issue_token, parse_ttl
+
+    home = _home(ctx)
+    home.require()
+    home.require_tenant(tenant_name)
+    click.echo(issue_token(home, tenant_name, agent, parse_ttl(ttl)))
+
+
+@token.command("revoke")
+@click.argument("tenant_name", metavar="TENANT", callback=_name("tenant"))
+@click.argument("jti")
+@click.pass_context
+def token_revoke(ctx: click.Context, tenant_name: str, jti: str) -> None:
+    """Refuse token JTI from now on (a running gateway too, within 2 s). JTI may also be the
+    token itself: it must then be one of this home's tokens for TENANT."""
+    from aiid_proxy.admin import revocation_target, revoke_token, was_issued
+
+    home = _home(ctx)
+    home.require()
+    home.require_tenant(tenant_name)
+    jti, expires_at = revocation_target(home, tenant_name, jti)
+    revoke_token(home, tenant_name, jti, expires_at)
+    if expires_at is None and not was_issued(home, tenant_name, jti):
+        # revoked all the same (the token may come from a copy of this home's admin key)
+        click.echo(
+            f"aiid: warning: this home issued no token {jti} for tenant {tenant_name} "
+            "(mistyped?); revoked anyway",
+            err=True,
+        )
+    click.echo(f"revoked {jti}")
+
+
+# -- run ------------------------------------------------------------------------
+@main_group.command(context_settings={"ignore_unknown_options": False})
+@click.option("--listen", default="127.0.0.1:8080", show_default=True, help="HOST:PORT")
+@click.option("--policies", default=None, help="policy directory ($AIID_POLICIES, ./policies)")
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="OPTION[=VALUE]",
+    help="mitmproxy option, as mitmdump --set",
+)
+@click.option("--no-console", is_flag=True, help="plain log lines instead of the live console")
+@click.pass_context
+def run(
+    ctx: click.Context, listen: str, policies: str | None, sets: Sequence[str], no_console: bool
+) -> None:
+    """Run the gateway (mitmproxy with the aiid addons)."""
+    host, sep, port_s = listen.rpartition(":")
+    if not sep or not port_s.isdigit() or not (0 < int(port_s) < 65536):
+        raise UsageError(f"--listen must be HOST:PORT, got {listen!r}")
+    for s in sets:
+        if not s.partition("=")[0].strip():
+            raise UsageError(f"--set expects OPTION=VALUE (or OPTION for true), got {s!r}")
+    home = _home(ctx)
+    home.require()
+    policy_dir = _policies_dir(policies)
+    if policy_dir.exists() and not policy_dir.is_dir():
+        # A missing directory may come later (it is watched); a file never becomes one.
+        raise ConfigError(f"policy directory {policy_dir} is not a directory")
+    # The gateway's mitmproxy side lives in addons/; imported here only, never by the library.
+    import importlib
+
+    runner = importlib.import_module("addons.runner")
+    code = runner.run_gateway(
+        home=home,
+        policies=policy_dir,
+        host=host.strip("[]") or "127.0.0.1",
+        port=int(port_s),
+        sets=list(sets),
+        console=not no_console,
+    )
+    sys.exit(code)
+
+
+# -- approvals ------------------------------------------------------------------
+def _operator() -> str:
+    from aiid_proxy.control import operator_name
+
+    return operator_name()
+
+
+def _answer(home: Home, tenant_name: str, request_id: str, payload: dict[str, Any]) -> None:
+    from aiid_proxy.control import send_answer
+
+    home.require()
+    home.require_tenant(tenant_name)
+    reply = send_answer(home, {"tenant": tenant_name, "request_id": request_id, **payload})
+    click.echo(reply)
+
+
+@main_group.command()
+@click.argument("tenant_name", metavar="TENANT", callback=_name("tenant"))
+@click.argument("request_id")
+@click.option(
+    "--ttl", default=None, help="also approve matching requests for this long (at most 24h)"
+)
+@click.option("--as", "who", default=None, help="who decided (default $USER)")
+@click.pass_context
+def approve(
+    ctx: click.Context, tenant_name: str, request_id: str, ttl: str | None, who: str | None
+) -> None:
+    """Approve a request held by an `approve` rule."""
+    from aiid_proxy.admin import parse_ttl
+
+    seconds = parse_ttl(ttl) if ttl else None
+    if seconds is not None and not 0 < seconds <= MAX_GRANT:
+        raise UsageError(
+            f"--ttl must be more than 0 and at most 24h, got {ttl!r} (a standing approval "
+            "belongs in the policy's overrides, which expire and are audited)"
+        )
+    by = who or _operator()
+    _answer(_home(ctx), tenant_name, request_id, {"answer": "approve", "ttl": seconds, "by": by})
+
+
+@main_group.command()
+@click.argument("tenant_name", metavar="TENANT", callback=_name("tenant"))
+@click.argument("request_id")
+@click.option("--reason", default="denied by operator")
+@click.option("--as", "who", default=None, help="who decided (default $USER)")
+@click.pass_context
+def deny(
+    ctx: click.Context, tenant_name: str, request_id: str, reason: str, who: str | None
+) -> None:
+    """Deny a request held by an `approve` rule."""
+    by = who or _operator()
+    _answer(_home(ctx), tenant_name, request_id, {"answer": "deny", "reason": reason, "by": by})

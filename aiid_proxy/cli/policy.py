@@ -1,0 +1,360 @@
+"""``aiid policy check`` and ``aiid policy explain``."""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from aiid_proxy.cli.base import (
+    _home,
+    _known_regions,
+    _name,
+    _policies_dir,
+    _registered_region,
+    _registry,
+    main_group,
+)
+from aiid_proxy.errors import AiidError, ConfigError, UsageError
+
+
+# -- policy ---------------------------------------------------------------------
+@main_group.group()
+def policy() -> None:
+    """Policy files."""
+
+
+@policy.command("check")
+@click.argument("directory", required=False)
+@click.option("--policies", default=None, help="policy directory ($AIID_POLICIES, ./policies)")
+def policy_check(directory: str | None, policies: str | None) -> None:
+    """Validate every policy file; exit 1 with file:line: reason on any error."""
+    from aiid_proxy.policy import load_policy_dir
+
+    d = Path(directory).absolute() if directory else _policies_dir(policies)
+    if not d.is_dir():
+        raise ConfigError(f"policy directory {d} does not exist")
+    loaded, errors = load_policy_dir(d)
+    extras = _check_data_files(d)
+    if not any("providers.yaml" in line for line in extras):
+        sources = [(p.source, (*p.rules, *p.overrides)) for _, p in sorted(loaded.items())]
+        sources += [(e.file, e.rules) for e in errors if e.file and e.rules]
+        extras += _region_problems(d, loaded) + _rule_problems(d, sources)
+        extras += _shadowed_entries(loaded)
+    for e in errors:
+        click.echo(e.one_line(), err=True)
+    for line in extras:
+        click.echo(line, err=True)
+    if errors or extras:
+        sys.exit(1)
+    for name, p in sorted(loaded.items()):
+        click.echo(f"ok {name}: {len(p.rules)} rules, {len(p.overrides)} overrides")
+    click.echo(f"OK {len(loaded)} policies")
+
+
+def _region_problems(d: Path, loaded: Mapping[str, Any]) -> list[str]:
+    """``region:`` values no provider is in: every provider with a region would be denied."""
+    known = _known_regions(d)
+    out: list[str] = []
+    for _tenant, pol in sorted(loaded.items()):
+        if pol.region is None or pol.region in known:
+            continue
+        try:
+            text = Path(pol.source).read_text(encoding="utf-8-sig")
+        except OSError:
+            text = ""
+        line = next(
+            (n for n, row in enumerate(text.splitlines(), 1) if row.startswith("region")), None
+        )
+        where = f"{pol.source}:{line}" if line is not None else str(pol.source)
+        out.append(
+            f"{where}: unknown region {pol.region!r}: no provider is in it "
+            f"(known: {', '.join(known)}; providers.yaml can add providers)"
+        )
+    return out
+
+
+def _rule_problems(d: Path, sources: Sequence[tuple[str, Sequence[Any]]]) -> list[str]:
+    """Rules that can never match: a provider name no provider has, or a ``hosts`` rule for a
+    provider's own host (provider hosts are governed by ``providers``/``models`` rules). Of
+    every file: the rules that validated in a file with errors too."""
+    registry = _registry(d)
+    known = registry.names()
+    out: list[str] = []
+    for source, rules in sources:
+        for rule in rules:
+            where = f"{source}:{rule.line}" if rule.line is not None else str(source)
+            for name in rule.providers or ():
+                if not any(c in name for c in "*?[") and name not in known:
+                    out.append(
+                        f"{where}: rule {rule.id!r}: unknown provider {name!r}, so the rule "
+                        f"never matches (known: {', '.join(known)}; providers.yaml can add more)"
+                    )
+            for host in rule.hosts or ():
+                p = registry.match_host(host) if not any(c in host for c in "*?[") else None
+                if p is not None:
+                    out.append(
+                        f"{where}: rule {rule.id!r}: {host} is provider {p.name!r}'s host, "
+                        f"governed by providers/models rules: this hosts rule never matches"
+                    )
+    return out
+
+
+def _shadowed_entries(loaded: Mapping[str, Any]) -> list[str]:
+    """``limits.agents`` / ``budgets.agents`` entries that never apply: the first glob that
+    matches an agent gives its limit, so an entry after ``"*"``, or a name after a glob that
+    matches it, is dead."""
+    from aiid_proxy.policy.engine import glob_to_regex
+
+    out: list[str] = []
+    for _tenant, pol in sorted(loaded.items()):
+        try:
+            lines = Path(pol.source).read_text(encoding="utf-8-sig").splitlines()
+        except (OSError, UnicodeDecodeError):
+            lines = []
+        for section, entries in (("limits", pol.agent_limits), ("budgets", pol.agent_budgets)):
+            globs = [g for g, _ in entries]
+            for i, glob in enumerate(globs):
+                literal = not any(c in glob for c in "*?[")
+                earlier = next(
+                    (
+                        g
+                        for g in globs[:i]
+                        if g == "*" or (literal and re.fullmatch(glob_to_regex(g), glob))
+                    ),
+                    None,
+                )
+                if earlier is None:
+                    continue
+                line = _key_line(lines, section, glob)
+                where = f"{pol.source}:{line}" if line else str(pol.source)
+                out.append(
+                    f"{where}: {section}.agents[{glob!r}] never applies: the earlier "
+                    f"{earlier!r} matches first (the first matching glob gives an agent's "
+                    f"{'limit' if section == 'limits' else 'budget'}; put specific names first)"
+                )
+    return out
+
+
+def _key_line(lines: Sequence[str], section: str, key: str) -> int | None:
+    """The line of ``key`` inside the top-level ``section`` (else the section's own line)."""
+    start = next((n for n, t in enumerate(lines) if t.startswith(f"{section}:")), None)
+    if start is None:
+        return None
+    pat = re.compile(rf"""(^|[{{,\s])['"]?{re.escape(key)}['"]?\s*:""")
+    for n in range(start + 1, len(lines)):
+        if lines[n] and not lines[n][0].isspace() and not lines[n].startswith("#"):
+            break  # the next top-level key
+        if pat.search(lines[n]):
+            return n + 1
+    return start + 1
+
+
+def _check_data_files(d: Path) -> list[str]:
+    """Errors in the policy directory's ``prices.yaml`` and ``providers.yaml``, if present."""
+    from aiid_proxy.budget import PRICES_FILE, PriceTable
+    from aiid_proxy.errors import ConfigError, PolicyError
+    from aiid_proxy.providers import Registry
+
+    out: list[str] = []
+    prices = d / PRICES_FILE
+    if prices.exists():
+        try:
+            table = PriceTable.load(prices)
+        except PolicyError as e:
+            out.append(e.one_line())
+        else:
+            # a provider no registry knows: its prices never apply (a typo, like "opnai")
+            try:
+                known = set(_registry(d).names()) | {"*"}
+            except ConfigError:  # providers.yaml is broken: said below, prices not judged
+                known = {p.provider for p in table.entries}
+            unknown = sorted({p.provider for p in table.entries if p.source != "builtin"} - known)
+            try:
+                lines = prices.read_text(encoding="utf-8-sig").splitlines()
+            except (OSError, UnicodeDecodeError):
+                lines = []
+            for name in unknown:
+                line = _key_line(lines, "prices", name)
+                where = f"{prices}:{line}" if line else str(prices)
+                out.append(
+                    f"{where}: unknown provider {name!r}, so its prices never apply (known: "
+                    f"{', '.join(sorted(known - {'*'}))}; providers.yaml can add more)"
+                )
+            if not unknown:
+                click.echo(f"ok {PRICES_FILE}: {len(table)} prices (built-in included)")
+    providers = d / "providers.yaml"
+    if providers.exists():
+        try:
+            reg = Registry.load(providers)
+            click.echo(f"ok providers.yaml: {len(reg.providers)} providers (built-in included)")
+        except ConfigError as e:
+            out.append(_with_line(providers, e.one_line()))
+    return out
+
+
+def _with_line(path: Path, message: str) -> str:
+    """``providers.yaml: provider 'x': ...`` as ``providers.yaml:LINE: provider 'x': ...``,
+    the line where provider ``x`` starts (errors there name the provider, not the line)."""
+    prefix = f"{path}: "
+    m = re.match(r"provider '([^']+)'", message.removeprefix(prefix))
+    if not message.startswith(prefix) or m is None:
+        return message
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return message
+    key = re.compile(rf"^\s+['\"]?{re.escape(m.group(1))}['\"]?\s*:")
+    line = next((n for n, text in enumerate(lines, 1) if key.match(text)), None)
+    return message if line is None else f"{path}:{line}: {message.removeprefix(prefix)}"
+
+
+def _param(values: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in values:
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise UsageError(f"--param expects k=v, got {item!r}")
+        k = k.strip()
+        if k in ("max_tokens", "n"):
+            try:
+                out[k] = int(v)
+            except ValueError:
+                raise UsageError(f"--param {k} must be an integer") from None
+        elif k in ("temperature", "top_p"):
+            try:
+                out[k] = float(v)
+            except ValueError:
+                raise UsageError(f"--param {k} must be a number") from None
+        elif k in ("stream", "tools"):
+            if v.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise UsageError(f"--param {k} must be true or false")
+            out[k] = v.lower() in ("true", "1", "yes")
+        else:
+            raise UsageError(
+                f"unknown --param {k!r} (max_tokens, temperature, top_p, n, stream, tools)"
+            )
+    return out
+
+
+@policy.command("explain")
+@click.argument("tenant_name", metavar="TENANT", callback=_name("tenant"))
+@click.option("--agent", required=True, callback=_name("agent"))
+@click.option("--provider", default=None, callback=_name("provider"))
+@click.option("--model", default=None)
+@click.option("--host", default=None, help="for non-LLM egress rules")
+@click.option("--method", default="POST", show_default=True)
+@click.option("--path", "path_", default="/", show_default=True)
+@click.option("--param", "params", multiple=True, metavar="K=V")
+@click.option("--at", "at", default=None, help="evaluate at this ISO time (default now)")
+@click.option("--policies", default=None, help="policy directory ($AIID_POLICIES, ./policies)")
+@click.pass_context
+def policy_explain(
+    ctx: click.Context,
+    tenant_name: str,
+    agent: str,
+    provider: str | None,
+    model: str | None,
+    host: str | None,
+    method: str,
+    path_: str,
+    params: Sequence[str],
+    at: str | None,
+    policies: str | None,
+) -> None:
+    """Print the decision and the rule that made it, without traffic."""
+    from datetime import datetime
+
+    from aiid_proxy.policy import RequestContext, load_policy_file
+
+    if provider is None and host is None:
+        raise UsageError("give --provider (and --model) or --host")
+    d = _policies_dir(policies)
+    f = d / f"{tenant_name}.yaml"
+    if not f.exists():
+        raise ConfigError(f"no policy file {f}")
+    pol = load_policy_file(f)
+    now = time.time()
+    if at is not None:
+        try:
+            now = datetime.fromisoformat(at.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            raise UsageError(f"--at must be an ISO 8601 time, got {at!r}") from None
+    region = None
+    registry = _registry(d)
+    if provider is not None:
+        try:
+            prov = registry.get(provider)
+        except (AiidError, KeyError):
+            raise UsageError(f"unknown provider {provider!r}") from None
+        region = prov.region
+        host = host or (prov.hosts[0] if prov.hosts else provider)
+    else:
+        # what the gateway decides before any rule: the path, and a provider's own host
+        # (governed by providers/models rules, never by hosts rules)
+        from aiid_proxy.gateway import path_problem
+
+        refused = None
+        problem = path_problem(path_)
+        match = registry.match(host or "", method.upper(), path_)
+        if problem is not None:
+            refused = ("-", f"400 bad_request: the request path {problem}")
+        elif match is not None and match.route is None:
+            refused = (
+                "default",
+                f"{method.upper()} {path_} is not a known {match.provider.name} API route",
+            )
+        elif match is not None:
+            provider, region = match.provider.name, match.provider.region
+            model = model or match.params.get("model")
+        if refused is not None:
+            click.echo("decision: deny")
+            click.echo(f"rule: {refused[0]}")
+            click.echo(f"reason: {refused[1]} (refused before any rule is looked at)")
+            return
+    ctxt = RequestContext(
+        tenant=tenant_name,
+        agent=agent,
+        provider=provider,
+        model=model,
+        host=(host or "").lower(),
+        method=method.upper(),
+        path=path_,
+        now=now,
+        region=region,
+        tenant_region=_registered_region(_home(ctx), tenant_name),
+        **_param(params),
+    )
+    ex = pol.explain(ctxt)
+    dec = ex.decision
+    if dec.effect != "deny" and provider is not None and model is not None:
+        # what the gateway refuses after the rules, whatever they say: an unpriced model
+        # under a budget (checked before any hold for approval too)
+        from aiid_proxy.budget import PRICES_FILE, PriceTable, budgets_apply
+
+        if (
+            budgets_apply(pol, agent)
+            and PriceTable.load(d / PRICES_FILE).lookup(provider, model) is None
+        ):
+            click.echo("decision: deny")
+            click.echo("rule: budgets")
+            click.echo(
+                f"reason: no price for model {model!r} of provider {provider!r}; budgets need "
+                f"prices.yaml (the rules alone say {dec.effect}, rule {dec.rule_id})"
+            )
+            return
+    click.echo(f"decision: {dec.effect}")
+    click.echo(f"rule: {dec.rule_id}")
+    if dec.reason:
+        click.echo(f"reason: {dec.reason}")
+    if dec.override:
+        click.echo(f"override: {dec.override}")
+    click.echo("considered:")
+    for tr in ex.traces:
+        mark = "match" if tr.matched else "skip "
+        click.echo(f"  {mark} {tr.kind:<8} {tr.rule_id:<28} {tr.effect or '':<8} {tr.why}")

@@ -1,0 +1,143 @@
+"""One flow's verdict under construction: what the agent asked for, and each stage's result.
+
+:class:`FlowState` knows the stage order: a flow may leave only when :meth:`FlowState.allows`
+is true, i.e. every stage ran, in order, the decision allows, the ``request`` record is
+durable and the verdict is sealed to the exact bytes that leave (:func:`request_digest`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from aiid_proxy.audit import AppendResult
+from aiid_proxy.budget import Hold
+from aiid_proxy.errors import IncompleteVerdict, RequestRefused
+from aiid_proxy.identity import AgentIdentity
+from aiid_proxy.policy import Decision
+from aiid_proxy.providers import Provider, RequestFacts, Route
+from aiid_proxy.ratelimit import RateDecision, Reservation
+from aiid_proxy.vault import Secret
+
+STAGES = ("identity", "route", "policy", "ratelimit", "audit", "inject")
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(12)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the agent asked for, recorded before any rewriting option (map_remote) runs."""
+
+    scheme: str
+    host: str
+    port: int
+    method: str
+    path: str
+    query: str = ""
+    connect_host: str | None = None  # the CONNECT authority, for HTTPS through the proxy
+    sni: str | None = None
+
+
+@dataclass(frozen=True)
+class RouteInfo:
+    provider: Provider | None  # None: non-LLM egress
+    route: Route | None
+    facts: RequestFacts | None
+    body: bytes  # decoded body, exactly what goes upstream
+
+
+@dataclass(frozen=True)
+class Injection:
+    header: str  # "" for an egress rule without `inject`: nothing is injected
+    value: Secret  # the header value, scheme included
+    secret_name: str
+    raw: Secret | None = None  # the vault secret alone: what scrubbing looks for
+    extra_headers: tuple[tuple[str, str], ...] = ()
+
+    def scrub_value(self) -> str:
+        return (self.raw or self.value).reveal()
+
+
+@dataclass(eq=False)
+class FlowState:
+    """The verdict under construction for one flow."""
+
+    request_id: str
+    target: Target
+    started: float
+    connection_token: str | None = None
+    identity: AgentIdentity | None = None
+    route: RouteInfo | None = None
+    decision: Decision | None = None
+    reservation: Reservation | None = None
+    audit: AppendResult | None = None
+    injection: Injection | None = None
+    refusal: RequestRefused | None = None
+    digest: bytes | None = None
+    done: list[str] = field(default_factory=list)
+    approved_by: str | None = None
+    standing_approval: bool = False  # approved by an earlier answer's --ttl, never held
+    response_recorded: bool = False
+    error_recorded: bool = False
+    rate: RateDecision | None = None  # the allowing rate decision (x-ratelimit-* headers)
+    hold: Hold | None = None  # the budget hold of the request's worst-case cost
+    output_cap: int | None = None  # output tokens reserved, enforced on streams when not None
+    output_limit: int | None = None  # max_tokens x n as the agent asked: no provider bills more
+    token_mark: str = ""  # the agent token's signature: never sent upstream, in any field
+
+    def mark(self, stage: str) -> None:
+        i = STAGES.index(stage)
+        if self.refusal is not None or tuple(self.done) != STAGES[:i]:
+            raise IncompleteVerdict(f"stage {stage} out of order after {self.done}")
+        self.done.append(stage)
+
+    def expect(self, stage: str) -> None:
+        """Raise unless every stage before ``stage`` has completed and nothing refused."""
+        i = STAGES.index(stage)
+        if self.refusal is not None or tuple(self.done) != STAGES[:i]:
+            raise IncompleteVerdict(f"stage {stage} reached without {STAGES[:i]}")
+
+    def allows(self) -> bool:
+        return (
+            self.refusal is None
+            and tuple(self.done) == STAGES
+            and self.identity is not None
+            and self.route is not None
+            and self.decision is not None
+            and (self.decision.effect == "allow" or self.approved_by is not None)
+            and self.audit is not None
+            and self.injection is not None
+            and self.digest is not None
+        )
+
+    @property
+    def tenant(self) -> str | None:
+        return self.identity.tenant if self.identity else None
+
+    @property
+    def provider_name(self) -> str | None:
+        if self.route and self.route.provider:
+            return self.route.provider.name
+        return None
+
+    @property
+    def model(self) -> str | None:
+        return self.route.facts.model if self.route and self.route.facts else None
+
+
+def request_digest(
+    method: str, url: str, body: bytes, headers: Iterable[tuple[bytes, bytes]] = ()
+) -> bytes:
+    """What the verdict is bound to: method, URL, every header (in order) and the body."""
+    h = hashlib.sha256()
+    for part in (method.encode(), b"\0", url.encode(), b"\0"):
+        h.update(part)
+    for k, v in headers:
+        h.update(len(k).to_bytes(4, "big") + k + len(v).to_bytes(4, "big") + v)
+    h.update(b"\0")
+    h.update(body)
+    return h.digest()
