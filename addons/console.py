@@ -26,7 +26,7 @@ from typing import Any
 from rich.console import Console
 from rich.live import Live
 
-from addons.pipeline import Runtime
+from addons.runtime import Runtime
 from aiid_proxy.console import (
     ConsoleState,
     FlowRow,

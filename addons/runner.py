@@ -17,7 +17,8 @@ from mitmproxy.addons import termlog
 from mitmproxy.tools.dump import DumpMaster
 
 from addons import dispatch
-from addons.pipeline import PINNED, Runtime, make_addons
+from addons.pipeline import make_addons
+from addons.runtime import PINNED, Runtime
 from aiid_proxy.home import Home
 
 log = logging.getLogger("aiid")

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from rich.console import Console  # noqa: E402
 
 from addons.console import ConsoleAddon  # noqa: E402
-from addons.pipeline import Runtime  # noqa: E402
+from addons.runtime import Runtime  # noqa: E402
 from aiid_proxy.console import (  # noqa: E402
     ConsoleState,
     FlowRow,

@@ -179,7 +179,7 @@ class Bench:
             raw()
         self.results["sqlite_commit"] = stats(timed(raw, n))
         conn.close()
-        from addons.pipeline import settled
+        from addons.runtime import settled
         from aiid_proxy.audit.service import AuditAppender, AuditWriterProcess
 
         async def awaited(log: AuditAppender, proc: AuditWriterProcess | None) -> list[int]:
@@ -216,7 +216,8 @@ class Bench:
         from mitmproxy import http
         from mitmproxy.test import taddons, tflow
 
-        from addons.pipeline import Runtime, make_addons
+        from addons.pipeline import make_addons
+        from addons.runtime import Runtime
         from aiid_proxy.gateway import Gateway
 
         # after the imports above: bench_gateway puts the work tree first on sys.path

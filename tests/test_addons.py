@@ -44,7 +44,8 @@ from mitmproxy.proxy.layers.websocket import WebsocketStartHook
 from mitmproxy.proxy.server_hooks import ClientDisconnectedHook
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons import pipeline
+from addons import logscrub, pipeline, runtime
+from addons import response as response_side
 from addons.pipeline import (
     AuditStage,
     IdentityStage,
@@ -54,9 +55,9 @@ from addons.pipeline import (
     PolicyStage,
     RateLimitStage,
     RouteStage,
-    Runtime,
     make_addons,
 )
+from addons.runtime import Runtime
 from aiid_proxy.admin import revoke_token
 from aiid_proxy.clock import FakeClock
 from aiid_proxy.control import Answer
@@ -273,7 +274,7 @@ def refusal(flow: http.HTTPFlow) -> dict[str, Any]:
 
 
 def rid_of(flow: http.HTTPFlow) -> str:
-    st = pipeline.state_of(flow)
+    st = runtime.state_of(flow)
     assert st is not None
     return st.request_id
 
@@ -896,7 +897,7 @@ def test_without_max_tokens_a_small_token_limit_reserves_what_it_leaves(
     ).encode()
     flow = make_flow(issue("limited-1"), body=body)
     assert h.send(flow).sent is not None
-    st = pipeline.state_of(flow)
+    st = runtime.state_of(flow)
     assert st is not None and st.route is not None and st.route.facts is not None
     est_in = st.route.facts.estimated_input_tokens
     assert st.output_cap == 300 - est_in  # the stream is cut there
@@ -947,7 +948,7 @@ async def _held(
     h.gw.listeners.append(lambda kind, data: pending.set() if kind == "pending" else None)
     task = asyncio.ensure_future(h.drive(flow))
     await asyncio.wait_for(pending.wait(), 10)
-    st = pipeline.state_of(flow)
+    st = runtime.state_of(flow)
     assert st is not None and st.request_id in h.rt.broker.pending
     assert not task.done()  # nothing left while held
     # nothing but the hold itself is on record while it waits (that record is not awaited)
@@ -1114,7 +1115,7 @@ def test_approval_timeout_denies(
 
 
 def error_rows(h: Harness, flow: http.HTTPFlow) -> list[dict[str, Any]]:
-    st = pipeline.state_of(flow)
+    st = runtime.state_of(flow)
     if st is None:
         return []
     return [r for r in h.rows(request_id=st.request_id) if r["event"] == "error"]
@@ -1125,7 +1126,7 @@ def assert_killed(res: Result, *, recorded: bool) -> None:
     assert killed(flow), flow.error
     assert res.sent is None, "a killed flow must not leave"
     assert flow.response is None
-    st = pipeline.state_of(flow)
+    st = runtime.state_of(flow)
     if recorded:
         assert st is not None and st.error_recorded
 
@@ -1325,7 +1326,7 @@ def test_a_request_record_never_committed_kills_the_flow_after_the_wait(
         return real_append(event, **fields)
 
     monkeypatch.setattr(audit, "append", append)
-    monkeypatch.setattr(pipeline.settled, "__defaults__", (0.05,))
+    monkeypatch.setattr(runtime.settled, "__defaults__", (0.05,))
     flow = make_flow(issue())
     res = h.run(asyncio.wait_for(h.drive(flow), 10))
     assert_killed(res, recorded=True)
@@ -1374,7 +1375,7 @@ def test_an_exception_in_the_response_filter_kills_the_flow(
 ) -> None:
     """An echo of the key must not reach the agent unscrubbed because the scrubber failed."""
     calls = {"n": 0}
-    real = pipeline.ResponseFilter._scrubber
+    real = response_side.ResponseFilter._scrubber
 
     def failing(st: Any) -> Any:
         calls["n"] += 1
@@ -1382,7 +1383,7 @@ def test_an_exception_in_the_response_filter_kills_the_flow(
             raise RuntimeError("injected fault")
         return real(st)
 
-    monkeypatch.setattr(pipeline.ResponseFilter, "_scrubber", staticmethod(failing))
+    monkeypatch.setattr(response_side.ResponseFilter, "_scrubber", staticmethod(failing))
     flow = make_flow(issue())
     h.send(flow, upstream=upstream_response(f'{{"echo": "{CANARY_OPENAI}"}}'.encode()))
     assert killed(flow)
@@ -1562,7 +1563,7 @@ def opts_ctx(gateway: Gateway) -> Iterator[tuple[Any, Runtime]]:
     with taddons.context(*stock, *make_addons(rt)) as tctx:
         # what `aiid run` sets at start (addons/runner.py)
         tctx.options.update(
-            tls_version_client_min="TLS1_2", tls_version_server_min="TLS1_2", **pipeline.PINNED
+            tls_version_client_min="TLS1_2", tls_version_server_min="TLS1_2", **runtime.PINNED
         )
         yield tctx, rt
 
@@ -1601,7 +1602,7 @@ def test_configure_never_lets_a_bypass_option_take_effect(
         assert getattr(tctx.options, name) == before  # rolled back
     else:
         tctx.configure(rt, **opts)
-        assert getattr(tctx.options, name) == pipeline.PINNED[name] != value
+        assert getattr(tctx.options, name) == runtime.PINNED[name] != value
 
 
 @pytest.mark.parametrize(
@@ -1643,7 +1644,7 @@ def test_a_gateway_that_cannot_start_is_refused_once(
         built.append(home.root)
         raise AuditError("the audit key does not match")
 
-    monkeypatch.setattr(pipeline, "Gateway", refuse)
+    monkeypatch.setattr(runtime, "Gateway", refuse)
     rt = Runtime()
     with taddons.context(proxyserver.Proxyserver(), *make_addons(rt)) as tctx:
         limit = tctx.options.body_size_limit
@@ -1687,7 +1688,7 @@ def test_replace_headers_is_assignment_in_one_pass(
     ref = http.Headers([(k.encode(), v.encode()) for k, v in before])
     for k, v in values.items():
         ref[k] = v
-    pipeline.replace_headers(h, values)
+    response_side.replace_headers(h, values)
     assert [(k.decode(), v.decode()) for k, v in h.fields] == after
     assert {k.lower(): h.get_all(k) for k in h} == {k.lower(): ref.get_all(k) for k in ref}
 
@@ -1726,7 +1727,7 @@ def test_the_key_is_prepared_while_the_request_record_commits(
         for _ in range(50):
             await asyncio.sleep(0)
         assert injected == [True]
-        st = pipeline.state_of(flow)
+        st = runtime.state_of(flow)
         assert st is not None and st.digest is None and st.audit is None and not task.done()
         assert not h.gw.check_sealed(
             st,
@@ -1875,7 +1876,7 @@ def test_settled_wakes_the_task_without_the_self_pipe_when_it_can(
         loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
         fut: Future[int] = Future()
         resolve(fut)
-        return await asyncio.wait_for(pipeline.settled(fut), 10), calls
+        return await asyncio.wait_for(runtime.settled(fut), 10), calls
 
     assert asyncio.run(go()) == (7, threadsafe_calls)
 
@@ -1885,9 +1886,9 @@ def test_settled_raises_the_futures_error_and_cancels_it_when_cancelled() -> Non
         failing: Future[int] = Future()
         _fail_here(failing)
         with pytest.raises(AuditError, match="disk full"):
-            await pipeline.settled(failing)
+            await runtime.settled(failing)
         waiting: Future[int] = Future()
-        task = asyncio.ensure_future(pipeline.settled(waiting))
+        task = asyncio.ensure_future(runtime.settled(waiting))
         await asyncio.sleep(0)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -1922,7 +1923,7 @@ def test_settled_raises_the_futures_error_and_cancels_it_when_cancelled() -> Non
     ],
 )
 def test_log_lines_never_carry_an_agent_credential(line: str, kept: str) -> None:
-    assert pipeline.redact_credentials(line) == kept
+    assert logscrub.redact_credentials(line) == kept
 
 
 def test_a_log_line_that_cannot_be_written_is_dropped_not_fatal(

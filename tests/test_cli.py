@@ -27,7 +27,7 @@ import jwt
 import pytest
 from conftest import NOKEY_TENANT, TENANT, audit_rows, write_policies
 
-from addons.pipeline import Runtime
+from addons.runtime import Runtime
 from aiid_proxy.audit import AuditLog, tenant_key
 from aiid_proxy.cli import main
 from aiid_proxy.control import Answer, ControlServer, Pending

@@ -19,7 +19,7 @@ from rich.cells import cell_len
 from rich.console import Console
 
 from addons.console import ConsoleAddon, KeyReader
-from addons.pipeline import Runtime
+from addons.runtime import Runtime
 from aiid_proxy.clock import FakeClock
 from aiid_proxy.console import (
     MAX_FLOWS,

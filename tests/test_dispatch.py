@@ -295,7 +295,8 @@ def test_a_halting_script_cannot_take_a_request_past_the_last_gate() -> None:
     `request`: the gate still runs and kills the flow, which carries no verdict."""
     from mitmproxy.proxy.layers.http import HttpRequestHook
 
-    from addons.pipeline import LastGate, Runtime
+    from addons.pipeline import LastGate
+    from addons.runtime import Runtime
 
     class HaltingScript:
         name = "halting"
@@ -320,7 +321,8 @@ def test_a_halting_script_cannot_take_a_request_past_the_last_gate() -> None:
 
 
 def test_the_gates_a_halt_must_not_skip_are_marked() -> None:
-    from addons.pipeline import LastGate, ResponseFilter
+    from addons.pipeline import LastGate
+    from addons.response import ResponseFilter
 
     for cls in (LastGate, ResponseFilter):  # the way out, and the scrub of what comes back
         assert getattr(cls, dispatch.ALWAYS) is True

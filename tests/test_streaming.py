@@ -511,7 +511,7 @@ def test_cut_event_shapes(fmt: str, marker: bytes) -> None:
 def test_adapter_never_hands_mitmproxy_an_empty_bytes_chunk() -> None:
     """mitmproxy sends a bytes result as one HTTP/1.1 chunk; an empty one would end the
     agent's chunked body in the middle of the stream."""
-    from addons.pipeline import StreamFilter
+    from addons.response import StreamFilter
 
     sf = StreamFilter(Scrubber([SECRET]), tracker())
     e1, e2 = chat_stream(["a", "b"], usage=False)[:2]
