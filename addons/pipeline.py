@@ -163,6 +163,10 @@ class Intake:
                 query=query,
                 connect_host=connect_host,
                 sni=flow.client_conn.sni,
+                stated_hosts=(
+                    *([req.authority] if req.authority else []),
+                    *req.headers.get_all("host"),
+                ),
             ),
             self.guard.conn_tokens.get(flow.client_conn.id),
         )
@@ -415,7 +419,14 @@ class InjectStage(_Stage):
         LOG_SCRUBBER.add(inj.scrub_value())
         req.trailers = None  # trailers are sent after the request hook: never forward them
         if await request_record_durable(flow, gw, st):
-            gw.seal(st, req.method, req.url, req.raw_content or b"", req.headers.fields)
+            gw.seal(
+                st,
+                req.method,
+                req.url,
+                req.raw_content or b"",
+                req.headers.fields,
+                req.authority,
+            )
 
 
 class LastGate:
@@ -449,7 +460,7 @@ class LastGate:
             and req.scheme == "https"
             and not req.trailers
             and self.rt.gw().check_sealed(
-                st, req.method, req.url, req.raw_content or b"", req.headers.fields
+                st, req.method, req.url, req.raw_content or b"", req.headers.fields, req.authority
             )
         )
 

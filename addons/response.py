@@ -150,6 +150,9 @@ class ResponseFilter:
         resp = flow.response
         if st is None or resp is None or flow.metadata.get(OURS) is resp or not st.allows():
             return
+        # trailers (HTTP/2 upstreams) are sent after this hook, on every path: never scrubbed,
+        # so never relayed (an HTTP/1.1 agent cannot even take them: mitmproxy crashed)
+        resp.trailers = None
         gw = self.rt.gw()
         scrubber = self._scrubber(st)
         seen = flow.metadata.get(SCRUBBED_HEAD)
@@ -175,7 +178,6 @@ class ResponseFilter:
             # An event stream that could not be streamed (the provider encoded it, gzip,
             # although asked for identity): read whole, then guarded as a stream all the same
             # (the key spelled over events, the reservation), and sent re-encoded.
-            resp.trailers = None
             body = resp.get_content(strict=True) or b""
             guard = StreamGuard(
                 scrubber,
@@ -192,7 +194,6 @@ class ResponseFilter:
             if guard.cut:
                 extra["cut"] = guard.cut
         else:
-            resp.trailers = None  # sent after this hook: never unscrubbed
             body = resp.get_content(strict=True) or b""  # undecodable: cannot scrub, _fail
             clean = scrubber.scrub(body)
             clean, escaped = redact_escaped(clean, scrubber.secrets)  # "\u0073k-..."

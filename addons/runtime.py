@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mitmproxy import ctx, exceptions, http
+from mitmproxy.net import tls
 from mitmproxy.utils import human
 
 from addons.logscrub import LOG_SCRUBBER
@@ -139,6 +140,13 @@ class Runtime:
         if hasattr(opts, "flow_detail") and opts.flow_detail > 1:
             raise exceptions.OptionsError(
                 "aiid-proxy requires flow_detail <= 1: higher levels print injected keys"
+            )
+        if tls.log_master_secret is not None:
+            # read by mitmproxy when it is imported: every TLS session's keys would go to a
+            # file, and the upstream ones decrypt the injected provider keys
+            raise exceptions.OptionsError(
+                "aiid-proxy refuses to run with SSLKEYLOGFILE or MITMPROXY_SSLKEYLOGFILE set: "
+                "the TLS keys written there decrypt the injected provider keys; unset it"
             )
         if not all(str(m).startswith("regular") for m in (opts.mode or ["regular"])):
             raise exceptions.OptionsError("aiid-proxy runs in regular proxy mode only")

@@ -497,6 +497,24 @@ def _revoked(h: Harness, issue: Callable[..., str]) -> http.HTTPFlow:
     return make_flow(token)
 
 
+def _target_flow(
+    authority: str, *, host_headers: tuple[str, ...] | None = None
+) -> Callable[[Harness, Callable[..., str]], http.HTTPFlow]:
+    """Inside a tunnel to api.openai.com: a request target (absolute-form, or HTTP/2's
+    :authority) of ``authority``, and these Host headers (None: the default one)."""
+
+    def build(h: Harness, issue: Callable[..., str]) -> http.HTTPFlow:
+        f = make_flow(issue())
+        f.request.authority = authority
+        if host_headers is not None:
+            f.request.headers.pop("Host", None)
+            for v in host_headers:
+                f.request.headers.add("Host", v)
+        return f
+
+    return build
+
+
 def _gzip_flow(
     payload: bytes, coding: str = "gzip"
 ) -> Callable[[Harness, Callable[..., str]], http.HTTPFlow]:
@@ -605,6 +623,37 @@ REFUSALS = [
         "policy_denied",
         "default",
         id="absolute-form-host-header-mismatch",
+    ),
+    # mitmproxy keeps an absolute-form target inside a tunnel and sends it upstream as is:
+    # "POST https://evil.example/... HTTP/1.1" with Host api.openai.com (or none) went out
+    # with the key, audited as api.openai.com
+    ref(
+        _target_flow("evil.example"),
+        403,
+        "policy_denied",
+        "default",
+        id="absolute-form-in-tunnel-other-host",
+    ),
+    ref(
+        _target_flow("evil.example", host_headers=()),
+        403,
+        "policy_denied",
+        "default",
+        id="absolute-form-in-tunnel-no-host-header",
+    ),
+    ref(
+        _target_flow("api.openai.com:8443"),
+        403,
+        "policy_denied",
+        "default",
+        id="absolute-form-in-tunnel-other-port",
+    ),
+    ref(
+        _target_flow("api.openai.com", host_headers=(OPENAI, "evil.example")),
+        403,
+        "policy_denied",
+        "default",
+        id="two-host-headers-disagree",
     ),
     ref(
         _flow(headers=[("Connection", "Upgrade"), ("Upgrade", "websocket")]),
@@ -1228,6 +1277,9 @@ def _fake_response(f: http.HTTPFlow) -> None:
         pytest.param(
             _set("trailers", http.Headers(x=b"1")), LastGate, True, id="trailers-after-seal"
         ),
+        pytest.param(
+            _set("authority", "evil.example"), LastGate, True, id="request-target-after-seal"
+        ),
         pytest.param(_fake_response, LastGate, True, id="foreign-response-before-gate"),
         pytest.param(_fake_response, IdentityStage, False, id="foreign-response-first"),
         pytest.param(lambda f: f.metadata.pop("aiid"), LastGate, False, id="state-removed"),
@@ -1522,6 +1574,47 @@ def test_streamed_response_is_scrubbed_across_chunks_and_usage_counted(
     assert json.loads(row["detail"])["scrubbed_secrets"] == 1
 
 
+@pytest.mark.parametrize(
+    "authority",
+    [
+        pytest.param(OPENAI, id="authority"),
+        pytest.param(f"{OPENAI}:443", id="authority-with-port"),
+        pytest.param("API.OpenAI.com.", id="authority-other-case-trailing-dot"),
+    ],
+)
+def test_a_request_target_naming_the_same_host_is_allowed(
+    h: Harness, issue: Callable[..., str], authority: str
+) -> None:
+    """HTTP/2's :authority (or an absolute-form target) that names the tunnel's own host."""
+    flow = make_flow(issue())
+    flow.request.authority = authority
+    res = h.send(flow)
+    assert res.sent is not None and not killed(flow)
+    assert res.sent.authority == authority
+
+
+@pytest.mark.parametrize("streamed", [pytest.param(True, id="sse"), pytest.param(False, id="json")])
+def test_upstream_trailers_never_reach_the_agent(
+    h: Harness, issue: Callable[..., str], streamed: bool
+) -> None:
+    """mitmproxy sends ``response.trailers`` (HTTP/2 upstreams) after the response hook: an
+    event stream's were relayed unscrubbed, the injected key in them."""
+    leak = http.Headers([(b"x-upstream-debug", f"key={CANARY_OPENAI}".encode())])
+    if streamed:
+        flow = make_flow(issue(), body=chat_body(stream=True))
+        upstream = http.Response.make(200, b"", {"content-type": "text/event-stream"})
+        upstream.trailers = leak
+        res = h.send(flow, upstream=upstream, chunks=[_sse({"choices": [{"delta": {}}]})])
+        assert res.streamed  # the stream path
+    else:
+        flow = make_flow(issue())
+        upstream = upstream_response()
+        upstream.trailers = leak
+        h.send(flow, upstream=upstream)
+    assert flow.response is not None and not killed(flow)
+    assert flow.response.trailers is None
+
+
 def test_refusal_responses_are_not_scrubbed_or_recorded_as_responses(
     h: Harness, issue: Callable[..., str]
 ) -> None:
@@ -1569,6 +1662,21 @@ def opts_ctx(gateway: Gateway) -> Iterator[tuple[Any, Runtime]]:
 
 
 REFUSED, PINNED_BACK = "refused", "pinned"
+
+
+def test_a_tls_key_log_refuses_to_start(
+    opts_ctx: tuple[Any, Runtime], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """SSLKEYLOGFILE (read by mitmproxy at import) would log every TLS session's keys, and
+    the upstream ones decrypt the injected provider keys."""
+    from mitmproxy.net import tls
+
+    tctx, rt = opts_ctx
+    monkeypatch.setattr(tls, "log_master_secret", tls.MasterSecretLogger(tmp_path / "keys"))
+    with pytest.raises(exceptions.OptionsError, match="SSLKEYLOGFILE"):
+        tctx.configure(rt, listen_port=9998)
+    monkeypatch.setattr(tls, "log_master_secret", None)
+    tctx.configure(rt, listen_port=9998)
 
 
 @pytest.mark.parametrize(

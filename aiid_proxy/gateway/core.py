@@ -491,13 +491,14 @@ class Gateway:
         url: str,
         body: bytes,
         headers: Iterable[tuple[bytes, bytes]] = (),
+        authority: str = "",
     ) -> None:
         """Bind the completed verdict to the exact request that leaves."""
         if tuple(state.done) != STAGES:
             raise IncompleteVerdict("seal before every stage completed")
         if state.audit is None:
             raise IncompleteVerdict("seal before the request record is durable")
-        state.digest = request_digest(method, url, body, headers)
+        state.digest = request_digest(method, url, body, headers, authority)
 
     def check_sealed(
         self,
@@ -506,11 +507,14 @@ class Gateway:
         url: str,
         body: bytes,
         headers: Iterable[tuple[bytes, bytes]] = (),
+        authority: str = "",
     ) -> bool:
         return (
             state.allows()
             and state.digest is not None
-            and secrets.compare_digest(state.digest, request_digest(method, url, body, headers))
+            and secrets.compare_digest(
+                state.digest, request_digest(method, url, body, headers, authority)
+            )
         )
 
     # -- records ------------------------------------------------------------

@@ -40,6 +40,9 @@ class Target:
     query: str = ""
     connect_host: str | None = None  # the CONNECT authority, for HTTPS through the proxy
     sni: str | None = None
+    # every host the request names: the absolute-form target or :authority, and each Host
+    # header; a server or CDN may route by any of them, so they must all agree
+    stated_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -130,11 +133,16 @@ class FlowState:
 
 
 def request_digest(
-    method: str, url: str, body: bytes, headers: Iterable[tuple[bytes, bytes]] = ()
+    method: str,
+    url: str,
+    body: bytes,
+    headers: Iterable[tuple[bytes, bytes]] = (),
+    authority: str = "",
 ) -> bytes:
-    """What the verdict is bound to: method, URL, every header (in order) and the body."""
+    """What the verdict is bound to: method, URL, the request target's authority (an
+    absolute-form target or :authority), every header (in order) and the body."""
     h = hashlib.sha256()
-    for part in (method.encode(), b"\0", url.encode(), b"\0"):
+    for part in (method.encode(), b"\0", url.encode(), b"\0", authority.encode(), b"\0"):
         h.update(part)
     for k, v in headers:
         h.update(len(k).to_bytes(4, "big") + k + len(v).to_bytes(4, "big") + v)

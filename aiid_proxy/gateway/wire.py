@@ -166,6 +166,26 @@ def ratelimit_headers(d: RateDecision, *, refused: bool) -> dict[str, str]:
     return h
 
 
+def host_and_port(authority: str) -> tuple[str, int]:
+    """``host[:port]`` or ``[v6][:port]`` as (lowercase host without a trailing dot, port),
+    443 when it names none; what is not a port stays part of the host (and so differs)."""
+    a = authority.strip().lower()
+    host, port = a, 443
+    if a.startswith("["):
+        end = a.find("]")
+        if end != -1:
+            host, rest = a[: end + 1], a[end + 1 :]
+            if rest.startswith(":") and rest[1:].isdigit():
+                port = int(rest[1:])
+            elif rest:
+                host = a
+    else:
+        name, sep, p = a.rpartition(":")
+        if sep and p.isdigit() and ":" not in name:
+            host, port = name, int(p)
+    return host.rstrip("."), port
+
+
 def refuse_target(t: Target, headers: Mapping[str, str]) -> None:
     """Refuse what no rule may allow, whatever the policy says: protocol upgrades, CONNECT
     inside a tunnel, raw IP addresses, anything but https on port 443, a Host that is not the
@@ -186,6 +206,15 @@ def refuse_target(t: Target, headers: Mapping[str, str]) -> None:
             403,
             "policy_denied",
             f"only https on port 443 is allowed (got {t.scheme}://{t.host}:{t.port})",
+            "default",
+        )
+    named = {host_and_port(a) for a in t.stated_hosts}
+    if named and named != {(t.host.lower().rstrip("."), t.port)}:
+        raise RequestRefused(
+            403,
+            "policy_denied",
+            "the request names another host than the one it goes to (request target, "
+            ":authority and Host headers must agree)",
             "default",
         )
     if t.connect_host is not None and t.connect_host.lower() != t.host.lower():
