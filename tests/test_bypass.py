@@ -1872,6 +1872,9 @@ TRAVERSAL_ATTEMPTS = [
     pytest.param(OPENAI, "bot", "/V1/CHAT/COMPLETIONS", id="upper-case-path"),
     pytest.param(OPENAI, "lister", "/v1/models/..", id="model-dot-dot"),
     pytest.param(OPENAI, "lister", "/v1/models/%2e%2e", id="model-encoded-dot-dot"),
+    # a server that cuts a segment at ';' reads gpt-4o, which the policy denies lister
+    pytest.param(OPENAI, "lister", "/v1/models/gpt-4o;x=1", id="model-semicolon-param"),
+    pytest.param(OPENAI, "lister", "/v1/models/gpt-4o%3bx=1", id="model-encoded-semicolon"),
     pytest.param(GITHUB, "coder-1", "/repos/../user/keys", id="egress-dot-dot"),
     pytest.param(GITHUB, "coder-1", "/repos/a/%2e%2e/%2e%2e/user/keys", id="egress-encoded-dots"),
     pytest.param(GITHUB, "coder-1", "/repos/a/..%2f..%2fuser/keys", id="egress-dots-encoded-slash"),

@@ -829,6 +829,12 @@ USER_HELLO = [{"role": "user", "content": "hello"}]
             id="anthropic-mcp-servers",
         ),
         pytest.param(
+            OPENAI_CHAT,
+            {"model": "gpt-4o-mini-search-preview", "messages": [], "web_search_options": {}},
+            {"tools": True},
+            id="openai-web-search-options",
+        ),
+        pytest.param(
             AZURE_CHAT,
             {"model": "something-else", "messages": USER_HELLO, "max_tokens": 7},
             {"model": "gpt4o-prod", "max_tokens": 7},

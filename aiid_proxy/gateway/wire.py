@@ -120,7 +120,9 @@ def path_problem(path: str) -> str | None:
     Refused: anything but origin-form printable ASCII, ``#`` and ``\\``; percent-encoded
     unreserved characters (``%2e``, ``%69``: a server decodes them, the policy would not);
     ``.``/``..`` segments (also ``..;`` and after up to three rounds of percent-decoding,
-    which catches ``%252e`` and ``..%2f``); invalid UTF-8 or controls once decoded.
+    which catches ``%252e`` and ``..%2f``); ``;`` (some servers cut a segment's parameters
+    there: ``/deployments/mini;x`` or ``/models/gpt-4o;x`` would name another model than the
+    policy read), also percent-encoded; invalid UTF-8 or controls once decoded.
     """
     if not path.startswith("/"):
         return "must be an absolute path"
@@ -135,6 +137,8 @@ def path_problem(path: str) -> str | None:
         for seg in text.replace("\\", "/").split("/"):
             if seg.split(";", 1)[0] in (".", ".."):
                 return "contains '.' or '..' segments"
+        if ";" in text:
+            return "contains ';' (a server may cut the path there)"
         if any(c < " " or c == "\x7f" for c in text):
             return "contains control characters once decoded"
         try:

@@ -259,6 +259,8 @@ def _generic_facts(route: Route, obj: dict[str, Any], path_model: str | None) ->
     max_tokens = _largest([_opt_int(obj, k, 0) for k in _MAX_TOKEN_FIELDS])
     tools = bool(_opt_list(obj, "tools")) or bool(_opt_list(obj, "functions"))
     tools = tools or bool(_opt_list(obj, "mcp_servers"))
+    # OpenAI chat's built-in web search: a tool the provider runs (search-preview models)
+    tools = tools or obj.get("web_search_options") is not None
     for choice in ("tool_choice", "function_call"):
         if obj.get(choice) not in (None, "none"):
             tools = True
