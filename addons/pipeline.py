@@ -158,7 +158,7 @@ class Intake:
                 scheme=req.scheme,
                 host=req.pretty_host,
                 port=port,
-                method=req.method,
+                method=wire_method(req),
                 path=path,
                 query=query,
                 connect_host=connect_host,
@@ -182,6 +182,11 @@ class Intake:
             except RequestRefused as r:
                 refusal = r
             refuse_now(self.rt, flow, st, refusal)
+
+
+def wire_method(req: http.Request) -> str:
+    """The method as it goes upstream: ``Request.method`` upper-cases what the agent sent."""
+    return req.data.method.decode("utf-8", "surrogateescape")
 
 
 def refuse_now(rt: Runtime, flow: http.HTTPFlow, st: FlowState, r: RequestRefused) -> None:
@@ -421,7 +426,7 @@ class InjectStage(_Stage):
         if await request_record_durable(flow, gw, st):
             gw.seal(
                 st,
-                req.method,
+                wire_method(req),
                 req.url,
                 req.raw_content or b"",
                 req.headers.fields,
@@ -460,7 +465,12 @@ class LastGate:
             and req.scheme == "https"
             and not req.trailers
             and self.rt.gw().check_sealed(
-                st, req.method, req.url, req.raw_content or b"", req.headers.fields, req.authority
+                st,
+                wire_method(req),
+                req.url,
+                req.raw_content or b"",
+                req.headers.fields,
+                req.authority,
             )
         )
 

@@ -43,6 +43,9 @@ class PolicyEvent:
 
 
 def _policy_files(directory: Path) -> dict[str, Path]:
+    """Each tenant's policy file: ``<tenant>.yaml``, else ``<tenant>.yml`` (with both, the
+    ``.yaml`` is the one in force, as ``policy explain`` reads it and ``policy check`` names
+    the ``.yml`` as a second policy)."""
     out: dict[str, Path] = {}
     if not directory.is_dir():
         return out
@@ -52,6 +55,7 @@ def _policy_files(directory: Path) -> dict[str, Path]:
             and not p.name.startswith(".")
             and p.name not in NON_POLICY_FILES
             and p.is_file()
+            and (p.suffix == ".yaml" or p.stem not in out)
         ):
             out[p.stem] = p
     return out

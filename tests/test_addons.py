@@ -608,6 +608,7 @@ REFUSALS = [
         _flow(host="::1", host_header="[::1]"), 403, "policy_denied", "default", id="raw-ipv6-host"
     ),
     ref(_flow(port=8443), 403, "policy_denied", "default", id="port-not-443"),
+    ref(_flow(method="post"), 400, "bad_request", id="lower-case-method"),
     ref(_flow(scheme="http", tls=False), 403, "policy_denied", "default", id="plain-http"),
     ref(
         _flow(connect_host="evil.example"),
@@ -900,6 +901,7 @@ def test_rate_limit_refuses_the_extra_request_until_time_passes(
     assert err["type"] == "rate_limited"
     retry = int(flow.response.headers["retry-after"])
     assert retry >= 1
+    assert "x-should-retry" not in flow.response.headers  # this one passes later: retry
     rows = h.rows(request_id=err["request_id"])
     assert [(r["event"], r["status"]) for r in rows] == [("deny", 429)]
 
@@ -933,6 +935,8 @@ def test_a_request_larger_than_the_token_limit_is_told_it_can_never_pass(
     assert err["type"] == "rate_limited" and err["rule"] == "agent tokens_per_minute"
     assert "more than the agent tokens_per_minute limit ever allows" in err["message"]
     assert "lower max_tokens" in err["message"]
+    # the SDKs retry a 429 after Retry-After unless told not to: this one never passes
+    assert flow.response.headers["x-should-retry"] == "false"
 
 
 def test_without_max_tokens_a_small_token_limit_reserves_what_it_leaves(
@@ -1250,6 +1254,12 @@ def _fake_response(f: http.HTTPFlow) -> None:
         pytest.param(_set("host", "evil.example"), LastGate, True, id="host-after-seal"),
         pytest.param(_set("port", 8443), LastGate, True, id="port-after-seal"),
         pytest.param(_set("method", "PUT"), LastGate, True, id="method-after-seal"),
+        pytest.param(
+            lambda f: setattr(f.request.data, "method", b"post"),
+            LastGate,
+            True,
+            id="method-case-after-seal",
+        ),
         pytest.param(_set("path", "/v1/embeddings"), LastGate, True, id="path-after-seal"),
         pytest.param(_set("scheme", "http"), LastGate, True, id="scheme-after-seal"),
         pytest.param(_set("stream", True), LastGate, True, id="streaming-after-seal"),

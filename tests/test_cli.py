@@ -196,6 +196,22 @@ def test_vault_put_under_a_stray_master_key_is_refused(aiid: Run, home: Home) ->
     assert aiid("--home", home.root, "vault", "list", TENANT).out == before  # nothing stored
 
 
+@pytest.mark.parametrize(
+    "cmd",
+    [pytest.param(["list"], id="list"), pytest.param(["put", "--from-env", "K"], id="put")],
+)
+def test_a_missing_vault_database_is_named_never_recreated(
+    aiid: Run, home: Home, cmd: list[str]
+) -> None:
+    """`vault list` used to create an empty vault.db in place of a lost one, and exit 0."""
+    path = home.vault_path(NOKEY_TENANT)
+    path.unlink()
+    args = [cmd[0], NOKEY_TENANT] + (["openai", *cmd[1:]] if cmd[0] == "put" else [])
+    r = aiid("--home", home.root, "vault", *args, env={"K": "sk-x-123"})
+    one_line_error(r, 1, "vault database missing", str(path))
+    assert not path.exists()
+
+
 def test_token_issue_prints_only_the_token_and_revoke_refuses_it(aiid: Run, home: Home) -> None:
     r = aiid("--home", home.root, "token", "issue", TENANT, "support-1", "--ttl", "1h")
     assert r.code == 0 and r.err == "" and len(r.lines) == 1

@@ -636,6 +636,23 @@ def test_a_reload_with_several_errors_keeps_the_last_good_policy_and_counts_them
     assert ev.error.endswith("(and 2 more: aiid policy check)")
 
 
+def test_with_a_yaml_and_a_yml_file_the_yaml_is_in_force(tmp_path: Path) -> None:
+    """The gateway read the .yml (it sorts after) while `policy explain` read the .yaml: an
+    allow-all .yml kept a tenant open after its .yaml was emptied to cut it off."""
+    from aiid_proxy.clock import FakeClock
+    from aiid_proxy.policystore import PolicyStore
+
+    (tmp_path / "acme.yml").write_text(HEAD + "rules:\n  - {id: yml-all, effect: allow}\n")
+    store = PolicyStore(tmp_path, clock=FakeClock())
+    store.refresh()
+    only_yml = store.get("acme")
+    assert only_yml is not None and [r.id for r in only_yml.rules] == ["yml-all"]
+    (tmp_path / "acme.yaml").write_text(HEAD + "rules: []\n")
+    store.refresh()
+    now = store.get("acme")
+    assert now is not None and not now.rules
+
+
 def test_a_policy_refused_at_start_says_no_policy_is_in_force(tmp_path: Path) -> None:
     from aiid_proxy.clock import FakeClock
     from aiid_proxy.policystore import PolicyStore

@@ -88,7 +88,13 @@ def _vault(home: Home, tenant_name: str) -> Any:
 
     home.require()
     home.require_tenant(tenant_name)
-    return Vault(home.vault_path(tenant_name), tenant_name, MasterKeyring(home.master_keys()))
+    path = home.vault_path(tenant_name)
+    if not path.is_file():  # Vault() would create an empty one: a lost vault must be noticed
+        raise ConfigError(
+            f"tenant {tenant_name!r}: vault database missing: {path} (restore it from backup; "
+            "an empty one is not created in its place)"
+        )
+    return Vault(path, tenant_name, MasterKeyring(home.master_keys()))
 
 
 @vault.command("put")

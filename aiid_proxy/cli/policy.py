@@ -276,6 +276,8 @@ def policy_explain(
         raise UsageError("give --provider (and --model) or --host")
     d = _policies_dir(policies)
     f = d / f"{tenant_name}.yaml"
+    if not f.exists() and (d / f"{tenant_name}.yml").exists():
+        f = d / f"{tenant_name}.yml"  # what the gateway reads when there is no .yaml
     if not f.exists():
         raise ConfigError(f"no policy file {f}")
     pol = load_policy_file(f)

@@ -75,13 +75,12 @@ class Accounting:
                 if decision.never
                 else f"rate limit reached: {decision.limit}; retry after {decision.retry_after} s"
             )
-            raise RequestRefused(
-                429,
-                "rate_limited",
-                message,
-                decision.limit,
-                headers=ratelimit_headers(decision, refused=True),
-            )
+            headers = ratelimit_headers(decision, refused=True)
+            if decision.never:
+                # both SDKs obey it: a request that can never pass is not retried (they sent
+                # it 3 times, waiting out Retry-After between the tries)
+                headers["x-should-retry"] = "false"
+            raise RequestRefused(429, "rate_limited", message, decision.limit, headers=headers)
         state.reservation = reservation
         state.hold = hold
         state.rate = decision

@@ -201,6 +201,9 @@ def refuse_target(t: Target, headers: Mapping[str, str]) -> None:
         )
     if t.method.upper() == "CONNECT":
         raise RequestRefused(403, "policy_denied", "CONNECT inside a tunnel", "default")
+    if t.method != t.method.upper():
+        # methods are case-sensitive: rules match GET, and "get" would leave as it came
+        raise RequestRefused(400, "bad_request", f"method {t.method!r} is not in upper case")
     if is_ip_literal(t.host):
         raise RequestRefused(
             403, "policy_denied", "raw IP addresses are not allowed; use a host name", "default"
