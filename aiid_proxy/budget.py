@@ -116,7 +116,9 @@ class PriceTable:
         for p in prices:
             self._entries[(p.provider, p.model)] = p
         for (provider, glob), p in self._entries.items():
-            self._by_provider.setdefault(provider, []).append((re.compile(glob_to_regex(glob)), p))
+            # in any letter case, as rules match models: a model a rule allows has its price
+            pattern = re.compile(glob_to_regex(glob), re.DOTALL | re.IGNORECASE | re.ASCII)
+            self._by_provider.setdefault(provider, []).append((pattern, p))
         for entries in self._by_provider.values():
             entries.sort(key=lambda e: (*_specificity(e[1].model), e[1].rank), reverse=True)
 

@@ -378,3 +378,35 @@ def test_the_documented_recipe_recomputes_every_mac(tmp_path: Path) -> None:
             exec(compile(snippet, "audit-integrity.md", "exec"), {})  # noqa: S102
     finally:
         os.chdir(cwd)
+
+
+def test_the_documented_export_recipe_recomputes_every_mac(tmp_path: Path) -> None:
+    """The second snippet: the same from `aiid audit export --format jsonl` (whose detail is
+    an object), run after the first one's set-up lines (key and imports)."""
+    from aiid_proxy.audit import export_jsonl
+
+    doc = (Path(__file__).parent.parent / "docs" / "audit-integrity.md").read_text()
+    first, rest = doc.split("```python\n", 2)[1:]
+    setup = first.split("```", 1)[0].split("prev = bytes(32)", 1)[0]  # imports, root, key
+    snippet = rest.split("```", 1)[0]
+    home = tmp_path / ".aiid"
+    (home / "runtime").mkdir(parents=True)
+    (home / "tenants" / "demo").mkdir(parents=True)
+    (home / "runtime" / "audit.key").write_bytes(base64.b64encode(ROOT) + b"\n")
+    db = home / "tenants" / "demo" / "audit.db"
+    with AuditLog(db, "demo", ROOT) as log:
+        log.append_sync("request", request_id="req_1", agent="a", model="gpt-4o", reason="é ✓")
+        log.append_sync("response", request_id="req_1", status=200, latency_ms=1.25)
+        log.append_sync("policy", reason="loaded", detail={"z": ["é"], "a": {"n": 1.5}})
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with open("export.jsonl", "w", encoding="utf-8") as out:
+            assert export_jsonl(db, out) == 3
+        exec(compile(setup + snippet, "audit-integrity.md", "exec"), {})  # noqa: S102
+        text = (tmp_path / "export.jsonl").read_text(encoding="utf-8")
+        (tmp_path / "export.jsonl").write_text(text.replace('"n":1.5', '"n":2.5'))
+        with pytest.raises(AssertionError, match="chain broken at seq 3"):
+            exec(compile(setup + snippet, "audit-integrity.md", "exec"), {})  # noqa: S102
+    finally:
+        os.chdir(cwd)

@@ -77,6 +77,8 @@ def table(text: str) -> PriceTable:
     [
         pytest.param("openai", "gpt-4o-mini", "gpt-4o-mini*", id="longer-literal-beats-shorter"),
         pytest.param("openai", "gpt-4o", "gpt-4o", id="exact"),
+        # rules match models in any case: a model they allow must find its price
+        pytest.param("openai", "GPT-4O-MINI", "gpt-4o-mini*", id="any-letter-case"),
         pytest.param("openai", "gpt-4o-2024-08-06", "gpt-4o-20*", id="snapshot"),
         pytest.param("openai-eu", "gpt-4o-mini", "gpt-4o-mini*", id="eu-same-list"),
         pytest.param("anthropic", "claude-3-5-haiku-latest", "claude-3-5-haiku*", id="anthropic"),

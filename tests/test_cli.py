@@ -293,8 +293,29 @@ def test_token_revoke_takes_the_token_itself(aiid: Run, home: Home) -> None:
             ["unknown provider"],
             id="explain-bad-provider",
         ),
+        *(
+            pytest.param(
+                ["policy", "explain", TENANT, "--agent", "a", *extra], 2, [needle], id=name
+            )
+            for name, extra, needle in [
+                ("explain-nan", ["--provider", "openai", "--param", "temperature=nan"], "finite"),
+                ("explain-inf", ["--provider", "openai", "--param", "top_p=inf"], "finite"),
+                ("explain-negative", ["--provider", "openai", "--param", "max_tokens=-5"], "0 or"),
+                ("explain-both", ["--provider", "openai", "--host", "api.github.com"], "not both"),
+                ("explain-method", ["--host", "api.github.com", "--method", "get"], "upper case"),
+            ]
+        ),
         pytest.param(
             ["audit", "verify", TENANT, "--expect-head", "12:zz"], 2, ["SEQ:MAC"], id="bad-head"
+        ),
+        pytest.param(
+            ["audit", "verify", TENANT, "--expect-head", ""], 2, ["SEQ:MAC"], id="empty-head"
+        ),
+        pytest.param(
+            ["audit", "verify", TENANT, "--checkpoint-key", "/nonexistent/k.pem"],
+            1,
+            ["checkpoint key not found", "/nonexistent/k.pem"],
+            id="missing-checkpoint-key",
         ),
         pytest.param(["audit", "export", TENANT, "--format", "csv"], 2, ["csv"], id="bad-format"),
         pytest.param(["audit", "tail", TENANT, "-n", "-1"], 2, ["-n", "-1"], id="tail-negative"),
@@ -310,6 +331,12 @@ def test_token_revoke_takes_the_token_itself(aiid: Run, home: Home) -> None:
         pytest.param(["vault", "put", TENANT, "openai"], 2, ["secret"], id="vault-empty-stdin"),
         pytest.param(["approve", TENANT, "req_1"], 1, ["no running gateway"], id="no-gateway"),
         pytest.param(["deny", TENANT, "req_1"], 1, ["no running gateway"], id="deny-no-gw"),
+        pytest.param(
+            ["deny", TENANT, "req_1", "--reason", "x" * 5000],
+            2,
+            ["--reason is at most 1000 characters"],
+            id="deny-reason-too-long",
+        ),
     ],
 )
 def test_errors_are_one_line_with_the_right_status(
@@ -317,6 +344,14 @@ def test_errors_are_one_line_with_the_right_status(
 ) -> None:
     r = aiid("--home", home.root, *args, env={"AIID_POLICIES": str(policies)})
     one_line_error(r, code, *needles)
+
+
+def test_an_unreadable_checkpoint_file_fails_verify_on_stdout_and_stderr(
+    aiid: Run, home: Home
+) -> None:
+    r = aiid("--home", home.root, "audit", "verify", TENANT, "--checkpoint", "/nonexistent/cp")
+    assert r.code == 1 and r.out.startswith("FAILED: cannot read checkpoint file"), r
+    assert r.err.startswith("aiid: error: audit chain FAILED: cannot read checkpoint file"), r
 
 
 @pytest.mark.parametrize("args", [pytest.param([], id="aiid"), pytest.param(["vault"], id="group")])

@@ -12,7 +12,7 @@ from typing import Any, NoReturn, cast
 import click
 
 from aiid_proxy.cli.base import _home, _name, main_group
-from aiid_proxy.errors import AiidError
+from aiid_proxy.errors import AiidError, ConfigError
 from aiid_proxy.home import Home
 
 
@@ -38,6 +38,8 @@ def _exported_anchors(
         except OSError:
             return False
 
+    if key_file is not None and not Path(key_file).is_file():
+        raise ConfigError(f"checkpoint key not found: {key_file}")
     own = checkpoint_log_path(home, tenant_name)
     if present(own):
         paths.insert(0, own)
@@ -50,7 +52,8 @@ def _exported_anchors(
         try:
             anchors += read_exported(p, tenant_name, public_key)
         except CheckpointError as e:
-            click.echo(f"FAILED: {e}")
+            click.echo(f"FAILED: {e}")  # the command's result, for scripts reading stdout
+            click.echo(f"aiid: error: audit chain FAILED: {e}", err=True)
             sys.exit(1)
     return anchors
 
@@ -93,7 +96,7 @@ def audit_verify(
     home = _home(ctx)
     home.require()
     home.require_tenant(tenant_name)
-    head = parse_head(expect_head) if expect_head else None
+    head = parse_head(expect_head) if expect_head is not None else None  # "" is no head
     path = home.audit_path(tenant_name)
     if not path.exists():
         raise AiidError(f"no audit database for tenant {tenant_name} at {path}")

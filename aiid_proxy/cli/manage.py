@@ -13,6 +13,7 @@ from aiid_proxy.cli.base import _home, _known_regions, _name, _policies_dir, mai
 from aiid_proxy.errors import ConfigError, UsageError
 from aiid_proxy.home import Home, validate_name
 
+MAX_REASON = 1000  # characters of a `deny --reason` (the agent is shown it)
 MAX_GRANT = 24 * 3600  # seconds an `approve --ttl` grant may last
 
 
@@ -281,5 +282,7 @@ def deny(
     ctx: click.Context, tenant_name: str, request_id: str, reason: str, who: str | None
 ) -> None:
     """Deny a request held by an `approve` rule."""
+    if len(reason) > MAX_REASON:
+        raise UsageError(f"--reason is at most {MAX_REASON} characters (got {len(reason)})")
     by = who or _operator()
     _answer(_home(ctx), tenant_name, request_id, {"answer": "deny", "reason": reason, "by": by})

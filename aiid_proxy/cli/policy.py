@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 import time
@@ -226,11 +227,15 @@ def _param(values: Sequence[str]) -> dict[str, Any]:
                 out[k] = int(v)
             except ValueError:
                 raise UsageError(f"--param {k} must be an integer") from None
+            if out[k] < 0:
+                raise UsageError(f"--param {k} must be 0 or more")
         elif k in ("temperature", "top_p"):
             try:
                 out[k] = float(v)
             except ValueError:
                 raise UsageError(f"--param {k} must be a number") from None
+            if not math.isfinite(out[k]):  # a JSON body cannot carry nan or inf either
+                raise UsageError(f"--param {k} must be a finite number")
         elif k in ("stream", "tools"):
             if v.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise UsageError(f"--param {k} must be true or false")
@@ -274,6 +279,10 @@ def policy_explain(
 
     if provider is None and host is None:
         raise UsageError("give --provider (and --model) or --host")
+    if provider is not None and host is not None:
+        raise UsageError("give --provider (and --model) or --host, not both")
+    if re.fullmatch(r"[A-Z]+", method) is None:
+        raise UsageError(f"--method must be an HTTP method in upper case, got {method!r}")
     d = _policies_dir(policies)
     f = d / f"{tenant_name}.yaml"
     if not f.exists() and (d / f"{tenant_name}.yml").exists():
