@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable
 from typing import Any
 
@@ -29,11 +28,11 @@ from addons.runtime import (
     STATE,
     Runtime,
     header_pairs,
-    log_unwritten,
     pending_state,
     settled,
     state_of,
 )
+from aiid_proxy.audit.writers import log_unwritten
 from aiid_proxy.bodies import too_large
 from aiid_proxy.control import Answer
 from aiid_proxy.errors import AiidError, AuditError, RequestRefused
@@ -54,7 +53,9 @@ from aiid_proxy.providers import (
 log = logging.getLogger("aiid")
 
 
-async def refuse(rt: Runtime, flow: http.HTTPFlow, st: FlowState, r: RequestRefused) -> None:
+def answer_refusal(flow: http.HTTPFlow, st: FlowState, r: RequestRefused) -> None:
+    """Answer the flow with the contract's JSON refusal, marked as ours (the gate lets only
+    our own answer stand in for the provider's)."""
     resp = http.Response.make(
         r.status,
         refusal_body(r, st.request_id),
@@ -62,6 +63,10 @@ async def refuse(rt: Runtime, flow: http.HTTPFlow, st: FlowState, r: RequestRefu
     )
     flow.response = resp
     flow.metadata[OURS] = resp
+
+
+async def refuse(rt: Runtime, flow: http.HTTPFlow, st: FlowState, r: RequestRefused) -> None:
+    answer_refusal(flow, st, r)
     fut = rt.gw().record_refusal(st, r)
     if fut is not None:
         try:
@@ -163,9 +168,12 @@ class Intake:
                 query=query,
                 connect_host=connect_host,
                 sni=flow.client_conn.sni,
-                stated_hosts=(
-                    *([req.authority] if req.authority else []),
-                    *req.headers.get_all("host"),
+                stated_hosts=tuple(
+                    host_and_port(a)
+                    for a in (
+                        *([req.authority] if req.authority else []),
+                        *req.headers.get_all("host"),
+                    )
                 ),
             ),
             self.guard.conn_tokens.get(flow.client_conn.id),
@@ -184,6 +192,16 @@ class Intake:
             refuse_now(self.rt, flow, st, refusal)
 
 
+def host_and_port(authority: str) -> tuple[str, int]:
+    """An authority as mitmproxy parses it: (lowercase host without a trailing dot, port or
+    443); ("", 0), which names no host, when it does not parse."""
+    try:
+        host, port = url.parse_authority(authority, check=True)
+    except ValueError:
+        return "", 0
+    return host.lower().rstrip("."), 443 if port is None else port
+
+
 def wire_method(req: http.Request) -> str:
     """The method as it goes upstream: ``Request.method`` upper-cases what the agent sent."""
     return req.data.method.decode("utf-8", "surrogateescape")
@@ -191,13 +209,7 @@ def wire_method(req: http.Request) -> str:
 
 def refuse_now(rt: Runtime, flow: http.HTTPFlow, st: FlowState, r: RequestRefused) -> None:
     """Synchronous refusal for hooks before the agent is known (nothing to await)."""
-    resp = http.Response.make(
-        r.status,
-        refusal_body(r, st.request_id),
-        {"content-type": "application/json", **errorpage.id_headers(st.request_id), **r.headers},
-    )
-    flow.response = resp
-    flow.metadata[OURS] = resp
+    answer_refusal(flow, st, r)
     rt.gw().record_refusal(st, r)
 
 
@@ -255,13 +267,15 @@ class PolicyStage(_Stage):
 
     async def _hold(self, gw: Gateway, st: FlowState, d: Decision, client: str = "") -> None:
         assert st.identity is not None
-        key = (
+        key: tuple[str, ...] = (
             st.identity.tenant,
             st.identity.agent,
             st.provider_name or st.target.host,
             st.model or "",
             d.rule_id,
         )
+        if st.provider_name is None:  # egress: a grant covers the same method and path only
+            key += (st.target.method, st.target.path)
         broker = self.rt.broker
         by = broker.granted(key)
         if by is not None:
@@ -273,22 +287,23 @@ class PolicyStage(_Stage):
         pending = broker.hold(st.identity.tenant, st.request_id, key, timeout)
         hold_key = (st.identity.tenant, st.request_id)
         self.rt.holds.setdefault(client, set()).add(hold_key)
-        held = gw.record_hold(st, timeout)  # not awaited: the hold itself needs no fsync
-        if held is not None:
-            held.add_done_callback(log_unwritten)
-        gw.emit("pending", {"state": st, "deadline": time.time() + timeout})
-        log.info(
-            "request %s held for approval (rule %s, %ss): aiid approve %s %s",
-            st.request_id,
-            d.rule_id,
-            int(timeout),
-            st.identity.tenant,
-            st.request_id,
-        )
-        try:
-            ans = await asyncio.wait_for(asyncio.shield(pending.future), timeout)
-        except TimeoutError:
-            ans = Answer(False, "timeout", f"no answer within {int(timeout)} s")
+        try:  # from here on the hold is released whatever happens (a hold record refused)
+            held = gw.record_hold(st, timeout)  # not awaited: the hold itself needs no fsync
+            if held is not None:
+                held.add_done_callback(log_unwritten)
+            gw.emit("pending", {"state": st, "deadline": pending.deadline})  # the gateway's clock
+            log.info(
+                "request %s held for approval (rule %s, %ss): aiid approve %s %s",
+                st.request_id,
+                d.rule_id,
+                int(timeout),
+                st.identity.tenant,
+                st.request_id,
+            )
+            try:
+                ans = await asyncio.wait_for(asyncio.shield(pending.future), timeout)
+            except TimeoutError:
+                ans = Answer(False, "timeout", f"no answer within {int(timeout)} s")
         finally:
             broker.release(st.request_id)
             mine = self.rt.holds.get(client)

@@ -9,7 +9,8 @@ from typing import Any
 
 from mitmproxy import ctx, http
 
-from addons.runtime import OURS, Runtime, log_unwritten, state_of
+from addons.runtime import OURS, Runtime, state_of
+from aiid_proxy.audit.writers import log_unwritten
 from aiid_proxy.gateway import (
     RECORDED_BYTES,
     FlowState,
@@ -232,8 +233,11 @@ class ResponseFilter:
         msg = flow.error.msg if flow.error else "unknown error"
         scrubber = self._scrubber(st)  # errors quote upstream bytes (status lines, names)
         clean = scrubber.fragments.redact(scrubber.scrub_text(msg))
-        if clean != msg and flow.killable:
-            flow.kill()  # else mitmproxy's 502 page would quote the key to the agent
+        if clean != msg:
+            if flow.killable:
+                flow.kill()  # else mitmproxy's 502 page would quote the key to the agent
+            if flow.error is not None:
+                flow.error.msg = clean  # for every addon after this one, and flow dumps
         msg = clean
         sf = flow.metadata.get("aiid_stream")
         if isinstance(sf, StreamFilter) and flow.response is not None and st.allows():

@@ -63,7 +63,8 @@ class Runtime:
         self._checked = False  # the audit chains were verified at start
         self._rollback = False  # a build was just refused: its rollback builds nothing
         self._skip: tuple[str, str, int, str] | None = None  # the options that rollback restored
-        self.broker = ApprovalBroker()
+        # on the gateway's clock: grants expire in the time the rest of the gateway keeps
+        self.broker = ApprovalBroker(gateway.clock) if gateway is not None else ApprovalBroker()
         self.control: ControlServer | None = None
         self.holds: dict[str, set[tuple[str, str]]] = {}  # client id -> (tenant, request id)
 
@@ -96,7 +97,9 @@ class Runtime:
                 approved=answer == "approve",
                 by=str(msg.get("by") or "unknown")[:100],
                 reason=str(msg.get("reason") or "")[:300],
-                ttl=float(ttl) if isinstance(ttl, (int, float)) else None,
+                ttl=float(ttl)
+                if isinstance(ttl, (int, float)) and not isinstance(ttl, bool)
+                else None,
             ),
         )
 
@@ -199,6 +202,7 @@ class Runtime:
         if self.gateway is not None:
             self.gateway.close()
         self.gateway = gw
+        self.broker.clock = gw.clock
         self._key = key
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
@@ -292,9 +296,3 @@ def pending_state(flow: http.HTTPFlow) -> FlowState | None:
     if flow.response is not None or flow.error is not None or not flow.live:
         return None
     return state_of(flow)
-
-
-def log_unwritten(fut: Future[Any]) -> None:
-    """A done-callback for a record nobody awaits: a failure is logged."""
-    if not fut.cancelled() and fut.exception() is not None:
-        log.error("audit record not written: %s", fut.exception())

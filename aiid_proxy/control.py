@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import socket
 import struct
@@ -26,6 +27,7 @@ from aiid_proxy.home import Home
 log = logging.getLogger("aiid.control")
 SOCKET_NAME = "aiid.sock"
 MAX_MESSAGE = 4096
+MAX_GRANT = 24 * 3600  # seconds an approval's ttl may cover (`aiid approve --ttl`)
 
 
 def socket_path(home: Home) -> Path:
@@ -79,6 +81,9 @@ class ApprovalBroker:
     def answer(self, tenant: str, request_id: str, ans: Answer) -> str:
         """Answer one held request. An approval with a TTL also grants every later request
         with the same key, and releases the ones already waiting with that key."""
+        if ans.ttl is not None and not (math.isfinite(ans.ttl) and 0 < ans.ttl <= MAX_GRANT):
+            # checked before anything is answered: a NaN made a grant no clock ever ended
+            raise AiidError(f"an approval's ttl must be over 0 and at most {MAX_GRANT} s")
         p = self.pending.get(request_id)
         if p is None or p.tenant != tenant:
             raise AiidError(f"no pending request {request_id} for tenant {tenant}")
@@ -116,6 +121,12 @@ def _peer_uid(sock: socket.socket) -> int | None:
         return None
     _pid, uid, _gid = struct.unpack("3i", creds)
     return int(uid)
+
+
+def gateway_running(home: Home) -> bool:
+    """Whether a gateway serves this home now (its control socket answers)."""
+    path = socket_path(home)
+    return path.is_socket() and _answers(path)
 
 
 def _answers(path: Path) -> bool:

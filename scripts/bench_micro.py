@@ -120,7 +120,7 @@ class Bench:
 
     # ------------------------------------------------------------------ vault
     def vault(self) -> None:
-        from aiid_proxy.gateway import VAULT_CACHE_S
+        from aiid_proxy.gateway.core import VAULT_CACHE_S
         from aiid_proxy.vault import ReloadingKeyring, Vault
 
         n = 5000 if self.quick else 50000

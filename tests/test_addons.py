@@ -650,6 +650,13 @@ REFUSALS = [
         id="absolute-form-in-tunnel-other-port",
     ),
     ref(
+        _target_flow("api.openai.com:99999"),
+        403,
+        "policy_denied",
+        "default",
+        id="absolute-form-in-tunnel-bad-port",
+    ),
+    ref(
         _target_flow("api.openai.com", host_headers=(OPENAI, "evil.example")),
         403,
         "policy_denied",
@@ -1150,6 +1157,55 @@ def test_approval_with_ttl_grants_later_identical_requests(
     ]
 
 
+def test_a_standing_approval_of_an_egress_request_covers_that_method_and_path_only(
+    make_harness: Callable[..., Harness], policies_dir: Path, issue: Callable[..., str]
+) -> None:
+    """The grant key had no method or path for egress: approving DELETE /repos/a/x for an
+    hour approved, unasked, every DELETE the rule matches."""
+    acme = policies_dir / f"{TENANT}.yaml"
+    acme.write_text(
+        acme.read_text().replace(
+            "limits:",
+            "  - id: github-deletes-need-human\n"
+            '    hosts: ["api.github.com"]\n'
+            "    methods: [DELETE]\n"
+            '    paths: ["/repos/*"]\n'
+            "    inject: {header: Authorization, scheme: Bearer, secret: github}\n"
+            "    effect: approve\n"
+            "limits:",
+        )
+    )
+    h = make_harness()
+    token = issue()
+
+    def delete(path: str) -> http.HTTPFlow:
+        return make_flow(token, host="api.github.com", method="DELETE", path=path, body=b"")
+
+    res, _ = h.run(_held(h, delete("/repos/a/x"), Answer(True, "alice", ttl=3600)))
+    assert res.sent is not None
+    same = h.run(asyncio.wait_for(h.drive(delete("/repos/a/x")), 10))  # granted: not held
+    assert same.sent is not None
+    other, _ = h.run(_held(h, delete("/repos/a/y"), Answer(False, "bob")))  # held again
+    assert other.sent is None and other.flow.response is not None
+    assert other.flow.response.status_code == 403
+
+
+def test_a_hold_whose_record_is_refused_leaves_nothing_pending(
+    h: Harness, issue: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The held record refused (a closed or broken log): the flow dies, and no pending entry
+    stays behind for `aiid approve` to answer, or for shutdown to wait on."""
+
+    def refused(*a: Any, **kw: Any) -> Any:
+        raise AuditError("audit log closed")
+
+    monkeypatch.setattr(h.gw, "record_hold", refused)
+    flow = make_flow(issue(), body=chat_body("o1-mini"))
+    res = h.run(asyncio.wait_for(h.drive(flow), 10))
+    assert res.sent is None and killed(flow)
+    assert h.rt.broker.pending == {} and h.rt.holds == {}
+
+
 def test_approval_timeout_denies(
     make_harness: Callable[..., Harness], issue: Callable[..., str], tmp_path: Path
 ) -> None:
@@ -1603,6 +1659,30 @@ def test_a_request_target_naming_the_same_host_is_allowed(
     assert res.sent.authority == authority
 
 
+@pytest.mark.parametrize(
+    ("field", "raw"),
+    [
+        pytest.param("path", b"/v1/chat/completions\xff", id="path"),
+        pytest.param("method", b"P\xffST", id="method"),
+        pytest.param("host", b"api.openai.com\xff", id="host"),
+    ],
+)
+def test_a_refusal_of_undecodable_request_bytes_is_on_record(
+    h: Harness, issue: Callable[..., str], field: str, raw: bytes
+) -> None:
+    """mitmproxy keeps undecodable request-line bytes (surrogate escapes): the deny record's
+    detail raised in the audit log's text check, so the refusal left with no record."""
+    flow = make_flow(issue())
+    setattr(flow.request.data, field, raw)
+    if field == "host":
+        flow.request.headers["Host"] = raw.decode("utf-8", "surrogateescape")
+    res = h.send(flow)
+    assert res.sent is None and flow.response is not None
+    assert flow.response.status_code in (400, 403)
+    rows = h.rows(request_id=rid_of(flow))
+    assert [r["event"] for r in rows] == ["deny"]
+
+
 @pytest.mark.parametrize("streamed", [pytest.param(True, id="sse"), pytest.param(False, id="json")])
 def test_upstream_trailers_never_reach_the_agent(
     h: Harness, issue: Callable[..., str], streamed: bool
@@ -1646,6 +1726,26 @@ def test_upstream_error_is_audited(h: Harness, issue: Callable[..., str]) -> Non
     h.run(go())
     rows = error_rows(h, flow)
     assert len(rows) == 1 and "connection refused" in rows[0]["reason"]
+
+
+def test_an_upstream_error_quoting_the_key_is_scrubbed_on_the_flow_too(
+    h: Harness, issue: Callable[..., str]
+) -> None:
+    """The record was scrubbed, but ``flow.error.msg`` kept the key for every later addon
+    and for flow dumps."""
+    flow = make_flow(issue())
+
+    async def go() -> None:
+        await h.hook(HttpRequestHeadersHook(flow))
+        await h.hook(HttpRequestHook(flow))
+        flow.live = False  # as mitmproxy has it by the error hook: no longer killable
+        flow.error = Error(f"Received invalid header name: b'x-{CANARY_OPENAI}'")
+        await h.hook(HttpErrorHook(flow))
+
+    h.run(go())
+    assert flow.error is not None and CANARY_OPENAI not in flow.error.msg
+    rows = error_rows(h, flow)
+    assert len(rows) == 1 and CANARY_OPENAI not in (rows[0]["reason"] or "")
 
 
 # --------------------------------------------------------------------------------------------

@@ -56,6 +56,32 @@ def test_broker_refuses_answers_that_do_not_fit(
     _run(go())
 
 
+@pytest.mark.parametrize(
+    "ttl",
+    [
+        pytest.param(float("nan"), id="nan"),
+        pytest.param(float("inf"), id="inf"),
+        pytest.param(0.0, id="zero"),
+        pytest.param(-5.0, id="negative"),
+        pytest.param(24 * 3600 + 1.0, id="over-24h"),
+    ],
+)
+def test_an_approval_ttl_out_of_bounds_is_refused_before_anything_is_answered(
+    ttl: float,
+) -> None:
+    """The control socket takes JSON (NaN, Infinity, 1e12): a NaN ttl approved the request,
+    then made a grant no clock ever ended, and the reply said the answer had failed."""
+
+    async def go() -> None:
+        b = ApprovalBroker(FakeClock(1000.0))
+        p = b.hold("acme", "req_1", KEY, 60)
+        with pytest.raises(AiidError, match="ttl must be over 0 and at most 86400 s"):
+            b.answer("acme", "req_1", Answer(True, "alice", ttl=ttl))
+        assert not p.future.done() and b.grants == {}  # still held, nothing granted
+
+    _run(go())
+
+
 def test_broker_ttl_grant_holds_until_it_expires() -> None:
     clock = FakeClock(1000.0)
 

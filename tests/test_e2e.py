@@ -21,6 +21,7 @@ from e2e import (
     OPENAI_CANARY,
     Gateway,
     aiid,
+    free_port,
     make_home,
     point_agent_at,
     read_audit,
@@ -518,6 +519,26 @@ def test_sdk_as_separate_process(env: tuple[Gateway, StandIn]) -> None:
     )
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "Hello from the stand-in"
+
+
+def test_a_second_gateway_on_the_same_home_refuses_to_start(
+    env: tuple[Gateway, StandIn],
+) -> None:
+    """Two would each enforce the tenants' rate limits and budgets alone: twice the limit."""
+    gw, _ = env
+    p = aiid(
+        gw.home,
+        "run",
+        "--no-console",
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+        "--policies",
+        str(gw.policies),
+        check=False,
+    )
+    assert p.returncode == 1, p
+    assert p.stderr.startswith("aiid: error: another gateway is running on the home"), p.stderr
+    assert len(p.stderr.splitlines()) == 1
 
 
 def test_zz_audit_verifies_then_detects_edit_and_no_canary_anywhere(

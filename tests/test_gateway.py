@@ -24,7 +24,6 @@ from aiid_proxy.gateway import (
     refusal_body,
 )
 from aiid_proxy.gateway.recovery import unfinished_requests
-from aiid_proxy.gateway.wire import host_and_port
 from aiid_proxy.home import Home
 
 URL = "https://api.openai.com/v1/chat/completions"
@@ -511,19 +510,3 @@ def test_requests_an_earlier_run_left_unfinished_get_an_error_record_at_start(
     left = unfinished_requests(gateway_home.audit_path(TENANT), gw._started_wall)  # noqa: SLF001
     assert left == [], [(r["seq"], r["ts"], r["event"]) for r in audit_rows(gateway_home)]
     assert mine.request_id
-
-
-@pytest.mark.parametrize(
-    ("authority", "expected"),
-    [
-        pytest.param("api.openai.com", ("api.openai.com", 443), id="name"),
-        pytest.param("API.OpenAI.com.:443", ("api.openai.com", 443), id="case-dot-port"),
-        pytest.param("api.openai.com:8443", ("api.openai.com", 8443), id="other-port"),
-        pytest.param("[::1]:444", ("[::1]", 444), id="ipv6-port"),
-        pytest.param("[::1]", ("[::1]", 443), id="ipv6"),
-        pytest.param("evil:x", ("evil:x", 443), id="not-a-port-stays-host"),
-        pytest.param("[::1]x", ("[::1]x", 443), id="junk-after-ipv6"),
-    ],
-)
-def test_host_and_port(authority: str, expected: tuple[str, int]) -> None:
-    assert host_and_port(authority) == expected

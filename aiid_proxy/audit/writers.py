@@ -11,12 +11,14 @@ chain ends, and the logs move over to it. Requests are refused until then, never
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import threading
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from aiid_proxy.audit.log import AuditLog
 from aiid_proxy.audit.service import (
@@ -30,6 +32,13 @@ from aiid_proxy.clock import SYSTEM_CLOCK, Clock
 from aiid_proxy.errors import AiidError, AuditError
 
 log = logging.getLogger(__name__)
+
+
+def log_unwritten(fut: concurrent.futures.Future[Any]) -> None:
+    """A done-callback for a record nobody awaits: a failure to write it is logged."""
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("audit record not written: %s", fut.exception())
+
 
 RESPAWN_AFTER = 1.0  # seconds between two attempts to replace a dead writer process
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import click
 
 from aiid_proxy.cli import audit, manage, policy  # noqa: F401  (registers the commands)
-from aiid_proxy.cli.base import _fail, main_group
+from aiid_proxy.cli.base import fail, main_group
 from aiid_proxy.errors import AiidError, UsageError
 
 
@@ -23,24 +23,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.Abort:
-        _fail("aborted", 1)
+        fail("aborted", 1)
     except click.exceptions.NoArgsIsHelpError as e:  # `aiid`, `aiid vault`: the help, whole
         click.echo(e.format_message(), err=True)
         sys.exit(2)
     except click.UsageError as e:
-        _fail(" ".join(e.format_message().split()), 2)
+        fail(" ".join(e.format_message().split()), 2)
     except click.ClickException as e:
-        _fail(" ".join(e.format_message().split()), 1)
+        fail(" ".join(e.format_message().split()), 1)
     except UsageError as e:
-        _fail(e.one_line(), 2)
+        fail(e.one_line(), 2)
     except AiidError as e:
-        _fail(e.one_line(), 1)
+        fail(e.one_line(), 1)
     except KeyboardInterrupt:
-        _fail("interrupted", 130)
+        fail("interrupted", 130)
     except OSError as e:
-        _fail(f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", 1)
+        fail(f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", 1)
     except sqlite3.Error as e:
-        _fail(f"database error: {' '.join(str(e).split())}", 1)
+        fail(f"database error: {' '.join(str(e).split())}", 1)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from typing import Any, NoReturn, cast
 
 import click
 
-from aiid_proxy.cli.base import _home, _name, main_group
+from aiid_proxy.cli.base import checked_name, home_of, main_group
 from aiid_proxy.errors import AiidError, ConfigError
 from aiid_proxy.home import Home
 
@@ -67,7 +67,7 @@ def _verify_failed(res: Any, suffix: str = "") -> NoReturn:
 
 
 @audit.command("verify")
-@click.argument("tenant_name", metavar="TENANT", callback=_name("tenant"))
+@click.argument("tenant_name", metavar="TENANT", callback=checked_name("tenant"))
 @click.option("--expect-head", default=None, metavar="SEQ:MAC")
 @click.option(
     "--checkpoint",
@@ -93,7 +93,7 @@ def audit_verify(
     """Exit 0 and `OK <n> records` when the chain holds; exit 1 naming the first bad seq."""
     from aiid_proxy.audit import parse_head, tenant_key, verify_db
 
-    home = _home(ctx)
+    home = home_of(ctx)
     home.require()
     home.require_tenant(tenant_name)
     head = parse_head(expect_head) if expect_head is not None else None  # "" is no head
@@ -124,7 +124,7 @@ def audit_verify(
 
 
 @audit.command("checkpoint")
-@click.argument("tenant_name", metavar="TENANT", callback=_name("tenant"))
+@click.argument("tenant_name", metavar="TENANT", callback=checked_name("tenant"))
 @click.option("--out", default=None, metavar="FILE", help="also append the line to FILE")
 @click.pass_context
 def audit_checkpoint(ctx: click.Context, tenant_name: str, out: str | None) -> None:
@@ -137,7 +137,7 @@ def audit_checkpoint(ctx: click.Context, tenant_name: str, out: str | None) -> N
     from aiid_proxy.audit import GENESIS_MAC, tenant_key, verify_db
     from aiid_proxy.audit.signed import append_line, load_or_create_key, sign_checkpoint
 
-    home = _home(ctx)
+    home = home_of(ctx)
     home.require()
     home.require_tenant(tenant_name)
     path = home.audit_path(tenant_name)
@@ -166,7 +166,7 @@ def audit_checkpoint(ctx: click.Context, tenant_name: str, out: str | None) -> N
 
 
 @audit.command("tail")
-@click.argument("tenant_name", metavar="TENANT", callback=_name("tenant"))
+@click.argument("tenant_name", metavar="TENANT", callback=checked_name("tenant"))
 @click.option(
     "-n",
     "count",
@@ -191,7 +191,7 @@ def audit_tail(
     """The latest records, human-readable; -f follows."""
     from aiid_proxy.audit import format_row, read_rows
 
-    home = _home(ctx)
+    home = home_of(ctx)
     home.require()
     home.require_tenant(tenant_name)
     path = home.audit_path(tenant_name)
@@ -240,14 +240,14 @@ def audit_tail(
 
 
 @audit.command("export")
-@click.argument("tenant_name", metavar="TENANT", callback=_name("tenant"))
+@click.argument("tenant_name", metavar="TENANT", callback=checked_name("tenant"))
 @click.option("--format", "fmt", type=click.Choice(["jsonl"]), default="jsonl", show_default=True)
 @click.pass_context
 def audit_export(ctx: click.Context, tenant_name: str, fmt: str) -> None:
     """Every record, one JSON object a line, with its mac."""
     from aiid_proxy.audit import export_jsonl
 
-    home = _home(ctx)
+    home = home_of(ctx)
     home.require()
     home.require_tenant(tenant_name)
     path = home.audit_path(tenant_name)

@@ -6,20 +6,23 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
 from aiid_proxy.errors import AiidError
 from aiid_proxy.home import Home, validate_name
 
+if TYPE_CHECKING:
+    from aiid_proxy.providers import Registry
 
-def _home(ctx: click.Context) -> Home:
+
+def home_of(ctx: click.Context) -> Home:
     home: Home = ctx.obj["home"]
     return home
 
 
-def _registered_region(home: Home, tenant: str) -> str | None:
+def registered_region(home: Home, tenant: str) -> str | None:
     """The region the tenant was registered with (``tenant add --region``), when the home
     knows the tenant; ``policy explain`` works from policy files alone otherwise."""
     if not home.tenant_settings_path(tenant).is_file():
@@ -27,11 +30,11 @@ def _registered_region(home: Home, tenant: str) -> str | None:
     return home.tenant_region(tenant)
 
 
-def _policies_dir(value: str | None) -> Path:
+def policies_dir(value: str | None) -> Path:
     return Path(value or os.environ.get("AIID_POLICIES") or "policies").absolute()
 
 
-def _name(kind: str) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
+def checked_name(kind: str) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
     def check(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
         if value is None:
             return None
@@ -60,7 +63,7 @@ def main_group(ctx: click.Context, home: str) -> None:
     ctx.obj["home"] = Home.resolve(home)
 
 
-def _registry(policies: Path) -> Any:
+def provider_registry(policies: Path) -> Registry:
     """The providers a gateway with this policy directory knows: built in, and its
     providers.yaml."""
     from aiid_proxy.providers import Registry
@@ -69,11 +72,11 @@ def _registry(policies: Path) -> Any:
     return Registry.load(path) if path.is_file() else Registry.builtin()
 
 
-def _known_regions(policies: Path) -> list[str]:
+def known_regions(policies: Path) -> list[str]:
     """The regions of the providers this gateway knows."""
-    return sorted({p.region for p in _registry(policies).providers if p.region})
+    return sorted({p.region for p in provider_registry(policies).providers if p.region})
 
 
-def _fail(msg: str, code: int) -> NoReturn:
+def fail(msg: str, code: int) -> NoReturn:
     click.echo(f"aiid: error: {msg}", err=True)
     sys.exit(code)

@@ -9,12 +9,12 @@ from typing import Any
 
 import click
 
-from aiid_proxy.cli.base import _home, _known_regions, _name, _policies_dir, main_group
+from aiid_proxy.cli.base import checked_name, home_of, known_regions, main_group, policies_dir
+from aiid_proxy.control import MAX_GRANT
 from aiid_proxy.errors import ConfigError, UsageError
 from aiid_proxy.home import Home, validate_name
 
 MAX_REASON = 1000  # characters of a `deny --reason` (the agent is shown it)
-MAX_GRANT = 24 * 3600  # seconds an `approve --ttl` grant may last
 
 
 # -- init / tenant ------------------------------------------------------------
@@ -24,7 +24,7 @@ def init(ctx: click.Context) -> None:
     """Create the home: keys and CA. Never overwrites an existing key."""
     from aiid_proxy.admin import init_home
 
-    home = _home(ctx)
+    home = home_of(ctx)
     created = init_home(home)
     for item in created:
         click.echo(f"created {item}")
@@ -39,18 +39,18 @@ def tenant() -> None:
 
 
 @tenant.command("add")
-@click.argument("name", callback=_name("tenant"))
+@click.argument("name", callback=checked_name("tenant"))
 @click.option("--region", default=None, help="tenant region, e.g. eu or us")
 @click.pass_context
 def tenant_add(ctx: click.Context, name: str, region: str | None) -> None:
     """Register tenant NAME and create its databases."""
     from aiid_proxy.admin import add_tenant
 
-    home = _home(ctx)
+    home = home_of(ctx)
     home.require()
     if region is not None:
         validate_name("region", region)
-        known = _known_regions(_policies_dir(None))
+        known = known_regions(policies_dir(None))
         if region not in known:
             raise UsageError(
                 f"unknown region {region!r}: no provider is in it (known: {', '.join(known)}; "
@@ -72,7 +72,7 @@ def tenant_add(ctx: click.Context, name: str, region: str | None) -> None:
 @click.pass_context
 def tenant_list(ctx: click.Context) -> None:
     """List tenants."""
-    home = _home(ctx)
+    home = home_of(ctx)
     home.require()  # no home is an error, as for every other command, not an empty list
     for t in home.tenants():
         click.echo(f"{t}\tregion={home.tenant_region(t) or '-'}")
@@ -99,8 +99,8 @@ def _vault(home: Home, tenant_name: str) -> Any:
 
 
 @vault.command("put")
-@click.argument("tenant_name", metavar="TENANT", callback=_name("tenant"))
-@click.argument("provider", callback=_name("provider"))
+@click.argument("tenant_name", metavar="TENANT", callback=checked_name("tenant"))
+@click.argument("provider", callback=checked_name("provider"))
 @click.option("--from-env", "from_env", default=None, help="read the secret from this variable")
 @click.pass_context
 def vault_put(ctx: click.Context, tenant_name: str, provider: str, from_env: str | None) -> None:
@@ -116,16 +116,16 @@ def vault_put(ctx: click.Context, tenant_name: str, provider: str, from_env: str
     secret = secret.strip()  # a line end, or spaces pasted around the key: never part of it
     if not secret or "\n" in secret:
         raise UsageError("expected exactly one non-empty secret line")
-    info = _vault(_home(ctx), tenant_name).put(provider, secret)
+    info = _vault(home_of(ctx), tenant_name).put(provider, secret)
     click.echo(f"stored {provider} for {tenant_name} (key id {info.key_id})")
 
 
 @vault.command("list")
-@click.argument("tenant_name", metavar="TENANT", callback=_name("tenant"))
+@click.argument("tenant_name", metavar="TENANT", callback=checked_name("tenant"))
 @click.pass_context
 def vault_list(ctx: click.Context, tenant_name: str) -> None:
     """Providers, key ids, created/rotated times; never the secret."""
-    rows = _vault(_home(ctx), tenant_name).list()
+    rows = _vault(home_of(ctx), tenant_name).list()
     click.echo(f"{'PROVIDER':<20} {'KEY ID':<18} {'CREATED':<28} ROTATED")
     for r in rows:
         click.echo(f"{r.provider:<20} {r.key_id:<18} {r.created:<28} {r.rotated or '-'}")
@@ -137,7 +137,7 @@ def vault_rotate(ctx: click.Context) -> None:
     """Re-wrap every data key under a new master key."""
     from aiid_proxy.vault import rotate_master
 
-    home = _home(ctx)
+    home = home_of(ctx)
     home.require()
     n = rotate_master(home)
     click.echo(f"re-wrapped {n} secrets under a new master key")
@@ -150,22 +150,22 @@ def token() -> None:
 
 
 @token.command("issue")
-@click.argument("tenant_name", metavar="TENANT", callback=_name("tenant"))
-@click.argument("agent", callback=_name("agent"))
+@click.argument("tenant_name", metavar="TENANT", callback=checked_name("tenant"))
+@click.argument("agent", callback=checked_name("agent"))
 @click.option("--ttl", default="15m", show_default=True, help="lifetime, at most 24h")
 @click.pass_context
 def token_issue(ctx: click.Context, tenant_name: str, agent: str, ttl: str) -> None:
     """Print an agent token, alone, on stdout."""
     from aiid_proxy.admin import issue_token, parse_ttl
 
-    home = _home(ctx)
+    home = home_of(ctx)
     home.require()
     home.require_tenant(tenant_name)
     click.echo(issue_token(home, tenant_name, agent, parse_ttl(ttl)))
 
 
 @token.command("revoke")
-@click.argument("tenant_name", metavar="TENANT", callback=_name("tenant"))
+@click.argument("tenant_name", metavar="TENANT", callback=checked_name("tenant"))
 @click.argument("jti")
 @click.pass_context
 def token_revoke(ctx: click.Context, tenant_name: str, jti: str) -> None:
@@ -173,7 +173,7 @@ def token_revoke(ctx: click.Context, tenant_name: str, jti: str) -> None:
     token itself: it must then be one of this home's tokens for TENANT."""
     from aiid_proxy.admin import revocation_target, revoke_token, was_issued
 
-    home = _home(ctx)
+    home = home_of(ctx)
     home.require()
     home.require_tenant(tenant_name)
     jti, expires_at = revocation_target(home, tenant_name, jti)
@@ -211,9 +211,9 @@ def run(
     for s in sets:
         if not s.partition("=")[0].strip():
             raise UsageError(f"--set expects OPTION=VALUE (or OPTION for true), got {s!r}")
-    home = _home(ctx)
+    home = home_of(ctx)
     home.require()
-    policy_dir = _policies_dir(policies)
+    policy_dir = policies_dir(policies)
     if policy_dir.exists() and not policy_dir.is_dir():
         # A missing directory may come later (it is watched); a file never becomes one.
         raise ConfigError(f"policy directory {policy_dir} is not a directory")
@@ -249,7 +249,7 @@ def _answer(home: Home, tenant_name: str, request_id: str, payload: dict[str, An
 
 
 @main_group.command()
-@click.argument("tenant_name", metavar="TENANT", callback=_name("tenant"))
+@click.argument("tenant_name", metavar="TENANT", callback=checked_name("tenant"))
 @click.argument("request_id")
 @click.option(
     "--ttl", default=None, help="also approve matching requests for this long (at most 24h)"
@@ -269,11 +269,11 @@ def approve(
             "belongs in the policy's overrides, which expire and are audited)"
         )
     by = who or _operator()
-    _answer(_home(ctx), tenant_name, request_id, {"answer": "approve", "ttl": seconds, "by": by})
+    _answer(home_of(ctx), tenant_name, request_id, {"answer": "approve", "ttl": seconds, "by": by})
 
 
 @main_group.command()
-@click.argument("tenant_name", metavar="TENANT", callback=_name("tenant"))
+@click.argument("tenant_name", metavar="TENANT", callback=checked_name("tenant"))
 @click.argument("request_id")
 @click.option("--reason", default="denied by operator")
 @click.option("--as", "who", default=None, help="who decided (default $USER)")
@@ -285,4 +285,4 @@ def deny(
     if len(reason) > MAX_REASON:
         raise UsageError(f"--reason is at most {MAX_REASON} characters (got {len(reason)})")
     by = who or _operator()
-    _answer(_home(ctx), tenant_name, request_id, {"answer": "deny", "reason": reason, "by": by})
+    _answer(home_of(ctx), tenant_name, request_id, {"answer": "deny", "reason": reason, "by": by})

@@ -13,13 +13,13 @@ from typing import Any
 import click
 
 from aiid_proxy.cli.base import (
-    _home,
-    _known_regions,
-    _name,
-    _policies_dir,
-    _registered_region,
-    _registry,
+    checked_name,
+    home_of,
+    known_regions,
     main_group,
+    policies_dir,
+    provider_registry,
+    registered_region,
 )
 from aiid_proxy.errors import AiidError, ConfigError, UsageError
 
@@ -37,7 +37,7 @@ def policy_check(directory: str | None, policies: str | None) -> None:
     """Validate every policy file; exit 1 with file:line: reason on any error."""
     from aiid_proxy.policy import load_policy_dir
 
-    d = Path(directory).absolute() if directory else _policies_dir(policies)
+    d = Path(directory).absolute() if directory else policies_dir(policies)
     if not d.is_dir():
         raise ConfigError(f"policy directory {d} does not exist")
     loaded, errors = load_policy_dir(d)
@@ -60,7 +60,7 @@ def policy_check(directory: str | None, policies: str | None) -> None:
 
 def _region_problems(d: Path, loaded: Mapping[str, Any]) -> list[str]:
     """``region:`` values no provider is in: every provider with a region would be denied."""
-    known = _known_regions(d)
+    known = known_regions(d)
     out: list[str] = []
     for _tenant, pol in sorted(loaded.items()):
         if pol.region is None or pol.region in known:
@@ -84,7 +84,7 @@ def _rule_problems(d: Path, sources: Sequence[tuple[str, Sequence[Any]]]) -> lis
     """Rules that can never match: a provider name no provider has, or a ``hosts`` rule for a
     provider's own host (provider hosts are governed by ``providers``/``models`` rules). Of
     every file: the rules that validated in a file with errors too."""
-    registry = _registry(d)
+    registry = provider_registry(d)
     known = registry.names()
     out: list[str] = []
     for source, rules in sources:
@@ -172,7 +172,7 @@ def _check_data_files(d: Path) -> list[str]:
         else:
             # a provider no registry knows: its prices never apply (a typo, like "opnai")
             try:
-                known = set(_registry(d).names()) | {"*"}
+                known = set(provider_registry(d).names()) | {"*"}
             except ConfigError:  # providers.yaml is broken: said below, prices not judged
                 known = {p.provider for p in table.entries}
             unknown = sorted({p.provider for p in table.entries if p.source != "builtin"} - known)
@@ -248,9 +248,9 @@ def _param(values: Sequence[str]) -> dict[str, Any]:
 
 
 @policy.command("explain")
-@click.argument("tenant_name", metavar="TENANT", callback=_name("tenant"))
-@click.option("--agent", required=True, callback=_name("agent"))
-@click.option("--provider", default=None, callback=_name("provider"))
+@click.argument("tenant_name", metavar="TENANT", callback=checked_name("tenant"))
+@click.option("--agent", required=True, callback=checked_name("agent"))
+@click.option("--provider", default=None, callback=checked_name("provider"))
 @click.option("--model", default=None)
 @click.option("--host", default=None, help="for non-LLM egress rules")
 @click.option("--method", default="POST", show_default=True)
@@ -283,7 +283,7 @@ def policy_explain(
         raise UsageError("give --provider (and --model) or --host, not both")
     if re.fullmatch(r"[A-Z]+", method) is None:
         raise UsageError(f"--method must be an HTTP method in upper case, got {method!r}")
-    d = _policies_dir(policies)
+    d = policies_dir(policies)
     f = d / f"{tenant_name}.yaml"
     if not f.exists() and (d / f"{tenant_name}.yml").exists():
         f = d / f"{tenant_name}.yml"  # what the gateway reads when there is no .yaml
@@ -297,7 +297,7 @@ def policy_explain(
         except ValueError:
             raise UsageError(f"--at must be an ISO 8601 time, got {at!r}") from None
     region = None
-    registry = _registry(d)
+    registry = provider_registry(d)
     if provider is not None:
         try:
             prov = registry.get(provider)
@@ -338,7 +338,7 @@ def policy_explain(
         path=path_,
         now=now,
         region=region,
-        tenant_region=_registered_region(_home(ctx), tenant_name),
+        tenant_region=registered_region(home_of(ctx), tenant_name),
         **_param(params),
     )
     ex = pol.explain(ctxt)

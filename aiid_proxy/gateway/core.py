@@ -70,6 +70,12 @@ RECORDED_BYTES = 65536
 record keeps when the tenant's policy sets ``audit: {record_prompts: true}``."""
 
 
+def recordable(text: str) -> str:
+    """``text`` as valid UTF-8 for a record: mitmproxy keeps undecodable request bytes as
+    surrogate escapes, which the audit log refuses (and a refusal would go unrecorded)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 @dataclass
 class TenantRuntime:
     name: str
@@ -333,7 +339,7 @@ class Gateway:
                 )
             facts = None
             if match.route.json or body or match.route.model_param is not None:
-                facts = parse_request(match.route, body, getattr(match, "params", None))
+                facts = parse_request(match.route, body, match.params)
             info = RouteInfo(provider=match.provider, route=match.route, facts=facts, body=body)
         state.route = info
         state.mark("route")
@@ -521,7 +527,11 @@ class Gateway:
     def _record_fields(self, state: FlowState, *, with_prompt: bool = False) -> dict[str, Any]:
         t = state.target
         d = state.decision
-        detail: dict[str, Any] = {"method": t.method, "host": t.host, "path": t.path}
+        detail: dict[str, Any] = {
+            "method": recordable(t.method),
+            "host": recordable(t.host),
+            "path": recordable(t.path),
+        }
         if state.identity is not None:
             detail["jti"] = state.identity.jti
         f = state.route.facts if state.route else None
@@ -590,7 +600,7 @@ class Gateway:
         )
         fields = self._record_fields(state)
         fields["rule"] = refusal.rule or fields["rule"]
-        fields["reason"] = f"{refusal.type}: {refusal.message}"
+        fields["reason"] = recordable(f"{refusal.type}: {refusal.message}")
         try:
             return self.tenant(state.identity.tenant).audit.append(
                 "deny", status=refusal.status, **fields
@@ -650,7 +660,7 @@ class Gateway:
         if state.identity is None:
             return None
         fields = self._record_fields(state)
-        fields["reason"] = reason[:500]
+        fields["reason"] = recordable(reason[:500])
         if usage is not None:
             fields["input_tokens"] = usage.input_tokens
             fields["output_tokens"] = usage.output_tokens

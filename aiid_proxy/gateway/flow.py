@@ -40,9 +40,10 @@ class Target:
     query: str = ""
     connect_host: str | None = None  # the CONNECT authority, for HTTPS through the proxy
     sni: str | None = None
-    # every host the request names: the absolute-form target or :authority, and each Host
-    # header; a server or CDN may route by any of them, so they must all agree
-    stated_hosts: tuple[str, ...] = ()
+    # every (host, port) the request names: the absolute-form target or :authority, and each
+    # Host header (lowercase, no trailing dot, 443 when no port; ("", 0) for one that does
+    # not parse); a server or CDN may route by any of them, so they must all agree
+    stated_hosts: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,8 @@ class FlowState:
     hold: Hold | None = None  # the budget hold of the request's worst-case cost
     output_cap: int | None = None  # output tokens reserved, enforced on streams when not None
     output_limit: int | None = None  # max_tokens x n as the agent asked: no provider bills more
-    token_mark: str = ""  # the agent token's signature: never sent upstream, in any field
+    # the agent token's signature: never sent upstream in a header, cookie or query parameter
+    token_mark: str = ""
 
     def mark(self, stage: str) -> None:
         i = STAGES.index(stage)

@@ -3,15 +3,15 @@ earlier run left with no record of how they ended are closed on record."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from aiid_proxy.audit import AppendResult, read_rows
+from aiid_proxy.audit import read_rows
 from aiid_proxy.audit.log import format_ts
 from aiid_proxy.audit.service import AuditAppender
+from aiid_proxy.audit.writers import log_unwritten
 from aiid_proxy.errors import AiidError
 from aiid_proxy.home import Home
 
@@ -23,11 +23,6 @@ UNFINISHED_REASON = (
     "no record of how this request ended: the gateway stopped before it completed "
     "(recorded when the gateway started again)"
 )
-
-
-def log_failed_append(fut: concurrent.futures.Future[AppendResult]) -> None:
-    if not fut.cancelled() and fut.exception() is not None:
-        log.error("audit record not written: %s", fut.exception())
 
 
 def unfinished_requests(path: Path, started_wall: float) -> list[dict[str, Any]]:
@@ -61,7 +56,7 @@ def record_unfinished(audit: AuditAppender, tenant: str, rows: list[dict[str, An
             reason=UNFINISHED_REASON,
             detail={"unfinished_seq": r["seq"], "last_event": r["event"]},
         )
-        fut.add_done_callback(log_failed_append)
+        fut.add_done_callback(log_unwritten)
     log.warning(
         "tenant %s: %d requests of an earlier run have no record of how they ended (the "
         "gateway stopped): recorded as errors",

@@ -112,6 +112,7 @@ OVERRIDE_HEADERS = (
 )
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _PCT = re.compile(r"%([0-9A-Fa-f]{2})")
+_METHOD = re.compile(r"[A-Z]{1,20}")
 
 
 def path_problem(path: str) -> str | None:
@@ -170,26 +171,6 @@ def ratelimit_headers(d: RateDecision, *, refused: bool) -> dict[str, str]:
     return h
 
 
-def host_and_port(authority: str) -> tuple[str, int]:
-    """``host[:port]`` or ``[v6][:port]`` as (lowercase host without a trailing dot, port),
-    443 when it names none; what is not a port stays part of the host (and so differs)."""
-    a = authority.strip().lower()
-    host, port = a, 443
-    if a.startswith("["):
-        end = a.find("]")
-        if end != -1:
-            host, rest = a[: end + 1], a[end + 1 :]
-            if rest.startswith(":") and rest[1:].isdigit():
-                port = int(rest[1:])
-            elif rest:
-                host = a
-    else:
-        name, sep, p = a.rpartition(":")
-        if sep and p.isdigit() and ":" not in name:
-            host, port = name, int(p)
-    return host.rstrip("."), port
-
-
 def refuse_target(t: Target, headers: Mapping[str, str]) -> None:
     """Refuse what no rule may allow, whatever the policy says: protocol upgrades, CONNECT
     inside a tunnel, raw IP addresses, anything but https on port 443, a Host that is not the
@@ -201,9 +182,11 @@ def refuse_target(t: Target, headers: Mapping[str, str]) -> None:
         )
     if t.method.upper() == "CONNECT":
         raise RequestRefused(403, "policy_denied", "CONNECT inside a tunnel", "default")
-    if t.method != t.method.upper():
+    if _METHOD.fullmatch(t.method) is None:
         # methods are case-sensitive: rules match GET, and "get" would leave as it came
-        raise RequestRefused(400, "bad_request", f"method {t.method!r} is not in upper case")
+        raise RequestRefused(
+            400, "bad_request", f"method {t.method!r} is not an upper-case HTTP method"
+        )
     if is_ip_literal(t.host):
         raise RequestRefused(
             403, "policy_denied", "raw IP addresses are not allowed; use a host name", "default"
@@ -215,7 +198,7 @@ def refuse_target(t: Target, headers: Mapping[str, str]) -> None:
             f"only https on port 443 is allowed (got {t.scheme}://{t.host}:{t.port})",
             "default",
         )
-    named = {host_and_port(a) for a in t.stated_hosts}
+    named = set(t.stated_hosts)
     if named and named != {(t.host.lower().rstrip("."), t.port)}:
         raise RequestRefused(
             403,
