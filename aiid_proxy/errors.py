@@ -78,6 +78,11 @@ class AuditError(AiidError):
     """The audit log could not be written or read."""
 
 
+class AuditFieldError(AuditError, ValueError):
+    """A field value the audit log refuses to record (not text, out of range, not JSON): a
+    ValueError too, as the bad value is the caller's."""
+
+
 class RequestRefused(AiidError):
     """A request that the gateway answers with a refusal in the contract's JSON shape."""
 

@@ -859,6 +859,8 @@ def test_append_refuses_bad_fields(
         with pytest.raises(ValueError, match=match) as exc:
             log.append(event, **fields)
         assert SECRET not in str(exc.value)
+        # in the hierarchy callers catch (a refusal's record failing must not go unhandled)
+        assert isinstance(exc.value, AuditError)
         assert log.append_sync("ok").seq == 1  # nothing was queued
 
 

@@ -47,7 +47,7 @@ from aiid_proxy.audit.store import (
 )
 from aiid_proxy.audit.verify_range import keyed_mac
 from aiid_proxy.clock import SYSTEM_CLOCK, Clock
-from aiid_proxy.errors import AuditError
+from aiid_proxy.errors import AuditError, AuditFieldError
 from aiid_proxy.home import append_durable, validate_name
 
 log = logging.getLogger(__name__)
@@ -96,29 +96,29 @@ def format_ts(now: float) -> str:
 
 def _text(name: str, value: object) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"audit field {name} must be a string, not {type(value).__name__}")
+        raise AuditFieldError(f"audit field {name} must be a string, not {type(value).__name__}")
     if not value.isascii():
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            raise ValueError(f"audit field {name} is not valid UTF-8 text") from None
+            raise AuditFieldError(f"audit field {name} is not valid UTF-8 text") from None
     return str(value)
 
 
 def _integer(name: str, value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"audit field {name} must be an integer")
+        raise AuditFieldError(f"audit field {name} must be an integer")
     if not _INT_MIN <= value <= _INT_MAX:
-        raise ValueError(f"audit field {name} is out of range")
+        raise AuditFieldError(f"audit field {name} is out of range")
     return int(value)
 
 
 def _latency(name: str, value: object) -> float:
     if not isinstance(value, int | float) or isinstance(value, bool):
-        raise ValueError(f"audit field {name} must be a number")
+        raise AuditFieldError(f"audit field {name} must be a number")
     ms = round(float(value), 3)
     if not math.isfinite(ms) or abs(ms) >= 1e15:
-        raise ValueError(f"audit field {name} is out of range")
+        raise AuditFieldError(f"audit field {name} is out of range")
     return ms + 0.0  # never -0.0: SQLite would give back 0.0
 
 
@@ -127,13 +127,13 @@ def _detail(name: str, value: object) -> str:
         try:
             value = json.loads(value)
         except ValueError:
-            raise ValueError(f"audit field {name} must be a JSON object") from None
+            raise AuditFieldError(f"audit field {name} must be a JSON object") from None
     if not isinstance(value, Mapping):
-        raise ValueError(f"audit field {name} must be a JSON object")
+        raise AuditFieldError(f"audit field {name} must be a JSON object")
     try:
         return _text(name, dump_detail(value))
     except (TypeError, ValueError, RecursionError) as e:
-        raise ValueError(f"audit field {name} is not JSON-serialisable: {e}") from None
+        raise AuditFieldError(f"audit field {name} is not JSON-serialisable: {e}") from None
 
 
 _CHECKS: dict[str, tuple[int, Callable[[str, object], object]]] = {
@@ -167,12 +167,12 @@ def normalize(event: str, fields: Mapping[str, object]) -> tuple[object, ...]:
     out: list[object] = [None] * len(FIELDS)
     event = _text("event", event)
     if not event:
-        raise ValueError("audit event must not be empty")
+        raise AuditFieldError("audit event must not be empty")
     out[_EVENT] = event
     for name, value in fields.items():
         check = _CHECKS.get(name)
         if check is None:
-            raise ValueError(f"unknown audit field {name!r}")
+            raise AuditFieldError(f"unknown audit field {name!r}")
         if value is not None:
             out[check[0]] = check[1](name, value)
     return tuple(out)
