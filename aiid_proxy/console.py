@@ -20,6 +20,8 @@ from rich.console import Group, RenderableType
 from rich.panel import Panel
 from rich.text import Text
 
+from aiid_proxy.clock import SYSTEM_CLOCK
+
 MAX_FLOWS = 200
 MAX_EVENTS = 50
 WIDE = 120  # from this many columns: more flow columns, agents beside the events
@@ -480,7 +482,7 @@ def render(
     state: ConsoleState, width: int = 80, height: int = 24, now: float | None = None
 ) -> RenderableType:
     """The whole screen, exactly ``width`` x ``height``: nothing wraps, nothing scrolls."""
-    now = time.time() if now is None else now
+    now = SYSTEM_CLOCK.now() if now is None else now
     if width < MIN_WIDTH or height < MIN_HEIGHT:
         n = len(state.pending)
         text = (f"{n} pending | " if n else "") + f"aiid-proxy {state.listen}"

@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from aiid_proxy.audit.chain import parse_head
+from aiid_proxy.clock import SYSTEM_CLOCK
 from aiid_proxy.errors import ConfigError, UsageError
 from aiid_proxy.home import append_durable, validate_name, write_private
 
@@ -90,7 +91,9 @@ def sign_checkpoint(
     """Sign the head ``(seq, mac)`` of ``tenant``'s chain (seq 0: the empty chain)."""
     validate_name("tenant", tenant)
     seq, mac = parse_head(f"{head[0]}:{head[1]}")
-    ts = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if now is None else now))
+    ts = time.strftime(
+        "%Y-%m-%dT%H:%M:%SZ", time.gmtime(SYSTEM_CLOCK.now() if now is None else now)
+    )
     return SignedCheckpoint(tenant, seq, mac, ts, key.sign(signed_message(tenant, seq, mac, ts)))
 
 

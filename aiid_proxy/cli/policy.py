@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import re
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from aiid_proxy.cli.base import (
     provider_registry,
     registered_region,
 )
+from aiid_proxy.clock import SYSTEM_CLOCK
 from aiid_proxy.errors import AiidError, ConfigError, UsageError
 
 
@@ -290,7 +290,7 @@ def policy_explain(
     if not f.exists():
         raise ConfigError(f"no policy file {f}")
     pol = load_policy_file(f)
-    now = time.time()
+    now = SYSTEM_CLOCK.now()
     if at is not None:
         try:
             now = datetime.fromisoformat(at.replace("Z", "+00:00")).timestamp()
