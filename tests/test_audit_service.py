@@ -21,17 +21,11 @@ from typing import Any
 
 import pytest
 
-from aiid_proxy.audit import AuditLog, read_rows, service, tenant_key, verify_db
+from aiid_proxy.audit import AuditLog, child, read_rows, service, tenant_key, verify_db
+from aiid_proxy.audit.child import read_batches
+from aiid_proxy.audit.frames import APPEND, ERR, OK, frame
 from aiid_proxy.audit.log import normalize
-from aiid_proxy.audit.service import (
-    APPEND,
-    ERR,
-    OK,
-    AuditWriterProcess,
-    RemoteAuditLog,
-    _frame,
-    _frames,
-)
+from aiid_proxy.audit.service import AuditWriterProcess, RemoteAuditLog
 from aiid_proxy.audit.writers import RESPAWN_AFTER, ProcessWriters, writer_factory
 from aiid_proxy.clock import FakeClock
 from aiid_proxy.errors import AuditError
@@ -215,16 +209,16 @@ def test_the_key_is_not_in_the_childs_argv_or_environment(
         pytest.param(struct.pack("!I", 10) + b"abc", "closed inside a frame", id="torn"),
         pytest.param(struct.pack("!I", 2**31), "oversized", id="oversized"),
         pytest.param(struct.pack("!I", 3) + b"zzz", "bad frame", id="garbage"),
-        pytest.param(_frame(("only",)), "bad frame", id="no-id"),
+        pytest.param(frame(("only",)), "bad frame", id="no-id"),
     ],
 )
 def test_frames_refuse_a_bad_channel(data: bytes, message: str) -> None:
     r, w = os.pipe()
-    os.write(w, _frame((APPEND, 1)) + data)
+    os.write(w, frame((APPEND, 1)) + data)
     os.close(w)
     got: list[tuple[object, ...]] = []
     with pytest.raises(AuditError, match=message):
-        for msgs in _frames(r):
+        for msgs in read_batches(r):
             got += msgs
     os.close(r)
     assert got in ([(APPEND, 1)], [])  # a good frame before the bad one may have been read
@@ -369,14 +363,14 @@ def _state(pid: int) -> str:
 def test_the_child_fsyncs_lazy_records_when_quiet(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(service, "LAZY_SYNC", 0.01)
+    monkeypatch.setattr(child, "LAZY_SYNC", 0.01)
     lg = AuditLog(tmp_path / "a.db", "acme", ROOT, threaded=False)
     lg.submit("2026-01-01T00:00:00.000000Z", normalize("response", {}))
     lg.drain()
     assert lg.unsynced
     r, w = os.pipe()
     got: list[object] = []
-    reader = threading.Thread(target=lambda: got.extend(service._frames(r, {1: lg})))
+    reader = threading.Thread(target=lambda: got.extend(read_batches(r, {1: lg})))
     reader.start()
     for _ in range(WAIT * 100):  # bounded wait for the child loop's quiet period
         if not lg.unsynced:

@@ -1,23 +1,18 @@
-"""The audit writer in its own process.
+"""The audit writer in its own process: the gateway's side.
 
 In a thread, the writer shares the gateway's GIL: every SQLite call it makes (stat, BEGIN,
 SELECT, one step per row, COMMIT) hands the GIL over and back, and each time the event loop
 returns from a socket write it can find the writer holding it. ``AuditWriterProcess`` runs the
-same :class:`~aiid_proxy.audit.log.AuditLog` (one per tenant, committed by the child's one
-thread: ``threaded=False``) in a child Python process instead, and :class:`RemoteAuditLog` is
-the gateway's handle on one of them, with the same ``append`` / ``head`` / ``checkpoint`` /
-``close`` surface. The gateway's event loop reads the replies itself once ``attach``-ed.
-
-Wire: each frame is a 4-byte big-endian length and a ``marshal``-ed tuple, over the child's
-stdin (requests) and stdout (replies); the child's stderr is the gateway's. Requests carry an
-id; every request gets exactly one reply ``(OK, id, payload)`` or ``(ERR, id, message)``.
-The audit key travels in the ``open`` frame, never in argv or the environment.
+same :class:`~aiid_proxy.audit.log.AuditLog` in a child Python process instead
+(:mod:`aiid_proxy.audit.child`, over the frames of :mod:`aiid_proxy.audit.frames`), and
+:class:`RemoteAuditLog` is the gateway's handle on one tenant's log there, with the same
+``append`` / ``head`` / ``checkpoint`` / ``close`` surface. The gateway's event loop reads
+the replies itself once ``attach``-ed. The audit key travels in the ``open`` frame, never in
+argv or the environment; the child's stderr is the gateway's.
 
 Fail closed: a child that exits (or writes garbage) fails every pending append and every later
 one with :class:`~aiid_proxy.errors.AuditError`, so the gateway refuses traffic until it is
-restarted. The child ignores SIGINT/SIGTERM (a Ctrl-C reaches the whole process group) and
-stops at EOF on stdin, after committing what it was sent: the gateway's orderly close, or
-the gateway's death, never cuts a batch short.
+restarted.
 """
 
 from __future__ import annotations
@@ -26,42 +21,44 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import marshal
 import os
 import select
-import signal
-import struct
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import wait as futures_wait
 from pathlib import Path
 from typing import Protocol
 
 from aiid_proxy.audit.chain import GENESIS_MAC
+from aiid_proxy.audit.frames import (
+    APPEND,
+    CHECKPOINT,
+    CLOSE,
+    LOG,
+    OK,
+    OPEN,
+    STOP_TIMEOUT,
+    FrameParser,
+    frame,
+    write_all,
+)
 from aiid_proxy.audit.log import (
-    LAZY_SYNC,
     AppendResult,
-    AuditLog,
     format_ts,
     is_lazy,
     normalize,
 )
 from aiid_proxy.audit.store import describe
 from aiid_proxy.clock import SYSTEM_CLOCK, Clock
-from aiid_proxy.errors import AiidError, AuditError
+from aiid_proxy.errors import AuditError
 from aiid_proxy.home import child_env, validate_name
 
 log = logging.getLogger(__name__)
 
-OPEN, APPEND, CHECKPOINT, CLOSE = "open", "append", "checkpoint", "close"
-OK, ERR, LOG = "ok", "err", "log"  # LOG: (LOG, 0, level, message), the child's logging
-_LEN = struct.Struct("!I")
-MAX_FRAME = 16 * 1024 * 1024
-STOP_TIMEOUT = 30.0  # seconds the child gets to commit what is queued after its stdin closes
 POLL = 0.05  # seconds between checks for a writer gone or a closing flag (not for replies)
 HOLD = 0.002  # seconds a `response` record may wait to travel with the next record
 
@@ -79,285 +76,6 @@ class AuditAppender(Protocol):
     def checkpoint(self) -> None: ...
 
     def close(self) -> None: ...
-
-
-def _frame(msg: tuple[object, ...]) -> bytes:
-    body = marshal.dumps(msg)  # type: ignore[arg-type]  # a tuple of plain values
-    return _LEN.pack(len(body)) + body
-
-
-class _Parser:
-    """Frames out of a byte stream, fed as it arrives."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-
-    @property
-    def partial(self) -> bool:
-        return bool(self._buf)
-
-    def feed(self, chunk: bytes) -> list[tuple[object, ...]]:
-        buf = self._buf
-        buf += chunk
-        pos = 0
-        got: list[tuple[object, ...]] = []
-        while len(buf) - pos >= _LEN.size:
-            (n,) = _LEN.unpack_from(buf, pos)
-            if n > MAX_FRAME:
-                raise AuditError("audit writer channel: oversized frame")
-            if len(buf) - pos - _LEN.size < n:
-                break
-            start = pos + _LEN.size
-            try:
-                # Our own pipe to/from our own child: nobody else can write to it.
-                msg = marshal.loads(bytes(buf[start : start + n]))  # noqa: S302
-            except (EOFError, ValueError, TypeError) as e:
-                raise AuditError(f"audit writer channel: bad frame ({e})") from None
-            if not isinstance(msg, tuple) or len(msg) < 2 or not isinstance(msg[1], int):
-                raise AuditError("audit writer channel: bad frame")
-            pos = start + n
-            got.append(msg)
-        del buf[:pos]
-        return got
-
-
-def _frames(
-    fd: int, logs: Mapping[int, AuditLog] | None = None
-) -> Iterator[list[tuple[object, ...]]]:
-    """The frames read from blocking ``fd``, as the list each read completed, until EOF;
-    AuditError on a torn or malformed frame. While one of ``logs`` holds lazily committed
-    records, LAZY_SYNC seconds without input make it fsync them (``AuditLog.idle``)."""
-    parser = _Parser()
-    while True:
-        while logs and any(lg.unsynced for lg in logs.values()):
-            ready, _, _ = select.select([fd], [], [], LAZY_SYNC)
-            if ready:
-                break
-            for lg in list(logs.values()):
-                if lg.unsynced:
-                    lg.idle()  # LAZY_SYNC s of quiet (sooner than overdue: it is idle time)
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            if parser.partial:
-                raise AuditError("audit writer channel closed inside a frame")
-            return
-        got = parser.feed(chunk)
-        if got:
-            yield got
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-# -- the child --------------------------------------------------------------------------------
-class _Replies:
-    """Replies from the child, buffered per batch and written in one go.
-
-    The write never blocks the child's reading: what the pipe cannot take at once goes to a
-    thread that waits for the gateway to read it. (Were the child to block writing replies,
-    it would stop reading requests; a gateway blocked writing requests then never reads the
-    replies: both would wait forever.)"""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-        os.set_blocking(fd, False)
-        self._lock = threading.Lock()
-        self._buf: list[bytes] = []
-        self._backlog: list[bytes] = []
-        self._ready = threading.Condition(self._lock)
-        self._closed = False
-        self._thread: threading.Thread | None = None
-
-    def send(self, msg: tuple[object, ...]) -> None:
-        with self._lock:
-            self._buf.append(_frame(msg))
-            self._flush_locked()
-
-    def on_done(self, rid: int, fut: Future[AppendResult]) -> None:
-        exc = fut.exception()
-        if exc is None:
-            r = fut.result()
-            frame = _frame((OK, rid, (r.seq, r.mac)))
-        else:
-            frame = _frame((ERR, rid, _message(exc)))
-        with self._lock:
-            self._buf.append(frame)
-
-    def flush(self) -> None:
-        with self._lock:
-            self._flush_locked()
-
-    def _flush_locked(self) -> None:
-        if not self._buf or self._closed:
-            return
-        data = b"".join(self._buf)
-        self._buf.clear()
-        if not self._backlog:
-            with contextlib.suppress(BlockingIOError):
-                data = data[os.write(self._fd, data) :]
-            if not data:
-                return
-        self._backlog.append(data)
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._drain, name="replies", daemon=True)
-            self._thread.start()
-        self._ready.notify()
-
-    def _drain(self) -> None:
-        """Write the backlog as the gateway reads; stop when the gateway is gone."""
-        while True:
-            with self._lock:
-                while not self._backlog and not self._closed:
-                    self._ready.wait()
-                if not self._backlog:
-                    return
-                data = self._backlog[0]
-            try:
-                select.select([], [self._fd], [])
-                n = os.write(self._fd, data)
-            except BlockingIOError:
-                continue
-            except OSError:
-                with self._lock:
-                    self._closed = True
-                    self._backlog.clear()
-                return
-            with self._lock:
-                if n < len(data):
-                    self._backlog[0] = data[n:]
-                else:
-                    self._backlog.pop(0)
-
-    def close(self, timeout: float) -> None:
-        """Write what is left (while the gateway reads, up to ``timeout``), then stop."""
-        self.flush()
-        with self._lock:
-            self._closed = True
-            self._ready.notify()
-            thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
-
-
-def _message(exc: BaseException) -> str:
-    if isinstance(exc, AiidError):
-        return exc.one_line()
-    return f"audit write failed: {describe(exc)}"
-
-
-def serve(rfd: int, wfd: int) -> int:
-    """The child's loop: everything one read brings is queued, then committed as one batch per
-    tenant (appends that arrive during a commit make up the next batch), then answered in one
-    write. Requests of a tenant are handled in the order they were sent."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
-    out = _Replies(wfd)
-    root = logging.getLogger()
-    logging.raiseExceptions = False  # a log line the gateway can no longer take is dropped
-    root.addHandler(_LogToParent(out))
-    root.setLevel(logging.INFO)
-    logs: dict[int, AuditLog] = {}
-    status = 0
-    try:
-        for msgs in _frames(rfd, logs):
-            dirty: dict[int, AuditLog] = {}
-            for msg in msgs:
-                _handle(msg, logs, dirty, out)
-            for lg in dirty.values():
-                lg.drain()
-            out.flush()
-            for lg in logs.values():  # one tenant's traffic does not delay another's fsync
-                if lg.overdue():
-                    lg.idle()
-    except (AuditError, OSError) as e:  # a torn channel, or the gateway went away mid-write
-        print(f"aiid audit writer: {_message(e)}", file=sys.stderr)
-        status = 1
-    finally:
-        for lg in logs.values():
-            lg.close()  # commits what was queued
-        with contextlib.suppress(OSError):
-            out.close(STOP_TIMEOUT)
-    return status
-
-
-def _handle(
-    msg: tuple[object, ...], logs: dict[int, AuditLog], dirty: dict[int, AuditLog], out: _Replies
-) -> None:
-    op, rid, args = msg[0], msg[1], msg[2:]
-    assert isinstance(rid, int)
-    try:
-        tid = args[0]
-        if not isinstance(tid, int):
-            raise AuditError("audit writer: bad request")
-        if op == APPEND:
-            lg = logs.get(tid)
-            if lg is None:
-                raise AuditError("audit log is closed")
-            ts, values = args[1], args[2]
-            if not (isinstance(ts, str) and isinstance(values, tuple)):
-                raise AuditError("audit writer: bad request")
-            fut = lg.submit(ts, values)
-            fut.add_done_callback(lambda f: out.on_done(rid, f))
-            dirty[tid] = lg
-            return
-        pending = dirty.pop(tid, None)
-        if pending is not None:  # what was sent before this request is committed first
-            pending.drain()
-        if op == OPEN:
-            path, tenant, key, ckpt, create = args[1:6]
-            if not (isinstance(path, str) and isinstance(tenant, str) and isinstance(key, bytes)):
-                raise AuditError("audit writer: bad request")
-            lg = AuditLog(
-                Path(path),
-                tenant,
-                key,
-                checkpoint_path=Path(ckpt) if isinstance(ckpt, str) else None,
-                create=bool(create),
-                after_batch=out.flush,
-                threaded=False,
-            )
-            logs[tid] = lg
-            out.send((OK, rid, lg.head()))
-        elif op == CHECKPOINT:
-            lg = logs.get(tid)
-            if lg is None:
-                raise AuditError("audit log is closed")
-            lg.checkpoint()
-            out.send((OK, rid, None))
-        elif op == CLOSE:
-            lg = logs.pop(tid, None)
-            if lg is not None:
-                lg.close()
-            out.send((OK, rid, None))
-        else:
-            raise AuditError(f"audit writer: unknown request {op!r}")
-    except Exception as e:
-        out.send((ERR, rid, _message(e)))
-
-
-class _LogToParent(logging.Handler):
-    """The child's log records go to the gateway's log (its terminal may be a live console)."""
-
-    def __init__(self, out: _Replies) -> None:
-        super().__init__(logging.INFO)
-        self._out = out
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self._out.send((LOG, 0, record.levelno, record.getMessage()))
-        except Exception:
-            self.handleError(record)
-
-
-def main() -> int:
-    rfd, wfd = sys.stdin.fileno(), sys.stdout.fileno()
-    # Nothing else may write to the reply channel.
-    wfd = os.dup(wfd)
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    return serve(rfd, wfd)
 
 
 # -- the gateway's side ------------------------------------------------------------------------
@@ -416,7 +134,7 @@ class AuditWriterProcess:
         try:
             self._proc = subprocess.Popen(
                 # -P: not the working directory first on sys.path (this process gets the key)
-                [python, "-P", "-m", "aiid_proxy.audit.service"],
+                [python, "-P", "-m", "aiid_proxy.audit.child"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 env=env,
@@ -429,7 +147,7 @@ class AuditWriterProcess:
         self._rfd = self._proc.stdout.fileno()
         os.set_blocking(self._rfd, False)
         self._rlock = threading.Lock()  # one reader of the reply pipe at a time
-        self._parser = _Parser()
+        self._parser = FrameParser()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader = threading.Thread(target=self._read, name="aiid-audit-replies", daemon=True)
         self._reader.start()
@@ -489,7 +207,7 @@ class AuditWriterProcess:
         commit the next request record would queue behind)."""
         rid = next(self._ids)
         fut: Future[object] = Future()
-        data = _frame((op, rid, *args))
+        data = frame((op, rid, *args))
         with self._lock:
             if self._closing and self._dead is None:
                 raise AuditError("audit writer is closed")
@@ -517,7 +235,7 @@ class AuditWriterProcess:
                     data = b"".join(self._held)
                     self._held.clear()
                 try:
-                    _write_all(self._wfd, data)
+                    write_all(self._wfd, data)
                     return fut
                 except OSError as e:
                     self._pending.pop(rid, None)
@@ -535,7 +253,7 @@ class AuditWriterProcess:
             data = b"".join(self._held)
             self._held.clear()
             try:
-                _write_all(self._wfd, data)
+                write_all(self._wfd, data)
                 return
             except OSError as e:
                 why = f"audit writer process is gone ({describe(e)})"
@@ -803,7 +521,3 @@ class RemoteAuditLog:
 
 class Reviver(Protocol):
     def revive(self, now: float) -> None: ...
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,9 +20,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from aiid_proxy.audit.frames import STOP_TIMEOUT
 from aiid_proxy.audit.log import AuditLog
 from aiid_proxy.audit.service import (
-    STOP_TIMEOUT,
     AuditAppender,
     AuditWriterProcess,
     RemoteAuditLog,
