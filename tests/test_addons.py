@@ -946,6 +946,31 @@ def test_a_request_larger_than_the_token_limit_is_told_it_can_never_pass(
     assert flow.response.headers["x-should-retry"] == "false"
 
 
+def test_counting_tokens_costs_no_tokens_per_minute(
+    make_harness: Callable[..., Harness], policies_dir: Path, issue: Callable[..., str]
+) -> None:
+    """messages/count_tokens processes nothing: it reserved its input against the agent's
+    tokens_per_minute (a count before each call halved the agent's rate) and was recorded as
+    estimated input usage."""
+    h = _limited_tokens(make_harness, policies_dir, 50)
+    token = issue("limited-1")
+    body = json.dumps(
+        {
+            "model": "claude-3-5-haiku-latest",
+            "messages": [{"role": "user", "content": "word " * 600}],
+        }
+    ).encode()
+    for _ in range(2):  # each over the whole limit, were it counted
+        flow = make_flow(
+            token, host="api.anthropic.com", path="/v1/messages/count_tokens", body=body
+        )
+        res = h.send(flow, upstream=upstream_response(b'{"input_tokens": 754}'))
+        assert res.sent is not None, refusal(flow)
+        row = response_row(h, flow)
+        assert (row["input_tokens"], row["output_tokens"]) == (0, 0)
+        assert "usage_estimated" not in json.loads(row["detail"])
+
+
 def test_without_max_tokens_a_small_token_limit_reserves_what_it_leaves(
     make_harness: Callable[..., Harness], policies_dir: Path, issue: Callable[..., str]
 ) -> None:

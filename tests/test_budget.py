@@ -235,7 +235,10 @@ def test_periods(now: float, day: str, month: str, to_day: int, to_month: int) -
         pytest.param("chat", 100, 3, (10, 300), id="n-choices"),
         pytest.param("messages", 0, None, (10, 0), id="zero"),
         pytest.param("embeddings", 100, None, (10, 0), id="embeddings-no-output"),
-        pytest.param("models", None, None, (10, 0), id="models"),
+        # costless: a model list or a token count consumes nothing, reserves nothing (counting
+        # tokens before each call used to spend the agent's tokens_per_minute)
+        pytest.param("models", None, None, (0, 0), id="models"),
+        pytest.param("count_tokens", None, None, (0, 0), id="count-tokens"),
         pytest.param(None, 100, None, (0, 0), id="egress"),
     ],
 )

@@ -706,6 +706,19 @@ def test_policy_explain(aiid: Run, policies: Path, args: list[str], expect: list
              "looked at)"],
             id="provider-host-unknown-route",
         ),
+        # with --provider too: explain said allow for routes the gateway refuses
+        pytest.param(
+            ["--provider", "openai", "--model", "gpt-4o-mini", "--path", "/v1/moderations"],
+            ["decision: deny", "rule: default",
+             "reason: POST /v1/moderations is not a known openai API route (refused before "
+             "any rule is looked at)"],
+            id="provider-unknown-route",
+        ),
+        pytest.param(
+            ["--provider", "openai", "--model", "gpt-4o-mini", "--path", "/v1/chat/completions"],
+            ["decision: allow", "rule: small-models"],
+            id="provider-known-route",
+        ),
         pytest.param(
             ["--host", "api.github.com", "--method", "GET", "--path", "/repos/a/../b"],
             ["decision: deny", "rule: -"],

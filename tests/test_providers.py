@@ -1080,6 +1080,26 @@ def test_parse_request_refuses(where: tuple[str, str, str], body: bytes, message
     assert message in info.value.message
 
 
+@pytest.mark.parametrize("background", [True, "yes", 1], ids=["true", "string", "one"])
+def test_a_background_response_is_refused(background: object) -> None:
+    """Queued: the answer has no usage and the work is reported only to a later GET, so no
+    limit or budget could count it (an agent queued o3 jobs for $0.00001 each)."""
+    m = route_match(*OPENAI_RESPONSES)
+    assert m.route is not None
+    body = json.dumps({"model": "o3", "input": "hi", "background": background}).encode()
+    with pytest.raises(RequestRefused) as info:
+        parse_request(m.route, body, m.params)
+    assert (info.value.status, info.value.type, info.value.rule) == (
+        403,
+        "policy_denied",
+        "default",
+    )
+    assert "background responses are not supported" in info.value.message
+    for fine in (False, None):
+        ok = json.dumps({"model": "o3", "input": "hi", "background": fine}).encode()
+        assert parse_request(m.route, ok, m.params).model == "o3"
+
+
 @pytest.mark.parametrize(
     ("deployment", "message"),
     [
@@ -1194,7 +1214,7 @@ def test_duplicate_keys_refused_at_any_depth(depth: int, first: str, second: str
                     "output_tokens": 20,
                 }
             },
-            Usage(1110, 20),
+            Usage(1110, 20, cache_write_tokens=100),  # writes: billed at twice the price
             id="anthropic-cache",
         ),
         pytest.param(
@@ -1421,7 +1441,15 @@ STREAMS = [
     pytest.param(
         "openai", OPENAI_RESPONSES, RESPONSES_STREAM, Usage(20, 2), 8, 4, id="openai-responses"
     ),
-    pytest.param("anthropic", ANTHROPIC, ANTHROPIC_STREAM, Usage(30, 15), 7, 8, id="anthropic"),
+    pytest.param(
+        "anthropic",
+        ANTHROPIC,
+        ANTHROPIC_STREAM,
+        Usage(30, 15, cache_write_tokens=3),
+        7,
+        8,
+        id="anthropic",
+    ),
     pytest.param("gemini", GEMINI_STREAM, GEMINI_SSE, Usage(9, 7), 5, 2, id="gemini"),
 ]
 

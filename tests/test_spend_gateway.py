@@ -183,6 +183,30 @@ def test_unpriced_model_is_refused_only_under_a_budget(
     assert "cost_usd" not in json.loads(row["detail"])
 
 
+def test_a_request_naming_no_model_under_a_budget_is_told_so(
+    gw: Gateway, issue: Callable[..., str]
+) -> None:
+    """A stored prompt names the model elsewhere: the refusal said "no price for model
+    '(none)'; budgets need prices.yaml", which no price can fix."""
+    data = json.dumps({"prompt": {"id": "pmpt_abc", "version": "2"}, "input": "hi"}).encode()
+    with pytest.raises(RequestRefused) as e:
+        start(gw, issue("bud-1"), data, path="/v1/responses")
+    assert (e.value.status, e.value.type, e.value.rule) == (403, "policy_denied", "budgets")
+    assert "the request names no model (responses at 'openai')" in e.value.message
+    assert "prices.yaml" not in e.value.message
+
+
+def test_prompt_cache_writes_are_costed_at_twice_the_input_price(
+    gw: Gateway, issue: Callable[..., str]
+) -> None:
+    """Anthropic bills cache writes at 1.25x or 2x the input price: costed at the full price,
+    spend was no upper bound any more (a budget could be overrun by half)."""
+    st = start(gw, issue("bud-1"), body("gpt-in-x", max_tokens=1))
+    row = finish(gw, st, Usage(5, 0, cache_write_tokens=2))  # $1 an input token
+    assert row["input_tokens"] == 5  # the tokens as they were
+    assert json.loads(row["detail"])["cost_usd"] == 7.0  # 3 at $1, 2 written at $2
+
+
 def test_cost_is_recorded_for_tenants_without_budgets(
     gw: Gateway, issue: Callable[..., str]
 ) -> None:

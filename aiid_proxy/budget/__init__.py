@@ -57,7 +57,7 @@ def reservation_tokens(
     """(input, output) tokens to reserve before a request leaves: the input estimate, and for a
     generating route ``max_tokens`` times ``n`` (choices / candidates), or ``default`` times
     ``n`` when the request sets no ``max_tokens``."""
-    if kind is None:
+    if kind is None or kind in COSTLESS_KINDS:
         return 0, 0
     if kind in NON_GENERATING_KINDS:
         return max(0, input_estimate), 0

@@ -305,9 +305,10 @@ def policy_explain(
             raise UsageError(f"unknown provider {provider!r}") from None
         region = prov.region
         host = host or (prov.hosts[0] if prov.hosts else provider)
-    else:
+    if provider is None or path_ != "/":
         # what the gateway decides before any rule: the path, and a provider's own host
-        # (governed by providers/models rules, never by hosts rules)
+        # (governed by providers/models rules, never by hosts rules); with --provider, only
+        # when a --path names the route
         from aiid_proxy.gateway import path_problem
 
         refused = None

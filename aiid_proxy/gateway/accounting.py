@@ -103,13 +103,14 @@ class Accounting:
         if not budgets_apply(policy, state.identity.agent):
             return
         if self.prices.current().lookup(r.provider.name, state.model) is None:
-            raise RequestRefused(
-                403,
-                "policy_denied",
-                f"no price for model {state.model or '(none)'!r} of provider "
-                f"{r.provider.name!r}; budgets need prices.yaml",
-                "budgets",
+            message = (
+                f"no price for model {state.model!r} of provider {r.provider.name!r}; "
+                "budgets need prices.yaml"
+                if state.model is not None
+                else f"the request names no model ({r.route.kind} at {r.provider.name!r}): a "
+                "budget prices requests by their model, so one must be named in the request"
             )
+            raise RequestRefused(403, "policy_denied", message, "budgets")
 
     def _hold_budget(
         self, state: FlowState, policy: Policy | None, est_in: int, out_cap: int
@@ -156,7 +157,7 @@ class Accounting:
         hold, state.hold = state.hold, None
         if hold is None or hold.price is None:
             return None
-        cost = hold.price.cost(usage.input_tokens, usage.output_tokens) if usage else 0
+        cost = hold.price.cost(usage.billed_input_tokens, usage.output_tokens) if usage else 0
         self.ledger.settle(hold, cost)
         return cost if usage is not None else None
 

@@ -20,6 +20,7 @@ from aiid_proxy.audit.service import AuditAppender
 from aiid_proxy.audit.writers import writer_factory
 from aiid_proxy.bodies import DEFAULT_BODY_LIMIT, decode_body
 from aiid_proxy.budget import (
+    COSTLESS_KINDS,
     PRICES_FILE,
     Ledger,
     PriceBook,
@@ -112,6 +113,8 @@ class Gateway:
         self.registry = registry or Registry.load(
             providers_file if providers_file.is_file() else None
         )
+        if registry is None and providers_file.is_file():
+            log.info("providers and routes from %s (read at start only)", providers_file)
         self.prices = PriceBook(policies_dir / PRICES_FILE, clock)
         self.ledger = Ledger(clock)
         self.revocations = RevocationList(home, clock=clock)
@@ -694,6 +697,11 @@ class Gateway:
             return None  # the shutdown recorded how this flow ended; the log is closed
         state.response_recorded = True
         latency_ms = (self.clock.monotonic() - state.started) * 1000.0
+        route = state.route.route if state.route is not None else None
+        if usage is not None and route is not None and route.kind in COSTLESS_KINDS:
+            # a model list, a token count: nothing generated, nothing consumed (count_tokens'
+            # answer is the count, not usage), so nothing counts against limits or budgets
+            usage = Usage(0, 0)
         if usage is not None and usage.estimated and state.output_limit is not None:
             # an estimate (chars / 4, one per piece) never above what max_tokens allows: the
             # provider cannot bill more, and a budget must not count more than it holds

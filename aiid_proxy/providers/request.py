@@ -256,6 +256,16 @@ def _generic_facts(route: Route, obj: dict[str, Any], path_model: str | None) ->
     if obj.get("models") is not None:
         # OpenRouter's fallback list: the provider may serve any of them, policy sees one.
         raise bad_request("a 'models' fallback list is not supported; name one model")
+    if route.kind == "responses" and obj.get("background") not in (None, False):
+        # queued: the answer carries no usage, the work is done later and reported only to a
+        # later GET: no limit or budget could count it
+        raise RequestRefused(
+            403,
+            "policy_denied",
+            "background responses are not supported: their usage is reported later, where "
+            "the gateway cannot count it against limits and budgets; drop 'background'",
+            "default",
+        )
     max_tokens = _largest([_opt_int(obj, k, 0) for k in _MAX_TOKEN_FIELDS])
     tools = bool(_opt_list(obj, "tools")) or bool(_opt_list(obj, "functions"))
     tools = tools or bool(_opt_list(obj, "mcp_servers"))

@@ -37,6 +37,15 @@ class Usage:
     input_tokens: int
     output_tokens: int
     estimated: bool = False
+    cache_write_tokens: int = 0
+    """Of ``input_tokens``, those written to a prompt cache, which a provider bills above its
+    input price (Anthropic: 1.25x, or 2x for an hour's cache): costed at twice the input
+    price, so that spend stays an upper bound."""
+
+    @property
+    def billed_input_tokens(self) -> int:
+        """Input tokens as the price book should cost them (cache writes counted twice)."""
+        return self.input_tokens + self.cache_write_tokens
 
 
 def _count(v: object) -> int | None:
@@ -72,12 +81,18 @@ def _anthropic_input(usage: Mapping[str, Any]) -> int | None:
     return base + created + read
 
 
+def _anthropic_cache_writes(usage: Mapping[str, Any]) -> int:
+    return _optional_count(usage, "cache_creation_input_tokens") or 0
+
+
 def _anthropic_usage(usage: object) -> Usage | None:
     if not isinstance(usage, dict):
         return None
     i = _anthropic_input(usage)
     o = _count(usage.get("output_tokens"))
-    return None if i is None or o is None else Usage(i, o)
+    if i is None or o is None:
+        return None
+    return Usage(i, o, cache_write_tokens=_anthropic_cache_writes(usage))
 
 
 def _gemini_usage(meta: object) -> Usage | None:
@@ -181,6 +196,7 @@ class SSEUsageTracker:
         self._pending_cr = False
         self._final: Usage | None = None
         self._input: int | None = None  # input tokens known before the final usage
+        self._cache_writes = 0  # of them, written to a prompt cache (Anthropic)
         self._output: int | None = None
 
     # -- the byte level ---------------------------------------------------------------------
@@ -323,6 +339,7 @@ class SSEUsageTracker:
             usage = message.get("usage") if isinstance(message, dict) else None
             if isinstance(usage, dict):
                 self._input = _anthropic_input(usage)
+                self._cache_writes = _anthropic_cache_writes(usage)
                 self._output = _count(usage.get("output_tokens"))
         elif kind == "message_delta":
             usage = obj.get("usage")
@@ -333,10 +350,11 @@ class SSEUsageTracker:
                 inp = _anthropic_input(usage)
                 if inp is not None:
                     self._input = inp
+                    self._cache_writes = _anthropic_cache_writes(usage)
             if out is not None:
                 self._output = out
                 if self._input is not None:
-                    self._final = Usage(self._input, out)
+                    self._final = Usage(self._input, out, cache_write_tokens=self._cache_writes)
         elif kind == "content_block_delta":
             delta = obj.get("delta")
             if isinstance(delta, dict):
