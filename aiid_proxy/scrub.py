@@ -248,9 +248,16 @@ class Fragments:
     would cost every response its length in lookups.)"""
 
     def __init__(self, secrets: Iterable[str]) -> None:
+        # and their hex, either case: h2 quotes a GOAWAY's debug data as hex, which a server
+        # may fill with the key it was sent ("additional_data:62796520736b2d...")
+        forms = [
+            form
+            for s in secrets
+            for form in (s, s.encode().hex(), s.encode().hex().upper())
+        ]
         self._grams = frozenset(
             s[i : i + FRAGMENT]
-            for s in secrets
+            for s in forms
             if len(s) >= FRAGMENT
             for i in range(len(s) - FRAGMENT + 1)
         )

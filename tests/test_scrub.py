@@ -259,6 +259,13 @@ def test_escaped_secrets_in_sse_data_lines() -> None:
         pytest.param(f"{PKEY[:12]} and {PKEY[-12:]}", "[REDACTED] and [REDACTED]", id="pieces"),
         pytest.param(f"{PKEY[:11]}", PKEY[:11], id="under-12-characters"),
         pytest.param("nothing here", "nothing here", id="none"),
+        # h2's repr of a GOAWAY's debug data, which a server filled with the key it was sent
+        pytest.param(
+            f"additional_data:62796520{PKEY[:16].encode().hex()}>",
+            "additional_data:62796520[REDACTED]>",
+            id="hex",
+        ),
+        pytest.param(f"0x{PKEY[4:20].encode().hex().upper()}", "0x[REDACTED]", id="hex-upper-case"),
     ],
 )
 @pytest.mark.parametrize("many", [False, True], ids=["few-grams", "many-grams"])
