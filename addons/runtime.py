@@ -19,7 +19,7 @@ from mitmproxy.utils import human
 from addons.logscrub import LOG_SCRUBBER
 from aiid_proxy.audit.writers import WRITER_MODES
 from aiid_proxy.bodies import DEFAULT_BODY_LIMIT
-from aiid_proxy.control import Answer, ApprovalBroker, ControlServer
+from aiid_proxy.control import Answer, ApprovalBroker, ControlServer, HomeLock
 from aiid_proxy.errors import AiidError, AuditError
 from aiid_proxy.gateway import (
     FlowState,
@@ -65,6 +65,7 @@ class Runtime:
         self._skip: tuple[str, str, int, str] | None = None  # the options that rollback restored
         # on the gateway's clock: grants expire in the time the rest of the gateway keeps
         self.broker = ApprovalBroker(gateway.clock) if gateway is not None else ApprovalBroker()
+        self._lock: HomeLock | None = None  # one gateway per home, for as long as this runs
         self.control: ControlServer | None = None
         self.holds: dict[str, set[tuple[str, str]]] = {}  # client id -> (tenant, request id)
 
@@ -90,6 +91,10 @@ class Runtime:
         if answer not in ("approve", "deny"):
             raise AiidError("answer must be approve or deny")
         ttl = msg.get("ttl")
+        if ttl is not None and (
+            isinstance(ttl, bool) or not isinstance(ttl, int | float) or abs(ttl) > 10**9
+        ):  # a string, or an integer too big for a float: refused, not dropped
+            raise AiidError("ttl must be a number of seconds")
         return self.broker.answer(
             str(msg.get("tenant")),
             str(msg.get("request_id")),
@@ -97,9 +102,7 @@ class Runtime:
                 approved=answer == "approve",
                 by=str(msg.get("by") or "unknown")[:100],
                 reason=str(msg.get("reason") or "")[:300],
-                ttl=float(ttl)
-                if isinstance(ttl, (int, float)) and not isinstance(ttl, bool)
-                else None,
+                ttl=None if ttl is None else float(ttl),
             ),
         )
 
@@ -189,6 +192,11 @@ class Runtime:
             self._skip = key
             return False
         try:
+            if self._lock is None or self._lock.root != home.root:
+                if self._lock is not None:
+                    self._lock.release()
+                    self._lock = None
+                self._lock = HomeLock(home)
             gw = Gateway(
                 home,
                 policies.absolute(),
@@ -220,6 +228,9 @@ class Runtime:
         await self._deny_held()
         if self.gateway is not None:
             self.gateway.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     async def _deny_held(self) -> None:
         """At shutdown, every request still held for approval is denied (403, its approval

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from aiid_proxy.clock import SYSTEM_CLOCK, Clock
-from aiid_proxy.errors import AiidError
+from aiid_proxy.errors import AiidError, ConfigError
 from aiid_proxy.home import Home
 
 log = logging.getLogger("aiid.control")
@@ -121,6 +122,34 @@ def _peer_uid(sock: socket.socket) -> int | None:
         return None
     _pid, uid, _gid = struct.unpack("3i", creds)
     return int(uid)
+
+
+class HomeLock:
+    """One gateway per home: an exclusive lock (``flock``) on ``runtime/control/gateway.lock``
+    for the process's lifetime. Two gateways would each enforce the tenants' rate limits and
+    budgets alone, and approvals would reach only one. Atomic where a check of the control
+    socket is not (two gateways started at the same moment both passed it)."""
+
+    def __init__(self, home: Home) -> None:
+        d = home.control_dir
+        d.mkdir(parents=True, exist_ok=True)
+        d.chmod(0o700)
+        self.root = home.root
+        self._fd: int | None = os.open(d / "gateway.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._fd)
+            self._fd = None
+            raise ConfigError(
+                f"another gateway is running on the home {home.root}: two would each enforce "
+                "the rate limits and budgets alone; stop it first"
+            ) from None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the only descriptor releases the lock
+            self._fd = None
 
 
 def gateway_running(home: Home) -> bool:

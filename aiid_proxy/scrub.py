@@ -250,11 +250,7 @@ class Fragments:
     def __init__(self, secrets: Iterable[str]) -> None:
         # and their hex, either case: h2 quotes a GOAWAY's debug data as hex, which a server
         # may fill with the key it was sent ("additional_data:62796520736b2d...")
-        forms = [
-            form
-            for s in secrets
-            for form in (s, s.encode().hex(), s.encode().hex().upper())
-        ]
+        forms = [form for s in secrets for form in (s, s.encode().hex(), s.encode().hex().upper())]
         self._grams = frozenset(
             s[i : i + FRAGMENT]
             for s in forms

@@ -1215,6 +1215,19 @@ def test_a_standing_approval_of_an_egress_request_covers_that_method_and_path_on
     assert other.flow.response.status_code == 403
 
 
+@pytest.mark.parametrize(
+    "ttl", [pytest.param("600", id="string"), pytest.param(10**300, id="huge-int")]
+)
+def test_a_control_answer_with_a_ttl_that_is_no_number_is_refused(h: Harness, ttl: Any) -> None:
+    """A string ttl was dropped (approved once, no grant, no word); a 300-digit one raised
+    OverflowError with a traceback."""
+    from aiid_proxy.errors import AiidError
+
+    msg = {"tenant": TENANT, "request_id": "req_1", "answer": "approve", "ttl": ttl}
+    with pytest.raises(AiidError, match="ttl must be a number of seconds"):
+        h.rt._answer(msg)  # noqa: SLF001 - the control channel's handler
+
+
 def test_a_hold_whose_record_is_refused_leaves_nothing_pending(
     h: Harness, issue: Callable[..., str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1688,6 +1701,7 @@ def test_a_request_target_naming_the_same_host_is_allowed(
     ("field", "raw"),
     [
         pytest.param("path", b"/v1/chat/completions\xff", id="path"),
+        pytest.param("path", b"/v1/chat/completions?x=\xff", id="query"),
         pytest.param("method", b"P\xffST", id="method"),
         pytest.param("host", b"api.openai.com\xff", id="host"),
     ],

@@ -337,6 +337,21 @@ def test_token_revoke_takes_the_token_itself(aiid: Run, home: Home) -> None:
             ["--reason is at most 1000 characters"],
             id="deny-reason-too-long",
         ),
+        pytest.param(  # 1000 characters, 6000 bytes as JSON escapes: over the channel's limit
+            ["deny", TENANT, "req_1", "--reason", "é" * 1000],
+            2,
+            ["the answer is over 4096 bytes: shorten --reason or --as"],
+            id="deny-reason-too-many-bytes",
+        ),
+        pytest.param(
+            ["approve", TENANT, "req_1", "--as", "x" * 5000],
+            2,
+            ["the answer is over 4096 bytes"],
+            id="approve-as-too-long",
+        ),
+        pytest.param(
+            ["approve", TENANT, "req_1", "--ttl", ""], 2, ["--ttl"], id="approve-ttl-empty"
+        ),
     ],
 )
 def test_errors_are_one_line_with_the_right_status(

@@ -379,3 +379,15 @@ def test_an_expired_override_decides_nothing(
     (row,) = [r for r in audit_rows(gateway_home) if r["request_id"] == st.request_id]
     assert row["event"] == "deny" and row["rule"] == "no-gpt-4o"
     assert "override" not in json.loads(row["detail"])
+
+
+def test_one_gateway_per_home_is_an_exclusive_lock(short_home: Home) -> None:
+    """Two gateways started at the same moment both passed the control-socket check."""
+    from aiid_proxy.control import HomeLock
+    from aiid_proxy.errors import ConfigError
+
+    first = HomeLock(short_home)
+    with pytest.raises(ConfigError, match="another gateway is running on the home"):
+        HomeLock(short_home)
+    first.release()
+    HomeLock(short_home).release()  # free again

@@ -574,19 +574,27 @@ def test_zz_audit_verifies_then_detects_edit_and_no_canary_anywhere(
     assert "seq 3" in p.stdout + p.stderr
 
 
-def test_same_addons_under_plain_mitmdump(env: tuple[Gateway, StandIn]) -> None:
-    """Teams that already run mitmproxy load the same pipeline with `mitmdump -s`."""
+@pytest.mark.parametrize("same_home", [True, False], ids=["gateways-home", "a-copy"])
+def test_same_addons_under_plain_mitmdump(env: tuple[Gateway, StandIn], same_home: bool) -> None:
+    """Teams that already run mitmproxy load the same pipeline with `mitmdump -s`; not on a
+    home whose gateway runs (each would enforce the limits and budgets alone)."""
     import os
+    import shutil
     import socket
     import sys
 
     from e2e import free_port
 
     gw, si = env
+    home = gw.home
+    if not same_home:  # the same keys, tenants and vaults: the same tokens are accepted
+        home = gw.home.parent / "home-copy"
+        if not home.exists():
+            shutil.copytree(gw.home, home, ignore=shutil.ignore_patterns("control"))
     port = free_port()
     script = Path(__file__).resolve().parent.parent / "addons" / "aiid.py"
     mitmdump = str(Path(sys.executable).parent / "mitmdump")
-    log = gw.home.parent / "mitmdump.log"
+    log = gw.home.parent / f"mitmdump-{same_home}.log"
     proc = subprocess.Popen(
         [
             mitmdump,
@@ -598,9 +606,9 @@ def test_same_addons_under_plain_mitmdump(env: tuple[Gateway, StandIn]) -> None:
             "--listen-port",
             str(port),
             "--set",
-            f"confdir={gw.home / 'certs'}",
+            f"confdir={home / 'certs'}",
             "--set",
-            f"aiid_home={gw.home}",
+            f"aiid_home={home}",
             "--set",
             f"aiid_policies={gw.policies}",
             "--set",
@@ -611,13 +619,15 @@ def test_same_addons_under_plain_mitmdump(env: tuple[Gateway, StandIn]) -> None:
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
-        env={**os.environ, "AIID_HOME": str(gw.home)},
+        env={**os.environ, "AIID_HOME": str(home)},
     )
     try:
         assert wait_for(lambda: _connectable(socket, port), 20), log.read_text()
         proxy = f"http://127.0.0.1:{port}"
         body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
         for key, want in ((gw.token("acme", "bot"), 200), ("junk", 401)):
+            if same_home:  # mitmdump keeps a script whose configure failed (the home is
+                want = 0  # locked by the running gateway): no gateway, every connection killed
             p = subprocess.run(
                 [
                     "curl",
@@ -644,7 +654,9 @@ def test_same_addons_under_plain_mitmdump(env: tuple[Gateway, StandIn]) -> None:
                 text=True,
                 timeout=30,
             )
-            assert p.stdout.strip() == str(want), log.read_text()
+            assert p.stdout.strip() == f"{want:03d}", log.read_text()
+        if same_home:
+            assert "gateway is not configured" in log.read_text()
     finally:
         proc.terminate()
         proc.wait(timeout=15)

@@ -135,6 +135,8 @@ def test_daily_budget_trips_at_exactly_the_right_request(
         start(gw, token, body())
     r = e.value
     assert (r.status, r.type, r.rule) == (429, "budget_exceeded", "agent usd_per_day")
+    # hours until the budget resets: the anthropic SDK slept out such a Retry-After
+    assert r.headers["x-should-retry"] == "false" and int(r.headers["retry-after"]) > 0
     assert "agent budget usd_per_day 10.00 for bud-* exceeded: spent 8.00" in r.message
     assert r.headers["retry-after"] == str(DAY_LEFT)
     # a 2-token request still fits exactly (8 + 2 = 10)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -10,7 +11,7 @@ from typing import Any
 import click
 
 from aiid_proxy.cli.base import checked_name, home_of, known_regions, main_group, policies_dir
-from aiid_proxy.control import MAX_GRANT
+from aiid_proxy.control import MAX_GRANT, MAX_MESSAGE
 from aiid_proxy.errors import ConfigError, UsageError
 from aiid_proxy.home import Home, validate_name
 
@@ -244,7 +245,10 @@ def _answer(home: Home, tenant_name: str, request_id: str, payload: dict[str, An
 
     home.require()
     home.require_tenant(tenant_name)
-    reply = send_answer(home, {"tenant": tenant_name, "request_id": request_id, **payload})
+    message = {"tenant": tenant_name, "request_id": request_id, **payload}
+    if len(json.dumps(message).encode()) >= MAX_MESSAGE:  # as the control channel counts it
+        raise UsageError(f"the answer is over {MAX_MESSAGE} bytes: shorten --reason or --as")
+    reply = send_answer(home, message)
     click.echo(reply)
 
 
@@ -262,6 +266,8 @@ def approve(
     """Approve a request held by an `approve` rule."""
     from aiid_proxy.admin import parse_ttl
 
+    if ttl is not None and not ttl.strip():
+        raise UsageError("--ttl needs a duration, e.g. 10m")
     seconds = parse_ttl(ttl) if ttl else None
     if seconds is not None and not 0 < seconds <= MAX_GRANT:
         raise UsageError(

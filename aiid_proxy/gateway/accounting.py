@@ -143,7 +143,9 @@ class Accounting:
                 "budget_exceeded",
                 f"{got.message}; retry after {got.retry_after} s",
                 got.budget,
-                headers={"retry-after": str(got.retry_after)},
+                # the budget resets in hours: an SDK obeying Retry-After (anthropic's does, up
+                # to 49 days) would sleep that long, then send it again
+                headers={"retry-after": str(got.retry_after), "x-should-retry": "false"},
             )
         return got
 

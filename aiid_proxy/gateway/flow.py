@@ -144,8 +144,8 @@ def request_digest(
     """What the verdict is bound to: method, URL, the request target's authority (an
     absolute-form target or :authority), every header (in order) and the body."""
     h = hashlib.sha256()
-    for part in (method.encode(), b"\0", url.encode(), b"\0", authority.encode(), b"\0"):
-        h.update(part)
+    for text in (method, url, authority):  # bytes as they came (undecodable ones included)
+        h.update(text.encode("utf-8", "surrogateescape") + b"\0")
     for k, v in headers:
         h.update(len(k).to_bytes(4, "big") + k + len(v).to_bytes(4, "big") + v)
     h.update(b"\0")

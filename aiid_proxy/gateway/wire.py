@@ -134,7 +134,7 @@ def path_problem(path: str) -> str | None:
     if any(chr(int(h, 16)) in _UNRESERVED for h in _PCT.findall(path)):
         return "percent-encodes a character that needs no encoding"
     text = path
-    for _ in range(3):
+    for _ in range(4):  # the path as sent, then after each of up to three decodings
         for seg in text.replace("\\", "/").split("/"):
             if seg.split(";", 1)[0] in (".", ".."):
                 return "contains '.' or '..' segments"
@@ -169,6 +169,14 @@ def ratelimit_headers(d: RateDecision, *, refused: bool) -> dict[str, str]:
     if d.reset_tokens_s is not None:
         h["x-ratelimit-reset-tokens"] = f"{d.reset_tokens_s:.3f}s"
     return h
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def refuse_target(t: Target, headers: Mapping[str, str]) -> None:
@@ -207,7 +215,9 @@ def refuse_target(t: Target, headers: Mapping[str, str]) -> None:
             ":authority and Host headers must agree)",
             "default",
         )
-    if t.connect_host is not None and t.connect_host.lower() != t.host.lower():
+    if t.connect_host is not None and (
+        t.connect_host.lower().rstrip(".") != t.host.lower().rstrip(".")
+    ):
         raise RequestRefused(
             403, "policy_denied", "Host header does not match the CONNECT target", "default"
         )
@@ -218,6 +228,8 @@ def refuse_target(t: Target, headers: Mapping[str, str]) -> None:
     problem = path_problem(t.path)
     if problem is not None:
         raise RequestRefused(400, "bad_request", f"the request path {problem}")
+    if not _utf8(t.query):  # undecodable bytes mitmproxy kept as surrogate escapes
+        raise RequestRefused(400, "bad_request", "the query string is not valid UTF-8")
     for name in OVERRIDE_HEADERS:
         if headers.get(name) is not None:
             raise RequestRefused(403, "policy_denied", f"{name} is not allowed", "default")
