@@ -83,6 +83,7 @@ class PolicyStore:
         self._loaded_at: dict[str, float] = {}
         self._stamps: dict[str, tuple[int, int, int, int]] = {}
         self._refused: set[str] = set()  # tenants whose file was refused last
+        self._yaml: set[str] = set()  # tenants whose <t>.yaml was read in this run
         self._expired_seen: dict[str, set[tuple[str, str]]] = {}  # (policy hash, override id)
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -115,6 +116,25 @@ class PolicyStore:
                         self.directory,
                     )
             for tenant, path in files.items():
+                if path.suffix == ".yaml":
+                    self._yaml.add(tenant)
+                elif tenant in self._yaml:
+                    # the .yaml vanished and a stray .yml is left: like any vanished file, the
+                    # last good policy stays (an editor's delete-and-rewrite must not swap in
+                    # an old file); a restart reads the .yml
+                    if tenant in self._stamps:
+                        del self._stamps[tenant]
+                        events.append(
+                            PolicyEvent(tenant, True, self._clock.now(), None, None, removed=True)
+                        )
+                        log.warning(
+                            "policy %s: %s.yaml is gone; %s is not read in its place (the last "
+                            "good policy stays until a restart)",
+                            tenant,
+                            tenant,
+                            path.name,
+                        )
+                    continue
                 try:
                     st = path.stat()
                 except OSError:

@@ -651,6 +651,16 @@ def test_with_a_yaml_and_a_yml_file_the_yaml_is_in_force(tmp_path: Path) -> None
     store.refresh()
     now = store.get("acme")
     assert now is not None and not now.rules
+    # the .yaml deleted (an editor's delete-and-rewrite): the last good policy stays, as
+    # for any vanished file; the stray allow-all .yml is not swapped in
+    (tmp_path / "acme.yaml").unlink()
+    (ev,) = store.refresh()
+    assert ev.removed and store.get("acme") is now
+    assert store.refresh() == []  # said once
+    (tmp_path / "acme.yaml").write_text(HEAD + "rules:\n  - {id: back, effect: allow}\n")
+    store.refresh()
+    back = store.get("acme")
+    assert back is not None and [r.id for r in back.rules] == ["back"]
 
 
 def test_a_policy_refused_at_start_says_no_policy_is_in_force(tmp_path: Path) -> None:
