@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import math
 import os
 import socket
+import stat
 import struct
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +34,32 @@ MAX_MESSAGE = 4096
 MAX_GRANT = 24 * 3600  # seconds an approval's ttl may cover (`aiid approve --ttl`)
 
 
+MAX_SOCKET_PATH = 100  # bytes: a Unix socket's path must fit in 108 (107 and a NUL)
+
+
 def socket_path(home: Home) -> Path:
-    return home.control_dir / SOCKET_NAME
+    """``runtime/control/aiid.sock``; when that path is too long for a Unix socket (a home
+    path of ~80 characters and more), a socket named after the home in a private directory
+    of this user's under the system's temp directory."""
+    p = home.control_dir / SOCKET_NAME
+    if len(os.fsencode(p)) <= MAX_SOCKET_PATH:
+        return p
+    digest = hashlib.sha256(os.fsencode(home.root.resolve())).hexdigest()[:24]
+    return Path(tempfile.gettempdir()) / f"aiid-{os.getuid()}" / f"{digest}.sock"
+
+
+def _private_dir(d: Path, *, create: bool) -> None:
+    """``d`` is a directory of this user's that nobody else may enter (created so when
+    ``create``); OSError otherwise: another user's socket there could take the answers."""
+    if create:
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = d.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise OSError(f"{d} is not a directory of this user's")
+    if st.st_mode & 0o077:
+        if not create:
+            raise OSError(f"{d} is open to other users")
+        d.chmod(0o700)
 
 
 @dataclass(frozen=True)
@@ -180,6 +207,8 @@ class ControlServer:
         d.mkdir(parents=True, exist_ok=True)
         d.chmod(0o700)
         path = socket_path(self.home)
+        if path.parent != d:  # the home's path is too long for a socket in it
+            _private_dir(path.parent, create=True)
         if path.is_socket() and _answers(path):
             raise OSError(f"another gateway is running on this home ({path} answers)")
         if path.exists() or path.is_symlink():
@@ -243,6 +272,13 @@ class ControlServer:
 
 def send_answer(home: Home, payload: dict[str, Any], timeout: float = 10.0) -> str:
     path = socket_path(home)
+    if path.parent != home.control_dir:
+        try:
+            _private_dir(path.parent, create=False)
+        except FileNotFoundError:
+            pass  # no gateway ever served this home: said below
+        except OSError as e:
+            raise AiidError(f"the gateway's control socket is not safe to use: {e}") from None
     if not path.exists():
         raise AiidError(f"no running gateway for home {home.root} (no {path})")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:

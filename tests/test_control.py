@@ -4,6 +4,7 @@ deny` use (only the gateway's own user gets through), and overrides named in the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -391,3 +392,43 @@ def test_one_gateway_per_home_is_an_exclusive_lock(short_home: Home) -> None:
         HomeLock(short_home)
     first.release()
     HomeLock(short_home).release()  # free again
+
+
+@pytest.fixture
+def long_home(tmp_path: Path) -> Iterator[Home]:
+    """A home whose runtime/control/aiid.sock is too long for a Unix socket."""
+    root = tmp_path / ("h" * 90)
+    root.mkdir()
+    yield Home(root)
+    with contextlib.suppress(OSError):
+        socket_path(Home(root)).unlink()
+
+
+def test_a_home_too_long_for_a_socket_gets_one_in_a_private_temp_directory(
+    long_home: Home,
+) -> None:
+    """`AF_UNIX path too long`: approvals were impossible for a home of ~82+ characters."""
+    path = socket_path(long_home)
+    assert len(os.fsencode(long_home.control_dir / "aiid.sock")) > 107
+    assert path.parent == Path(tempfile.gettempdir()) / f"aiid-{os.getuid()}"
+    s = Served(long_home)
+    payload = {"tenant": "acme", "request_id": "req_1", "answer": "approve", "by": "alice"}
+    assert s.call(lambda: send_answer(long_home, payload)) == "ok req_1"
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+    assert socket_path(Home(long_home.root.parent / ("g" * 90))) != path  # one per home
+
+
+def test_a_socket_directory_open_to_others_is_not_used(long_home: Home) -> None:
+    s = Served(long_home)
+    d = socket_path(long_home).parent
+
+    def loosen_then_answer() -> str:
+        d.chmod(0o777)
+        try:
+            return send_answer(long_home, {"tenant": "acme", "request_id": "req_1"})
+        finally:
+            d.chmod(0o700)
+
+    with pytest.raises(AiidError, match="not safe to use: .* is open to other users"):
+        s.call(loosen_then_answer)
+    assert s.seen == []
