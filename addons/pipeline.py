@@ -207,6 +207,14 @@ def wire_method(req: http.Request) -> str:
     return req.data.method.decode("utf-8", "surrogateescape")
 
 
+def sealed_parts(
+    req: http.Request,
+) -> tuple[str, str, bytes, tuple[tuple[bytes, bytes], ...], str]:
+    """What the verdict is sealed to, read the same way by the seal and by the last gate:
+    method (as sent), URL, body, header fields, and the request target's authority."""
+    return wire_method(req), req.url, req.raw_content or b"", req.headers.fields, req.authority
+
+
 def refuse_now(rt: Runtime, flow: http.HTTPFlow, st: FlowState, r: RequestRefused) -> None:
     """Synchronous refusal for hooks before the agent is known (nothing to await)."""
     answer_refusal(flow, st, r)
@@ -439,14 +447,7 @@ class InjectStage(_Stage):
         LOG_SCRUBBER.add(inj.scrub_value())
         req.trailers = None  # trailers are sent after the request hook: never forward them
         if await request_record_durable(flow, gw, st):
-            gw.seal(
-                st,
-                wire_method(req),
-                req.url,
-                req.raw_content or b"",
-                req.headers.fields,
-                req.authority,
-            )
+            gw.seal(st, *sealed_parts(req))
 
 
 class LastGate:
@@ -479,14 +480,7 @@ class LastGate:
             and not req.stream
             and req.scheme == "https"
             and not req.trailers
-            and self.rt.gw().check_sealed(
-                st,
-                wire_method(req),
-                req.url,
-                req.raw_content or b"",
-                req.headers.fields,
-                req.authority,
-            )
+            and self.rt.gw().check_sealed(st, *sealed_parts(req))
         )
 
     def _kill(self, flow: http.HTTPFlow, reason: str) -> None:

@@ -19,7 +19,6 @@ from mitmproxy.tools.dump import DumpMaster
 from addons import dispatch
 from addons.pipeline import make_addons
 from addons.runtime import PINNED, Runtime
-from aiid_proxy.control import gateway_running
 from aiid_proxy.home import Home
 
 log = logging.getLogger("aiid")
@@ -182,13 +181,6 @@ def run_gateway(
 
     async def main() -> int:
         problem = listen_problem(host, port)
-        if problem is None and gateway_running(home):
-            # each would enforce the tenants' rate limits and budgets alone (twice the limit),
-            # and approvals would reach only the one holding the control channel
-            problem = (
-                f"another gateway is running on the home {home.root}: two would each enforce "
-                "the rate limits and budgets alone; stop it first"
-            )
         if problem is not None:
             print(f"aiid: error: {problem}", file=sys.stderr)
             return 1

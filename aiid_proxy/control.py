@@ -179,12 +179,6 @@ class HomeLock:
             self._fd = None
 
 
-def gateway_running(home: Home) -> bool:
-    """Whether a gateway serves this home now (its control socket answers)."""
-    path = socket_path(home)
-    return path.is_socket() and _answers(path)
-
-
 def _answers(path: Path) -> bool:
     """Whether something listens on the socket at ``path``."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:

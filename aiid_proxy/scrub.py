@@ -236,6 +236,24 @@ FRAGMENT = 12
 (all of it but its last character, say) is as good as the key to whoever reads it."""
 
 
+_HEX_RUN = re.compile(f"[0-9A-Fa-f]{{{FRAGMENT}}}")
+
+
+def _grams(texts: Iterable[str]) -> frozenset[str]:
+    """Every run of FRAGMENT characters of ``texts``."""
+    return frozenset(
+        t[i : i + FRAGMENT]
+        for t in texts
+        if len(t) >= FRAGMENT
+        for i in range(len(t) - FRAGMENT + 1)
+    )
+
+
+def _slid(text: str, grams: frozenset[str]) -> bool:
+    """Whether a window of ``text`` is one of ``grams``."""
+    return any(text[i : i + FRAGMENT] in grams for i in range(len(text) - FRAGMENT + 1))
+
+
 @functools.lru_cache(maxsize=256)  # a flow's scrubber asks for its key's on every response
 def _fragments(secrets: tuple[str, ...]) -> Fragments:
     return Fragments(secrets)
@@ -248,16 +266,13 @@ class Fragments:
     would cost every response its length in lookups.)"""
 
     def __init__(self, secrets: Iterable[str]) -> None:
-        # and their hex, either case: h2 quotes a GOAWAY's debug data as hex, which a server
-        # may fill with the key it was sent ("additional_data:62796520736b2d...")
-        forms = [form for s in secrets for form in (s, s.encode().hex(), s.encode().hex().upper())]
-        self._grams = frozenset(
-            s[i : i + FRAGMENT]
-            for s in forms
-            if len(s) >= FRAGMENT
-            for i in range(len(s) - FRAGMENT + 1)
-        )
+        secrets = tuple(secrets)
+        self._grams = _grams(secrets)
         self._few = len(self._grams) <= 64
+        # and their hex, either case: h2 quotes a GOAWAY's debug data as hex, which a server
+        # may fill with the key it was sent ("additional_data:62796520736b2d..."). Looked for
+        # only in text with a run of hex digits that long: header values pay nothing.
+        self._hex = _grams(h for s in secrets for h in (s.encode().hex(), s.encode().hex().upper()))
 
     def __bool__(self) -> bool:
         return bool(self._grams)
@@ -266,15 +281,17 @@ class Fragments:
         if not self._grams or len(text) < FRAGMENT:
             return False
         if self._few:  # a handful of str.find: C speed over the text
-            return any(g in text for g in self._grams)
-        grams = self._grams
-        return any(text[i : i + FRAGMENT] in grams for i in range(len(text) - FRAGMENT + 1))
+            if any(g in text for g in self._grams):
+                return True
+        elif _slid(text, self._grams):
+            return True
+        return _HEX_RUN.search(text) is not None and _slid(text, self._hex)
 
     def redact(self, text: str) -> str:
         """``text`` with every run of fragments replaced by ``[REDACTED]``."""
         if not self.found(text):
             return text
-        grams = self._grams
+        grams = self._grams | self._hex if _HEX_RUN.search(text) else self._grams
         spans: list[list[int]] = []
         for i in range(len(text) - FRAGMENT + 1):
             if text[i : i + FRAGMENT] in grams:
