@@ -21,6 +21,7 @@ from aiid_proxy.providers import (
     parse_request,
     parse_usage,
 )
+from aiid_proxy.providers.registry import normalize_host
 
 REG = Registry.builtin()
 
@@ -176,6 +177,31 @@ def test_strip_headers_adds_a_custom_auth_header() -> None:
 def test_match_host(host: str, expected: str | None) -> None:
     p = REG.match_host(host)
     assert (p.name if p is not None else None) == expected
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        pytest.param("API.OpenAI.com.", "api.openai.com", id="case-and-trailing-dot"),
+        pytest.param("1.2.3.example", "1.2.3.example", id="numeric-labels-then-a-name"),
+        pytest.param("a1.b2", "a1.b2", id="alphanumeric-last-label"),
+        pytest.param("1.2.3.4", None, id="ipv4"),
+        pytest.param("127.1", None, id="short-ipv4"),
+        pytest.param("2130706433", None, id="ipv4-as-one-number"),
+        pytest.param("0x7f.1", None, id="hex-ipv4"),
+        pytest.param("10.0.0.256", None, id="numeric-last-label-not-an-address"),
+        pytest.param("::1", None, id="ipv6"),
+        pytest.param("fe80::1%eth0", None, id="ipv6-scoped"),
+        pytest.param("[::1]", None, id="ipv6-brackets"),
+    ],
+)
+def test_normalize_host(host: str, expected: str | None) -> None:
+    assert normalize_host(host) == expected
+
+
+def test_a_provider_host_cannot_be_an_ip_address() -> None:
+    with pytest.raises(ConfigError, match="not a DNS host name"):
+        Registry.from_data(minimal_data(hosts=["10.0.0.1"]))
 
 
 def test_kelvin_sign_does_not_lowercase_into_a_provider_host() -> None:

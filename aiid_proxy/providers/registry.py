@@ -16,7 +16,6 @@ never mistaken for one it does:
 from __future__ import annotations
 
 import functools
-import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -243,18 +242,12 @@ def normalize_host(host: str) -> str | None:
         h = h[:-1]
     if not h or len(h) > 253 or _HOST_RE.fullmatch(h) is None:
         return None
-    if _is_ip_like(h):
+    # Labels of letters, digits and hyphens hold no IPv6 literal (no ':'), and an IPv4
+    # literal ends in a numeric label, as "127.1" and friends do: such a host is never a DNS
+    # name we route by.
+    if h.rsplit(".", 1)[-1].isdigit():
         return None
     return h
-
-
-def _is_ip_like(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        # "127.1" and friends: a numeric last label is never a DNS name we route by.
-        return host.rsplit(".", 1)[-1].isdigit()
-    return True
 
 
 def _validate_host(spec: object, where: str) -> str:
