@@ -42,6 +42,7 @@ from aiid_proxy.gateway import (
     Target,
     is_ip_literal,
     refusal_body,
+    request_digest,
     token_from_value,
 )
 from aiid_proxy.policy import Decision
@@ -446,8 +447,11 @@ class InjectStage(_Stage):
         )
         LOG_SCRUBBER.add(inj.scrub_value())
         req.trailers = None  # trailers are sent after the request hook: never forward them
+        # The digest of the request as it is now, taken while its record commits; LastGate
+        # takes it again from the request as it leaves, and both must agree.
+        digest = request_digest(*sealed_parts(req))
         if await request_record_durable(flow, gw, st):
-            gw.seal(st, *sealed_parts(req))
+            gw.seal_digest(st, digest)
 
 
 class LastGate:

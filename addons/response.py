@@ -4,7 +4,10 @@ counted, the ``response`` record written; upstream errors recorded."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from mitmproxy import ctx, http
@@ -17,6 +20,8 @@ from aiid_proxy.gateway import (
     ratelimit_headers,
 )
 from aiid_proxy.providers import (
+    Provider,
+    Route,
     SSEUsageTracker,
     Usage,
     estimate_body_usage,
@@ -42,6 +47,33 @@ class StreamFilter(StreamGuard):
     def __call__(self, chunk: bytes) -> bytes | bytearray:  # type: ignore[override]
         out = super().__call__(chunk)
         return out if out else bytearray()
+
+
+def _no_usage() -> Usage | None:
+    return None
+
+
+def body_usage(
+    provider: Provider, route: Route | None, body: bytes, status: int, est_in: int
+) -> Usage | None:
+    """A whole body's usage as the provider reports it; an estimate for a successful call
+    that reports none."""
+    usage = parse_usage(provider, route, body)
+    if usage is None and 200 <= status < 300 and route is not None:
+        usage = estimate_body_usage(body, est_in)
+    return usage
+
+
+def after_release(fn: Callable[[], None]) -> None:
+    """Run ``fn`` once the hook that calls this has returned and mitmproxy has sent the
+    response on (the next turn of the event loop): what only counts a response (its usage,
+    the settlement, its record) is not on the agent's way. Without a running loop, now."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        fn()
+        return
+    loop.call_soon(fn)
 
 
 def close_upstream(flow: http.HTTPFlow) -> None:
@@ -160,13 +192,13 @@ class ResponseFilter:
         if seen is None or seen[0] is not resp.headers.fields or seen[1] != resp.reason:
             self._scrub_headers(resp, scrubber)
         sf = flow.metadata.get("aiid_stream")
-        usage: Usage | None = None
+        usage: Callable[[], Usage | None] = _no_usage
         hits = 0
         extra: dict[str, Any] = {}
         completion: bytes | None = None
         est_in = st.route.facts.estimated_input_tokens if st.route and st.route.facts else 0
         if isinstance(sf, StreamFilter):
-            usage = sf.usage(est_in)
+            usage = functools.partial(sf.usage, est_in)
             hits = sf.scrubber.hits
             completion = bytes(sf.kept)
             if sf.cut:
@@ -191,7 +223,7 @@ class ResponseFilter:
             if clean != body:
                 resp.content = clean
             completion = clean
-            usage = guard.usage(est_in)
+            usage = functools.partial(guard.usage, est_in)
             if guard.cut:
                 extra["cut"] = guard.cut
         else:
@@ -216,15 +248,27 @@ class ResponseFilter:
                 resp.content = clean
             completion = clean
             if st.route is not None and st.route.provider is not None:
-                usage = parse_usage(st.route.provider, st.route.route, clean)
-                if usage is None and 200 <= resp.status_code < 300 and st.route.route:
-                    usage = estimate_body_usage(clean, est_in)  # no usage reported: estimate
-        fut = gw.record_response(st, resp.status_code, usage, hits, extra, completion)
-        if fut is not None:
-            # Not awaited: the contract makes the *request* record durable before anything
-            # leaves; the response record commits after the response is released, without
-            # an fsync of its own (audit.log.LAZY_EVENTS). A failure to write it is logged.
-            fut.add_done_callback(log_unwritten)
+                usage = functools.partial(
+                    body_usage, st.route.provider, st.route.route, clean, resp.status_code, est_in
+                )
+        status = resp.status_code
+
+        def account() -> None:
+            try:
+                fut = gw.record_response(st, status, usage(), hits, extra, completion)
+            except Exception:
+                log.exception("response of request %s not accounted", st.request_id)
+                with contextlib.suppress(Exception):
+                    gw.record_error(st, "the response could not be accounted", sent=True)
+                return
+            if fut is not None:
+                # Not awaited: the contract makes the *request* record durable before
+                # anything leaves; the response record commits after the response is
+                # released, without an fsync of its own (audit.log.LAZY_EVENTS). A failure
+                # to write it is logged.
+                fut.add_done_callback(log_unwritten)
+
+        after_release(account)
 
     def error(self, flow: http.HTTPFlow) -> None:
         st = state_of(flow)

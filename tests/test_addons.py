@@ -1442,7 +1442,7 @@ def test_an_exception_in_any_stage_kills_the_flow(
         pytest.param("audit_request", True, id="audit_request"),
         pytest.param("audit_done", True, id="audit_done"),
         pytest.param("inject", True, id="inject"),
-        pytest.param("seal", True, id="seal"),
+        pytest.param("seal_digest", True, id="seal_digest"),
         pytest.param("check_sealed", True, id="check_sealed"),
         pytest.param("policy_for", True, id="policy_for"),
     ],
@@ -2014,6 +2014,80 @@ def test_the_key_is_prepared_while_the_request_record_commits(
     res = h.run(go())
     h.settle()
     assert res.sent is not None and flow.response is not None and flow.response.status_code == 200
+
+
+def test_a_response_is_accounted_after_its_hook_returns(
+    h: Harness, issue: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mitmproxy sends the response on when the `response` hook returns: its usage, the
+    settlement and its record come on the next turn of the loop, off the agent's way."""
+    rf = h.addon(response_side.ResponseFilter)
+    real_hook, real_record = rf.response, h.gw.record_response
+    returned: list[bool] = []
+    recorded_after: list[bool] = []
+
+    def hook(flow: http.HTTPFlow) -> None:
+        real_hook(flow)
+        returned.append(True)
+
+    def record(*a: Any, **kw: Any) -> Any:
+        recorded_after.append(bool(returned))
+        return real_record(*a, **kw)
+
+    monkeypatch.setattr(rf, "response", hook)
+    monkeypatch.setattr(h.gw, "record_response", record)
+    h.tctx.master.addons.chain = list(h.tctx.master.addons.chain)  # the table sees the hook
+    flow = make_flow(issue())
+    res = h.send(flow)
+    assert res.sent is not None and flow.response is not None
+    assert flow.response.status_code == 200
+    assert recorded_after == [True]
+    (row,) = [r for r in h.rows(request_id=rid_of(flow)) if r["event"] == "response"]
+    assert row["input_tokens"] == 7 and row["output_tokens"] == 5
+
+
+def test_a_response_accounting_failure_is_on_record(
+    h: Harness, issue: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the response went out, a failure to account it cannot kill the flow: it is
+    logged and recorded as an error (the response was sent)."""
+    monkeypatch.setattr(response_side, "body_usage", lambda *a: 1 / 0)
+    flow = make_flow(issue())
+    res = h.send(flow)
+    assert res.sent is not None and flow.response is not None
+    assert flow.response.status_code == 200
+    (row,) = error_rows(h, flow)
+    assert "could not be accounted" in row["reason"]
+
+
+@pytest.mark.parametrize(
+    "late",
+    [
+        pytest.param(lambda r: r.headers.add("x-late", "1"), id="header-added"),
+        pytest.param(lambda r: setattr(r, "path", "/v1/embeddings"), id="path"),
+        pytest.param(lambda r: setattr(r, "content", chat_body("gpt-4o")), id="body"),
+    ],
+)
+def test_a_request_changed_while_its_record_commits_never_leaves(
+    h: Harness,
+    issue: Callable[..., str],
+    monkeypatch: pytest.MonkeyPatch,
+    late: Callable[[http.Request], None],
+) -> None:
+    """The seal's digest is taken while the record commits; a change made meanwhile (after
+    the digest) is caught by LastGate, which takes the digest again from what would leave."""
+    real = pipeline.request_record_durable
+
+    async def durable(flow: http.HTTPFlow, gw: Any, st: Any) -> bool:
+        ok = await real(flow, gw, st)
+        late(flow.request)
+        return ok
+
+    monkeypatch.setattr(pipeline, "request_record_durable", durable)
+    flow = make_flow(issue())
+    res = h.send(flow)
+    assert_killed(res, recorded=True)
+    assert len(error_rows(h, flow)) == 1
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from aiid_proxy.gateway import (
     extract_token,
     is_ip_literal,
     refusal_body,
+    request_digest,
 )
 from aiid_proxy.gateway.recovery import unfinished_requests
 from aiid_proxy.home import Home
@@ -288,6 +289,18 @@ def test_no_seal_before_the_request_record_is_durable(
     gateway.audit_done(st, fut.result(timeout=10))
     gateway.seal(st, "POST", URL, BODY)
     assert st.allows()
+
+
+def test_a_digest_taken_beforehand_seals_the_same_request(
+    gateway: Gateway, issue: Callable[..., str]
+) -> None:
+    st = run_pipeline(gateway, issue())
+    with pytest.raises(IncompleteVerdict, match="not a request digest"):
+        gateway.seal_digest(st, b"short")
+    assert not st.allows()
+    gateway.seal_digest(st, request_digest("POST", URL, BODY))
+    assert st.allows() and gateway.check_sealed(st, "POST", URL, BODY)
+    assert not gateway.check_sealed(st, "POST", URL, BODY + b" ")
 
 
 def test_audit_done_needs_a_queued_record(gateway: Gateway, issue: Callable[..., str]) -> None:

@@ -41,6 +41,7 @@ from aiid_proxy.errors import (
 from aiid_proxy.gateway import recovery
 from aiid_proxy.gateway.accounting import Accounting
 from aiid_proxy.gateway.flow import (
+    DIGEST_SIZE,
     STAGES,
     FlowState,
     Injection,
@@ -503,11 +504,19 @@ class Gateway:
         authority: str = "",
     ) -> None:
         """Bind the completed verdict to the exact request that leaves."""
+        self.seal_digest(state, request_digest(method, url, body, headers, authority))
+
+    def seal_digest(self, state: FlowState, digest: bytes) -> None:
+        """:meth:`seal` with the request's :func:`request_digest` computed beforehand (while
+        its record commits): :meth:`check_sealed` computes it again from the request as it
+        leaves, so a request changed after the digest was taken never passes."""
         if tuple(state.done) != STAGES:
             raise IncompleteVerdict("seal before every stage completed")
         if state.audit is None:
             raise IncompleteVerdict("seal before the request record is durable")
-        state.digest = request_digest(method, url, body, headers, authority)
+        if len(digest) != DIGEST_SIZE:
+            raise IncompleteVerdict("seal with something that is not a request digest")
+        state.digest = digest
 
     def check_sealed(
         self,

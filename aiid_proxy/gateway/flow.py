@@ -134,6 +134,10 @@ class FlowState:
         return self.route.facts.model if self.route and self.route.facts else None
 
 
+DIGEST_SIZE = hashlib.sha256().digest_size
+"""Bytes of a :func:`request_digest`."""
+
+
 def request_digest(
     method: str,
     url: str,
