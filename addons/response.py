@@ -316,6 +316,10 @@ class ResponseFilter:
         # anywhere in the header block: the fields that hold one are scrubbed of it
         blob = b"\n".join(k + b"\n" + v for k, v in resp.headers.fields)
         pieces = scrubber.lower_fragments.found(blob.decode("utf-8", "surrogateescape").lower())
+        if not pieces and not scrubber.anywhere(blob):
+            # Neither the key nor a piece of it in any name or value (each is part of the
+            # block): nothing below would change. Field by field costs ~5 µs a field.
+            return
         for k, v in resp.headers.fields:
             if scrubber.in_name(k):  # "x-sk-...: 1": dropped whole
                 changed = True

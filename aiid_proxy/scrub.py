@@ -39,6 +39,14 @@ class Scrubber:
     def active(self) -> bool:
         return bool(self._needles)
 
+    def anywhere(self, data: bytes) -> bool:
+        """Whether a secret is in ``data`` as :meth:`scrub` replaces it, or in its lowercased
+        text (as :meth:`in_name` finds it); no hit is counted."""
+        if any(n in data for n in self._needles):
+            return True
+        low = data.decode("utf-8", "surrogateescape").lower()
+        return any(s.lower() in low for s in self.secrets)
+
     def in_name(self, name: bytes) -> bool:
         """A secret, or a :data:`FRAGMENT` of one, in a header name, in any case (HTTP/2
         lowercases names): such a header cannot be scrubbed into a valid name and is dropped;

@@ -27,6 +27,8 @@ from conftest import (
     audit_rows,
     write_policies,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from mitmproxy import exceptions, http
 from mitmproxy.addons import onboarding, proxyserver, save, savehar, tlsconfig
 from mitmproxy.flow import Error
@@ -65,6 +67,7 @@ from aiid_proxy.errors import AuditError, SecretNotFound
 from aiid_proxy.gateway import Gateway
 from aiid_proxy.home import Home
 from aiid_proxy.providers import CREDENTIAL_HEADERS
+from aiid_proxy.scrub import Scrubber
 
 KILLED = Error.KILLED_MESSAGE
 CHAT = "/v1/chat/completions"
@@ -2315,3 +2318,45 @@ def test_set_specs_are_parsed_as_mitmdump_parses_them() -> None:
     for bad in (["tcp_timeout=x"], ["tcp_timeout=1", "tcp_timeout=2"], ["nope=1"]):
         with pytest.raises(BadSetting):
             check_sets(opts, bad)
+
+
+SHORT = "sk-sh/rt9"  # shorter than a fragment: only whole secrets are looked for
+_PIECES = [
+    CANARY_OPENAI,
+    CANARY_OPENAI.upper(),
+    CANARY_OPENAI[:12],
+    CANARY_OPENAI[5:17],
+    CANARY_OPENAI[-12:],
+    SHORT,
+    SHORT.upper(),
+]
+_PIECES += [SHORT.replace("/", "\\/"), "x", "-", ":", " ", "\u212a"]
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.lists(st.sampled_from(_PIECES), min_size=1, max_size=3).map("".join),
+            st.lists(st.sampled_from(_PIECES), max_size=4).map("".join),
+        ),
+        max_size=6,
+    )
+)
+def test_the_header_block_fast_path_changes_nothing_the_field_walk_would(
+    fields: list[tuple[str, str]],
+) -> None:
+    """addons.response skips the field-by-field scrub when ``anywhere`` and the fragments
+    find nothing in the whole block: for any block, the walk itself must then change
+    nothing (the block holds every name and value)."""
+    raw = tuple((k.encode(), v.encode()) for k, v in fields)
+    fast = http.Response.make(200, b"", raw)
+    response_side.ResponseFilter._scrub_headers(fast, Scrubber([CANARY_OPENAI, SHORT]))
+
+    class Walk(Scrubber):
+        def anywhere(self, data: bytes) -> bool:
+            return True
+
+    slow = http.Response.make(200, b"", raw)
+    response_side.ResponseFilter._scrub_headers(slow, Walk([CANARY_OPENAI, SHORT]))
+    assert fast.headers.fields == slow.headers.fields

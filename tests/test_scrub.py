@@ -274,3 +274,12 @@ def test_fragments(text: str, expected: str, many: bool) -> None:
     f = Fragments([PKEY, *others])
     assert f.redact(text) == expected
     assert f.found(text) is (text != expected)
+
+
+def test_anywhere_finds_what_scrub_and_in_name_find() -> None:
+    s = Scrubber([KEY])
+    assert not s.anywhere(b"content-type\napplication/json")
+    assert s.anywhere(b"x\n" + K)
+    assert s.anywhere(b"x-" + KEY.upper().encode() + b"\n1")  # in a name, any case
+    assert s.anywhere(KEY.replace("/", "\\/").encode())
+    assert s.hits == 0  # looking is not scrubbing
