@@ -28,7 +28,7 @@ from conftest import (
     write_policies,
 )
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import strategies as hst
 from mitmproxy import exceptions, http
 from mitmproxy.addons import onboarding, proxyserver, save, savehar, tlsconfig
 from mitmproxy.flow import Error
@@ -2335,10 +2335,10 @@ _PIECES += [SHORT.replace("/", "\\/"), "x", "-", ":", " ", "\u212a"]
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(
-    st.lists(
-        st.tuples(
-            st.lists(st.sampled_from(_PIECES), min_size=1, max_size=3).map("".join),
-            st.lists(st.sampled_from(_PIECES), max_size=4).map("".join),
+    hst.lists(
+        hst.tuples(
+            hst.lists(hst.sampled_from(_PIECES), min_size=1, max_size=3).map("".join),
+            hst.lists(hst.sampled_from(_PIECES), max_size=4).map("".join),
         ),
         max_size=6,
     )
