@@ -158,7 +158,10 @@ class PolicyStore:
         for ev in events:
             log.info(ev.describe())
             if self._on_event is not None:
-                self._on_event(ev)
+                try:
+                    self._on_event(ev)
+                except Exception:  # one event's failure must not lose the others
+                    log.exception("policy %s: the event could not be reported", ev.tenant)
         return events
 
     def refused(self, tenant: str) -> bool:

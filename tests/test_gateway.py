@@ -291,6 +291,21 @@ def test_no_seal_before_the_request_record_is_durable(
     assert st.allows()
 
 
+@pytest.mark.parametrize("stray", ["Acme.yaml", "acme.old.yaml", "acme copy.yaml"])
+def test_a_file_named_after_no_tenant_is_refused_and_the_gateway_runs(
+    make_gateway: Callable[..., Gateway], policies_dir: Path, gateway_home: Home, stray: str
+) -> None:
+    """A backup or a wrongly cased copy in the policy directory stopped `aiid run` from
+    starting ("invalid tenant name"), and on a live gateway hid the events after it."""
+    (policies_dir / stray).write_text((policies_dir / "acme.yaml").read_text())
+    gw = make_gateway(policies_dir)
+    stem = stray.rsplit(".", 1)[0]
+    assert gw.policy_for(stem) is None and gw.policies.refused(stem)
+    gw.close()  # commits what was queued
+    loads = [r for r in audit_rows(gateway_home) if r["event"] == "policy"]
+    assert loads and json.loads(loads[-1]["detail"])["ok"]
+
+
 def test_a_digest_taken_beforehand_seals_the_same_request(
     gateway: Gateway, issue: Callable[..., str]
 ) -> None:

@@ -663,6 +663,27 @@ def test_with_a_yaml_and_a_yml_file_the_yaml_is_in_force(tmp_path: Path) -> None
     assert back is not None and [r.id for r in back.rules] == ["back"]
 
 
+def test_one_event_that_cannot_be_reported_loses_none_of_the_others(tmp_path: Path) -> None:
+    """A stray "Acme.yaml" sorts first: its report failing dropped every later event of the
+    same refresh (acme's reload went unlogged and unaudited, yet was in force)."""
+    from aiid_proxy.clock import FakeClock
+    from aiid_proxy.policystore import PolicyEvent, PolicyStore
+
+    seen: list[str] = []
+
+    def report(ev: PolicyEvent) -> None:
+        seen.append(ev.tenant)
+        if ev.tenant == "Acme":
+            raise RuntimeError("cannot report this one")
+
+    (tmp_path / "Acme.yaml").write_text(HEAD + "rules: []\n")
+    (tmp_path / "acme.yaml").write_text(HEAD + "rules:\n  - {id: a, effect: allow}\n")
+    (tmp_path / "beta.yaml").write_text(HEAD.replace("acme", "beta") + "rules: []\n")
+    events = PolicyStore(tmp_path, clock=FakeClock(), on_event=report).refresh()
+    assert [(e.tenant, e.ok) for e in events] == [("Acme", False), ("acme", True), ("beta", True)]
+    assert seen == ["Acme", "acme", "beta"]
+
+
 def test_a_policy_refused_at_start_says_no_policy_is_in_force(tmp_path: Path) -> None:
     from aiid_proxy.clock import FakeClock
     from aiid_proxy.policystore import PolicyStore

@@ -51,7 +51,7 @@ from aiid_proxy.gateway.flow import (
     request_digest,
 )
 from aiid_proxy.gateway.wire import extract_token, refuse_target, unauthenticated
-from aiid_proxy.home import Home
+from aiid_proxy.home import NAME_RE, Home
 from aiid_proxy.identity import AgentIdentity, RevocationList, TokenVerifier
 from aiid_proxy.policy import Decision, Policy, RequestContext
 from aiid_proxy.policystore import PolicyEvent, PolicyStore
@@ -245,7 +245,10 @@ class Gateway:
 
     def _policy_event(self, ev: PolicyEvent) -> None:
         self.emit("policy", {"event": ev})
-        if ev.tenant not in self._tenants and not self.home.has_tenant(ev.tenant):
+        if ev.tenant not in self._tenants and (
+            NAME_RE.fullmatch(ev.tenant) is None  # a stray "Acme.yaml": no tenant's log
+            or not self.home.has_tenant(ev.tenant)
+        ):
             return
         try:
             self.tenant(ev.tenant).audit.append(
