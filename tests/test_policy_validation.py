@@ -149,6 +149,29 @@ ERRORS = [
         id="hours-zone",
     ),
     pytest.param(
+        "rules:\n  - id: a\n    effect: allow\n    when:\n      hours: 08:00-20:00 Europe  # <-\n",
+        "unknown time zone 'Europe'",
+        id="hours-zone-directory",
+    ),
+    pytest.param(
+        "rules:\n  - id: a\n    effect: allow\n    when:\n"
+        "      hours: 08:00-20:00 America/Argentina  # <-\n",
+        "unknown time zone",
+        id="hours-zone-subdirectory",
+    ),
+    pytest.param(
+        "rules:\n  - id: a\n    effect: allow\n    when:\n"
+        "      hours: 08:00-20:00 localtime  # <-\n",
+        "the host's own zone",
+        id="hours-zone-localtime",
+    ),
+    pytest.param(
+        "rules:\n  - id: a\n    effect: allow\n    when:\n"
+        "      hours: 08:00-20:00 posixrules  # <-\n",
+        "the host's own zone",
+        id="hours-zone-posixrules",
+    ),
+    pytest.param(
         "rules:\n  - id: a\n    effect: allow\n    when:\n      hours: 08:00-08:00 UTC  # <-\n",
         "empty window",
         id="hours-empty",

@@ -46,6 +46,8 @@ _NAME_GLOB_RE = re.compile(r"^[a-z0-9_*?\[\]!^-]{1,200}$")
 _HOST_GLOB_RE = re.compile(r"^[a-z0-9_.*?\[\]!^:-]{1,253}$")
 _HEADER_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,100}$")
 _SCHEME_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,50}$")
+# Names in the zone database that stand for whatever zone the host is set to.
+HOST_ZONES = frozenset({"localtime", "posixrules"})
 _HOURS_RE = re.compile(r"^\s*([0-9]{2}):([0-9]{2})\s*-\s*([0-9]{2}):([0-9]{2})\s+(\S+)\s*$")
 _DURATION_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*$")
 _DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -336,10 +338,17 @@ class _Validator(Checker):
         start, end = h1 * 60 + m1, h2 * 60 + m2
         if start == end:
             self.fail(f"{what}.hours {v!r} is an empty window (start equals end)", line)
+        if tz in HOST_ZONES:
+            self.fail(
+                f"{what}.hours: time zone {tz!r} is the host's own zone, which differs from "
+                "machine to machine; name the zone (e.g. Europe/Berlin)",
+                line,
+            )
         if tz != "UTC":
             try:
                 ZoneInfo(tz)
-            except (ZoneInfoNotFoundError, ValueError):
+            # a directory of the zone database ("Europe") is an IsADirectoryError
+            except (ZoneInfoNotFoundError, ValueError, OSError):
                 self.fail(f"{what}.hours: unknown time zone {tz!r}", line)
         return Hours(
             start,
