@@ -306,6 +306,37 @@ def test_a_file_named_after_no_tenant_is_refused_and_the_gateway_runs(
     assert loads and json.loads(loads[-1]["detail"])["ok"]
 
 
+def test_a_policy_loaded_before_its_tenant_was_added_starts_the_tenant_log(
+    make_gateway: Callable[..., Gateway], policies_dir: Path, gateway_home: Home
+) -> None:
+    """The policy file came first, the tenant second: the tenant's log opened with requests
+    decided by a policy it had no record of (until a restart)."""
+    from aiid_proxy.admin import add_tenant
+
+    (policies_dir / "delta.yaml").write_text(
+        (policies_dir / "acme.yaml").read_text().replace("tenant: acme", "tenant: delta")
+    )
+    gw = make_gateway(policies_dir)
+    in_force = gw.policy_for("delta")
+    assert in_force is not None
+    assert add_tenant(gateway_home, "delta")
+    gw.tenant("delta")
+    # an edit of a registered tenant whose log is not open yet: recorded once
+    assert add_tenant(gateway_home, "gamma")
+    (policies_dir / "gamma.yaml").write_text(
+        (policies_dir / "acme.yaml").read_text().replace("tenant: acme", "tenant: gamma")
+    )
+    gw.policies.refresh()
+    gw.close()
+    for tenant in ("delta", "gamma"):
+        rows = audit_rows(gateway_home, tenant)
+        assert [r["event"] for r in rows] == ["policy"], tenant
+        assert json.loads(rows[0]["detail"])["ok"] and "loaded" in rows[0]["reason"]
+    assert json.loads(audit_rows(gateway_home, "delta")[0]["detail"])["hash"] == (
+        in_force.source_hash
+    )
+
+
 def test_a_digest_taken_beforehand_seals_the_same_request(
     gateway: Gateway, issue: Callable[..., str]
 ) -> None:

@@ -230,6 +230,14 @@ class Gateway:
                 )
                 self._tenants[name] = rt
                 self.rebuild_spend(name)
+                in_force = self.policies.get(name)
+                if in_force is not None:
+                    # loaded before the tenant was added (its log did not exist then): its
+                    # log starts with the policy its requests are decided by
+                    self._audit_policy_event(
+                        rt,
+                        PolicyEvent(name, True, self.clock.now(), in_force.source_hash, None),
+                    )
         return rt
 
     def rebuild_spend(self, name: str) -> int:
@@ -250,8 +258,20 @@ class Gateway:
             or not self.home.has_tenant(ev.tenant)
         ):
             return
+        fresh = ev.tenant not in self._tenants
         try:
-            self.tenant(ev.tenant).audit.append(
+            rt = self.tenant(ev.tenant)
+        except AiidError:
+            log.exception("could not audit policy event")
+            return
+        if fresh and ev.ok and ev.source_hash is not None:
+            return  # opening the log recorded the policy in force: this one
+        self._audit_policy_event(rt, ev)
+
+    @staticmethod
+    def _audit_policy_event(rt: TenantRuntime, ev: PolicyEvent) -> None:
+        try:
+            rt.audit.append(
                 "policy",
                 rule=None,
                 status=None if ev.ok else 1,
