@@ -333,8 +333,11 @@ def issue_token(
     pub_path = home.verify_key_path
     if pub_path.exists() and pub_path.read_bytes().strip() != _pem_public(key).strip():
         raise ConfigError(f"{pub_path} does not match the signing key: tokens would be refused")
-    iat = int(clock.now())
-    exp = iat + max(1, min(MAX_LIFETIME, math.ceil(ttl_seconds)))
+    now = clock.now()
+    iat = int(now)
+    # valid for at least ttl_seconds from now: rounded up from now, not from the second iat
+    # was rounded down to (a 1 s token issued at x.977 lived 23 ms)
+    exp = min(iat + MAX_LIFETIME, math.ceil(now + ttl_seconds))
     claims = {
         "iss": ISSUER,
         "aud": AUDIENCE,

@@ -377,6 +377,23 @@ def test_issue_token_round_trips(home: Home, clock: FakeClock, ttl: float, lifet
     assert len(ident.jti) == 32
 
 
+@pytest.mark.parametrize("ttl", [1, 0.5, 3, 900])
+@pytest.mark.parametrize("fraction", [0.0, 0.25, 0.977])
+def test_a_token_is_valid_for_its_whole_ttl_whatever_the_fraction_of_a_second(
+    home: Home, clock: FakeClock, ttl: float, fraction: float
+) -> None:
+    """iat is a whole second (rounded down): exp counts from the real time, or a 1 s token
+    issued at x.977 lived 23 ms."""
+    clock.advance(1 - clock.now() % 1 + fraction)  # now = n + fraction
+    token = issue_token(home, "acme", "support-1", ttl, clock)
+    v = verifier_for(home, clock)
+    clock.advance(ttl - 0.001)
+    v.verify(token)  # still valid just before its ttl ran out
+    clock.advance(1.002)
+    with pytest.raises(TokenError, match="expired"):
+        v.verify(token)  # not a second longer
+
+
 def test_issued_tokens_are_distinct(home: Home, clock: FakeClock) -> None:
     jtis = {
         jwt.decode(
