@@ -303,6 +303,10 @@ def test_token_revoke_takes_the_token_itself(aiid: Run, home: Home) -> None:
                 ("explain-negative", ["--provider", "openai", "--param", "max_tokens=-5"], "0 or"),
                 ("explain-both", ["--provider", "openai", "--host", "api.github.com"], "not both"),
                 ("explain-method", ["--host", "api.github.com", "--method", "get"], "upper case"),
+                # read in the shell's zone, the same --at would explain another hour elsewhere
+                ("explain-at-naive", ["--provider", "openai", "--at", "2026-11-26T23:00"], "Z or"),
+                ("explain-at-date", ["--provider", "openai", "--at", "2026-11-26"], "Z or"),
+                ("explain-at-junk", ["--provider", "openai", "--at", "tomorrow"], "Z or"),
             ]
         ),
         pytest.param(

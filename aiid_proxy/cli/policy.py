@@ -292,10 +292,18 @@ def policy_explain(
     pol = load_policy_file(f)
     now = SYSTEM_CLOCK.now()
     if at is not None:
+        bad = (
+            "--at must be an ISO 8601 time with Z or an offset (e.g. 2026-12-01T09:30:00Z), "
+            f"got {at!r}"
+        )
         try:
-            now = datetime.fromisoformat(at.replace("Z", "+00:00")).timestamp()
+            when = datetime.fromisoformat(at.strip())
         except ValueError:
-            raise UsageError(f"--at must be an ISO 8601 time, got {at!r}") from None
+            raise UsageError(bad) from None
+        if when.tzinfo is None or when.utcoffset() is None:
+            # read in this shell's zone, the same --at would explain another hour elsewhere
+            raise UsageError(bad)
+        now = when.timestamp()
     region = None
     registry = provider_registry(d)
     if provider is not None:
