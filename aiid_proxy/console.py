@@ -190,7 +190,10 @@ def _t(ts: float) -> str:
 
 
 def _date(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%MZ", time.gmtime(ts))
+    """UTC, to the minute; to the second when it is not a whole minute (an override that ends
+    at 14:40:48 must not read as ending at 14:40)."""
+    t = time.gmtime(ts)
+    return time.strftime("%Y-%m-%d %H:%MZ" if t.tm_sec == 0 else "%Y-%m-%d %H:%M:%SZ", t)
 
 
 def _left(seconds: float) -> str:

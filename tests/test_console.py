@@ -723,3 +723,16 @@ def test_the_flows_table_keeps_tenant_and_agent_whole_at_120_columns() -> None:
     assert rows and all(" acme " in r and " support-" in r for r in rows), "\n".join(lines)
     wide = screen(full_state(), 160, 40)
     assert any("req_0000" in line for line in wide)  # room enough: the id is back
+
+
+@pytest.mark.parametrize(
+    ("ts", "shown"),
+    [
+        pytest.param(1_800_000_000.0, "2027-01-15 08:00Z", id="whole-minute"),
+        pytest.param(1_800_000_000.0 + 48, "2027-01-15 08:00:48Z", id="seconds-shown"),
+    ],
+)
+def test_an_override_ending_within_a_minute_is_shown_to_the_second(ts: float, shown: str) -> None:
+    from aiid_proxy.console import _date
+
+    assert _date(ts) == shown
