@@ -22,6 +22,7 @@ from aiid_proxy.providers import (
     parse_usage,
 )
 from aiid_proxy.providers.registry import normalize_host
+from aiid_proxy.providers.request import MEDIA_PART_TOKENS
 
 REG = Registry.builtin()
 
@@ -775,7 +776,11 @@ USER_HELLO = [{"role": "user", "content": "hello"}]
                     },
                 ],
             },
-            {"prompt_chars": 3 + 4 + 2, "estimated_input_tokens": 3 + 3 * 4},
+            # the image part: its allowance, and the text of its keys ("type", "image_url")
+            {
+                "prompt_chars": 3 + 4 + 2 + 13,
+                "estimated_input_tokens": 6 + 3 * 4 + MEDIA_PART_TOKENS,
+            },
             id="content-parts-and-tool-calls",
         ),
         pytest.param(
@@ -792,7 +797,7 @@ USER_HELLO = [{"role": "user", "content": "hello"}]
                 "max_tokens": 50,
                 "tools": True,
                 "prompt_chars": 14,
-                "estimated_input_tokens": 4,
+                "estimated_input_tokens": 7,  # (14 + the tool's "type" and "web_search") / 4
             },
             id="responses",
         ),
@@ -838,8 +843,10 @@ USER_HELLO = [{"role": "user", "content": "hello"}]
                 "model": "claude-sonnet-4-5",
                 "max_tokens": 1024,
                 "tools": True,
-                "prompt_chars": 5,
-                "estimated_input_tokens": 2 + 4,
+                "prompt_chars": 5 + 33,
+                # 5 characters of prompt, 33 in the image part's keys and short values, 17 in
+                # the tool's definition: 55 / 4; one message; the image's allowance
+                "estimated_input_tokens": 14 + 4 + MEDIA_PART_TOKENS,
             },
             id="anthropic",
         ),
@@ -889,7 +896,7 @@ USER_HELLO = [{"role": "user", "content": "hello"}]
                 "tools": True,
                 "include_usage": True,
                 "prompt_chars": 12,
-                "estimated_input_tokens": 3 + 4,
+                "estimated_input_tokens": 8 + 4,  # (12 + "functionDeclarations") / 4
             },
             id="gemini",
         ),
@@ -930,6 +937,141 @@ USER_HELLO = [{"role": "user", "content": "hello"}]
 def test_parse_request(where: tuple[str, str, str], body: Any, expected: dict[str, Any]) -> None:
     got = facts(where, body)
     assert {k: got[k] for k in expected} == expected
+
+
+_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "description": "x" * 2000,
+        "parameters": {"type": "object", "properties": {"q": {"type": "string"}}},
+    },
+}
+_B64 = "iVBORw0KGgo" + "A" * 400_000  # an image's bytes: one part, never 100,000 tokens
+_HELLO = [{"role": "user", "content": "hello"}]
+_BASE = facts(OPENAI_CHAT, {"model": "gpt-4o", "messages": _HELLO})["estimated_input_tokens"]
+
+
+def _with(**fields: Any) -> dict[str, Any]:
+    return {"model": "gpt-4o", "messages": _HELLO, **fields}
+
+
+def _image_message(part: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [{"type": "text", "text": "hello"}, part]}]
+
+
+@pytest.mark.parametrize(
+    ("where", "body", "low", "high"),
+    [
+        # what the provider bills as input besides the messages: an agent sending twenty
+        # tools of 2,000 characters was held as much as one saying "hi"
+        pytest.param(OPENAI_CHAT, _with(tools=[_TOOL] * 20), 20 * 500, 20 * 600, id="tools"),
+        pytest.param(
+            OPENAI_CHAT,
+            _with(response_format={"type": "json_schema", "json_schema": {"schema": _TOOL}}),
+            500,
+            600,
+            id="response-format",
+        ),
+        pytest.param(
+            OPENAI_RESPONSES,
+            {"model": "gpt-4.1", "input": "hi", "text": {"format": {"schema": _TOOL}}},
+            500,
+            600,
+            id="responses-text-format",
+        ),
+        pytest.param(
+            OPENAI_CHAT,
+            _with(
+                messages=_image_message(
+                    {"type": "image_url", "image_url": {"url": "https://x/y.png"}}
+                )
+                * 10
+            ),
+            10 * MEDIA_PART_TOKENS,
+            10 * MEDIA_PART_TOKENS + 200,
+            id="ten-image-urls",
+        ),
+        pytest.param(
+            OPENAI_CHAT,
+            _with(
+                messages=_image_message(
+                    {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{_B64}"}}
+                )
+            ),
+            MEDIA_PART_TOKENS,
+            MEDIA_PART_TOKENS + 50,
+            id="data-url-image",
+        ),
+        pytest.param(
+            ANTHROPIC,
+            {
+                "model": "claude-sonnet-4-5",
+                "max_tokens": 10,
+                "messages": _image_message(
+                    {
+                        "type": "image",
+                        "source": {"type": "base64", "media_type": "image/png", "data": _B64},
+                    }
+                ),
+            },
+            MEDIA_PART_TOKENS,
+            MEDIA_PART_TOKENS + 50,
+            id="anthropic-base64-image",
+        ),
+        pytest.param(
+            ANTHROPIC,
+            {
+                "model": "claude-sonnet-4-5",
+                "max_tokens": 10,
+                "messages": _image_message(
+                    {"type": "document", "source": {"type": "text", "data": "word " * 4000}}
+                ),
+            },
+            MEDIA_PART_TOKENS + 5000,
+            MEDIA_PART_TOKENS + 5100,
+            id="anthropic-text-document",
+        ),
+        pytest.param(
+            GEMINI,
+            {
+                "contents": [
+                    {
+                        "parts": [
+                            {"text": "hi"},
+                            {"inlineData": {"mimeType": "image/png", "data": _B64}},
+                        ]
+                    }
+                ],
+                "tools": [{"functionDeclarations": [_TOOL["function"]]}],
+                "generationConfig": {"responseSchema": _TOOL["function"]["parameters"]},
+            },
+            MEDIA_PART_TOKENS + 500,
+            MEDIA_PART_TOKENS + 600,
+            id="gemini-image-tools-schema",
+        ),
+        # about a token a character beyond ASCII (Chinese, Japanese...), not four characters
+        pytest.param(
+            OPENAI_CHAT,
+            _with(messages=[{"role": "user", "content": "\u4f60\u597d" * 8000}]),
+            16_000 - 2,  # (the base's "hello" is not in this one)
+            16_100,
+            id="cjk",
+        ),
+    ],
+)
+def test_the_input_estimate_counts_what_the_provider_bills(
+    where: tuple[str, str, str], body: dict[str, Any], low: int, high: int
+) -> None:
+    """The estimate holds limits and budgets while requests run: a low one let concurrent
+    requests spend many times a budget (pass [U]: 8.6x with tools, 17x with images)."""
+    est = facts(where, body)["estimated_input_tokens"]
+    assert low <= est - (_BASE if where == OPENAI_CHAT else 0) <= high, est
+
+
+def test_knobs_are_no_input() -> None:
+    knobs = {"max_tokens": 10, "temperature": 0.5, "stream": True, "metadata": {"k": "v" * 99}}
+    assert facts(OPENAI_CHAT, _with(**knobs))["estimated_input_tokens"] == _BASE
 
 
 @pytest.mark.parametrize(

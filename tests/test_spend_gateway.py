@@ -275,6 +275,21 @@ def test_refusal_after_the_hold_gives_it_back(gw: Gateway, issue: Callable[..., 
     assert gw.ledger.spent("acme", "bud-1").held == 0
 
 
+def test_the_hold_counts_the_tools_the_request_sends(
+    gw: Gateway, issue: Callable[..., str]
+) -> None:
+    """gpt-in costs 1 USD an input token. "hi" in one message holds 5; tool definitions are
+    input the provider bills too (32 characters here: 8 more). Held as "hi" alone, requests
+    with big tools passed a budget many times over when sent at once (pass [U])."""
+    token = issue("bud-tools")
+    tools = [{"type": "function", "function": {"name": "abcdefgh"}}]
+    with pytest.raises(RequestRefused) as refused:
+        start(gw, token, body("gpt-in", max_tokens=1, tools=tools))
+    assert refused.value.status == 429 and "13" in refused.value.message
+    st = start(gw, token, body("gpt-in", max_tokens=1))
+    assert st.hold is not None and st.hold.amount == 5 * PICO_PER_USD
+
+
 def test_concurrent_agents_never_overshoot_a_budget(gw: Gateway, issue: Callable[..., str]) -> None:
     """16 threads, each request holds 3 and costs 3: at most floor(10 / 3) = 3 per agent."""
     tokens = {i: issue(f"bud-{i}") for i in range(4)}

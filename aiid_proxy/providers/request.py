@@ -29,6 +29,32 @@ _TEXT_FIELDS = ("messages", "input", "system", "prompt", "instructions")
 _MESSAGE_LISTS = ("messages", "input")
 # Keys under which text (or nested text) sits inside a message or content part.
 _TEXT_KEYS = ("text", "content", "parts", "output", "arguments", "tool_calls", "function")
+MEDIA_PART_TOKENS = 1600
+"""Input tokens an image, audio clip or file part is reserved at: about the most Anthropic
+bills an image (~1,600), twice OpenAI's gpt-4o at high detail (765). An estimate, settled
+to the provider's count; models that bill images far above it (gpt-4o-mini: ~25,000 an
+image) can pass their limits and budgets by that much while such requests run at once."""
+# Content parts (by their "type") and part keys that carry an image, audio or a file.
+_MEDIA_TYPES = frozenset(
+    {"image", "image_url", "input_image", "document", "file", "input_file", "audio"}
+    | {"input_audio"}
+)
+_MEDIA_KEYS = ("inlineData", "inline_data", "fileData", "file_data", "input_audio", "image_url")
+# Top-level fields that are no input text: the prompt fields (counted on their own), the
+# model and the knobs. Everything else counts: tool definitions, response_format and
+# text.format schemas, a prediction, fields no provider had when this was written.
+_NOT_INPUT = frozenset(
+    {"model", *_TEXT_FIELDS, *_MAX_TOKEN_FIELDS, "temperature", "top_p", "top_k", "n"}
+    | {"best_of", "stream", "stream_options", "seed", "user", "metadata", "store", "stop"}
+    | {"stop_sequences", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty"}
+    | {"logit_bias", "parallel_tool_calls", "service_tier", "reasoning_effort", "reasoning"}
+    | {"truncation", "include", "modalities", "previous_response_id", "background"}
+    | {"thinking", "safety_identifier", "prompt_cache_key", "verbosity", "tool_choice"}
+)
+# Gemini's: what generationConfig holds besides its knobs is a response schema.
+_GEMINI_INPUT = ("tools", "toolConfig", "tool_config")
+_GEMINI_SCHEMAS = ("responseSchema", "response_schema", "responseJsonSchema")
+_PAYLOAD_RE = re.compile(r"[A-Za-z0-9+/=_-]*")
 
 
 @dataclass(frozen=True)
@@ -188,27 +214,83 @@ def _largest(values: list[int | None]) -> int | None:
 
 
 def text_chars(value: object) -> int:
-    """Characters of text in a prompt-like value: strings, content-part ``text`` fields,
-    nested ``content``/``parts``; a bare integer (a token id) counts as one token's worth."""
-    total = 0
-    stack: list[object] = [value]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, str):
-            total += len(v)
-        elif isinstance(v, bool) or v is None:
-            continue
-        elif isinstance(v, int):
-            total += CHARS_PER_TOKEN
-        elif isinstance(v, list):
-            stack.extend(v)
-        elif isinstance(v, dict):
-            stack.extend(v[k] for k in _TEXT_KEYS if k in v)
-    return total
+    """Characters of text in a prompt-like value (:meth:`_Count.prompt`)."""
+    count = _Count()
+    count.prompt(value)
+    return count.chars
 
 
-def _estimate(prompt_chars: int, messages: int) -> int:
-    return -(-prompt_chars // CHARS_PER_TOKEN) + TOKENS_PER_MESSAGE * messages
+class _Count:
+    """Input a request carries, as the estimate counts it: characters of text (those beyond
+    ASCII apart: about a token each, where English runs four characters a token) and media
+    parts (a fixed allowance each)."""
+
+    __slots__ = ("chars", "media", "wide")
+
+    def __init__(self) -> None:
+        self.chars = self.wide = self.media = 0
+
+    def text(self, s: str) -> None:
+        self.chars += len(s)
+        if not s.isascii():
+            self.wide += len(s) - len(s.encode("ascii", "ignore"))
+
+    def tokens(self) -> int:
+        narrow = self.chars - self.wide
+        return -(-narrow // CHARS_PER_TOKEN) + self.wide + MEDIA_PART_TOKENS * self.media
+
+    def prompt(self, value: object) -> None:
+        """A prompt-like value: strings, content-part ``text`` fields, nested ``content`` /
+        ``parts``; a bare integer (a token id) counts as one token's worth; a media part
+        counts its allowance (and whatever text it holds, its payload aside)."""
+        stack: list[object] = [value]
+        while stack:
+            v = stack.pop()
+            if isinstance(v, str):
+                if _is_data_url(v):
+                    self.media += 1
+                else:
+                    self.text(v)
+            elif isinstance(v, bool) or v is None:
+                continue
+            elif isinstance(v, int):
+                self.chars += CHARS_PER_TOKEN
+            elif isinstance(v, list):
+                stack.extend(v)
+            elif isinstance(v, dict):
+                if v.get("type") in _MEDIA_TYPES or any(k in v for k in _MEDIA_KEYS):
+                    self.media += 1
+                    self.everything(v, payloads=False)
+                else:
+                    stack.extend(v[k] for k in _TEXT_KEYS if k in v)
+
+    def everything(self, value: object, *, payloads: bool = True) -> None:
+        """Every key and string in ``value`` (tool definitions, schemas, a document's text);
+        ``payloads=False``: without base64 data (a media part's bytes, counted as a part)."""
+        stack: list[object] = [value]
+        while stack:
+            v = stack.pop()
+            if isinstance(v, str):
+                if _is_data_url(v):
+                    self.media += payloads
+                elif payloads or len(v) < 256 or _PAYLOAD_RE.fullmatch(v) is None:
+                    self.text(v)
+            elif isinstance(v, list):
+                stack.extend(v)
+            elif isinstance(v, dict):
+                for k, x in v.items():
+                    self.chars += len(k)
+                    stack.append(x)
+            elif isinstance(v, int | float) and not isinstance(v, bool):
+                self.chars += 1
+
+
+def _is_data_url(s: str) -> bool:
+    return s.startswith("data:") and ";base64," in s[:256]
+
+
+def _estimate(count: _Count, messages: int) -> int:
+    return count.tokens() + TOKENS_PER_MESSAGE * messages
 
 
 # -- the entry point --------------------------------------------------------------------------
@@ -276,7 +358,12 @@ def _generic_facts(route: Route, obj: dict[str, Any], path_model: str | None) ->
             tools = True
     stream_options = obj.get("stream_options")
     include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
-    prompt_chars = sum(text_chars(obj.get(k)) for k in _TEXT_FIELDS)
+    prompt = _Count()
+    for k in _TEXT_FIELDS:
+        prompt.prompt(obj.get(k))
+    prompt_chars = prompt.chars
+    # billed as input too: tool definitions, schemas (response_format, text.format), ...
+    prompt.everything([v for k, v in obj.items() if k not in _NOT_INPUT])
     messages = sum(len(v) for k in _MESSAGE_LISTS if isinstance(v := obj.get(k), list))
     return RequestFacts(
         model=model,
@@ -289,7 +376,7 @@ def _generic_facts(route: Route, obj: dict[str, Any], path_model: str | None) ->
         tools=tools,
         include_usage=include_usage,
         prompt_chars=prompt_chars,
-        estimated_input_tokens=_estimate(prompt_chars, messages),
+        estimated_input_tokens=_estimate(prompt, messages),
     )
 
 
@@ -315,7 +402,13 @@ def _gemini_facts(route: Route, obj: dict[str, Any], path_model: str | None) -> 
     tools = bool(_opt_list(obj, "tools")) or _alias(obj, "toolConfig", "tool_config") is not None
     contents = _opt_list(obj, "contents")
     system = _alias(obj, "systemInstruction", "system_instruction")
-    prompt_chars = text_chars(contents) + text_chars(system)
+    prompt = _Count()
+    prompt.prompt(contents)
+    prompt.prompt(system)
+    prompt_chars = prompt.chars
+    # tool declarations, a response schema
+    prompt.everything([obj.get(k) for k in _GEMINI_INPUT])
+    prompt.everything([config.get(k) for k in _GEMINI_SCHEMAS])
     return RequestFacts(
         model=path_model,
         max_tokens=_opt_int(knobs, "maxOutputTokens", 0),
@@ -326,5 +419,5 @@ def _gemini_facts(route: Route, obj: dict[str, Any], path_model: str | None) -> 
         tools=tools,
         include_usage=True,  # Gemini reports usageMetadata in every response
         prompt_chars=prompt_chars,
-        estimated_input_tokens=_estimate(prompt_chars, len(contents)),
+        estimated_input_tokens=_estimate(prompt, len(contents)),
     )
