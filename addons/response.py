@@ -64,6 +64,12 @@ def body_usage(
     return usage
 
 
+def _stream_usage(sf: StreamFilter, est_in: int) -> Usage:
+    """What a stream in transit has carried: its last event dispatched, as at its end."""
+    sf.tracker.close()
+    return sf.usage(est_in)
+
+
 def after_release(fn: Callable[[], None]) -> None:
     """Run ``fn`` once the hook that calls this has returned and mitmproxy has sent the
     response on (the next turn of the event loop): what only counts a response (its usage,
@@ -177,6 +183,8 @@ class ResponseFilter:
             )
             resp.stream = sf
             flow.metadata["aiid_stream"] = sf
+            est_in = route.facts.estimated_input_tokens if route.facts else 0
+            st.usage_so_far = functools.partial(_stream_usage, sf, est_in)
 
     def _response(self, flow: http.HTTPFlow) -> None:
         st = state_of(flow)

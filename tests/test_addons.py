@@ -1651,6 +1651,30 @@ def _sse(*events: dict[str, Any]) -> bytes:
     )
 
 
+def test_a_stream_in_transit_at_shutdown_is_charged_its_pieces(
+    h: Harness, issue: Callable[..., str]
+) -> None:
+    """The response filter tells the flow's state what its stream carried so far: the
+    shutdown's error record charges it (it charged no output at all)."""
+    flow = make_flow(issue(), body=chat_body(stream=True, max_tokens=500))
+
+    async def go() -> None:
+        await h.hook(HttpRequestHeadersHook(flow))
+        await h.hook(HttpRequestHook(flow))
+        flow.response = http.Response.make(200, b"", {"content-type": "text/event-stream"})
+        await h.hook(HttpResponseHeadersHook(flow))
+
+    h.run(go())
+    stream = flow.response.stream if flow.response else None
+    assert callable(stream)
+    for _ in range(40):  # 40 pieces reached the agent, then the gateway stops
+        stream(b'data: {"choices": [{"delta": {"content": "abcdefgh"}}]}\n\n')
+    h.gw.close()
+    (err,) = error_rows(h, flow)
+    assert err["reason"] == "gateway shut down before the request completed"
+    assert err["output_tokens"] >= 40
+
+
 def test_streamed_response_is_scrubbed_across_chunks_and_usage_counted(
     h: Harness, issue: Callable[..., str]
 ) -> None:

@@ -26,6 +26,7 @@ from aiid_proxy.gateway import (
 )
 from aiid_proxy.gateway.recovery import unfinished_requests
 from aiid_proxy.home import Home
+from aiid_proxy.providers import Usage
 
 URL = "https://api.openai.com/v1/chat/completions"
 BODY = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
@@ -503,6 +504,37 @@ def test_close_records_how_each_request_in_flight_ended(
     # Hooks that run after the shutdown find the log closed: no error, no second record.
     assert gateway.record_response(sent, 200, None) is None
     assert gateway.record_error(sent, "connection closed") is None
+
+
+def test_a_stream_cut_by_the_shutdown_is_charged_what_it_carried(
+    gateway: Gateway, gateway_home: Home, issue: Callable[..., str]
+) -> None:
+    """The agents had 450 pieces each; the records said 0 output tokens, so the spend was
+    lost and the budget reopened after the restart (pass [U])."""
+    st = run_pipeline(gateway, issue())
+    gateway.seal(st, "POST", URL, BODY)
+    assert st.reservation is not None
+    st.usage_so_far = lambda: Usage(9, 451, estimated=True)
+    gateway.close()
+    (err,) = [r for r in audit_rows(gateway_home) if r["event"] == "error"]
+    assert err["reason"] == "gateway shut down before the request completed"
+    assert (err["input_tokens"], err["output_tokens"]) == (9, 451)
+    assert json.loads(err["detail"])["usage_estimated"] is True
+
+
+def test_usage_so_far_that_fails_falls_back_to_the_input_estimate(
+    gateway: Gateway, gateway_home: Home, issue: Callable[..., str]
+) -> None:
+    st = run_pipeline(gateway, issue())
+    gateway.seal(st, "POST", URL, BODY)
+
+    def broken() -> Usage:
+        raise RuntimeError("tracker gone")
+
+    st.usage_so_far = broken
+    gateway.close()
+    (err,) = [r for r in audit_rows(gateway_home) if r["event"] == "error"]
+    assert err["output_tokens"] == 0 and err["input_tokens"] > 0
 
 
 def test_the_whole_chain_of_each_tenant_is_checked_at_start(

@@ -687,6 +687,11 @@ class Gateway:
         f = state.route.facts if state.route else None
         if sent and f is not None and (state.reservation is not None or state.hold is not None):
             usage = Usage(f.estimated_input_tokens, 0, estimated=True)
+            if state.usage_so_far is not None:
+                try:
+                    usage = self._counted(state, state.usage_so_far())
+                except Exception:  # the estimate above stands
+                    log.exception("flow %s: usage so far unknown", state.request_id)
             cost = self.accounting.settle(state, usage)
         else:
             self.accounting.release(state)
@@ -699,7 +704,8 @@ class Gateway:
         if usage is not None:
             fields["input_tokens"] = usage.input_tokens
             fields["output_tokens"] = usage.output_tokens
-            fields["detail"]["usage_estimated"] = True
+            if usage.estimated:
+                fields["detail"]["usage_estimated"] = True
         if cost is not None:
             fields["detail"]["cost_usd"] = pico_to_usd(cost)
         try:
@@ -710,6 +716,22 @@ class Gateway:
             else:
                 log.exception("could not audit error")
             return None
+
+    @staticmethod
+    def _counted(state: FlowState, usage: Usage) -> Usage:
+        """``usage`` as limits and budgets count it."""
+        route = state.route.route if state.route is not None else None
+        if route is not None and route.kind in COSTLESS_KINDS:
+            # a model list, a token count: nothing generated, nothing consumed (count_tokens'
+            # answer is the count, not usage), so nothing counts against limits or budgets
+            return Usage(0, 0)
+        if usage.estimated and state.output_limit is not None:
+            # an estimate (chars / 4, one per piece) never above what max_tokens allows: the
+            # provider cannot bill more, and a budget must not count more than it holds
+            return dataclasses.replace(
+                usage, output_tokens=min(usage.output_tokens, state.output_limit)
+            )
+        return usage
 
     def record_response(
         self,
@@ -729,17 +751,8 @@ class Gateway:
             return None  # the shutdown recorded how this flow ended; the log is closed
         state.response_recorded = True
         latency_ms = (self.clock.monotonic() - state.started) * 1000.0
-        route = state.route.route if state.route is not None else None
-        if usage is not None and route is not None and route.kind in COSTLESS_KINDS:
-            # a model list, a token count: nothing generated, nothing consumed (count_tokens'
-            # answer is the count, not usage), so nothing counts against limits or budgets
-            usage = Usage(0, 0)
-        if usage is not None and usage.estimated and state.output_limit is not None:
-            # an estimate (chars / 4, one per piece) never above what max_tokens allows: the
-            # provider cannot bill more, and a budget must not count more than it holds
-            usage = dataclasses.replace(
-                usage, output_tokens=min(usage.output_tokens, state.output_limit)
-            )
+        if usage is not None:
+            usage = self._counted(state, usage)
         cost = self.accounting.settle(state, usage)
         fields = self._record_fields(state)
         fields["reason"] = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from aiid_proxy.audit import AppendResult
@@ -17,7 +17,7 @@ from aiid_proxy.budget import Hold
 from aiid_proxy.errors import IncompleteVerdict, RequestRefused
 from aiid_proxy.identity import AgentIdentity
 from aiid_proxy.policy import Decision
-from aiid_proxy.providers import Provider, RequestFacts, Route
+from aiid_proxy.providers import Provider, RequestFacts, Route, Usage
 from aiid_proxy.ratelimit import RateDecision, Reservation
 from aiid_proxy.vault import Secret
 
@@ -87,6 +87,9 @@ class FlowState:
     standing_approval: bool = False  # approved by an earlier answer's --ttl, never held
     response_recorded: bool = False
     error_recorded: bool = False
+    # what a response in transit has carried so far (a stream's counted pieces): what an
+    # error that ends it (the gateway shutting down) charges, instead of no output at all
+    usage_so_far: Callable[[], Usage] | None = None
     rate: RateDecision | None = None  # the allowing rate decision (x-ratelimit-* headers)
     hold: Hold | None = None  # the budget hold of the request's worst-case cost
     output_cap: int | None = None  # output tokens reserved, enforced on streams when not None
