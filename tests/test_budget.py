@@ -409,6 +409,11 @@ def test_spend_is_rebuilt_from_audit_records(tmp_path: Path) -> None:
     # a rebuild replaces, it does not add
     led.load("acme", records)
     assert led.spent("acme").month == usd_to_pico(2.125)
+    # count adds (a request an earlier run left unfinished, charged its hold)
+    assert led.count("acme", [("2027-01-15T03:00:00.000000Z", "a2", usd_to_pico(1))]) == 1
+    assert led.count("acme", [("2026-12-01T00:00:00.000000Z", "a2", usd_to_pico(9))]) == 0
+    assert led.spent("acme").day == usd_to_pico(1.875)
+    assert led.spent("acme", "a2").month == usd_to_pico(1.25)
 
 
 def test_spend_records_of_a_missing_database_are_empty(tmp_path: Path) -> None:

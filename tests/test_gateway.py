@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from conftest import CANARY_OPENAI, TENANT, audit_rows
 
+from aiid_proxy.budget import pico_to_usd, usd_to_pico
 from aiid_proxy.errors import IncompleteVerdict, RequestRefused
 from aiid_proxy.gateway import (
     STAGES,
@@ -596,6 +597,25 @@ def test_requests_an_earlier_run_left_unfinished_get_an_error_record_at_start(
     assert err["reason"].startswith("no record of how this request ended")
     assert (err["agent"], err["provider"], err["model"]) == ("bot", "openai", "gpt-4o-mini")
     assert json.loads(err["detail"])["last_event"] == "request"
+    # it left under a hold of its worst-case cost, and is charged that: charged nothing, a
+    # crash handed its spend back to the budget (pass [U])
+    (req,) = [
+        r
+        for r in audit_rows(gateway_home)
+        if r["request_id"] == cut.request_id and r["event"] == "request"
+    ]
+    hold = json.loads(req["detail"])["hold_usd"]
+    assert hold > 0 and cut.hold is not None and hold == pico_to_usd(cut.hold.amount)
+    assert json.loads(err["detail"])["cost_usd"] == hold
+    assert json.loads(err["detail"])["cost_is_hold"] is True
+    spent_done = json.loads(
+        next(
+            r["detail"]
+            for r in audit_rows(gateway_home)
+            if r["request_id"] == done.request_id and r["event"] == "response"
+        )
+    ).get("cost_usd", 0)
+    assert gw.ledger.spent(TENANT, "bot").day == usd_to_pico(spent_done) + usd_to_pico(hold)
     # this run's own requests are never taken for an earlier run's
     mine = run_pipeline(gw, issue())
     left = unfinished_requests(gateway_home.audit_path(TENANT), gw._started_wall)  # noqa: SLF001

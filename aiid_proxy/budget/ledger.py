@@ -133,25 +133,38 @@ class Ledger:
         outside the current UTC day/month count only where they fall. Outstanding holds stay.
         Returns how many records counted."""
         p = periods(self._clock.now())
-        n = 0
         with self._lock:
             for key in [k for k in self._accounts if k[1] == tenant]:
                 acc = self._accounts[key]
                 acc.day = acc.month = 0
                 acc.day_key, acc.month_key = p.day, p.month
-            for ts, agent, pico in records:
-                if not ts.startswith(p.month):
-                    continue
-                n += 1
-                keys: list[tuple[str, ...]] = [("tenant", tenant)]
-                if agent is not None:
-                    keys.append(("agent", tenant, agent))
-                for key in keys:
-                    acc = self._account(key)
-                    acc.roll(p)
-                    acc.month += pico
-                    if ts.startswith(p.day):
-                        acc.day += pico
+            return self._count(p, tenant, records)
+
+    def count(self, tenant: str, records: Iterable[tuple[str, str | None, int]]) -> int:
+        """Add ``records`` (audit ``ts``, agent, pico-USD) to ``tenant``'s spend, as
+        :meth:`load` counts them; returns how many counted."""
+        p = periods(self._clock.now())
+        with self._lock:
+            return self._count(p, tenant, records)
+
+    def _count(
+        self, p: Periods, tenant: str, records: Iterable[tuple[str, str | None, int]]
+    ) -> int:
+        """Under the lock."""
+        n = 0
+        for ts, agent, pico in records:
+            if not ts.startswith(p.month):
+                continue
+            n += 1
+            keys: list[tuple[str, ...]] = [("tenant", tenant)]
+            if agent is not None:
+                keys.append(("agent", tenant, agent))
+            for key in keys:
+                acc = self._account(key)
+                acc.roll(p)
+                acc.month += pico
+                if ts.startswith(p.day):
+                    acc.day += pico
         return n
 
     # -- queries ------------------------------------------------------------------------------

@@ -177,7 +177,10 @@ class Gateway:
         return t
 
     def _record_unfinished(self, tenant: str, rows: list[dict[str, Any]]) -> None:
-        recovery.record_unfinished(self.tenant(tenant).audit, tenant, rows)
+        charged = recovery.record_unfinished(
+            self.tenant(tenant).audit, tenant, rows, self.clock.now()
+        )
+        self.ledger.count(tenant, charged)
 
     def emit(self, kind: str, data: Mapping[str, Any]) -> None:
         for fn in list(self.listeners):
@@ -456,7 +459,11 @@ class Gateway:
         state.expect("audit")
         assert state.identity is not None and state.decision is not None
         rt = self.tenant(state.identity.tenant)
-        fut = rt.audit.append("request", **self._record_fields(state, with_prompt=True))
+        fields = self._record_fields(state, with_prompt=True)
+        if state.hold is not None and state.hold.price is not None:
+            # its worst-case cost: what a start after a crash charges it, its end unknown
+            fields["detail"]["hold_usd"] = pico_to_usd(state.hold.amount)
+        fut = rt.audit.append("request", **fields)
         state.mark("audit")
         return fut
 

@@ -3,6 +3,7 @@ earlier run left with no record of how they ended are closed on record."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -12,6 +13,7 @@ from aiid_proxy.audit import read_rows
 from aiid_proxy.audit.log import format_ts
 from aiid_proxy.audit.service import AuditAppender
 from aiid_proxy.audit.writers import log_unwritten
+from aiid_proxy.budget import usd_to_pico
 from aiid_proxy.errors import AiidError
 from aiid_proxy.home import Home
 
@@ -43,9 +45,22 @@ def unfinished_requests(path: Path, started_wall: float) -> list[dict[str, Any]]
     return list(open_.values())
 
 
-def record_unfinished(audit: AuditAppender, tenant: str, rows: list[dict[str, Any]]) -> None:
-    """An ``error`` record for each request of ``rows`` (from :func:`unfinished_requests`)."""
+def record_unfinished(
+    audit: AuditAppender, tenant: str, rows: list[dict[str, Any]], now: float
+) -> list[tuple[str, str | None, int]]:
+    """An ``error`` record for each request of ``rows`` (from :func:`unfinished_requests`).
+    A request that left under a budget hold is charged the hold, its worst-case cost (what
+    it really used is unknown; charged nothing, a crash handed its spend back to the
+    budget). Returns those charges as ``(ts, agent, pico-USD)`` for the ledger."""
+    charged: list[tuple[str, str | None, int]] = []
     for r in rows:
+        detail: dict[str, Any] = {"unfinished_seq": r["seq"], "last_event": r["event"]}
+        hold = _hold_usd(r) if r["event"] == "request" else None
+        if hold is not None:
+            detail["cost_usd"] = hold
+            detail["cost_is_hold"] = True
+            agent = r["agent"] if isinstance(r["agent"], str) else None
+            charged.append((format_ts(now), agent, usd_to_pico(hold)))
         fut = audit.append(
             "error",
             request_id=r["request_id"],
@@ -54,7 +69,7 @@ def record_unfinished(audit: AuditAppender, tenant: str, rows: list[dict[str, An
             model=r["model"],
             rule=r["rule"],
             reason=UNFINISHED_REASON,
-            detail={"unfinished_seq": r["seq"], "last_event": r["event"]},
+            detail=detail,
         )
         fut.add_done_callback(log_unwritten)
     log.warning(
@@ -63,6 +78,17 @@ def record_unfinished(audit: AuditAppender, tenant: str, rows: list[dict[str, An
         tenant,
         len(rows),
     )
+    return charged
+
+
+def _hold_usd(row: Mapping[str, Any]) -> float | None:
+    try:
+        hold = json.loads(row["detail"] or "{}").get("hold_usd")
+    except (ValueError, AttributeError, TypeError):
+        return None
+    if isinstance(hold, bool) or not isinstance(hold, int | float) or not 0 <= hold < 1e9:
+        return None
+    return float(hold)
 
 
 def check_chains(
