@@ -1069,6 +1069,102 @@ def test_the_input_estimate_counts_what_the_provider_bills(
     assert low <= est - (_BASE if where == OPENAI_CHAT else 0) <= high, est
 
 
+_TEXT = "The-quarterly-report-" * 5000  # 105,000 characters, no space
+
+
+@pytest.mark.parametrize(
+    ("where", "body"),
+    [
+        pytest.param(
+            OPENAI_CHAT,
+            _with(messages=[{"role": "user", "content": "data:;base64," + _TEXT}]),
+            id="data-url-looking-prompt",
+        ),
+        pytest.param(
+            OPENAI_CHAT,
+            _with(
+                messages=_image_message({"type": "text", "text": "data:image/png;base64," + _TEXT})
+            ),
+            id="data-url-looking-text-part",
+        ),
+        pytest.param(
+            OPENAI_CHAT,
+            _with(
+                tools=[
+                    {
+                        "type": "function",
+                        "function": {"name": "f", "description": "data:image/png;base64," + _TEXT},
+                    }
+                ]
+            ),
+            id="data-url-looking-tool",
+        ),
+        pytest.param(
+            ANTHROPIC,
+            {
+                "model": "claude-sonnet-4-5",
+                "max_tokens": 10,
+                "system": "data:;base64," + _TEXT,
+                "messages": _HELLO,
+            },
+            id="data-url-looking-system",
+        ),
+        pytest.param(
+            ANTHROPIC,
+            {
+                "model": "claude-sonnet-4-5",
+                "max_tokens": 10,
+                "messages": _image_message(
+                    {
+                        "type": "document",
+                        "source": {"type": "text", "media_type": "text/plain", "data": _TEXT},
+                    }
+                ),
+            },
+            id="document-text-without-spaces",
+        ),
+        pytest.param(
+            ANTHROPIC,
+            {
+                "model": "claude-sonnet-4-5",
+                "max_tokens": 10,
+                "messages": _image_message(
+                    {
+                        "type": "document",
+                        "source": {
+                            "type": "base64",
+                            "media_type": "application/pdf",
+                            "data": _TEXT,
+                        },
+                    }
+                ),
+            },
+            id="pdf-bytes",
+        ),
+        pytest.param(
+            OPENAI_CHAT,
+            _with(
+                messages=_image_message(
+                    {"type": "file", "file": {"file_data": "data:application/pdf;base64," + _TEXT}}
+                )
+            ),
+            id="pdf-data-url",
+        ),
+        pytest.param(
+            GEMINI,
+            {"contents": [{"parts": [{"inlineData": {"mimeType": "text/plain", "data": _TEXT}}]}]},
+            id="gemini-inline-text",
+        ),
+    ],
+)
+def test_only_declared_image_audio_or_video_bytes_escape_the_count(
+    where: tuple[str, str, str], body: dict[str, Any]
+) -> None:
+    """Anything starting "data:...;base64," was held as one 1,600-token part however long:
+    a 496,000-character prompt passed a 10,000 tokens-per-minute limit (pass [V])."""
+    assert facts(where, body)["estimated_input_tokens"] >= len(_TEXT) // 4
+
+
 def test_knobs_are_no_input() -> None:
     knobs = {"max_tokens": 10, "temperature": 0.5, "stream": True, "metadata": {"k": "v" * 99}}
     assert facts(OPENAI_CHAT, _with(**knobs))["estimated_input_tokens"] == _BASE

@@ -54,7 +54,6 @@ _NOT_INPUT = frozenset(
 # Gemini's: what generationConfig holds besides its knobs is a response schema.
 _GEMINI_INPUT = ("tools", "toolConfig", "tool_config")
 _GEMINI_SCHEMAS = ("responseSchema", "response_schema", "responseJsonSchema")
-_PAYLOAD_RE = re.compile(r"[A-Za-z0-9+/=_-]*")
 
 
 @dataclass(frozen=True)
@@ -242,15 +241,12 @@ class _Count:
     def prompt(self, value: object) -> None:
         """A prompt-like value: strings, content-part ``text`` fields, nested ``content`` /
         ``parts``; a bare integer (a token id) counts as one token's worth; a media part
-        counts its allowance (and whatever text it holds, its payload aside)."""
+        counts its allowance and whatever else it holds (:meth:`part`)."""
         stack: list[object] = [value]
         while stack:
             v = stack.pop()
             if isinstance(v, str):
-                if _is_data_url(v):
-                    self.media += 1
-                else:
-                    self.text(v)
+                self.text(v)
             elif isinstance(v, bool) or v is None:
                 continue
             elif isinstance(v, int):
@@ -260,21 +256,39 @@ class _Count:
             elif isinstance(v, dict):
                 if v.get("type") in _MEDIA_TYPES or any(k in v for k in _MEDIA_KEYS):
                     self.media += 1
-                    self.everything(v, payloads=False)
+                    self.part(v)
                 else:
                     stack.extend(v[k] for k in _TEXT_KEYS if k in v)
 
-    def everything(self, value: object, *, payloads: bool = True) -> None:
-        """Every key and string in ``value`` (tool definitions, schemas, a document's text);
-        ``payloads=False``: without base64 data (a media part's bytes, counted as a part)."""
+    def part(self, value: object) -> None:
+        """A media part: its allowance covers the bytes of an image, audio clip or video it
+        declares as such (a ``data:image/...`` URL; ``data`` beside an image/audio/video
+        ``media_type``, ``mimeType`` or ``format``); everything else in it counts as text
+        (a document's text, a PDF's base64: the provider reads those, and bills them)."""
         stack: list[object] = [value]
         while stack:
             v = stack.pop()
             if isinstance(v, str):
-                if _is_data_url(v):
-                    self.media += payloads
-                elif payloads or len(v) < 256 or _PAYLOAD_RE.fullmatch(v) is None:
+                if not _media_data_url(v):
                     self.text(v)
+            elif isinstance(v, list):
+                stack.extend(v)
+            elif isinstance(v, dict):
+                media_data = _declares_media(v)
+                for k, x in v.items():
+                    self.chars += len(k)
+                    if not (media_data and k == "data" and isinstance(x, str)):
+                        stack.append(x)
+            elif isinstance(v, int | float) and not isinstance(v, bool):
+                self.chars += 1
+
+    def everything(self, value: object) -> None:
+        """Every key and string in ``value``, as text: tool definitions, schemas."""
+        stack: list[object] = [value]
+        while stack:
+            v = stack.pop()
+            if isinstance(v, str):
+                self.text(v)
             elif isinstance(v, list):
                 stack.extend(v)
             elif isinstance(v, dict):
@@ -285,8 +299,25 @@ class _Count:
                 self.chars += 1
 
 
-def _is_data_url(s: str) -> bool:
-    return s.startswith("data:") and ";base64," in s[:256]
+_MEDIA_MIME = ("image/", "audio/", "video/")
+
+
+def _media_data_url(s: str) -> bool:
+    """``data:image/png;base64,...`` (audio, video too): bytes a media part's allowance
+    covers. Any other data URL (a PDF, text) is counted as what it is: text to read."""
+    if not s.startswith("data:"):
+        return False
+    head = s[5:80].split(",", 1)[0].lower()
+    return head.endswith(";base64") and head.startswith(_MEDIA_MIME)
+
+
+def _declares_media(d: Mapping[str, Any]) -> bool:
+    """A dict whose ``data`` is image, audio or video bytes by its own declaration."""
+    for key in ("media_type", "mimeType", "mime_type"):
+        mime = d.get(key)
+        if isinstance(mime, str):
+            return mime.lower().startswith(_MEDIA_MIME)
+    return isinstance(d.get("format"), str)  # OpenAI's input_audio: {"data", "format"}
 
 
 def _estimate(count: _Count, messages: int) -> int:
