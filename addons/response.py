@@ -65,9 +65,25 @@ def body_usage(
 
 
 def _stream_usage(sf: StreamFilter, est_in: int) -> Usage:
-    """What a stream in transit has carried: its last event dispatched, as at its end."""
+    """What a stream in transit has carried (its last event dispatched, as at its end); it
+    is cut there: what is charged is what the agent got, nothing more leaves after."""
+    if sf.cut is None:
+        sf.cut = SHUTDOWN_CUT
     sf.tracker.close()
     return sf.usage(est_in)
+
+
+SHUTDOWN_CUT = "the gateway shut down"
+
+
+def _ended(flow: http.HTTPFlow, st: FlowState) -> bool:
+    """Its end is on record as an error already (the gateway shut down while it was in
+    transit): the provider's answer is not let out after that record. Killed; True."""
+    if not st.error_recorded or flow.metadata.get(OURS) is flow.response:
+        return False
+    if flow.killable:
+        flow.kill()
+    return True
 
 
 def after_release(fn: Callable[[], None]) -> None:
@@ -144,6 +160,8 @@ class ResponseFilter:
         resp = flow.response
         if st is None or resp is None:
             return
+        if _ended(flow, st):
+            return
         if flow.metadata.get(OURS) is resp or not st.allows():
             resp.headers["x-aiid-request-id"] = st.request_id
             return
@@ -190,6 +208,8 @@ class ResponseFilter:
         st = state_of(flow)
         resp = flow.response
         if st is None or resp is None or flow.metadata.get(OURS) is resp or not st.allows():
+            return
+        if _ended(flow, st):
             return
         # trailers (HTTP/2 upstreams) are sent after this hook, on every path: never scrubbed,
         # so never relayed (an HTTP/1.1 agent cannot even take them: mitmproxy crashed)
@@ -262,6 +282,9 @@ class ResponseFilter:
         status = resp.status_code
 
         def account() -> None:
+            if st.finish is not account:
+                return  # run already, by a shutdown
+            st.finish = None
             try:
                 fut = gw.record_response(st, status, usage(), hits, extra, completion)
             except Exception:
@@ -276,6 +299,7 @@ class ResponseFilter:
                 # to write it is logged.
                 fut.add_done_callback(log_unwritten)
 
+        st.finish = account
         after_release(account)
 
     def error(self, flow: http.HTTPFlow) -> None:

@@ -1673,6 +1673,54 @@ def test_a_stream_in_transit_at_shutdown_is_charged_its_pieces(
     (err,) = error_rows(h, flow)
     assert err["reason"] == "gateway shut down before the request completed"
     assert err["output_tokens"] >= 40
+    # cut there: what is charged is what the agent got, nothing more leaves (pieces that
+    # arrived between the record and the connection's end were charged to nobody)
+    assert not stream(b'data: {"choices": [{"delta": {"content": "more"}}]}\n\n')
+
+
+def test_a_response_released_just_before_the_shutdown_is_a_response_on_record(
+    h: Harness, issue: Callable[..., str]
+) -> None:
+    """Its accounting was due on the loop's next turn, the shutdown came first: the agent
+    had the whole 200, the record said "shut down before the request completed"."""
+    flow = make_flow(issue())
+
+    async def go() -> None:
+        await h.hook(HttpRequestHeadersHook(flow))
+        await h.hook(HttpRequestHook(flow))
+        flow.response = upstream_response()
+        await h.hook(HttpResponseHeadersHook(flow))
+        await h.hook(HttpResponseHook(flow))
+        h.gw.close()  # before the loop's next turn
+
+    h.run(go())
+    assert not killed(flow) and flow.response is not None
+    assert error_rows(h, flow) == []
+    row = response_row(h, flow)
+    assert (row["status"], row["input_tokens"], row["output_tokens"]) == (200, 7, 5)
+
+
+@pytest.mark.parametrize("hook", ["responseheaders", "response"])
+def test_an_answer_that_arrives_after_the_shutdown_recorded_its_end_is_not_let_out(
+    h: Harness, issue: Callable[..., str], hook: str
+) -> None:
+    flow = make_flow(issue())
+
+    async def go() -> None:
+        await h.hook(HttpRequestHeadersHook(flow))
+        await h.hook(HttpRequestHook(flow))
+        flow.response = upstream_response()
+        if hook == "response":
+            await h.hook(HttpResponseHeadersHook(flow))
+        h.gw.close()  # records the flow's end: an error
+        await h.hook(
+            HttpResponseHeadersHook(flow) if hook == "responseheaders" else HttpResponseHook(flow)
+        )
+
+    h.run(go())
+    assert killed(flow)
+    (err,) = error_rows(h, flow)
+    assert err["reason"] == "gateway shut down before the request completed"
 
 
 def test_streamed_response_is_scrubbed_across_chunks_and_usage_counted(

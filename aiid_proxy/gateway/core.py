@@ -295,6 +295,12 @@ class Gateway:
         self._closing = True
         self.policies.stop()
         for state in list(self._live):
+            if state.finish is not None:  # released: its response record, not an error
+                try:
+                    state.finish()
+                except Exception:
+                    log.exception("flow %s: accounting at shutdown failed", state.request_id)
+        for state in list(self._live):
             if (
                 state.identity is not None
                 and state.refusal is None

@@ -90,6 +90,9 @@ class FlowState:
     # what a response in transit has carried so far (a stream's counted pieces): what an
     # error that ends it (the gateway shutting down) charges, instead of no output at all
     usage_so_far: Callable[[], Usage] | None = None
+    # a released response's accounting, due on the loop's next turn: a shutdown before
+    # then runs it, so that the response it let out gets its `response` record
+    finish: Callable[[], None] | None = None
     rate: RateDecision | None = None  # the allowing rate decision (x-ratelimit-* headers)
     hold: Hold | None = None  # the budget hold of the request's worst-case cost
     output_cap: int | None = None  # output tokens reserved, enforced on streams when not None
