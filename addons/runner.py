@@ -192,7 +192,9 @@ def run_gateway(
         tune_gc()
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(_quiet_cancellations)
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # SIGHUP: the terminal closed (an ssh drop, a tmux kill): a clean stop as well,
+        # not the default death that leaves in-flight requests unrecorded
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, master.shutdown)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         await master.run()

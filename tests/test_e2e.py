@@ -3,6 +3,7 @@ as agents configured only by HTTPS_PROXY and SSL_CERT_FILE, and a local provider
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sqlite3
@@ -670,3 +671,58 @@ def _connectable(socket_mod, port: int) -> bool:  # type: ignore[no-untyped-def]
         return True
     except OSError:
         return False
+
+
+def test_a_closed_terminal_stops_the_gateway_as_a_clean_stop_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGHUP (an ssh drop, a tmux kill): it died at once, left its control socket, and the
+    stream in flight was closed only at the next start, as after a kill -9 (pass [W])."""
+    import signal
+    import threading
+
+    from aiid_proxy.control import socket_path
+    from aiid_proxy.home import Home
+
+    si = StandIn(tmp_path)
+    si.start()
+    try:
+        home = make_home(tmp_path, {"acme": {"openai": OPENAI_CANARY}})
+        policies = tmp_path / "policies"
+        policies.mkdir()
+        write_policy(policies, "acme", POLICY.format(tenant="acme"))
+        gw = start_gateway(home, policies, si.port, si.ca_path)
+        try:
+            point_agent_at(gw, monkeypatch)
+            client = openai.OpenAI(
+                api_key=gw.token("acme", "support-1"),
+                max_retries=0,
+                default_headers={"x-standin-events": "200", "x-standin-delay-ms": "50"},
+            )
+            first = threading.Event()
+
+            def agent() -> None:
+                with contextlib.suppress(Exception):  # the stream ends with the gateway
+                    for _ in client.chat.completions.create(
+                        model="gpt-4o-mini",
+                        messages=[{"role": "user", "content": "hi"}],
+                        stream=True,
+                    ):
+                        first.set()
+
+            t = threading.Thread(target=agent, daemon=True)
+            t.start()
+            assert first.wait(20), gw.log()
+            assert socket_path(Home(home)).exists()
+            gw.proc.send_signal(signal.SIGHUP)
+            assert gw.proc.wait(timeout=30) == 0, gw.log()
+            t.join(30)
+        finally:
+            gw.stop()
+        assert not socket_path(Home(home)).exists()
+        rows = read_audit(home, "acme")
+        ends = [r for r in rows if r["event"] == "error"]
+        assert [r["reason"] for r in ends] == ["gateway shut down before the request completed"]
+        assert ends[0]["output_tokens"] > 0  # the pieces it carried, charged at the stop
+    finally:
+        si.stop()
