@@ -106,15 +106,19 @@ class KeyReader:
 
 def agent_hints(home: Home, listen: str) -> list[str]:
     """What an agent needs, shown until the first request: the three lines `make run` printed
-    before the console took the screen (the token as the command that issues one)."""
+    before the console took the screen. The token itself is never shown here: the file
+    `make run` left it in, or the command that issues one."""
     tenants = home.tenants()
     tenant = tenants[0] if len(tenants) == 1 else "TENANT"
     agent = "demo-agent" if tenant == "demo" else "AGENT"
+    key = f"$(aiid token issue {tenant} {agent})   (an agent token, not a key)"
+    if tenant == "demo" and home.demo_token_path.is_file():
+        key = f"$(cat {home.demo_token_path})   (the token `make run` printed)"
     return [
         "no requests yet. Agents need:",
         f"  HTTPS_PROXY=http://{listen}",
         f"  SSL_CERT_FILE={home.ca_cert_path}",
-        f"  OPENAI_API_KEY=$(aiid token issue {tenant} {agent})   (an agent token, not a key)",
+        f"  OPENAI_API_KEY={key}",
     ]
 
 

@@ -146,6 +146,12 @@ class Home:
         return self.certs_dir / "mitmproxy-ca-cert.pem"
 
     @property
+    def demo_token_path(self) -> Path:
+        """The demo agent's token as `make run` last issued it (0600): the console, which
+        takes the screen it was printed on, points at it."""
+        return self.root / "demo-agent.token"
+
+    @property
     def tenants_dir(self) -> Path:
         return self.root / "tenants"
 

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from aiid_proxy.home import Home
+
 BIN = Path(sys.executable).parent
 AIID = str(BIN / "aiid")
 
@@ -21,6 +23,18 @@ def aiid(*args: str, stdin: str | None = None) -> str:
     if p.returncode != 0:
         sys.exit(f"aiid {' '.join(args)}: {p.stderr.strip()}")
     return p.stdout
+
+
+def gateway_running(home: Path) -> bool:
+    """Whether a gateway holds the home's lock (``aiid_proxy.control.HomeLock``)."""
+    from aiid_proxy.control import HomeLock
+    from aiid_proxy.errors import ConfigError
+
+    try:
+        HomeLock(Home(home)).release()
+    except ConfigError:
+        return True
+    return False
 
 
 def main() -> None:
@@ -38,7 +52,15 @@ def main() -> None:
         if given or f"\n{provider} " not in "\n" + have:
             secret = given or f"sk-demo-placeholder-{provider}"
             aiid("vault", "put", "demo", provider, stdin=secret + "\n")
+    if gateway_running(home):
+        sys.exit(f"make run: a gateway is already running on {home}; stop it first")
     token = aiid("token", "issue", "demo", "demo-agent", "--ttl", "24h").strip()
+    # the console takes the screen: its hint points at this file for the same token
+    token_file = Home(home).demo_token_path
+    token_file.unlink(missing_ok=True)
+    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
     ca = (home / "certs" / "mitmproxy-ca-cert.pem").absolute()
     print("Point an agent at the gateway with these three lines:")
     print(f"HTTPS_PROXY=http://{listen}")

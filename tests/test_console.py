@@ -696,6 +696,14 @@ def test_the_first_screen_gives_an_agent_all_three_lines(tmp_path: Path) -> None
         f"  SSL_CERT_FILE={home.ca_cert_path}",
         "  OPENAI_API_KEY=$(aiid token issue demo demo-agent)   (an agent token, not a key)",
     ]
+    # `make run` left the token it printed in a file: the hint names that file, and never
+    # shows the token (the console took the screen the token was printed on) (pass [W])
+    home.demo_token_path.write_text("eyJ.secret.sig\n")
+    hints = agent_hints(home, "127.0.0.1:8080")
+    assert hints[3] == (
+        f"  OPENAI_API_KEY=$(cat {home.demo_token_path})   (the token `make run` printed)"
+    )
+    assert "eyJ" not in "".join(hints)
     assert add_tenant(home, "acme")  # several tenants: the user picks one
     assert agent_hints(home, "h:1")[3].startswith(
         "  OPENAI_API_KEY=$(aiid token issue TENANT AGENT)"

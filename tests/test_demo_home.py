@@ -39,6 +39,10 @@ def test_the_demo_home_and_a_real_key_given_later(tmp_path: Path) -> None:
     assert lines[1] == "HTTPS_PROXY=http://127.0.0.1:8080"
     assert lines[2] == f"SSL_CERT_FILE={home / 'certs' / 'mitmproxy-ca-cert.pem'}"
     assert lines[3].startswith("OPENAI_API_KEY=ey")
+    # the same token, for the console's hint while it holds the screen
+    token_file = Home(home).demo_token_path
+    assert token_file.read_text() == lines[3].removeprefix("OPENAI_API_KEY=") + "\n"
+    assert token_file.stat().st_mode & 0o777 == 0o600
     assert _key(home, "openai") == "sk-demo-placeholder-openai"
     # `OPENAI_KEY_FOR_VAULT=sk-... make run` on a home that already has the placeholder
     _run(home, OPENAI_KEY_FOR_VAULT="sk-real-key-for-the-demo")
@@ -46,3 +50,29 @@ def test_the_demo_home_and_a_real_key_given_later(tmp_path: Path) -> None:
     assert _key(home, "anthropic") == "sk-demo-placeholder-anthropic"
     _run(home)  # and a run without it keeps the real key
     assert _key(home, "openai") == "sk-real-key-for-the-demo"
+
+
+def test_a_second_make_run_on_a_running_home_stops_before_issuing_a_token(
+    tmp_path: Path,
+) -> None:
+    """It printed the lines with a fresh 24 h token, then failed: address in use (pass [W])."""
+    from aiid_proxy.control import HomeLock
+
+    home = tmp_path / "home"
+    _run(home)
+    issued = (Home(home).root / "admin" / "issued" / "demo").read_text()
+    lock = HomeLock(Home(home))  # as a running gateway holds it
+    try:
+        base = {k: v for k, v in os.environ.items() if not k.endswith("_KEY_FOR_VAULT")}
+        done = subprocess.run(
+            [sys.executable, str(SCRIPT)],
+            env={**base, "AIID_HOME": str(home)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        lock.release()
+    assert done.returncode != 0 and done.stdout == ""
+    assert "already running" in done.stderr
+    assert (Home(home).root / "admin" / "issued" / "demo").read_text() == issued
