@@ -35,7 +35,7 @@ from addons.runtime import (
 from aiid_proxy.audit.writers import log_unwritten
 from aiid_proxy.bodies import too_large
 from aiid_proxy.control import Answer
-from aiid_proxy.errors import AiidError, AuditError, RequestRefused
+from aiid_proxy.errors import AiidError, AuditError, RequestRefused, VaultError
 from aiid_proxy.gateway import (
     FlowState,
     Gateway,
@@ -272,7 +272,10 @@ class PolicyStage(_Stage):
     async def run(self, gw: Gateway, st: FlowState, flow: http.HTTPFlow) -> None:
         d = gw.decide(st)
         if d.effect == "approve":
-            await self._hold(gw, st, d, flow.client_conn.id)
+            try:
+                await self._hold(gw, st, d, flow.client_conn.id)
+            except AuditError as e:  # no record of the human's answer: killed, on record
+                _unrecorded(flow, gw, st, e, "approval record not written")
 
     async def _hold(self, gw: Gateway, st: FlowState, d: Decision, client: str = "") -> None:
         assert st.identity is not None
@@ -324,12 +327,7 @@ class PolicyStage(_Stage):
         text = f"{verdict} by {ans.by}" + (f": {ans.reason}" if ans.reason else "")
         fut = gw.record_approval(st, ans.approved, ans.by, text)
         if fut is not None:
-            try:
-                await settled(fut)
-            except AiidError as e:  # no record of the human's answer: do not forward
-                raise RequestRefused(
-                    503, "audit_error", "approval could not be audited", d.rule_id
-                ) from e
+            await settled(fut)  # AuditError: no record of the human's answer (run kills)
         if not ans.approved:
             raise RequestRefused(403, "policy_denied", f"approval {text}", d.rule_id)
         gw.recheck_held(st)  # revoked, expired or denied by an edit meanwhile: refused now
@@ -355,12 +353,18 @@ class AuditStage(_Stage):
             _unrecorded(flow, gw, st, e)
 
 
-def _unrecorded(flow: http.HTTPFlow, gw: Gateway, st: FlowState, e: AuditError) -> None:
+def _unrecorded(
+    flow: http.HTTPFlow,
+    gw: Gateway,
+    st: FlowState,
+    e: AuditError,
+    what: str = "request record not written",
+) -> None:
     # No durable `request` record (disk full, I/O error...): nothing may leave. Kill the flow
     # here with one clear line, not an addon traceback further down.
     if flow.killable:
         flow.kill()
-    gw.record_error(st, f"request record not written: {e.one_line()}")
+    gw.record_error(st, f"{what}: {e.one_line()}")
 
 
 async def request_record_durable(flow: http.HTTPFlow, gw: Gateway, st: FlowState) -> bool:
@@ -400,7 +404,13 @@ class InjectStage(_Stage):
     """Strip every credential the agent sent, inject the vault key, seal the verdict."""
 
     async def run(self, gw: Gateway, st: FlowState, flow: http.HTTPFlow) -> None:
-        inj = gw.inject(st)  # a refusal (no key, vault error) is answered by _Stage
+        try:
+            inj = gw.inject(st)  # a refusal (no key in the vault) is answered by _Stage
+        except VaultError as e:  # a key that cannot be decrypted: killed, on record
+            if flow.killable:
+                flow.kill()
+            gw.record_error(st, e.one_line())
+            return
         req = flow.request
         # a key in the query string is never an identity and never leaves (any spelling);
         # no "?" in the path: no query to parse

@@ -1085,6 +1085,27 @@ def test_approve_rule_holds_until_a_human_answers(
         assert [r["event"] for r in rows] == ["held", "approval", "deny"]
 
 
+def test_an_approval_that_cannot_be_recorded_kills_the_flow_on_record(
+    h: Harness, issue: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error inside the gateway (the contract): killed, with an `error` record; it was a
+    503 `audit_error` refusal, a type the contract does not have (pass [W])."""
+    from concurrent.futures import Future
+
+    def unrecorded(*a: Any, **kw: Any) -> Future[Any]:
+        fut: Future[Any] = Future()
+        fut.set_exception(AuditError("audit write failed: disk I/O error"))
+        return fut
+
+    monkeypatch.setattr(h.gw, "record_approval", unrecorded)
+    flow = make_flow(issue(), body=chat_body("o1-mini"))
+    res, rid = h.run(_held(h, flow, Answer(True, "alice")))
+    h.settle()
+    assert_killed(res, recorded=True)
+    (err,) = error_rows(h, flow)
+    assert err["reason"] == "approval record not written: audit write failed: disk I/O error"
+
+
 @pytest.mark.parametrize(
     ("change", "status", "kind", "needle"),
     [

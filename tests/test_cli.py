@@ -196,6 +196,20 @@ def test_vault_put_under_a_stray_master_key_is_refused(aiid: Run, home: Home) ->
     assert aiid("--home", home.root, "vault", "list", TENANT).out == before  # nothing stored
 
 
+def test_a_first_vault_entry_under_a_stray_master_key_is_refused(aiid: Run, home: Home) -> None:
+    """A tenant's first entry has nothing of its own to check the key against: it was stored,
+    and every request of the tenant then failed at the gateway (pass [W])."""
+    stray = base64.b64encode(bytes(range(32))).decode()
+    assert aiid("--home", home.root, "tenant", "add", "delta").code == 0
+    r = aiid(
+        "--home", home.root, "vault", "put", "delta", "openai", stdin="sk-new\n",
+        env={"AIID_MASTER_KEY": stray},
+    )  # fmt: skip
+    one_line_error(r, 1, f"does not open tenant '{TENANT}'", "wrong AIID_MASTER_KEY")
+    assert "openai" not in aiid("--home", home.root, "vault", "list", "delta").out
+    assert aiid("--home", home.root, "vault", "put", "delta", "openai", stdin="sk-new\n").code == 0
+
+
 @pytest.mark.parametrize(
     "cmd",
     [pytest.param(["list"], id="list"), pytest.param(["put", "--from-env", "K"], id="put")],

@@ -117,8 +117,27 @@ def vault_put(ctx: click.Context, tenant_name: str, provider: str, from_env: str
     secret = secret.strip()  # a line end, or spaces pasted around the key: never part of it
     if not secret or "\n" in secret:
         raise UsageError("expected exactly one non-empty secret line")
-    info = _vault(home_of(ctx), tenant_name).put(provider, secret)
+    home = home_of(ctx)
+    v = _vault(home, tenant_name)
+    _same_key_as_the_other_tenants(home, tenant_name, v.keyring)
+    info = v.put(provider, secret)
     click.echo(f"stored {provider} for {tenant_name} (key id {info.key_id})")
+
+
+def _same_key_as_the_other_tenants(home: Home, tenant_name: str, keyring: Any) -> None:
+    """The gateway opens every tenant's vault with one master key: a key that opens no
+    entry of another tenant (a stray AIID_MASTER_KEY) is refused, also for a tenant's first
+    entry, which ``Vault.put`` has nothing of its own to check against."""
+    from aiid_proxy.vault import Vault, wrong_master_key
+
+    for other in home.tenants():
+        path = home.vault_path(other)
+        if other == tenant_name or not path.is_file():
+            continue
+        with Vault(path, other, keyring) as theirs:
+            for info in theirs.list():
+                if info.key_id not in keyring:
+                    raise wrong_master_key(other, info.provider, info.key_id, keyring.current_id)
 
 
 @vault.command("list")

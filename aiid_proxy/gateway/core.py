@@ -506,15 +506,11 @@ class Gateway:
                 state.decision.rule_id,
             ) from None
         except VaultError:
-            log.error(
-                "tenant %r: vault entry %r cannot be decrypted (corrupted entry or wrong master "
-                "key): request %s refused",
-                rt.name,
-                secret_name,
-                state.request_id,
-            )
-            raise RequestRefused(
-                503, "vault_error", "the tenant's key cannot be decrypted", state.decision.rule_id
+            # an error inside the gateway, not a refusal: the caller kills the flow and
+            # writes an `error` record (the contract's fail-closed path)
+            raise VaultError(
+                f"tenant {rt.name!r}: vault entry {secret_name!r} cannot be decrypted "
+                "(corrupted entry or wrong master key)"
             ) from None
         value = secret.reveal()
         if scheme:
