@@ -113,10 +113,12 @@ def audit_verify(
         if res.head:  # for a later `--expect-head`, without changing that line
             click.echo(f"head {res.head[0]}:{res.head[1]}", err=True)
         if exported:
-            signed = sum(1 for a in exported if a.signed)
+            # the same head in admin/checkpoints and in an --checkpoint file is one checkpoint
+            heads = {(a.seq, a.mac) for a in exported}
+            signed = len({(a.seq, a.mac) for a in exported if a.signed})
             last = max(a.seq for a in exported)
             click.echo(
-                f"reached {len(exported)} exported checkpoint(s) ({signed} signed), "
+                f"reached {len(heads)} exported checkpoint(s) ({signed} signed), "
                 f"the latest at seq {last}"
             )
         return
