@@ -28,6 +28,10 @@ class PolicyEvent:
     expired: str | None = None  # an override that ran out: "INC-4711 (approved by alice)"
 
     def describe(self) -> str:
+        if NAME_RE.fullmatch(self.tenant) is None:  # a stray "Acme.yaml": no tenant's policy
+            if self.removed:
+                return f"policy file {self.tenant!r} removed (it named no tenant: ignored)"
+            return f"policy file {self.tenant!r} ignored, no tenant has that name: {self.error}"
         if self.expired is not None:
             return f"policy {self.tenant}: override {self.expired} expired; the rules decide again"
         if self.removed:

@@ -682,6 +682,8 @@ def test_one_event_that_cannot_be_reported_loses_none_of_the_others(tmp_path: Pa
     events = PolicyStore(tmp_path, clock=FakeClock(), on_event=report).refresh()
     assert [(e.tenant, e.ok) for e in events] == [("Acme", False), ("acme", True), ("beta", True)]
     assert seen == ["Acme", "acme", "beta"]
+    # not said as if it were a tenant's policy ("every request of this tenant is denied")
+    assert events[0].describe().startswith("policy file 'Acme' ignored, no tenant has that name")
 
 
 def test_a_policy_refused_at_start_says_no_policy_is_in_force(tmp_path: Path) -> None:
