@@ -357,9 +357,9 @@ class ResponseFilter:
                 changed = True
                 continue
             nv = scrubber.scrub(v)
-            if pieces:
+            if pieces:  # found in any letter case: removed in any letter case
                 text = nv.decode("utf-8", "surrogateescape")
-                redacted = scrubber.fragments.redact(text)
+                redacted = scrubber.redact_any_case(text)
                 if redacted != text:
                     scrubber.hits += 1
                     nv = redacted.encode("utf-8", "surrogateescape")

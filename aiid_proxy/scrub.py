@@ -64,6 +64,17 @@ class Scrubber:
     def lower_fragments(self) -> Fragments:
         return _fragments(tuple(s.lower() for s in self.secrets))
 
+    def redact_any_case(self, text: str) -> str:
+        """``text`` with every run of a secret's fragments, in any letter case, replaced by
+        ``[REDACTED]`` (the whole text when lower-casing changes its length)."""
+        low = text.lower()
+        frags = self.lower_fragments
+        if not frags.found(low):
+            return text
+        if len(low) != len(text):  # non-ASCII letters: spans would not line up
+            return REDACTED.decode()
+        return _redacted(text, frags.spans(low))
+
     def scrub(self, data: bytes) -> bytes:
         """Scrub a complete body."""
         if self._pending or not self._needles:
@@ -299,6 +310,10 @@ class Fragments:
         """``text`` with every run of fragments replaced by ``[REDACTED]``."""
         if not self.found(text):
             return text
+        return _redacted(text, self.spans(text))
+
+    def spans(self, text: str) -> list[list[int]]:
+        """``[start, end)`` of every run of fragments in ``text``."""
         grams = self._grams | self._hex if _HEX_RUN.search(text) else self._grams
         spans: list[list[int]] = []
         for i in range(len(text) - FRAGMENT + 1):
@@ -307,12 +322,16 @@ class Fragments:
                     spans[-1][1] = i + FRAGMENT
                 else:
                     spans.append([i, i + FRAGMENT])
-        out, pos = [], 0
-        for a, b in spans:
-            out += [text[pos:a], REDACTED.decode()]
-            pos = b
-        out.append(text[pos:])
-        return "".join(out)
+        return spans
+
+
+def _redacted(text: str, spans: list[list[int]]) -> str:
+    out, pos = [], 0
+    for a, b in spans:
+        out += [text[pos:a], REDACTED.decode()]
+        pos = b
+    out.append(text[pos:])
+    return "".join(out)
 
 
 _ESCAPE = re.compile(rb"\\(u[0-9a-fA-F]{4}|.)", re.DOTALL)

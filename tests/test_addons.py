@@ -2242,6 +2242,30 @@ def test_headers_changed_after_responseheaders_are_scrubbed_again(
     assert CANARY_OPENAI.encode() not in raw and b"[REDACTED]" in raw
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param(CANARY_OPENAI.upper(), id="upper"),
+        pytest.param(CANARY_OPENAI.swapcase(), id="swapcase"),
+        pytest.param(f"key={CANARY_OPENAI.lower()}; x", id="lower-inside"),
+        pytest.param(CANARY_OPENAI.upper().replace("/", "\\/"), id="escaped-upper"),
+        pytest.param("\u0130 " + CANARY_OPENAI.upper(), id="non-ascii-beside"),
+    ],
+)
+def test_the_key_in_another_letter_case_is_scrubbed_from_header_values(
+    h: Harness, issue: Callable[..., str], value: str
+) -> None:
+    """Found in any case (the block check), but removed only in its own case: the agent got
+    "x-echo: SK-PROJ/..." (pass [V])."""
+    flow = make_flow(issue())
+    upstream = upstream_response(headers={"content-type": "application/json", "x-echo": value})
+    h.send(flow, upstream=upstream)
+    resp = flow.response
+    assert resp is not None and resp.status_code == 200
+    low = resp.headers["x-echo"].lower()
+    assert CANARY_OPENAI.lower()[:12] not in low and "[redacted]" in low
+
+
 @pytest.mark.parametrize("name", [f"x-{CANARY_OPENAI}", f"x-{CANARY_OPENAI}".lower()])
 def test_a_header_named_after_the_key_is_dropped(
     h: Harness, issue: Callable[..., str], monkeypatch: pytest.MonkeyPatch, name: str
