@@ -843,10 +843,11 @@ USER_HELLO = [{"role": "user", "content": "hello"}]
                 "model": "claude-sonnet-4-5",
                 "max_tokens": 1024,
                 "tools": True,
-                "prompt_chars": 5 + 33,
-                # 5 characters of prompt, 33 in the image part's keys and short values, 17 in
-                # the tool's definition: 55 / 4; one message; the image's allowance
-                "estimated_input_tokens": 14 + 4 + MEDIA_PART_TOKENS,
+                "prompt_chars": 5 + 30,
+                # 5 characters of prompt, 30 in the image part (its keys and short values; its
+                # base64 of no declared type at a PDF's rate), 17 in the tool's definition:
+                # 52 / 4; one message; the image's allowance
+                "estimated_input_tokens": 13 + 4 + MEDIA_PART_TOKENS,
             },
             id="anthropic",
         ),
@@ -1123,6 +1124,8 @@ _TEXT = "The-quarterly-report-" * 5000  # 105,000 characters, no space
             },
             id="document-text-without-spaces",
         ),
+        # a media part's text is text, whatever it starts with (pass [X]: 200 under a limit
+        # that refused the same text without the prefix)
         pytest.param(
             ANTHROPIC,
             {
@@ -1132,28 +1135,42 @@ _TEXT = "The-quarterly-report-" * 5000  # 105,000 characters, no space
                     {
                         "type": "document",
                         "source": {
-                            "type": "base64",
-                            "media_type": "application/pdf",
-                            "data": _TEXT,
+                            "type": "text",
+                            "media_type": "text/plain",
+                            "data": "data:image/png;base64," + _TEXT,
                         },
                     }
                 ),
             },
-            id="pdf-bytes",
+            id="document-text-starting-like-an-image",
+        ),
+        pytest.param(
+            ANTHROPIC,
+            {
+                "model": "claude-sonnet-4-5",
+                "max_tokens": 10,
+                "messages": _image_message(
+                    {
+                        "type": "document",
+                        "source": {"type": "text", "media_type": "text/plain", "data": "x"},
+                        "title": "data:image/png;base64," + _TEXT,
+                    }
+                ),
+            },
+            id="document-title-starting-like-an-image",
         ),
         pytest.param(
             OPENAI_CHAT,
             _with(
                 messages=_image_message(
-                    {"type": "file", "file": {"file_data": "data:application/pdf;base64," + _TEXT}}
+                    {
+                        "type": "input_audio",
+                        "input_audio": {"data": "x", "format": "wav"},
+                        "transcript": "data:audio/wav;base64," + _TEXT,
+                    }
                 )
             ),
-            id="pdf-data-url",
-        ),
-        pytest.param(
-            GEMINI,
-            {"contents": [{"parts": [{"inlineData": {"mimeType": "text/plain", "data": _TEXT}}]}]},
-            id="gemini-inline-text",
+            id="audio-part-text-starting-like-audio",
         ),
     ],
 )
@@ -1163,6 +1180,66 @@ def test_only_declared_image_audio_or_video_bytes_escape_the_count(
     """Anything starting "data:...;base64," was held as one 1,600-token part however long:
     a 496,000-character prompt passed a 10,000 tokens-per-minute limit (pass [V])."""
     assert facts(where, body)["estimated_input_tokens"] >= len(_TEXT) // 4
+
+
+_PDF = "JVBERi0xLjcK" + "A" * 80_000  # ~60 KB of a PDF: a few pages
+
+
+@pytest.mark.parametrize(
+    ("where", "body"),
+    [
+        pytest.param(
+            ANTHROPIC,
+            {
+                "model": "claude-sonnet-4-5",
+                "max_tokens": 10,
+                "messages": _image_message(
+                    {
+                        "type": "document",
+                        "source": {"type": "base64", "media_type": "application/pdf", "data": _PDF},
+                    }
+                ),
+            },
+            id="anthropic-pdf",
+        ),
+        pytest.param(
+            OPENAI_CHAT,
+            _with(
+                messages=_image_message(
+                    {"type": "file", "file": {"file_data": "data:application/pdf;base64," + _PDF}}
+                )
+            ),
+            id="openai-pdf",
+        ),
+        pytest.param(
+            GEMINI,
+            {
+                "contents": [
+                    {"parts": [{"inlineData": {"mimeType": "application/pdf", "data": _PDF}}]}
+                ]
+            },
+            id="gemini-pdf",
+        ),
+    ],
+)
+def test_a_pdf_is_held_at_about_what_its_pages_bill(
+    where: tuple[str, str, str], body: dict[str, Any]
+) -> None:
+    """Pages bill a few thousand tokens each, not a token per 3 bytes of base64: counted as
+    text, a 60 KB PDF could never pass 20,000 tokens a minute (pass [X])."""
+    est = facts(where, body)["estimated_input_tokens"]
+    assert MEDIA_PART_TOKENS + len(_PDF) // 16 <= est < 20_000 - 1000
+
+
+def test_base64_text_counts_as_the_text_it_decodes_to() -> None:
+    body = {"contents": [{"parts": [{"inlineData": {"mimeType": "text/plain", "data": _TEXT}}]}]}
+    est = facts(GEMINI, body)["estimated_input_tokens"]
+    assert est >= MEDIA_PART_TOKENS + len(_TEXT) * 3 // 16
+
+
+def test_a_content_part_with_a_list_for_a_type_is_counted_not_a_crash() -> None:
+    body = _with(messages=[{"role": "user", "content": [{"type": ["text"], "text": "hi"}]}])
+    assert facts(OPENAI_CHAT, body)["estimated_input_tokens"] > 0
 
 
 def test_knobs_are_no_input() -> None:

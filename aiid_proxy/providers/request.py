@@ -254,31 +254,38 @@ class _Count:
             elif isinstance(v, list):
                 stack.extend(v)
             elif isinstance(v, dict):
-                if v.get("type") in _MEDIA_TYPES or any(k in v for k in _MEDIA_KEYS):
+                kind = v.get("type")
+                if (isinstance(kind, str) and kind in _MEDIA_TYPES) or any(
+                    k in v for k in _MEDIA_KEYS
+                ):
                     self.media += 1
                     self.part(v)
                 else:
                     stack.extend(v[k] for k in _TEXT_KEYS if k in v)
 
     def part(self, value: object) -> None:
-        """A media part: its allowance covers the bytes of an image, audio clip or video it
-        declares as such (a ``data:image/...`` URL; ``data`` beside an image/audio/video
-        ``media_type``, ``mimeType`` or ``format``); everything else in it counts as text
-        (a document's text, a PDF's base64: the provider reads those, and bills them)."""
-        stack: list[object] = [value]
+        """A media part: its allowance covers the bytes of an image, audio clip or video,
+        where the part itself says they are such (a ``data:image/...`` URL under ``url``,
+        ``image_url`` or ``file_data``; base64 ``data`` beside an image/audio/video
+        ``media_type``, ``mimeType`` or ``format``). Other base64 bytes count as what they
+        decode to (text/*: text; a PDF or other file: a token per ~12 bytes, as pages bill);
+        everything else, as text (a document's text, a title: the provider reads it)."""
+        stack: list[tuple[str | None, object, Mapping[str, Any] | None]] = [(None, value, None)]
         while stack:
-            v = stack.pop()
+            key, v, parent = stack.pop()
             if isinstance(v, str):
-                if not _media_data_url(v):
+                mime = _payload_mime(key, v, parent)
+                if mime is None:
                     self.text(v)
+                elif not mime.startswith(_MEDIA_MIME):
+                    # base64: 3 bytes a 4 characters
+                    self.chars += len(v) * 3 // 4 if mime.startswith("text/") else len(v) // 4
             elif isinstance(v, list):
-                stack.extend(v)
+                stack.extend((key, x, parent) for x in v)
             elif isinstance(v, dict):
-                media_data = _declares_media(v)
                 for k, x in v.items():
                     self.chars += len(k)
-                    if not (media_data and k == "data" and isinstance(x, str)):
-                        stack.append(x)
+                    stack.append((k, x, v))
             elif isinstance(v, int | float) and not isinstance(v, bool):
                 self.chars += 1
 
@@ -300,24 +307,28 @@ class _Count:
 
 
 _MEDIA_MIME = ("image/", "audio/", "video/")
+_URL_KEYS = frozenset({"url", "image_url", "file_data", "audio_url", "video_url"})
 
 
-def _media_data_url(s: str) -> bool:
-    """``data:image/png;base64,...`` (audio, video too): bytes a media part's allowance
-    covers. Any other data URL (a PDF, text) is counted as what it is: text to read."""
-    if not s.startswith("data:"):
-        return False
-    head = s[5:80].split(",", 1)[0].lower()
-    return head.endswith(";base64") and head.startswith(_MEDIA_MIME)
-
-
-def _declares_media(d: Mapping[str, Any]) -> bool:
-    """A dict whose ``data`` is image, audio or video bytes by its own declaration."""
-    for key in ("media_type", "mimeType", "mime_type"):
-        mime = d.get(key)
+def _payload_mime(key: str | None, s: str, parent: Mapping[str, Any] | None) -> str | None:
+    """The declared type (lower case, "" if none) of base64 bytes in a media part, or None
+    for a string that is not such a payload (text, whatever it starts with)."""
+    if key in _URL_KEYS and s.startswith("data:"):
+        head = s[5:80].split(",", 1)[0].lower()
+        return head.removesuffix(";base64") if head.endswith(";base64") else None
+    if key != "data" or parent is None:
+        return None
+    for k in ("mimeType", "mime_type"):  # Gemini's inlineData: base64, always
+        mime = parent.get(k)
         if isinstance(mime, str):
-            return mime.lower().startswith(_MEDIA_MIME)
-    return isinstance(d.get("format"), str)  # OpenAI's input_audio: {"data", "format"}
+            return mime.lower()
+    if parent.get("type") == "base64":  # Anthropic's source of an image or a document
+        mime = parent.get("media_type")
+        return mime.lower() if isinstance(mime, str) else ""
+    fmt = parent.get("format")  # OpenAI's input_audio: {"data": base64, "format": "wav"}
+    if isinstance(fmt, str):
+        return f"audio/{fmt.lower()}"
+    return None
 
 
 def _estimate(count: _Count, messages: int) -> int:
