@@ -339,7 +339,7 @@ class ResponseFilter:
     def _scrub_headers(resp: http.Response, scrubber: Scrubber) -> None:
         if not scrubber.active:
             return
-        reason = scrubber.scrub_text(resp.reason or "")
+        reason = scrubber.redact_any_case(scrubber.scrub_text(resp.reason or ""))
         if reason != (resp.reason or ""):
             resp.reason = reason  # "HTTP/1.1 401 Bad key sk-..." reaches HTTP/1.1 agents
         fields = []

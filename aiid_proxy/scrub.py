@@ -66,7 +66,9 @@ class Scrubber:
 
     def redact_any_case(self, text: str) -> str:
         """``text`` with every run of a secret's fragments, in any letter case, replaced by
-        ``[REDACTED]`` (the whole text when lower-casing changes its length)."""
+        ``[REDACTED]`` (the whole text when lower-casing changes its length). The hex of the
+        secret's own bytes too: the lower-cased secret's hex is another string."""
+        text = self.fragments.redact(text)
         low = text.lower()
         frags = self.lower_fragments
         if not frags.found(low):

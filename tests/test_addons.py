@@ -2250,6 +2250,10 @@ def test_headers_changed_after_responseheaders_are_scrubbed_again(
         pytest.param(f"key={CANARY_OPENAI.lower()}; x", id="lower-inside"),
         pytest.param(CANARY_OPENAI.upper().replace("/", "\\/"), id="escaped-upper"),
         pytest.param("\u0130 " + CANARY_OPENAI.upper(), id="non-ascii-beside"),
+        # the hex of the key's own bytes (h2 quotes GOAWAY data so): not the lower-cased
+        # key's hex, which the any-case pass looks for (pass [X])
+        pytest.param(CANARY_OPENAI.encode().hex(), id="hex"),
+        pytest.param(CANARY_OPENAI.encode().hex().upper(), id="hex-upper"),
     ],
 )
 def test_the_key_in_another_letter_case_is_scrubbed_from_header_values(
@@ -2264,6 +2268,22 @@ def test_the_key_in_another_letter_case_is_scrubbed_from_header_values(
     assert resp is not None and resp.status_code == 200
     low = resp.headers["x-echo"].lower()
     assert CANARY_OPENAI.lower()[:12] not in low and "[redacted]" in low
+    assert CANARY_OPENAI.encode().hex()[-24:] not in low
+
+
+@pytest.mark.parametrize("reason", [CANARY_OPENAI, CANARY_OPENAI.upper(), CANARY_OPENAI[5:20]])
+def test_the_key_in_any_case_is_scrubbed_from_the_reason_phrase(
+    h: Harness, issue: Callable[..., str], reason: str
+) -> None:
+    """HTTP/1.1 agents get the reason phrase: the upper-cased key passed there (pass [X])."""
+    flow = make_flow(issue())
+    upstream = upstream_response(status=401)
+    upstream.reason = f"Bad key {reason}"
+    h.send(flow, upstream=upstream)
+    resp = flow.response
+    assert resp is not None
+    assert resp.reason.startswith("Bad key [REDACTED]")
+    assert CANARY_OPENAI.lower()[5:17] not in resp.reason.lower()
 
 
 @pytest.mark.parametrize("name", [f"x-{CANARY_OPENAI}", f"x-{CANARY_OPENAI}".lower()])
