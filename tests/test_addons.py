@@ -2268,7 +2268,8 @@ def test_the_key_in_another_letter_case_is_scrubbed_from_header_values(
     assert resp is not None and resp.status_code == 200
     low = resp.headers["x-echo"].lower()
     assert CANARY_OPENAI.lower()[:12] not in low and "[redacted]" in low
-    assert CANARY_OPENAI.encode().hex()[-24:] not in low
+    hexed = CANARY_OPENAI.encode().hex()
+    assert not [hexed[i : i + 12] for i in range(len(hexed) - 11) if hexed[i : i + 12] in low]
 
 
 @pytest.mark.parametrize("reason", [CANARY_OPENAI, CANARY_OPENAI.upper(), CANARY_OPENAI[5:20]])

@@ -283,3 +283,22 @@ def test_anywhere_finds_what_scrub_and_in_name_find() -> None:
     assert s.anywhere(b"x-" + KEY.upper().encode() + b"\n1")  # in a name, any case
     assert s.anywhere(KEY.replace("/", "\\/").encode())
     assert s.hits == 0  # looking is not scrubbing
+
+
+MIXED = "sk-Proj/AbCdEf+GhIjKlMnOpQrStUvWxYz0123456789"  # capitals all through
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param(MIXED.upper(), id="upper"),
+        pytest.param(MIXED.swapcase(), id="swapcase"),
+        pytest.param(MIXED.encode().hex(), id="hex-of-its-bytes"),
+        pytest.param(MIXED.encode().hex().upper(), id="hex-upper"),
+        pytest.param(MIXED, id="as-is"),
+    ],
+)
+def test_redact_any_case_leaves_no_run_of_the_key(text: str) -> None:
+    """The any-case pass looked only for the lower-cased key's hex: the hex of the key's
+    own bytes passed wherever a capital sat in the window (pass [X])."""
+    assert Scrubber([MIXED]).redact_any_case(f"x {text} y") == "x [REDACTED] y"
