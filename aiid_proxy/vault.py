@@ -214,9 +214,9 @@ def wrong_master_key(tenant: str, provider: str, key_id: str, current_id: str) -
     """The one error for a vault entry the master key in use cannot open (key ids are public,
     keys are not shown): a wrong ``AIID_MASTER_KEY`` or key file."""
     return ConfigError(
-        f"the vault master key does not open tenant {tenant!r}'s vault: entry {provider!r} is "
-        f"under master key id {key_id}, the key in use is {current_id} (wrong {MASTER_KEY_ENV} "
-        "or runtime/master.key?)"
+        f"the vault master key does not open tenant {tenant!r}: its vault entry {provider!r} "
+        f"is under master key id {key_id}, the key in use is {current_id} (wrong "
+        f"{MASTER_KEY_ENV} or runtime/master.key?)"
     )
 
 

@@ -210,6 +210,17 @@ def test_a_first_vault_entry_under_a_stray_master_key_is_refused(aiid: Run, home
     assert aiid("--home", home.root, "vault", "put", "delta", "openai", stdin="sk-new\n").code == 0
 
 
+def test_another_tenants_damaged_vault_does_not_block_a_vault_put(aiid: Run, home: Home) -> None:
+    """It opened every other tenant's vault, and failed on the first it could not read."""
+    assert aiid("--home", home.root, "tenant", "add", "broken").code == 0
+    home.vault_path("broken").write_bytes(b"garbage, not a database")
+    r = aiid("--home", home.root, "vault", "put", NOKEY_TENANT, "openai", stdin="sk-x-1\n")
+    assert r.code == 0, r
+    assert aiid("--home", home.root, "tenant", "add", "epsilon").code == 0
+    r = aiid("--home", home.root, "vault", "put", "epsilon", "openai", stdin="sk-x-2\n")
+    assert r.code == 0, r  # acme's vault still proves the key
+
+
 @pytest.mark.parametrize(
     "cmd",
     [pytest.param(["list"], id="list"), pytest.param(["put", "--from-env", "K"], id="put")],

@@ -312,8 +312,8 @@ def test_put_under_a_key_that_opens_no_other_entry_is_refused(
         with pytest.raises(ConfigError) as err:
             v.put("anthropic", "sk-ant-other")
         assert str(err.value) == (
-            "the vault master key does not open tenant 'acme''s vault: entry 'openai' is under "
-            f"master key id {key_id_of(K1)}, the key in use is {key_id_of(K2)} (wrong "
+            "the vault master key does not open tenant 'acme': its vault entry 'openai' is "
+            f"under master key id {key_id_of(K1)}, the key in use is {key_id_of(K2)} (wrong "
             "AIID_MASTER_KEY or runtime/master.key?)"
         )
         assert raw_rows(path) == before  # nothing stored

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -12,7 +13,7 @@ import click
 
 from aiid_proxy.cli.base import checked_name, home_of, known_regions, main_group, policies_dir
 from aiid_proxy.control import MAX_GRANT, MAX_MESSAGE
-from aiid_proxy.errors import ConfigError, UsageError
+from aiid_proxy.errors import AiidError, ConfigError, UsageError
 from aiid_proxy.home import Home, validate_name
 
 MAX_REASON = 1000  # characters of a `deny --reason` (the agent is shown it)
@@ -119,7 +120,8 @@ def vault_put(ctx: click.Context, tenant_name: str, provider: str, from_env: str
         raise UsageError("expected exactly one non-empty secret line")
     home = home_of(ctx)
     v = _vault(home, tenant_name)
-    _same_key_as_the_other_tenants(home, tenant_name, v.keyring)
+    if not v.list():  # its own entries are what Vault.put checks the key against
+        _same_key_as_the_other_tenants(home, tenant_name, v.keyring)
     info = v.put(provider, secret)
     click.echo(f"stored {provider} for {tenant_name} (key id {info.key_id})")
 
@@ -134,10 +136,16 @@ def _same_key_as_the_other_tenants(home: Home, tenant_name: str, keyring: Any) -
         path = home.vault_path(other)
         if other == tenant_name or not path.is_file():
             continue
-        with Vault(path, other, keyring) as theirs:
-            for info in theirs.list():
-                if info.key_id not in keyring:
-                    raise wrong_master_key(other, info.provider, info.key_id, keyring.current_id)
+        try:
+            with Vault(path, other, keyring) as theirs:
+                entries = theirs.list()
+        except (AiidError, sqlite3.Error, OSError):
+            continue  # another tenant's damaged vault is no reason to refuse this one
+        for info in entries:
+            if info.key_id not in keyring:
+                raise wrong_master_key(other, info.provider, info.key_id, keyring.current_id)
+        if entries:
+            return  # the key opens a vault the gateway opens with it: proof enough
 
 
 @vault.command("list")
