@@ -10,13 +10,14 @@ mitmproxy.
 - :mod:`.wire`: the agent token among the headers, paths and hosts refused, refusal bodies;
 - :mod:`.accounting`: rate-limit reservations and budget holds, settled with the usage;
 - :mod:`.recovery`: the start-up chain check, and requests an earlier run left unfinished;
+- :mod:`.records`: the audit records of the flows (a half of the :class:`Gateway`);
 - :mod:`.core`: the :class:`Gateway`.
 """
 
 from __future__ import annotations
 
 from aiid_proxy.gateway.accounting import DEFAULT_MAX_TOKENS_RESERVE
-from aiid_proxy.gateway.core import RECORDED_BYTES, Gateway, TenantRuntime
+from aiid_proxy.gateway.core import Gateway
 from aiid_proxy.gateway.flow import (
     STAGES,
     FlowState,
@@ -26,6 +27,7 @@ from aiid_proxy.gateway.flow import (
     new_request_id,
     request_digest,
 )
+from aiid_proxy.gateway.records import RECORDED_BYTES, TenantRuntime
 from aiid_proxy.gateway.wire import (
     extract_token,
     is_ip_literal,
