@@ -347,7 +347,9 @@ class ResponseFilter:
         # a piece of the key (12+ characters: all of it but the last, split over values)
         # anywhere in the header block: the fields that hold one are scrubbed of it
         blob = b"\n".join(k + b"\n" + v for k, v in resp.headers.fields)
-        pieces = scrubber.lower_fragments.found(blob.decode("utf-8", "surrogateescape").lower())
+        text = blob.decode("utf-8", "surrogateescape")
+        # in any case; and in the key's own case, which alone finds the hex of its bytes
+        pieces = scrubber.lower_fragments.found(text.lower()) or scrubber.fragments.found(text)
         if not pieces and not scrubber.anywhere(blob):
             # Neither the key nor a piece of it in any name or value (each is part of the
             # block): nothing below would change. Field by field costs ~5 µs a field.

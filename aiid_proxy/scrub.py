@@ -66,16 +66,19 @@ class Scrubber:
 
     def redact_any_case(self, text: str) -> str:
         """``text`` with every run of a secret's fragments, in any letter case, replaced by
-        ``[REDACTED]`` (the whole text when lower-casing changes its length). The hex of the
-        secret's own bytes too: the lower-cased secret's hex is another string."""
-        text = self.fragments.redact(text)
+        ``[REDACTED]``, the hex of the secret's own bytes too (the lower-cased secret's hex is
+        another string). Both searches run on the same text and their spans are merged: one
+        redacting first would cut the other's runs into pieces too short to be found. When
+        lower-casing changes the text's length (non-ASCII letters), a run found in any case
+        redacts the whole text."""
+        spans = self.fragments.spans(text) if self.fragments.found(text) else []
         low = text.lower()
         frags = self.lower_fragments
-        if not frags.found(low):
-            return text
-        if len(low) != len(text):  # non-ASCII letters: spans would not line up
-            return REDACTED.decode()
-        return _redacted(text, frags.spans(low))
+        if frags.found(low):
+            if len(low) != len(text):  # spans would not line up
+                return REDACTED.decode()
+            spans = _merged(spans + frags.spans(low))
+        return _redacted(text, spans) if spans else text
 
     def scrub(self, data: bytes) -> bytes:
         """Scrub a complete body."""
@@ -325,6 +328,17 @@ class Fragments:
                 else:
                     spans.append([i, i + FRAGMENT])
         return spans
+
+
+def _merged(spans: list[list[int]]) -> list[list[int]]:
+    """Overlapping or touching ``[start, end)`` spans joined, in order."""
+    out: list[list[int]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
 
 
 def _redacted(text: str, spans: list[list[int]]) -> str:

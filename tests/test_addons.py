@@ -2272,6 +2272,19 @@ def test_the_key_in_another_letter_case_is_scrubbed_from_header_values(
     assert not [hexed[i : i + 12] for i in range(len(hexed) - 11) if hexed[i : i + 12] in low]
 
 
+@pytest.mark.parametrize("key", ["AIzaSyPtYgjmUhBel31iEl2hpChYgCfrL1spNxn", CANARY_OPENAI])
+@pytest.mark.parametrize("hexed", [bytes.hex, lambda b: b.hex().upper()])
+def test_the_hex_of_a_key_with_capitals_all_through_is_scrubbed_from_headers(
+    key: str, hexed: Callable[[bytes], str]
+) -> None:
+    """The header block was let through when neither the any-case fragments (the lower-
+    cased key's hex) nor a whole key were in it: the hex of a Gemini-style key's own bytes
+    passed unchanged for about half of such keys (pass [Y])."""
+    resp = http.Response.make(200, b"", [(b"x-echo", hexed(key.encode()).encode())])
+    response_side.ResponseFilter._scrub_headers(resp, Scrubber([key]))
+    assert resp.headers["x-echo"] == "[REDACTED]"
+
+
 @pytest.mark.parametrize("reason", [CANARY_OPENAI, CANARY_OPENAI.upper(), CANARY_OPENAI[5:20]])
 def test_the_key_in_any_case_is_scrubbed_from_the_reason_phrase(
     h: Harness, issue: Callable[..., str], reason: str

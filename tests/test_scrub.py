@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -286,19 +287,29 @@ def test_anywhere_finds_what_scrub_and_in_name_find() -> None:
 
 
 MIXED = "sk-Proj/AbCdEf+GhIjKlMnOpQrStUvWxYz0123456789"  # capitals all through
+GEMINI_LIKE = "AIzaSyPtYgjmUhBel31iEl2hpChYgCfrL1spNxn"  # no 6 characters without a capital
+MIXED_KEYS = [
+    MIXED,
+    GEMINI_LIKE,
+    "AIzaSyPMJkm_RDVoOLNVF0JE37GArqbkGwUHyZ7",
+    "sk-REALKEY-canary-0123",
+]
 
 
+@pytest.mark.parametrize("key", MIXED_KEYS)
 @pytest.mark.parametrize(
-    "text",
+    "shape",
     [
-        pytest.param(MIXED.upper(), id="upper"),
-        pytest.param(MIXED.swapcase(), id="swapcase"),
-        pytest.param(MIXED.encode().hex(), id="hex-of-its-bytes"),
-        pytest.param(MIXED.encode().hex().upper(), id="hex-upper"),
-        pytest.param(MIXED, id="as-is"),
+        pytest.param(str.upper, id="upper"),
+        pytest.param(str.lower, id="lower"),
+        pytest.param(str.swapcase, id="swapcase"),
+        pytest.param(lambda k: k.encode().hex(), id="hex-of-its-bytes"),
+        pytest.param(lambda k: k.encode().hex().upper(), id="hex-upper"),
+        pytest.param(lambda k: k, id="as-is"),
     ],
 )
-def test_redact_any_case_leaves_no_run_of_the_key(text: str) -> None:
-    """The any-case pass looked only for the lower-cased key's hex: the hex of the key's
-    own bytes passed wherever a capital sat in the window (pass [X])."""
-    assert Scrubber([MIXED]).redact_any_case(f"x {text} y") == "x [REDACTED] y"
+def test_redact_any_case_leaves_no_run_of_the_key(key: str, shape: Callable[[str], str]) -> None:
+    """The any-case pass looked only for the lower-cased key's hex (the hex of the key's own
+    bytes passed wherever a capital sat in the window, pass [X]); then the own-case pass ran
+    first and cut a case-changed key into runs too short for the other (pass [Y])."""
+    assert Scrubber([key]).redact_any_case(f"x {shape(key)} y") == "x [REDACTED] y"
