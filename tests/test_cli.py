@@ -219,6 +219,13 @@ def test_another_tenants_damaged_vault_does_not_block_a_vault_put(aiid: Run, hom
     assert aiid("--home", home.root, "tenant", "add", "epsilon").code == 0
     r = aiid("--home", home.root, "vault", "put", "epsilon", "openai", stdin="sk-x-2\n")
     assert r.code == 0, r  # acme's vault still proves the key
+    # read, never repaired: a truncated vault stays visibly damaged (pass [Y])
+    home.vault_path("broken").write_bytes(b"")
+    r = aiid("--home", home.root, "tenant", "add", "zeta")
+    r = aiid("--home", home.root, "vault", "put", "zeta", "openai", stdin="sk-x-3\n")
+    assert r.code == 0, r
+    assert home.vault_path("broken").stat().st_size == 0
+    one_line_error(aiid("--home", home.root, "vault", "list", "broken"), 1, "empty (truncated?)")
 
 
 @pytest.mark.parametrize(

@@ -7,14 +7,17 @@ import os
 import sqlite3
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from aiid_proxy.cli.base import checked_name, home_of, known_regions, main_group, policies_dir
 from aiid_proxy.control import MAX_GRANT, MAX_MESSAGE
-from aiid_proxy.errors import AiidError, ConfigError, UsageError
+from aiid_proxy.errors import ConfigError, UsageError
 from aiid_proxy.home import Home, validate_name
+
+if TYPE_CHECKING:
+    from aiid_proxy.vault import MasterKeyring
 
 MAX_REASON = 1000  # characters of a `deny --reason` (the agent is shown it)
 
@@ -92,9 +95,11 @@ def _vault(home: Home, tenant_name: str) -> Any:
     home.require()
     home.require_tenant(tenant_name)
     path = home.vault_path(tenant_name)
-    if not path.is_file():  # Vault() would create an empty one: a lost vault must be noticed
+    # Vault() would create an empty one (also in a truncated file): a lost vault is noticed
+    if not path.is_file() or path.stat().st_size == 0:
+        what = "missing" if not path.is_file() else "empty (truncated?)"
         raise ConfigError(
-            f"tenant {tenant_name!r}: vault database missing: {path} (restore it from backup; "
+            f"tenant {tenant_name!r}: vault database {what}: {path} (restore it from backup; "
             "an empty one is not created in its place)"
         )
     return Vault(path, tenant_name, MasterKeyring(home.master_keys()))
@@ -126,24 +131,28 @@ def vault_put(ctx: click.Context, tenant_name: str, provider: str, from_env: str
     click.echo(f"stored {provider} for {tenant_name} (key id {info.key_id})")
 
 
-def _same_key_as_the_other_tenants(home: Home, tenant_name: str, keyring: Any) -> None:
+def _same_key_as_the_other_tenants(home: Home, tenant_name: str, keyring: MasterKeyring) -> None:
     """The gateway opens every tenant's vault with one master key: a key that opens no
     entry of another tenant (a stray AIID_MASTER_KEY) is refused, also for a tenant's first
-    entry, which ``Vault.put`` has nothing of its own to check against."""
-    from aiid_proxy.vault import Vault, wrong_master_key
+    entry, which ``Vault.put`` has nothing of its own to check against. Other vaults are read
+    read-only, and one that cannot be read is skipped (never repaired into an empty one)."""
+    from aiid_proxy.vault import wrong_master_key
 
     for other in home.tenants():
         path = home.vault_path(other)
         if other == tenant_name or not path.is_file():
             continue
         try:
-            with Vault(path, other, keyring) as theirs:
-                entries = theirs.list()
-        except (AiidError, sqlite3.Error, OSError):
+            conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
+            try:
+                entries = conn.execute("SELECT provider, key_id FROM secrets").fetchall()
+            finally:
+                conn.close()
+        except (sqlite3.Error, OSError):
             continue  # another tenant's damaged vault is no reason to refuse this one
-        for info in entries:
-            if info.key_id not in keyring:
-                raise wrong_master_key(other, info.provider, info.key_id, keyring.current_id)
+        for provider, key_id in entries:
+            if key_id not in keyring:
+                raise wrong_master_key(other, str(provider), str(key_id), keyring.current_id)
         if entries:
             return  # the key opens a vault the gateway opens with it: proof enough
 

@@ -210,7 +210,6 @@ class Gateway(Records):
                     ),
                     region=self.home.tenant_region(name),
                 )
-                self._tenants[name] = rt
                 self.rebuild_spend(name)
                 in_force = self.policies.get(name)
                 if in_force is not None:
@@ -220,6 +219,9 @@ class Gateway(Records):
                         rt,
                         PolicyEvent(name, True, self.clock.now(), in_force.source_hash, None),
                     )
+                # published last: the event loop reads it without the lock, and a request
+                # must find the spend rebuilt and the policy on record before its own record
+                self._tenants[name] = rt
         return rt
 
     def rebuild_spend(self, name: str) -> int:
