@@ -778,7 +778,7 @@ USER_HELLO = [{"role": "user", "content": "hello"}]
             },
             # the image part: its allowance, and the text of its keys ("type", "image_url")
             {
-                "prompt_chars": 3 + 4 + 2 + 13,
+                "prompt_chars": 3 + 4 + 2 + 13 + 1,  # the function's name "f" too
                 "estimated_input_tokens": 6 + 3 * 4 + MEDIA_PART_TOKENS,
             },
             id="content-parts-and-tool-calls",
@@ -1229,6 +1229,83 @@ def test_a_pdf_is_held_at_about_what_its_pages_bill(
     text, a 60 KB PDF could never pass 20,000 tokens a minute (pass [X])."""
     est = facts(where, body)["estimated_input_tokens"]
     assert MEDIA_PART_TOKENS + len(_PDF) // 16 <= est < 20_000 - 1000
+
+
+_BIG = "x " * 50_000  # 100,000 characters
+
+
+@pytest.mark.parametrize(
+    ("where", "body"),
+    [
+        pytest.param(
+            ANTHROPIC,
+            {
+                "model": "claude-sonnet-4-5",
+                "max_tokens": 10,
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "content": [
+                            {"type": "tool_use", "id": "t1", "name": "f", "input": {"q": _BIG}}
+                        ],
+                    }
+                ],
+            },
+            id="anthropic-tool-use-input",
+        ),
+        pytest.param(
+            ANTHROPIC,
+            {
+                "model": "claude-sonnet-4-5",
+                "max_tokens": 10,
+                "messages": [
+                    {"role": "assistant", "content": [{"type": "thinking", "thinking": _BIG}]}
+                ],
+            },
+            id="anthropic-thinking",
+        ),
+        pytest.param(
+            GEMINI,
+            {
+                "contents": [
+                    {"parts": [{"functionResponse": {"name": "f", "response": {"r": _BIG}}}]}
+                ]
+            },
+            id="gemini-function-response",
+        ),
+        pytest.param(
+            GEMINI,
+            {"contents": [{"parts": [{"functionCall": {"name": "f", "args": {"a": _BIG}}}]}]},
+            id="gemini-function-call",
+        ),
+        pytest.param(
+            OPENAI_RESPONSES,
+            {
+                "model": "gpt-4.1",
+                "input": [{"type": "custom_tool_call", "call_id": "c", "name": "f", "input": _BIG}],
+            },
+            id="responses-custom-tool-call",
+        ),
+        pytest.param(
+            OPENAI_RESPONSES,
+            {"model": "gpt-4.1", "input": "hi", "prompt": {"id": "p", "variables": {"v": _BIG}}},
+            id="responses-prompt-variables",
+        ),
+    ],
+)
+def test_tool_inputs_results_and_thinking_are_input(
+    where: tuple[str, str, str], body: dict[str, Any]
+) -> None:
+    """Only a list of text keys was counted inside a message: a 100,000-character tool result
+    was held at 13 tokens and passed 20,000 tokens a minute (pass [Y])."""
+    assert facts(where, body)["estimated_input_tokens"] >= len(_BIG) // 4
+
+
+def test_images_inside_a_document_each_get_their_allowance() -> None:
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": _B64}}
+    doc = {"type": "document", "source": {"type": "content", "content": [image] * 20}}
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 10, "messages": _image_message(doc)}
+    assert facts(ANTHROPIC, body)["estimated_input_tokens"] >= 21 * MEDIA_PART_TOKENS
 
 
 def test_base64_text_counts_as_the_text_it_decodes_to() -> None:

@@ -27,8 +27,12 @@ _MODEL_RE = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no space
 _MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 _TEXT_FIELDS = ("messages", "input", "system", "prompt", "instructions")
 _MESSAGE_LISTS = ("messages", "input")
-# Keys under which text (or nested text) sits inside a message or content part.
-_TEXT_KEYS = ("text", "content", "parts", "output", "arguments", "tool_calls", "function")
+# Keys inside a message that carry no input the provider bills (every other one counts: a
+# list of the keys that do missed tool results, tool inputs, thinking, reasoning).
+_NOT_PROMPT_TEXT = frozenset(
+    {"type", "role", "id", "call_id", "tool_call_id", "tool_use_id", "signature"}
+    | {"cache_control", "status"}
+)
 MEDIA_PART_TOKENS = 1600
 """Input tokens an image, audio clip or file part is reserved at: about the most Anthropic
 bills an image (~1,600), twice OpenAI's gpt-4o at high detail (765). An estimate, settled
@@ -254,14 +258,11 @@ class _Count:
             elif isinstance(v, list):
                 stack.extend(v)
             elif isinstance(v, dict):
-                kind = v.get("type")
-                if (isinstance(kind, str) and kind in _MEDIA_TYPES) or any(
-                    k in v for k in _MEDIA_KEYS
-                ):
+                if _is_media(v):
                     self.media += 1
                     self.part(v)
-                else:
-                    stack.extend(v[k] for k in _TEXT_KEYS if k in v)
+                else:  # tool calls and results, thinking, reasoning: all input it is billed
+                    stack.extend(x for k, x in v.items() if k not in _NOT_PROMPT_TEXT)
 
     def part(self, value: object) -> None:
         """A media part: its allowance covers the bytes of an image, audio clip or video,
@@ -283,6 +284,8 @@ class _Count:
             elif isinstance(v, list):
                 stack.extend((key, x, parent) for x in v)
             elif isinstance(v, dict):
+                if v is not value and _is_media(v):  # an image in a document's content
+                    self.media += 1
                 for k, x in v.items():
                     self.chars += len(k)
                     stack.append((k, x, v))
@@ -304,6 +307,11 @@ class _Count:
                     stack.append(x)
             elif isinstance(v, int | float) and not isinstance(v, bool):
                 self.chars += 1
+
+
+def _is_media(d: Mapping[str, Any]) -> bool:
+    kind = d.get("type")
+    return (isinstance(kind, str) and kind in _MEDIA_TYPES) or any(k in d for k in _MEDIA_KEYS)
 
 
 _MEDIA_MIME = ("image/", "audio/", "video/")
