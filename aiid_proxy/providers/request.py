@@ -243,9 +243,9 @@ class _Count:
         return -(-narrow // CHARS_PER_TOKEN) + self.wide + MEDIA_PART_TOKENS * self.media
 
     def prompt(self, value: object) -> None:
-        """A prompt-like value: strings, content-part ``text`` fields, nested ``content`` /
-        ``parts``; a bare integer (a token id) counts as one token's worth; a media part
-        counts its allowance and whatever else it holds (:meth:`part`)."""
+        """A prompt-like value: every string in it but under keys that carry nothing billed
+        (ids, types, roles, signatures); a bare integer (a token id) counts as one token's
+        worth; a media part counts its allowance and whatever else it holds (:meth:`part`)."""
         stack: list[object] = [value]
         while stack:
             v = stack.pop()
