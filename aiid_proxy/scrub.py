@@ -51,8 +51,13 @@ class Scrubber:
         """A secret, or a :data:`FRAGMENT` of one, in a header name, in any case (HTTP/2
         lowercases names): such a header cannot be scrubbed into a valid name and is dropped;
         counted as a hit."""
-        low = name.lower().decode("utf-8", "surrogateescape")
-        found = any(s.lower() in low for s in self.secrets) or self.lower_fragments.found(low)
+        text = name.decode("utf-8", "surrogateescape")
+        low = text.lower()
+        found = (
+            any(s.lower() in low for s in self.secrets)
+            or self.lower_fragments.found(low)
+            or self.fragments.found(text)  # the hex of the secret's own bytes
+        )
         self.hits += found
         return found
 

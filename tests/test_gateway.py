@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CANARY_OPENAI, TENANT, audit_rows
+from conftest import CANARY_OPENAI, NOKEY_TENANT, TENANT, audit_rows
 
 from aiid_proxy.budget import pico_to_usd, usd_to_pico
-from aiid_proxy.errors import IncompleteVerdict, RequestRefused
+from aiid_proxy.errors import ConfigError, IncompleteVerdict, RequestRefused
 from aiid_proxy.gateway import (
     STAGES,
     FlowState,
@@ -337,6 +337,18 @@ def test_a_policy_loaded_before_its_tenant_was_added_starts_the_tenant_log(
     assert json.loads(audit_rows(gateway_home, "delta")[0]["detail"])["hash"] == (
         in_force.source_hash
     )
+
+
+def test_a_truncated_vault_is_refused_not_recreated_empty(
+    make_gateway: Callable[..., Gateway], policies_dir: Path, gateway_home: Home
+) -> None:
+    """`aiid run` turned a 0-byte vault.db into a valid empty vault: the damage was erased and
+    looked like a vault with no keys (pass [Z])."""
+    path = gateway_home.vault_path(NOKEY_TENANT)
+    path.write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"vault database empty \(truncated\?\)"):
+        Gateway(gateway_home, policies_dir, watch=False, env={})
+    assert path.stat().st_size == 0
 
 
 def test_a_digest_taken_beforehand_seals_the_same_request(

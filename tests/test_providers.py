@@ -1291,6 +1291,35 @@ _BIG = "x " * 50_000  # 100,000 characters
             {"model": "gpt-4.1", "input": "hi", "prompt": {"id": "p", "variables": {"v": _BIG}}},
             id="responses-prompt-variables",
         ),
+        # free-form tool input under a key that is a label elsewhere (pass [Z]: held at 1)
+        *(
+            pytest.param(
+                ANTHROPIC,
+                {
+                    "model": "claude-sonnet-4-5",
+                    "max_tokens": 10,
+                    "messages": [
+                        {
+                            "role": "assistant",
+                            "content": [
+                                {"type": "tool_use", "id": "t1", "name": "f", "input": {k: _BIG}}
+                            ],
+                        }
+                    ],
+                },
+                id=f"tool-input-under-{k}",
+            )
+            for k in ("id", "status", "type", "role", "signature")
+        ),
+        pytest.param(
+            GEMINI,
+            {
+                "contents": [
+                    {"parts": [{"functionResponse": {"name": "f", "response": {"status": _BIG}}}]}
+                ]
+            },
+            id="function-response-status",
+        ),
     ],
 )
 def test_tool_inputs_results_and_thinking_are_input(

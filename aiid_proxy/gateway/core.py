@@ -186,9 +186,11 @@ class Gateway(Records):
             if rt is None:
                 self.home.require_tenant(name)
                 vault_path = self.home.vault_path(name)
-                if not vault_path.is_file():  # Vault() would create an empty one
+                # Vault() would create an empty one, also in a truncated (0-byte) file
+                if not vault_path.is_file() or vault_path.stat().st_size == 0:
+                    what = "missing" if not vault_path.is_file() else "empty (truncated?)"
                     raise ConfigError(
-                        f"tenant {name!r}: vault database missing: {vault_path} (never created "
+                        f"tenant {name!r}: vault database {what}: {vault_path} (never created "
                         "here: restore it from backup; every request of this tenant is refused)"
                     )
                 rt = TenantRuntime(

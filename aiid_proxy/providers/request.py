@@ -27,12 +27,6 @@ _MODEL_RE = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no space
 _MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 _TEXT_FIELDS = ("messages", "input", "system", "prompt", "instructions")
 _MESSAGE_LISTS = ("messages", "input")
-# Keys inside a message that carry no input the provider bills (every other one counts: a
-# list of the keys that do missed tool results, tool inputs, thinking, reasoning).
-_NOT_PROMPT_TEXT = frozenset(
-    {"type", "role", "id", "call_id", "tool_call_id", "tool_use_id", "signature"}
-    | {"cache_control", "status"}
-)
 MEDIA_PART_TOKENS = 1600
 """Input tokens an image, audio clip or file part is reserved at: about the most Anthropic
 bills an image (~1,600), twice OpenAI's gpt-4o at high detail (765). An estimate, settled
@@ -243,9 +237,9 @@ class _Count:
         return -(-narrow // CHARS_PER_TOKEN) + self.wide + MEDIA_PART_TOKENS * self.media
 
     def prompt(self, value: object) -> None:
-        """A prompt-like value: every string in it but under keys that carry nothing billed
-        (ids, types, roles, signatures); a bare integer (a token id) counts as one token's
-        worth; a media part counts its allowance and whatever else it holds (:meth:`part`)."""
+        """A prompt-like value: every string in it but short labels (a part's type, a
+        role, an id); a bare integer (a token id) counts as one token's worth; a media part
+        counts its allowance and whatever else it holds (:meth:`part`)."""
         stack: list[object] = [value]
         while stack:
             v = stack.pop()
@@ -261,8 +255,8 @@ class _Count:
                 if _is_media(v):
                     self.media += 1
                     self.part(v)
-                else:  # tool calls and results, thinking, reasoning: all input it is billed
-                    stack.extend(x for k, x in v.items() if k not in _NOT_PROMPT_TEXT)
+                else:  # every value: tool calls and results, thinking, free-form tool input
+                    stack.extend(x for k, x in v.items() if not _label(k, x))
 
     def part(self, value: object) -> None:
         """A media part: its allowance covers the bytes of an image, audio clip or video,
@@ -307,6 +301,16 @@ class _Count:
                     stack.append(x)
             elif isinstance(v, int | float) and not isinstance(v, bool):
                 self.chars += 1
+
+
+# Keys whose short string values are labels, not input: a part's type, a message's role, a
+# call's id. Only short ones: the same key inside a free-form tool input may hold text the
+# provider bills (a list of keys skipped at any depth held 100,000 characters at 1 token).
+_LABEL_KEYS = frozenset({"type", "role", "id", "call_id", "tool_call_id", "tool_use_id", "status"})
+
+
+def _label(key: str, value: object) -> bool:
+    return key in _LABEL_KEYS and isinstance(value, str) and len(value) <= 64
 
 
 def _is_media(d: Mapping[str, Any]) -> bool:
