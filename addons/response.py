@@ -64,6 +64,9 @@ def body_usage(
     return usage
 
 
+SHUTDOWN_CUT = "the gateway shut down"
+
+
 def _stream_usage(sf: StreamFilter, est_in: int) -> Usage:
     """What a stream in transit has carried (its last event dispatched, as at its end); it
     is cut there: what is charged is what the agent got, nothing more leaves after."""
@@ -71,9 +74,6 @@ def _stream_usage(sf: StreamFilter, est_in: int) -> Usage:
         sf.cut = SHUTDOWN_CUT
     sf.tracker.close()
     return sf.usage(est_in)
-
-
-SHUTDOWN_CUT = "the gateway shut down"
 
 
 def _ended(flow: http.HTTPFlow, st: FlowState) -> bool:
@@ -348,9 +348,10 @@ class ResponseFilter:
         # anywhere in the header block: the fields that hold one are scrubbed of it
         blob = b"\n".join(k + b"\n" + v for k, v in resp.headers.fields)
         text = blob.decode("utf-8", "surrogateescape")
+        low = text.lower()
         # in any case; and in the key's own case, which alone finds the hex of its bytes
-        pieces = scrubber.lower_fragments.found(text.lower()) or scrubber.fragments.found(text)
-        if not pieces and not scrubber.anywhere(blob):
+        pieces = scrubber.lower_fragments.found(low) or scrubber.fragments.found(text)
+        if not pieces and not scrubber.anywhere(blob, low):
             # Neither the key nor a piece of it in any name or value (each is part of the
             # block): nothing below would change. Field by field costs ~5 µs a field.
             return

@@ -39,12 +39,14 @@ class Scrubber:
     def active(self) -> bool:
         return bool(self._needles)
 
-    def anywhere(self, data: bytes) -> bool:
+    def anywhere(self, data: bytes, low: str | None = None) -> bool:
         """Whether a secret is in ``data`` as :meth:`scrub` replaces it, or in its lowercased
-        text (as :meth:`in_name` finds it); no hit is counted."""
+        text ``low`` (as :meth:`in_name` finds it; decoded from ``data`` if not given); no hit
+        is counted."""
         if any(n in data for n in self._needles):
             return True
-        low = data.decode("utf-8", "surrogateescape").lower()
+        if low is None:
+            low = data.decode("utf-8", "surrogateescape").lower()
         return any(s.lower() in low for s in self.secrets)
 
     def in_name(self, name: bytes) -> bool:

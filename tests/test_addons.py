@@ -2512,7 +2512,7 @@ def test_the_header_block_fast_path_changes_nothing_the_field_walk_would(
     response_side.ResponseFilter._scrub_headers(fast, Scrubber([CANARY_OPENAI, SHORT]))
 
     class Walk(Scrubber):
-        def anywhere(self, data: bytes) -> bool:
+        def anywhere(self, data: bytes, low: str | None = None) -> bool:
             return True
 
     slow = http.Response.make(200, b"", raw)

@@ -86,31 +86,6 @@ def budgets_apply(policy: Policy | None, agent: str) -> bool:
 
 
 __all__ = [
-    "COSTLESS_KINDS",
-    "NON_GENERATING_KINDS",
-    "PICO_PER_USD",
-    "PRICES_FILE",
-    "BudgetRefusal",
-    "Hold",
-    "Ledger",
-    "Periods",
-    "Price",
-    "PriceBook",
-    "PriceTable",
-    "Spent",
-    "agent_budget_of",
-    "budgets_apply",
-    "format_usd",
-    "month_start_ts",
-    "periods",
-    "pico_to_usd",
-    "reservation_tokens",
-    "spend_records",
-    "usd_to_pico",
-]
-
-
-__all__ = [
     "ANY_PROVIDER",
     "COSTLESS_KINDS",
     "MAX_USD_PER_MTOK",

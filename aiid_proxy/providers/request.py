@@ -210,13 +210,6 @@ def _largest(values: list[int | None]) -> int | None:
     return max(present) if present else None
 
 
-def text_chars(value: object) -> int:
-    """Characters of text in a prompt-like value (:meth:`_Count.prompt`)."""
-    count = _Count()
-    count.prompt(value)
-    return count.chars
-
-
 class _Count:
     """Input a request carries, as the estimate counts it: characters of text (those beyond
     ASCII apart: about a token each, where English runs four characters a token) and media
