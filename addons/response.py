@@ -295,7 +295,7 @@ class ResponseFilter:
             if fut is not None:
                 # Not awaited: the contract makes the *request* record durable before
                 # anything leaves; the response record commits after the response is
-                # released, without an fsync of its own (audit.log.LAZY_EVENTS). A failure
+                # released, without an fsync of its own (audit.record.LAZY_EVENTS). A failure
                 # to write it is logged.
                 fut.add_done_callback(log_unwritten)
 

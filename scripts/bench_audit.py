@@ -53,7 +53,7 @@ def _fields(i: int) -> dict[str, object]:
 
 def _event(i: int) -> str:
     # Kinds whose records are fsync'd before append resolves (`response` records are not:
-    # see aiid_proxy.audit.log.LAZY_EVENTS), so every record counted here is durable.
+    # see aiid_proxy.audit.record.LAZY_EVENTS), so every record counted here is durable.
     return ("request", "deny", "error")[i % 3]
 
 

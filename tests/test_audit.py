@@ -38,7 +38,7 @@ from aiid_proxy.audit import (
 )
 from aiid_proxy.audit import log as log_mod
 from aiid_proxy.audit import verify as verify_mod
-from aiid_proxy.audit.log import format_ts
+from aiid_proxy.audit.record import format_ts
 from aiid_proxy.clock import FakeClock
 from aiid_proxy.errors import AuditError, InvalidName, UsageError
 

@@ -24,7 +24,7 @@ import pytest
 from aiid_proxy.audit import AuditLog, child, read_rows, service, tenant_key, verify_db
 from aiid_proxy.audit.child import read_batches
 from aiid_proxy.audit.frames import APPEND, ERR, OK, frame
-from aiid_proxy.audit.log import normalize
+from aiid_proxy.audit.record import normalize
 from aiid_proxy.audit.service import AuditWriterProcess, RemoteAuditLog
 from aiid_proxy.audit.writers import RESPAWN_AFTER, ProcessWriters, writer_factory
 from aiid_proxy.clock import FakeClock

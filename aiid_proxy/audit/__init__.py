@@ -17,7 +17,8 @@ from aiid_proxy.audit.chain import (
     tenant_key,
     verify_rows,
 )
-from aiid_proxy.audit.log import AppendResult, AuditLog
+from aiid_proxy.audit.log import AuditLog
+from aiid_proxy.audit.record import AppendResult
 from aiid_proxy.audit.store import create_db, export_jsonl, format_row, read_rows
 from aiid_proxy.audit.verify import verify_db
 

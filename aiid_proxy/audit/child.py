@@ -29,11 +29,8 @@ from aiid_proxy.audit.frames import (
     FrameParser,
     frame,
 )
-from aiid_proxy.audit.log import (
-    LAZY_SYNC,
-    AppendResult,
-    AuditLog,
-)
+from aiid_proxy.audit.log import LAZY_SYNC, AuditLog
+from aiid_proxy.audit.record import AppendResult
 from aiid_proxy.audit.store import describe
 from aiid_proxy.errors import AiidError, AuditError
 

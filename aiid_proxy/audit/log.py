@@ -14,40 +14,33 @@ head inside its own transaction, so there is never a seq gap or a fork of the ch
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 from aiid_proxy.audit.chain import (
-    COLUMNS,
     GENESIS_MAC,
-    MAC,
-    ChainState,
     canonical_values,
-    dump_detail,
-    is_mac,
     tenant_key,
 )
+from aiid_proxy.audit.record import AppendResult, format_ts, is_lazy, normalize
 from aiid_proxy.audit.store import (
     BUSY_TIMEOUT_MS,
     INSERT_SQL,
-    SELECT_SQL,
+    committed_head,
     describe,
     ensure_schema,
     schema_state,
 )
 from aiid_proxy.audit.verify_range import keyed_mac
 from aiid_proxy.clock import SYSTEM_CLOCK, Clock
-from aiid_proxy.errors import AuditError, AuditFieldError
+from aiid_proxy.errors import AuditError
 from aiid_proxy.home import append_durable, validate_name
 
 log = logging.getLogger(__name__)
@@ -58,124 +51,7 @@ CHECKPOINT_INTERVAL = 0.5  # seconds of clock.monotonic() between automatic chec
 # writer runs them after a batch's answers are out: SQLite's automatic one would run inside a
 # COMMIT, on a request's way out (copying ~4 MB and an fsync: p99.9 1.5 ms against 0.6 ms).
 WAL_CHECKPOINT_RECORDS = 300
-# Events whose records need not be fsync'd before their future resolves. A `response` record
-# is written after the response was released (the contract asks durability of the `request`
-# record, before the request leaves); committing it with synchronous=NORMAL keeps it safe from
-# a gateway crash (it is in the WAL) and leaves the next fsync of the WAL (the next record of
-# any other kind, a checkpoint, or LAZY_SYNC seconds of quiet) to make it power-safe too. So a
-# request record no longer waits behind the fsync of the previous response record.
-LAZY_EVENTS = frozenset({"response"})
 LAZY_SYNC = 0.5  # seconds of quiet after which lazily committed records are fsync'd
-
-# The fields append() takes, in COLUMNS order (event is its positional argument).
-FIELDS: tuple[str, ...] = COLUMNS[2:14]
-_INT = frozenset({"status", "input_tokens", "output_tokens"})
-_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
-
-
-@dataclass(frozen=True)
-class AppendResult:
-    seq: int
-    mac: str
-
-
-_ts_cache: tuple[int, str] = (-1, "")
-
-
-def format_ts(now: float) -> str:
-    """ISO-8601 UTC with microseconds, e.g. ``2026-11-25T21:35:07.123456Z``."""
-    global _ts_cache
-    micros = round(now * 1_000_000)
-    secs, us = divmod(micros, 1_000_000)
-    cached_secs, prefix = _ts_cache
-    if secs != cached_secs:
-        prefix = datetime.fromtimestamp(secs, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        _ts_cache = (secs, prefix)
-    return f"{prefix}.{us:06d}Z"
-
-
-def _text(name: str, value: object) -> str:
-    if not isinstance(value, str):
-        raise AuditFieldError(f"audit field {name} must be a string, not {type(value).__name__}")
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise AuditFieldError(f"audit field {name} is not valid UTF-8 text") from None
-    return str(value)
-
-
-def _integer(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise AuditFieldError(f"audit field {name} must be an integer")
-    if not _INT_MIN <= value <= _INT_MAX:
-        raise AuditFieldError(f"audit field {name} is out of range")
-    return int(value)
-
-
-def _latency(name: str, value: object) -> float:
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise AuditFieldError(f"audit field {name} must be a number")
-    ms = round(float(value), 3)
-    if not math.isfinite(ms) or abs(ms) >= 1e15:
-        raise AuditFieldError(f"audit field {name} is out of range")
-    return ms + 0.0  # never -0.0: SQLite would give back 0.0
-
-
-def _detail(name: str, value: object) -> str:
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            raise AuditFieldError(f"audit field {name} must be a JSON object") from None
-    if not isinstance(value, Mapping):
-        raise AuditFieldError(f"audit field {name} must be a JSON object")
-    try:
-        return _text(name, dump_detail(value))
-    except (TypeError, ValueError, RecursionError) as e:
-        raise AuditFieldError(f"audit field {name} is not JSON-serialisable: {e}") from None
-
-
-_CHECKS: dict[str, tuple[int, Callable[[str, object], object]]] = {
-    name: (
-        i,
-        _integer
-        if name in _INT
-        else _latency
-        if name == "latency_ms"
-        else _detail
-        if name == "detail"
-        else _text,
-    )
-    for i, name in enumerate(FIELDS)
-    if name != "event"
-}
-_EVENT = FIELDS.index("event")
-
-
-def is_lazy(values: tuple[object, ...]) -> bool:
-    """Whether a normalized record may commit without an fsync of its own (LAZY_EVENTS)."""
-    return values[_EVENT] in LAZY_EVENTS
-
-
-def normalize(event: str, fields: Mapping[str, object]) -> tuple[object, ...]:
-    """Validate an append's fields into their stored form (COLUMNS[2:14] order).
-
-    Each value gets the exact type SQLite gives back (int, float, str), so the mac computed now
-    matches the one recomputed from the stored row. ``latency_ms`` is kept to the microsecond.
-    """
-    out: list[object] = [None] * len(FIELDS)
-    event = _text("event", event)
-    if not event:
-        raise AuditFieldError("audit event must not be empty")
-    out[_EVENT] = event
-    for name, value in fields.items():
-        check = _CHECKS.get(name)
-        if check is None:
-            raise AuditFieldError(f"unknown audit field {name!r}")
-        if value is not None:
-            out[check[0]] = check[1](name, value)
-    return tuple(out)
 
 
 class _Pending:
@@ -383,36 +259,13 @@ class AuditLog:
                 raise
             if schema_state(conn) != "pristine":
                 raise AuditError(f"audit table in {self.path} has an unexpected schema")
-            self._head = self._check_head(conn)
+            self._head = committed_head(conn, self._key)
             self._file_id = _file_id(self.path)
             self._wal_id = _file_id(self._wal_path)
         except BaseException:
             conn.close()
             raise
         return conn
-
-    def _check_head(self, conn: sqlite3.Connection) -> tuple[int, str]:
-        """The committed head, refusing to extend a chain whose last record does not verify."""
-        row = conn.execute(f"{SELECT_SQL} ORDER BY seq DESC LIMIT 1").fetchone()
-        if row is None:
-            return (0, GENESIS_MAC)
-        seq = row[0]
-        prev_hex: object = GENESIS_MAC
-        if seq != 1:
-            prev = conn.execute("SELECT mac FROM audit WHERE seq = ?", (seq - 1,)).fetchone()
-            prev_hex = prev[0] if prev is not None else None
-        ok = False
-        if isinstance(prev_hex, str) and is_mac(prev_hex):
-            state = ChainState(self._key)
-            state.expected, state.prev_hex = seq, prev_hex
-            state.prev_bytes = bytes.fromhex(prev_hex)
-            ok = state.check_row(row)
-        if not ok:
-            raise AuditError(
-                f"audit chain head is invalid at seq {seq} (tampered log or wrong audit key); "
-                "refusing to extend it: run `aiid audit verify`"
-            )
-        return (seq, str(row[MAC]))
 
     def _run(self, ready: Future[None]) -> None:
         try:

@@ -46,12 +46,7 @@ from aiid_proxy.audit.frames import (
     frame,
     write_all,
 )
-from aiid_proxy.audit.log import (
-    AppendResult,
-    format_ts,
-    is_lazy,
-    normalize,
-)
+from aiid_proxy.audit.record import AppendResult, format_ts, is_lazy, normalize
 from aiid_proxy.audit.store import describe
 from aiid_proxy.clock import SYSTEM_CLOCK, Clock
 from aiid_proxy.errors import AuditError

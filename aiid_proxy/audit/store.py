@@ -8,7 +8,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO
 
-from aiid_proxy.audit.chain import COLUMNS
+from aiid_proxy.audit.chain import COLUMNS, GENESIS_MAC, MAC, ChainState, is_mac
 from aiid_proxy.errors import AuditError
 
 BUSY_TIMEOUT_MS = 5000
@@ -93,6 +93,31 @@ def schema_state(conn: sqlite3.Connection) -> str:
     if not any("INTEGER PRIMARY KEY" in str(row[-1]) for row in plan):
         return "altered"
     return "pristine"
+
+
+def committed_head(conn: sqlite3.Connection, key: bytes) -> tuple[int, str]:
+    """The committed head (seq, mac) of the chain in ``conn`` under the tenant's ``key``;
+    AuditError if its last record does not verify (a writer must not extend such a chain)."""
+    row = conn.execute(f"{SELECT_SQL} ORDER BY seq DESC LIMIT 1").fetchone()
+    if row is None:
+        return (0, GENESIS_MAC)
+    seq = row[0]
+    prev_hex: object = GENESIS_MAC
+    if seq != 1:
+        prev = conn.execute("SELECT mac FROM audit WHERE seq = ?", (seq - 1,)).fetchone()
+        prev_hex = prev[0] if prev is not None else None
+    ok = False
+    if isinstance(prev_hex, str) and is_mac(prev_hex):
+        state = ChainState(key)
+        state.expected, state.prev_hex = seq, prev_hex
+        state.prev_bytes = bytes.fromhex(prev_hex)
+        ok = state.check_row(row)
+    if not ok:
+        raise AuditError(
+            f"audit chain head is invalid at seq {seq} (tampered log or wrong audit key); "
+            "refusing to extend it: run `aiid audit verify`"
+        )
+    return (seq, str(row[MAC]))
 
 
 def create_db(path: Path) -> None:

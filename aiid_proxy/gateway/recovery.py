@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from aiid_proxy.audit import read_rows
-from aiid_proxy.audit.log import format_ts
+from aiid_proxy.audit.record import format_ts
 from aiid_proxy.audit.service import AuditAppender
 from aiid_proxy.audit.writers import log_unwritten
 from aiid_proxy.budget import usd_to_pico
