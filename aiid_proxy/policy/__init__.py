@@ -14,7 +14,6 @@ from aiid_proxy.policy.loader import (
     load_policy_dir,
     load_policy_file,
     load_policy_text,
-    parse_duration,
 )
 from aiid_proxy.policy.model import (
     DEFAULT_RULE_ID,
@@ -34,6 +33,7 @@ from aiid_proxy.policy.model import (
     RuleTrace,
     When,
 )
+from aiid_proxy.policy.timespec import parse_duration
 
 __all__ = [
     "DEFAULT_RULE_ID",
