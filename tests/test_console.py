@@ -741,6 +741,6 @@ def test_the_flows_table_keeps_tenant_and_agent_whole_at_120_columns() -> None:
     ],
 )
 def test_an_override_ending_within_a_minute_is_shown_to_the_second(ts: float, shown: str) -> None:
-    from aiid_proxy.console import _date
+    from aiid_proxy.console.render import _date
 
     assert _date(ts) == shown
