@@ -21,7 +21,7 @@ from aiid_proxy.providers import (
     parse_request,
     parse_usage,
 )
-from aiid_proxy.providers.registry import normalize_host
+from aiid_proxy.providers.model import normalize_host
 from aiid_proxy.providers.request import MEDIA_PART_TOKENS
 
 REG = Registry.builtin()

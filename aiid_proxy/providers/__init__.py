@@ -1,24 +1,25 @@
 """Providers: the registry of LLM provider hosts and routes (data-driven), strict reading of
 request bodies for policy, and token usage from responses and event streams.
 
-* :mod:`.registry` -- :class:`Registry`, :class:`Provider`, :class:`Route`, host/path matching;
+* :mod:`.model` -- :class:`Provider`, :class:`Route`, host/path matching;
+* :mod:`.registry` -- :class:`Registry`, built from data (``providers.yaml``);
 * :mod:`.request` -- :func:`parse_request` and :class:`RequestFacts`;
 * :mod:`.usage` -- :func:`parse_usage`, :class:`SSEUsageTracker` and :class:`Usage`.
 """
 
 from __future__ import annotations
 
-from aiid_proxy.providers.registry import (
+from aiid_proxy.providers.model import (
     CREDENTIAL_HEADERS,
     CREDENTIAL_QUERY_PARAMS,
     USAGE_FORMATS,
     Provider,
-    Registry,
     Route,
     RouteMatch,
     compile_path_template,
     normalize_host,
 )
+from aiid_proxy.providers.registry import Registry
 from aiid_proxy.providers.request import RequestFacts, check_model, parse_request
 from aiid_proxy.providers.usage import (
     MAX_EVENT_BYTES,

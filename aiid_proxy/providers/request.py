@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiid_proxy.errors import RequestRefused
-from aiid_proxy.providers.registry import MODEL_FROM_BODY, Route
+from aiid_proxy.providers.model import MODEL_FROM_BODY, Route
 
 MAX_MODEL_CHARS = 256
 CHARS_PER_TOKEN = 4

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from aiid_proxy.providers.registry import Provider, Route
+from aiid_proxy.providers.model import Provider, Route
 
 MAX_EVENT_BYTES = 1 << 20
 """An SSE event larger than this is dropped (and counted in ``dropped``), never buffered."""
