@@ -21,11 +21,10 @@ from aiid_proxy.vault import (
     Secret,
     SecretInfo,
     Vault,
-    _dek_aad,
-    _secret_aad,
     key_id_of,
     rotate_master,
 )
+from aiid_proxy.vault.store import _dek_aad, _secret_aad
 
 CANARY = "sk-CANARY-7f3a9c1e5b2d4f6a8c0e1b3d5f7a9c2e"
 K1 = bytes(range(32))
