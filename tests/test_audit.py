@@ -1033,3 +1033,123 @@ def test_the_audit_database_is_private_like_the_vault(tmp_path: Path) -> None:
         log.append_sync("request")
         modes = {p.name: p.stat().st_mode & 0o777 for p in path.parent.iterdir() if p.is_file()}
     assert modes == {"audit.db": 0o600, "audit.db-wal": 0o600, "audit.db-shm": 0o600}, modes
+
+
+# -- pass [AD]: the head is anchored after a quiet spell; a chain cut under the writer -----------
+def test_the_last_records_before_a_quiet_spell_are_checkpointed(tmp_path: Path) -> None:
+    """A burst's last records were only checkpointed by the next commit (55 s later on a quiet
+    tenant): deleting them meanwhile went unnoticed by `aiid audit verify`."""
+    clock = FakeClock()
+    ckpt = tmp_path / "ck"
+    log = make_log(tmp_path / "a.db", clock=clock, checkpoint_path=ckpt, threaded=False)
+    log.append("request")
+    log.drain()
+    assert ckpt.read_text().splitlines()[-1].startswith("1:")
+    assert log.idle_timeout() is None  # nothing waits
+    clock.advance(0.1)
+    log.append("deny")
+    log.drain()
+    r3 = log.append("deny")
+    log.drain()
+    assert len(ckpt.read_text().splitlines()) == 1  # within the interval: not yet
+    assert log.idle_timeout() == pytest.approx(0.4)  # ... but the owner is told when
+    clock.advance(0.4)
+    assert log.idle_timeout() == 0.0
+    log.idle()
+    assert ckpt.read_text().splitlines()[-1] == f"3:{r3.result().mac}"
+    assert log.idle_timeout() is None
+    log.close()
+
+
+def test_the_writer_thread_checkpoints_when_quiet(tmp_path: Path) -> None:
+    clock = FakeClock()
+    ckpt = tmp_path / "ck"
+    log = make_log(tmp_path / "a.db", clock=clock, checkpoint_path=ckpt)
+    log.append_sync("request")
+    r2 = log.append_sync("deny")  # within the interval of the first checkpoint
+    clock.advance(0.5)  # then quiet: the writer wakes for the head on its own
+    for _ in range(1000):  # bounded
+        if ckpt.read_text().splitlines()[-1] == f"2:{r2.mac}":
+            break
+        threading.Event().wait(0.01)
+    assert ckpt.read_text().splitlines()[-1] == f"2:{r2.mac}"
+    log.close()
+
+
+def test_a_failing_checkpoint_is_retried_an_interval_later(tmp_path: Path) -> None:
+    clock = FakeClock()
+    ckpt = tmp_path / "file"
+    ckpt.write_text("")
+    log = make_log(
+        tmp_path / "a.db", clock=clock, checkpoint_path=ckpt / "under-a-file", threaded=False
+    )
+    log.append("request")
+    log.drain()  # the checkpoint fails (logged)
+    assert log.idle_timeout() == pytest.approx(0.5)  # not 0: the owner would spin
+    log.close()
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [
+        pytest.param("DELETE FROM audit WHERE seq > 2", id="tail-deleted"),
+        pytest.param("DELETE FROM audit", id="all-deleted"),
+        pytest.param("UPDATE audit SET seq = 9 WHERE seq = 4", id="head-renumbered"),
+    ],
+)
+def test_a_chain_cut_under_the_running_writer_is_refused(tmp_path: Path, cut: str) -> None:
+    """The writer carried on from the shorter chain (even at seq 1) and its checkpoints then
+    vouched for the cut."""
+    db = tmp_path / "a.db"
+    log = make_log(db, checkpoint_path=tmp_path / "ck")
+    for _ in range(4):
+        log.append_sync("deny")
+    sql(db, cut)
+    with pytest.raises(AuditError, match="changed under the running gateway"):
+        log.append_sync("request")
+    with pytest.raises(AuditError, match="changed under the running gateway"):
+        log.append_sync("request")  # and stays refused
+    log.close()
+
+
+def test_records_that_extend_the_writers_head_are_adopted(tmp_path: Path) -> None:
+    """A COMMIT that reported an error yet landed leaves records past the writer's head: they
+    chain on from it under the key, so the writer goes on after them."""
+    db = tmp_path / "a.db"
+    log = make_log(db)
+    log.append_sync("request")
+    with make_log(db) as other:  # the same key: a genuine extension of the chain
+        other.append_sync("response")
+    r = log.append_sync("request")
+    assert r.seq == 3
+    log.close()
+    assert verify_db(db, KEY).ok
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda db: db.write_bytes(b""), id="emptied"),
+        pytest.param(lambda db: sql(db, "DROP TABLE audit"), id="table-dropped"),
+    ],
+)
+def test_a_log_that_must_exist_is_not_recreated(tmp_path: Path, damage: object) -> None:
+    """`aiid run` opens logs with create=False: a 0-byte file or a dropped table restarted the
+    tenant's chain at seq 1 (docs/audit-integrity.md says it refuses)."""
+    db = tmp_path / "a.db"
+    fill(db)
+    damage(db)  # type: ignore[operator]
+    with pytest.raises(AuditError, match="has no audit table"):
+        make_log(db, create=False)
+
+
+def test_data_in_a_column_the_chain_does_not_cover_fails_verify(tmp_path: Path) -> None:
+    db = tmp_path / "a.db"
+    fill(db)
+    sql(db, "ALTER TABLE audit ADD COLUMN extra TEXT")
+    assert verify_db(db, KEY).ok  # an empty column hides nothing
+    sql(db, "UPDATE audit SET extra = 'hidden' WHERE seq = 5")
+    res = verify_db(db, KEY)
+    assert not res.ok
+    assert res.first_bad_seq == 5
+    assert "'extra'" in res.reason

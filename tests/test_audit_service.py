@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from aiid_proxy.audit import AuditLog, child, read_rows, service, tenant_key, verify_db
+from aiid_proxy.audit import AuditLog, read_rows, service, tenant_key, verify_db
+from aiid_proxy.audit import log as audit_log
 from aiid_proxy.audit.child import read_batches
 from aiid_proxy.audit.frames import APPEND, ERR, OK, frame
 from aiid_proxy.audit.record import normalize
@@ -363,7 +364,7 @@ def _state(pid: int) -> str:
 def test_the_child_fsyncs_lazy_records_when_quiet(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(child, "LAZY_SYNC", 0.01)
+    monkeypatch.setattr(audit_log, "LAZY_SYNC", 0.01)
     lg = AuditLog(tmp_path / "a.db", "acme", ROOT, threaded=False)
     lg.submit("2026-01-01T00:00:00.000000Z", normalize("response", {}))
     lg.drain()
@@ -804,3 +805,32 @@ def test_a_request_held_at_shutdown_is_refused_not_dropped(tmp_path: Path) -> No
         ("held", None), ("approval", 403), ("deny", 403)
     ]  # fmt: skip
     assert not si.requests  # nothing reached the provider
+
+
+def test_the_child_checkpoints_the_head_when_quiet(tmp_path: Path) -> None:
+    """[AD] The last records before a quiet spell got into no checkpoint until the next commit:
+    the child's read loop now wakes for a due checkpoint as for lazy records."""
+    clock = FakeClock()
+    ckpt = tmp_path / "ck"
+    lg = AuditLog(
+        tmp_path / "a.db", "acme", ROOT, threaded=False, clock=clock, checkpoint_path=ckpt
+    )
+    lg.submit("2026-01-01T00:00:00.000000Z", normalize("request", {}))
+    lg.drain()
+    lg.submit("2026-01-01T00:00:00.000001Z", normalize("deny", {}))
+    lg.drain()
+    assert ckpt.read_text().splitlines()[-1].startswith("1:")  # the second is within 0.5 s
+    clock.advance(0.5)
+    r, w = os.pipe()
+    got: list[object] = []
+    reader = threading.Thread(target=lambda: got.extend(read_batches(r, {1: lg})))
+    reader.start()
+    for _ in range(WAIT * 100):  # bounded wait for the child loop's quiet period
+        if ckpt.read_text().splitlines()[-1].startswith("2:"):
+            break
+        time.sleep(0.01)
+    os.close(w)
+    reader.join(WAIT)
+    os.close(r)
+    assert ckpt.read_text().splitlines()[-1] == f"2:{lg.head()[1]}"
+    lg.close()

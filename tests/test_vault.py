@@ -5,6 +5,7 @@ import copy
 import os
 import pickle
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -355,12 +356,20 @@ def test_rewrap_in_one_transaction(vault: Vault) -> None:
     assert ids == {"anthropic": key_id_of(K1), "openai": key_id_of(K1)}  # all rolled back
 
 
-def test_rewrap_moves_every_entry(vault: Vault) -> None:
+def test_rewrap_moves_every_entry(vault: Vault, clock: FakeClock) -> None:
     for p in ("openai", "anthropic", "github"):
         vault.put(p, f"{p}-{CANARY}")
     before = raw_rows(vault.path)
+    assert all(i.rotated is None for i in vault.list())
+    clock.advance(3600)
     new = MasterKeyring([K2, K1])
     assert vault.rewrap(new) == 3
+    # `vault list` shows the re-keying: the entry's key id and its rotated time both change
+    infos = vault.list()
+    assert {i.rotated for i in infos} == {
+        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(clock.now()))
+    }
+    assert all(i.created < (i.rotated or "") for i in infos)
     assert vault.rewrap(new) == 0  # already there
     after = raw_rows(vault.path)
     for p, row in after.items():

@@ -29,7 +29,7 @@ from aiid_proxy.audit.frames import (
     FrameParser,
     frame,
 )
-from aiid_proxy.audit.log import LAZY_SYNC, AuditLog
+from aiid_proxy.audit.log import AuditLog
 from aiid_proxy.audit.record import AppendResult
 from aiid_proxy.audit.store import describe
 from aiid_proxy.errors import AiidError, AuditError
@@ -39,17 +39,21 @@ def read_batches(
     fd: int, logs: Mapping[int, AuditLog] | None = None
 ) -> Iterator[list[tuple[object, ...]]]:
     """The frames read from blocking ``fd``, as the list each read completed, until EOF;
-    AuditError on a torn or malformed frame. While one of ``logs`` holds lazily committed
-    records, LAZY_SYNC seconds without input make it fsync them (``AuditLog.idle``)."""
+    AuditError on a torn or malformed frame. While one of ``logs`` has idle work (lazily
+    committed records to fsync, a head to checkpoint: ``AuditLog.idle_timeout``), a quiet
+    spell that long runs it (``AuditLog.idle``)."""
     parser = FrameParser()
     while True:
-        while logs and any(lg.unsynced for lg in logs.values()):
-            ready, _, _ = select.select([fd], [], [], LAZY_SYNC)
+        while logs:
+            waits = [t for lg in logs.values() if (t := lg.idle_timeout()) is not None]
+            if not waits:
+                break
+            ready, _, _ = select.select([fd], [], [], min(waits))
             if ready:
                 break
             for lg in list(logs.values()):
-                if lg.unsynced:
-                    lg.idle()  # LAZY_SYNC s of quiet (sooner than overdue: it is idle time)
+                if lg.idle_timeout() is not None:
+                    lg.idle()  # quiet: sync lazy records, write a due checkpoint
         chunk = os.read(fd, 65536)
         if not chunk:
             if parser.partial:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from aiid_proxy.audit.chain import (
     GENESIS_MAC,
+    ChainState,
     canonical_values,
     tenant_key,
 )
@@ -33,6 +34,7 @@ from aiid_proxy.audit.record import AppendResult, format_ts, is_lazy, normalize
 from aiid_proxy.audit.store import (
     BUSY_TIMEOUT_MS,
     INSERT_SQL,
+    SELECT_SQL,
     committed_head,
     describe,
     ensure_schema,
@@ -252,6 +254,13 @@ class AuditLog:
             self._full = True
             conn.execute("BEGIN IMMEDIATE")
             try:
+                if not self._create and schema_state(conn) == "missing":
+                    # emptied (a 0-byte file), or its table dropped: as good as deleted
+                    raise AuditError(
+                        f"audit database {self.path} has no audit table (emptied or replaced?): "
+                        "restore it from backup; every request of this tenant is refused "
+                        "meanwhile"
+                    )
                 ensure_schema(conn)
                 conn.execute("COMMIT")
             except BaseException:
@@ -282,7 +291,7 @@ class AuditLog:
             while not stop:
                 batch: list[_Pending] = []
                 try:
-                    item = self._queue.get(timeout=LAZY_SYNC if self.unsynced else None)
+                    item = self._queue.get(timeout=self.idle_timeout())
                 except queue.Empty:
                     self.idle()
                     continue
@@ -364,6 +373,8 @@ class AuditLog:
                 stop = self._take(live, more)
             head = conn.execute("SELECT seq, mac FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
             seq, prev_hex = (int(head[0]), str(head[1])) if head else (0, GENESIS_MAC)
+            if (seq, prev_hex) != self._head:
+                self._check_extends(conn, seq)
             prev = bytes.fromhex(prev_hex)
             copy = self._base.copy
             for p in live:
@@ -410,6 +421,30 @@ class AuditLog:
                 log.warning("audit WAL checkpoint failed: %s", describe(e))
         return stop
 
+    def _check_extends(self, conn: sqlite3.Connection, seq: int) -> None:
+        """The file's head is not the one this writer last committed: accept it only if the
+        records after ours chain on from our head under the tenant key (a COMMIT that reported
+        an error yet landed). Records deleted, cut or rewritten under the running gateway
+        raise AuditError: extending that chain would hide the cut."""
+        known_seq, known_mac = self._head
+        if seq > known_seq:
+            row = conn.execute("SELECT mac FROM audit WHERE seq = ?", (known_seq,)).fetchone()
+            if known_seq == 0 or (row is not None and row[0] == known_mac):
+                state = ChainState(self._key)
+                state.expected, state.prev_hex = known_seq + 1, known_mac
+                state.prev_bytes = bytes.fromhex(known_mac)
+                rows = conn.execute(f"{SELECT_SQL} WHERE seq > ? ORDER BY seq", (known_seq,))
+                if all(state.check_row(r) for r in rows) and state.expected == seq + 1:
+                    log.warning(
+                        "audit log %s: adopting records %d-%d", self.path, known_seq + 1, seq
+                    )
+                    return
+        raise AuditError(
+            f"audit database {self.path} changed under the running gateway: its chain ended at "
+            f"seq {known_seq}, the file now ends at seq {seq} (records deleted or rewritten?); "
+            "refusing to write: run `aiid audit verify`, restore it and restart the gateway"
+        )
+
     def _new_wal(self, conn: sqlite3.Connection) -> None:
         """The write-ahead log was removed or replaced under the open connection, which
         still writes to the old file: records committed there would be lost in a crash (and
@@ -453,6 +488,21 @@ class AuditLog:
         """Lazily committed records have waited LAZY_SYNC seconds for an fsync."""
         return self.unsynced and self._clock.monotonic() - self._unsynced_at >= LAZY_SYNC
 
+    def idle_timeout(self) -> float | None:
+        """Seconds the owner may wait for more records before calling :meth:`idle`; None when
+        nothing waits. Lazily committed records wait LAZY_SYNC seconds of quiet; a committed
+        head not yet in the checkpoint file waits until CHECKPOINT_INTERVAL has passed since
+        the last one, so the last records before a quiet spell are anchored within it."""
+        waits: list[float] = []
+        if self.unsynced:
+            waits.append(LAZY_SYNC)
+        if self._checkpoint_path is not None:
+            head = self.head()
+            if head[0] and head != self._last_ckpt:
+                due = self._last_ckpt_at + CHECKPOINT_INTERVAL - self._clock.monotonic()
+                waits.append(min(max(due, 0.0), CHECKPOINT_INTERVAL))
+        return min(waits) if waits else None
+
     def idle(self) -> None:
         """Make lazily committed records durable now (the writer had LAZY_SYNC seconds of
         quiet, or they are overdue), then write a due checkpoint."""
@@ -493,6 +543,7 @@ class AuditLog:
             self._write_checkpoint(self.head(), force=force)
         except OSError as e:
             log.error("cannot write audit checkpoint: %s", describe(e))
+            self._last_ckpt_at = self._clock.monotonic()  # retried an interval later
 
     def _write_checkpoint(self, head: tuple[int, str], force: bool) -> None:
         path = self._checkpoint_path

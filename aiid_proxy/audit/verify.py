@@ -33,6 +33,7 @@ from pathlib import Path
 
 from aiid_proxy.audit import verify_range
 from aiid_proxy.audit.chain import (
+    COLUMNS,
     GENESIS_BYTES,
     GENESIS_MAC,
     MACED,
@@ -148,9 +149,30 @@ def verify_db(
                 _exact(conn, state, "seq", state.expected - 1 if state.expected > 1 else None)
         else:
             _exact(conn, state, _order_key(conn), None)
-        return state.result()
+        result = state.result()
+        if result.ok and schema != "pristine":
+            return _uncovered(conn, result) or result
+        return result
     finally:
         conn.close()
+
+
+def _uncovered(conn: sqlite3.Connection, result: VerifyResult) -> VerifyResult | None:
+    """A failure if a column the chain does not cover (added to the table) holds a value:
+    the chain vouches for every column of a record, so such data was put there after it."""
+    names = [str(r[1]) for r in conn.execute("PRAGMA table_info(audit)").fetchall()]
+    for name in names:
+        if name in COLUMNS:
+            continue
+        quoted = '"' + name.replace('"', '""') + '"'
+        row = conn.execute(
+            f"SELECT seq FROM audit WHERE {quoted} IS NOT NULL ORDER BY seq LIMIT 1"  # noqa: S608
+        ).fetchone()
+        if row is not None:
+            seq = row[0] if isinstance(row[0], int) else None
+            why = f"column {name!r}, which the chain does not cover, holds data at seq {seq}"
+            return VerifyResult(False, result.count, result.head, seq, why + " (added later?)")
+    return None
 
 
 def _order_key(conn: sqlite3.Connection) -> str:

@@ -207,6 +207,7 @@ class Vault:
         old = self.keyring
         new_id = keyring_new.current_id
         new_aead = keyring_new.aead(new_id)
+        now = _iso(self._clock.now())  # the entry's key changed: shown as rotated
         count = 0
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
@@ -226,9 +227,9 @@ class Vault:
                         fresh_nonce, dek, _dek_aad(self.tenant, provider, new_id)
                     )
                     self._conn.execute(
-                        "UPDATE secrets SET key_id = ?, wrapped_dek = ?, dek_nonce = ?"
-                        " WHERE provider = ?",
-                        (new_id, rewrapped, fresh_nonce, provider),
+                        "UPDATE secrets SET key_id = ?, wrapped_dek = ?, dek_nonce = ?,"
+                        " rotated = ? WHERE provider = ?",
+                        (new_id, rewrapped, fresh_nonce, now, provider),
                     )
                     count += 1
                 self._conn.execute("COMMIT")
