@@ -397,6 +397,54 @@ def test_explain_egress_reasons() -> None:
     assert why["region"] == "non-LLM egress: no provider region applies"
 
 
+GITHUB_POLICY = """\
+rules:
+  - id: gh-coders
+    agents: ["coder-*"]
+    hosts: [api.github.com]
+    methods: [GET, POST]
+    paths: ["/repos/*", "/user"]
+    effect: allow
+  - id: gh-no-admin
+    hosts: [api.github.com]
+    paths: ["/repos/*/admin/*", "/orgs/*"]
+    effect: deny
+    reason: no admin
+"""
+
+
+@pytest.mark.parametrize(
+    ("path", "rule_id"),
+    [
+        pytest.param("/repos/a/b/admin/c", "gh-no-admin", id="plain"),
+        # [AB] a server that decodes %2F before routing (wsgiref, many frameworks) serves
+        # /repos/a/b/admin/c: the deny must hold for that reading too
+        pytest.param("/repos/a/b/admin%2Fc", "gh-no-admin", id="encoded-slash"),
+        pytest.param("/repos/a/b%2Fadmin%2fc", "gh-no-admin", id="encoded-slashes-any-case"),
+        pytest.param("/repos/a/b/admin%5Cc", "gh-no-admin", id="encoded-backslash"),
+        pytest.param("/repos/a/b/admin%2Fc?x=%2F", "gh-no-admin", id="with-query"),
+        # ... and in any letter case, which many servers ignore in paths
+        pytest.param("/repos/a/b/ADMIN/c", "gh-no-admin", id="upper-case"),
+        pytest.param("/Orgs/x", "gh-no-admin", id="upper-case-prefix"),
+        # both readings allowed (GitLab-style encoded ids): allowed
+        pytest.param("/repos/group%2Fproject/issues", "gh-coders", id="both-readings-allow"),
+        pytest.param("/user%2Fx", "default", id="decoded-reading-unmatched"),
+        pytest.param("/repos/a/b/issues", "gh-coders", id="allowed"),
+    ],
+)
+def test_an_egress_path_is_decided_as_every_server_may_read_it(path: str, rule_id: str) -> None:
+    p = policy(GITHUB_POLICY)
+    ctx = egress(path=path)
+    assert p.decide(ctx).rule_id == rule_id
+    assert p.explain(ctx).decision.rule_id == rule_id
+
+
+def test_explain_names_the_other_reading_of_a_path() -> None:
+    ex = policy(GITHUB_POLICY).explain(egress(path="/repos/a/b/admin%2Fc"))
+    (trace,) = [t for t in ex.traces if t.kind == "path"]
+    assert trace.rule_id == "gh-no-admin" and "'/repos/a/b/admin/c'" in trace.why
+
+
 def test_limits_and_budgets_first_matching_glob() -> None:
     p = policy(
         """

@@ -12,6 +12,7 @@ one did or did not match; tests check that it always reaches the same decision a
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -118,6 +119,27 @@ def normalize_path(path: str) -> str:
         elif seg or i == last:
             out.append(seg)
     return "/" + "/".join(out)
+
+
+# '/' and '\\' percent-encoded: many servers decode them before routing (wsgiref's PATH_INFO,
+# IIS), others do not, so a path holding them has two readings.
+_ENCODED_SEPARATOR = re.compile(r"%(?:2[Ff]|5[Cc])")
+# The stricter of two decisions: deny, then approve, then allow.
+_STRICTNESS = {"deny": 0, "approve": 1, "allow": 2}
+
+
+def path_readings(path: str) -> tuple[str, ...]:
+    """The path as the policy matches it (:func:`normalize_path`) and, when it percent-encodes
+    ``/`` or ``\\``, also as a server that decodes them before routing reads it:
+    ``/repos/a/b/admin%2Fc`` is ``/repos/a/b/admin/c`` there. A rule must hold for both."""
+    first = normalize_path(path)
+    if "%" not in path:
+        return (first,)
+    bare = path.partition("?")[0].partition("#")[0]
+    if _ENCODED_SEPARATOR.search(bare) is None:
+        return (first,)
+    alt = normalize_path(_ENCODED_SEPARATOR.sub("/", bare))
+    return (first,) if alt == first else (first, alt)
 
 
 def fmt_ts(ts: float) -> str:
@@ -267,7 +289,9 @@ class _CompiledRule:
         self.models = _opt(rule.models, any_case=True)
         self.hosts = _opt(rule.hosts, lower=True)
         self.methods = None if rule.methods is None else frozenset(m.upper() for m in rule.methods)
-        self.paths = _opt(rule.paths)
+        # A deny's paths match in any letter case: a server that ignores case in paths
+        # (many do) would otherwise serve /ADMIN past a deny of /admin*.
+        self.paths = _opt(rule.paths, any_case=rule.effect == "deny")
         self.when = None if rule.when is None else _CompiledWhen(rule.when)
         self.expires = rule.expires if isinstance(rule, Override) else float("inf")
         self.decision = _decision_for(rule, approval_timeout)
@@ -450,20 +474,13 @@ class Engine:
         if provider is None:
             host = ctx.host.lower().rstrip(".")
             method = ctx.method.upper()
-            path = normalize_path(ctx.path)
-            overrides, denies, others = view[1]
-            for r in overrides:
-                if (
-                    now < r.expires
-                    and r.host_match(host, method, path)
-                    and (r.when is None or r.when.holds(ctx))
-                ):
-                    return r.decision
-            for group in (denies, others):
-                for r in group:
-                    if r.host_match(host, method, path) and (r.when is None or r.when.holds(ctx)):
-                        return r.decision
-            return self._default
+            first, *alts = path_readings(ctx.path)
+            decision = self._egress(view[1], ctx, host, method, first)
+            for alt in alts:  # the stricter of the two readings holds
+                other = self._egress(view[1], ctx, host, method, alt)
+                if _STRICTNESS[other.effect] < _STRICTNESS[decision.effect]:
+                    decision = other
+            return decision
         key = (agent, provider, ctx.model)
         overrides, denies, others = self._llm_cache.get(key) or self._llm_candidates(key, view[0])
         for r in overrides:
@@ -472,6 +489,29 @@ class Engine:
         for group in (denies, others):
             for r in group:
                 if r.when is None or r.when.holds(ctx):
+                    return r.decision
+        return self._default
+
+    def _egress(
+        self,
+        rules: _Candidates,
+        ctx: RequestContext,
+        host: str,
+        method: str,
+        path: str,
+    ) -> Decision:
+        overrides, denies, others = rules
+        now = ctx.now
+        for r in overrides:
+            if (
+                now < r.expires
+                and r.host_match(host, method, path)
+                and (r.when is None or r.when.holds(ctx))
+            ):
+                return r.decision
+        for group in (denies, others):
+            for r in group:
+                if r.host_match(host, method, path) and (r.when is None or r.when.holds(ctx)):
                     return r.decision
         return self._default
 
@@ -516,6 +556,16 @@ class Engine:
                 elif r.rule.effect != "deny" and first_other is None:
                     first_other = r.decision
         decision = decision or first_deny or first_other or self._default
+        if ctx.provider is None and decision.rule_id != REGION_RULE_ID:
+            for alt in path_readings(ctx.path)[1:]:
+                other = self.decide(dataclasses.replace(ctx, path=alt))
+                stricter = _STRICTNESS[other.effect] < _STRICTNESS[decision.effect]
+                why = f"a server that decodes %2F reads the path as {alt!r}: " + (
+                    "this stricter decision holds" if stricter else "no stricter decision"
+                )
+                traces.append(RuleTrace(other.rule_id, "path", True, other.effect, why))
+                if stricter:
+                    decision = other
         if ctx.tenant != self._tenant:
             decision = self._wrong_tenant(ctx.tenant)
         return Explanation(decision, tuple(traces))

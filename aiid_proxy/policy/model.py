@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 Effect = Literal["allow", "deny", "approve"]
 EFFECTS: tuple[Effect, ...] = ("allow", "deny", "approve")
-TraceKind = Literal["rule", "override", "region"]
+TraceKind = Literal["rule", "override", "region", "path"]
 
 DEFAULT_RULE_ID = "default"
 REGION_RULE_ID = "region"
