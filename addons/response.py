@@ -259,7 +259,6 @@ class ResponseFilter:
             clean = scrubber.scrub(body)
             clean, escaped = redact_escaped(clean, scrubber.secrets)  # "\u0073k-..."
             scrubber.hits += escaped
-            hits = scrubber.hits
             spelled = escaped_anywhere(clean, scrubber.secrets)  # where no re-encoding reaches
             if not spelled and st.route is not None and st.route.provider is not None:
                 tracker = SSEUsageTracker(st.route.provider, st.route.route)
@@ -272,6 +271,8 @@ class ResponseFilter:
                     "killed", sent=True,
                 )  # fmt: skip
                 return
+            clean = scrubber.scrub_fragments(clean)  # a piece of the key, in any case
+            hits = scrubber.hits
             if hits:
                 resp.content = clean
             completion = clean

@@ -37,6 +37,7 @@ log = logging.getLogger("aiid.stream")
 _EOL = re.compile(rb"\r\n|\r|\n")
 CUT_REASON = "reservation exceeded"
 KEY_CUT_REASON = "injected key in the output"
+LARGE_CUT_REASON = "event too large to check"
 
 
 def cut_event(
@@ -220,7 +221,17 @@ class StreamGuard:
         # the tracker reads the scrubbed bytes, so the text it hands the watch shows only
         # secrets the byte scrubber missed
         clean = self.scrubber.feed(event)
+        dropped = self.tracker.dropped
         self.tracker.feed(clean)
+        if self.tracker.dropped != dropped:  # an event too large to read: its text unchecked
+            self.held.clear()
+            self._cut(
+                out,
+                LARGE_CUT_REASON,
+                "aiid: stream cut: an event too large to check for the key the gateway injected",
+                "event_too_large",
+            )
+            return
         if self._check(out) or self._watched(clean, out):
             return
         if self.watch.holding:
@@ -313,6 +324,7 @@ def spelled_in_array(body: bytes, tracker: SSEUsageTracker, secrets: tuple[str, 
 __all__ = [
     "CUT_REASON",
     "KEY_CUT_REASON",
+    "LARGE_CUT_REASON",
     "EventSplitter",
     "StreamGuard",
     "cut_event",

@@ -2518,3 +2518,31 @@ def test_the_header_block_fast_path_changes_nothing_the_field_walk_would(
     slow = http.Response.make(200, b"", raw)
     response_side.ResponseFilter._scrub_headers(slow, Walk([CANARY_OPENAI, SHORT]))
     assert fast.headers.fields == slow.headers.fields
+
+
+@pytest.mark.parametrize(
+    "shown",
+    [
+        pytest.param(CANARY_OPENAI[:-1], id="one-character-short"),
+        pytest.param(CANARY_OPENAI.upper(), id="upper-case"),
+        pytest.param(CANARY_OPENAI[:16] + "\n" + CANARY_OPENAI[16:], id="split-over-lines"),
+    ],
+)
+def test_a_piece_of_the_key_in_any_case_is_scrubbed_from_a_body(
+    h: Harness, issue: Callable[..., str], shown: str
+) -> None:
+    """Bodies were scrubbed of the exact key only: an error quoting it one character short,
+    or upper-cased, reached the agent (pass [AC])."""
+    flow = make_flow(issue())
+    body = json.dumps({"error": {"message": f"Incorrect API key provided: {shown}"}}).encode()
+    upstream = upstream_response(
+        status=401, headers={"content-type": "application/json"}, content=body
+    )
+    h.send(flow, upstream=upstream)
+    resp = flow.response
+    assert resp is not None and resp.status_code == 401
+    low = resp.get_text().lower()
+    assert "[redacted]" in low
+    key = CANARY_OPENAI.lower()
+    assert not [key[i : i + 12] for i in range(len(key) - 11) if key[i : i + 12] in low]
+    json.loads(resp.get_text())  # still JSON

@@ -2028,7 +2028,7 @@ def test_sse_oversized_event_is_dropped_and_memory_stays_bounded() -> None:
 def test_sse_many_data_lines_count_toward_the_cap() -> None:
     t = SSEUsageTracker(REG.get("openai"), None)
     line = b"data: " + b"y" * 1000 + b"\n"
-    for _ in range(MAX_EVENT_BYTES // len(line) + 5):
+    for _ in range(MAX_EVENT_BYTES // (len(line) - 8) + 5):  # each counts its value alone
         t.feed(line)
     assert t.buffered <= MAX_EVENT_BYTES
     assert t.dropped == 1

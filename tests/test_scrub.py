@@ -313,3 +313,55 @@ def test_redact_any_case_leaves_no_run_of_the_key(key: str, shape: Callable[[str
     bytes passed wherever a capital sat in the window, pass [X]); then the own-case pass ran
     first and cut a case-changed key into runs too short for the other (pass [Y])."""
     assert Scrubber([key]).redact_any_case(f"x {shape(key)} y") == "x [REDACTED] y"
+
+
+# -- [AC] complete bodies: a piece of the key, in any case ---------------------------------------
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        pytest.param(b'{"error": "bad key ' + K[:-1] + b'"}', b'{"error": "bad key [REDACTED]"}',
+                     id="one-character-short"),
+        pytest.param(b"x " + K.upper() + b" y", b"x [REDACTED] y", id="upper-case"),
+        pytest.param(K[:14] + b"\n" + K[14:], b"[REDACTED]\n" + K[14:], id="split-over-lines"),
+        pytest.param(b"sk-canary%2Dopenai-XYZ0123", b"sk-canary%2D[REDACTED]",
+                     id="percent-encoded-dash"),
+        # pieces under 12 characters each are not the key to this scan (documented)
+        pytest.param(b"sk%2Dcanary%2Dopenai%2DXYZ0123", b"sk%2Dcanary%2Dopenai%2DXYZ0123",
+                     id="percent-encoded-short-pieces"),
+        pytest.param(b"&#115;k-canary-openai-XYZ0123", b"&#115;[REDACTED]", id="html-entity"),
+        pytest.param(K.hex().upper().encode(), REDACTED, id="hex"),
+        pytest.param("é ".encode() + K[2:] + " ü".encode(), "é [REDACTED] ü".encode(),
+                     id="utf-8-around"),
+        pytest.param(b"sk-canary-op", REDACTED, id="twelve"),
+        pytest.param(b"sk-canary-o", b"sk-canary-o", id="eleven"),
+        pytest.param(b'{"id": "chatcmpl-1", "text": "hello"}', b'{"id": "chatcmpl-1", '
+                     b'"text": "hello"}', id="clean"),
+    ],
+)  # fmt: skip
+def test_scrub_fragments(body: bytes, expected: bytes) -> None:
+    s = Scrubber([KEY])
+    assert s.scrub_fragments(body) == expected
+    assert s.hits == (expected != body)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    key=st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=20, max_size=60),
+    start=st.integers(0, 60),
+    length=st.integers(12, 60),
+    upper=st.booleans(),
+    before=st.binary(max_size=40),
+    after=st.binary(max_size=40),
+)
+def test_scrub_fragments_leaves_no_run_of_the_key(
+    key: str, start: int, length: int, upper: bool, before: bytes, after: bytes
+) -> None:
+    """The anchor pre-check never lets a run of 12+ characters through, in either case."""
+    piece = key[start : start + length]
+    if len(piece) < 12:
+        return
+    piece = piece.upper() if upper else piece
+    out = Scrubber([key]).scrub_fragments(before + piece.encode() + after)
+    text = out.decode("latin-1").lower()
+    low = key.lower()
+    assert not any(low[i : i + 12] in text for i in range(len(low) - 11))

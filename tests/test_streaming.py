@@ -9,11 +9,12 @@ from collections.abc import Iterator
 import pytest
 from standin import standin_words
 
-from aiid_proxy.providers import Registry, SSEUsageTracker, Usage
+from aiid_proxy.providers import MAX_EVENT_BYTES, Registry, SSEUsageTracker, Usage
 from aiid_proxy.scrub import REDACTED, Scrubber, TextWatch
 from aiid_proxy.streaming import (
     CUT_REASON,
     KEY_CUT_REASON,
+    LARGE_CUT_REASON,
     EventSplitter,
     StreamGuard,
     cut_event,
@@ -341,7 +342,63 @@ FIELD_STREAMS = [
          for i, p in enumerate(q for p in _pieces(SECRET, 6) for q in ("x", p))],
         id="gemini-candidates-interleaved",
     ),
+    # [AC] fields the counting does not read: the watch reads every string of a delta
+    pytest.param(
+        "openai", "/v1/chat/completions",
+        [_chat_delta({"content": [{"type": "text", "text": p}]}) for p in _pieces(SECRET)],
+        id="content-parts",
+    ),
+    pytest.param(
+        "openai", "/v1/chat/completions",
+        [_chat_delta({"audio": {"transcript": p}}) for p in _pieces(SECRET)],
+        id="audio-transcript",
+    ),
+    pytest.param(
+        "openai", "/v1/chat/completions",
+        [ev({"choices": [{"index": 0, "delta": {},
+                          "logprobs": {"content": [{"token": p}]}}]}) for p in _pieces(SECRET)],
+        id="logprob-tokens",
+    ),
+    pytest.param(
+        "openai", "/v1/responses",
+        [ev({"type": "response.audio.transcript.delta", "delta": p}) for p in _pieces(SECRET)],
+        id="responses-audio-transcript",
+    ),
+    pytest.param(
+        "anthropic", "/v1/messages",
+        [ev({"type": "content_block_delta", "index": 0,
+             "delta": {"type": "future_delta", "payload": {"value": p}}},
+            "content_block_delta") for p in _pieces(SECRET)],
+        id="anthropic-unknown-delta",
+    ),
+    pytest.param(
+        "gemini", "/v1beta/models/gemini-2.0-flash:streamGenerateContent",
+        [ev({"candidates": [{"index": 0, "content": {"parts": [{"executableCode": {"code": p}}]}}]})
+         for p in _pieces(SECRET)],
+        id="gemini-executable-code",
+    ),
 ]  # fmt: skip
+
+
+def test_an_event_too_large_to_read_cuts_a_watched_stream() -> None:
+    """[AC] An event over MAX_EVENT_BYTES was skipped unread, so a key spelled from its end
+    into the next delta passed. Now the stream is cut at such an event, its bytes unsent."""
+    head = SECRET[:15]
+    big = _chat_delta({"content": "A" * (MAX_EVENT_BYTES + 10) + head})
+    g, calls = guard(secrets=(SECRET,))
+    first = g(_chat_delta({"content": "hello"}))
+    out = first + b"".join(g(big[i : i + 65536]) for i in range(0, len(big), 65536))
+    out += g(_chat_delta({"content": SECRET[15:]})) + g(b"")
+    assert g.cut == LARGE_CUT_REASON and calls == [1]
+    assert head.encode() not in out and b"AAAA" not in out
+    assert b"event too large" in out
+
+
+def test_an_event_too_large_passes_a_stream_with_nothing_to_watch() -> None:
+    big = _chat_delta({"content": "A" * (MAX_EVENT_BYTES + 10)})
+    g, _ = guard(secrets=())
+    out = b"".join(g(big[i : i + 65536]) for i in range(0, len(big), 65536)) + g(b"")
+    assert g.cut is None and len(out) == len(big)
 
 
 @pytest.mark.parametrize(("provider", "path", "events"), FIELD_STREAMS)

@@ -15,12 +15,16 @@ from typing import Any
 
 from aiid_proxy.providers.model import Provider, Route
 
-MAX_EVENT_BYTES = 1 << 20
+# An event over this is not read (memory is bounded by one event). A provider's events are
+# far smaller, but a Responses stream's partial images run to a few MB; a stream whose
+# key is watched is cut at such an event (StreamGuard), since its text cannot be checked.
+MAX_EVENT_BYTES = 16 << 20
 """An SSE event larger than this is dropped (and counted in ``dropped``), never buffered."""
 
 _EOL = re.compile(rb"\r\n|\r|\n")
 _CHARS_PER_TOKEN = 4
 _RESPONSES_FINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+_WATCH_NODES = 10_000
 _RESPONSES_TEXT = frozenset(
     {
         "response.output_text.delta",
@@ -306,24 +310,32 @@ class SSEUsageTracker:
             delta = choice.get("delta")
             if not isinstance(delta, dict):
                 continue
-            self._text(delta.get("content"), ch)
+            # Counted: the generated text. Watched: every string of the delta and the logprobs,
+            # so a key spelled over deltas in a field not counted (content parts, an audio
+            # transcript, logprob tokens) is seen too.
+            self._watch(delta, ch)
+            self._watch(choice.get("logprobs"), ch + "lp")
+            self._text(delta.get("content"), ch, watch=False)
             for key in ("reasoning_content", "reasoning", "refusal"):
-                self._text(delta.get(key), f"{ch}{key}")
+                self._text(delta.get(key), f"{ch}{key}", watch=False)
             fc = delta.get("function_call")  # legacy functions
             if isinstance(fc, dict):
-                self._text(fc.get("arguments"), f"{ch}f")
+                self._text(fc.get("arguments"), f"{ch}f", watch=False)
             calls = delta.get("tool_calls")
             for j, call in enumerate(calls if isinstance(calls, list) else []):
                 if not isinstance(call, dict):
                     continue
                 fn = call.get("function")
                 if isinstance(fn, dict):
-                    self._text(fn.get("arguments"), f"{ch}t{call.get('index', j)}")
+                    self._text(fn.get("arguments"), f"{ch}t{call.get('index', j)}", watch=False)
 
     def _responses(self, kind: str, obj: dict[str, Any]) -> None:
+        if "delta" in obj:  # any kind of delta is watched (an audio transcript too)
+            part = obj.get("content_index", obj.get("summary_index"))
+            self._watch(obj["delta"], f"{kind}{obj.get('output_index')}:{part}")
         if kind in _RESPONSES_TEXT:
             part = obj.get("content_index", obj.get("summary_index"))
-            self._text(obj.get("delta"), f"{kind}{obj.get('output_index')}:{part}")
+            self._text(obj.get("delta"), f"{kind}{obj.get('output_index')}:{part}", watch=False)
         elif kind in _RESPONSES_FINAL:
             self.finished = True
             response = obj.get("response")
@@ -359,13 +371,9 @@ class SSEUsageTracker:
             delta = obj.get("delta")
             if isinstance(delta, dict):
                 block = f"b{obj.get('index')}"  # blocks interleave: one text each
+                self._watch(delta, block)  # every string; citations are watched, not counted
                 for key in ("text", "partial_json", "thinking"):
-                    self._text(delta.get(key), block + key)
-                citation = delta.get("citation")  # quoted, not generated: watched, not counted
-                if isinstance(citation, dict) and self.texts is not None:
-                    cited = citation.get("cited_text")
-                    if isinstance(cited, str) and cited:
-                        self.texts.append((block + "cite", cited))
+                    self._text(delta.get(key), block + key, watch=False)
         elif kind == "message_stop":
             self.finished = True
 
@@ -386,18 +394,39 @@ class SSEUsageTracker:
             parts = content.get("parts") if isinstance(content, dict) else None
             for part in parts if isinstance(parts, list) else []:
                 if isinstance(part, dict):
-                    self._text(part.get("text"), ch)
+                    self._watch(part, ch)
+                    self._text(part.get("text"), ch, watch=False)
                     call = part.get("functionCall")
                     if isinstance(call, dict) and call.get("args") is not None:
                         self._text(json.dumps(call.get("args")), ch + "f")
 
-    def _text(self, value: object, channel: str = "") -> None:
+    def _text(self, value: object, channel: str = "", *, watch: bool = True) -> None:
         if isinstance(value, str):
             self.output_chars += len(value)
             if value:
                 self.text_deltas += 1
-                if self.texts is not None:
+                if watch and self.texts is not None:
                     self.texts.append((channel, value))
+
+    def _watch(self, value: object, channel: str) -> None:
+        """Hand every string in ``value`` to the secret watch (not counted), in document order,
+        on one channel per key path (list positions left out, so a part's text continues from
+        the previous event's part), at most _WATCH_NODES values an event."""
+        texts = self.texts
+        if texts is None or value is None:
+            return
+        stack: list[tuple[str, object]] = [(channel, value)]
+        budget = _WATCH_NODES
+        while stack and budget:
+            budget -= 1
+            ch, v = stack.pop()
+            if isinstance(v, str):
+                if v:
+                    texts.append((ch, v))
+            elif isinstance(v, dict):
+                stack.extend((f"{ch}.{k}", x) for k, x in reversed(v.items()))
+            elif isinstance(v, list):
+                stack.extend((ch, x) for x in reversed(v))
 
     # -- results ----------------------------------------------------------------------------
     @property
