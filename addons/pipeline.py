@@ -47,6 +47,7 @@ from aiid_proxy.gateway import (
 )
 from aiid_proxy.policy import Decision
 from aiid_proxy.providers import (
+    ACCOUNT_HEADERS,
     CREDENTIAL_HEADERS,
     CREDENTIAL_QUERY_PARAMS,
 )
@@ -382,12 +383,14 @@ async def request_record_durable(flow: http.HTTPFlow, gw: Gateway, st: FlowState
     return True
 
 
-# Request headers InjectStage removes before adding its own: every credential header, the
-# hop-by-hop proxy header, and the framing/encoding it re-states (the body is sent decoded).
+# Request headers InjectStage removes before adding its own: every credential header, those
+# that pick the key's billed account, the hop-by-hop proxy header, and the framing/encoding it
+# re-states (the body is sent decoded).
 _STRIPPED = frozenset(
     n.encode()
     for n in (
         *CREDENTIAL_HEADERS,
+        *ACCOUNT_HEADERS,
         "proxy-connection",
         "content-encoding",
         "transfer-encoding",

@@ -66,7 +66,7 @@ from aiid_proxy.control import Answer
 from aiid_proxy.errors import AuditError, SecretNotFound
 from aiid_proxy.gateway import Gateway
 from aiid_proxy.home import Home
-from aiid_proxy.providers import CREDENTIAL_HEADERS
+from aiid_proxy.providers import ACCOUNT_HEADERS, CREDENTIAL_HEADERS
 from aiid_proxy.scrub import Scrubber
 
 KILLED = Error.KILLED_MESSAGE
@@ -2546,3 +2546,23 @@ def test_a_piece_of_the_key_in_any_case_is_scrubbed_from_a_body(
     key = CANARY_OPENAI.lower()
     assert not [key[i : i + 12] for i in range(len(key) - 11) if key[i : i + 12] in low]
     json.loads(resp.get_text())  # still JSON
+
+
+def test_headers_that_pick_the_billed_account_are_stripped(
+    h: Harness, issue: Callable[..., str]
+) -> None:
+    """The agent chose which of the key's organizations or projects was used and billed
+    (pass [AC]): OpenAI-Organization / OpenAI-Project went upstream beside the injected key."""
+    t = issue()
+    extra = [
+        ("OpenAI-Organization", "org-evil"),
+        ("openai-project", "proj_evil"),
+        ("X-Goog-User-Project", "other-project"),
+        ("x-keep", "1"),
+    ]
+    flow = make_flow(t, headers=extra)
+    res = h.send(flow)
+    assert res.sent is not None
+    for name in ACCOUNT_HEADERS:
+        assert res.sent.headers.get_all(name) == [], name
+    assert res.sent.headers["x-keep"] == "1"

@@ -10,6 +10,7 @@ request bodies for policy, and token usage from responses and event streams.
 from __future__ import annotations
 
 from aiid_proxy.providers.model import (
+    ACCOUNT_HEADERS,
     CREDENTIAL_HEADERS,
     CREDENTIAL_QUERY_PARAMS,
     USAGE_FORMATS,
@@ -30,6 +31,7 @@ from aiid_proxy.providers.usage import (
 )
 
 __all__ = [
+    "ACCOUNT_HEADERS",
     "CREDENTIAL_HEADERS",
     "CREDENTIAL_QUERY_PARAMS",
     "MAX_EVENT_BYTES",

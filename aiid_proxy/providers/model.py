@@ -43,6 +43,11 @@ CREDENTIAL_QUERY_PARAMS: tuple[str, ...] = (
 """Query parameters that carry a key somewhere (Gemini's ``?key=``, Google's ``access_token``,
 many APIs' ``api_key``); compared lowercased, never an identity, always stripped."""
 
+ACCOUNT_HEADERS: tuple[str, ...] = ("openai-organization", "openai-project", "x-goog-user-project")
+"""Request headers that pick which of the key's accounts is used and billed (OpenAI's
+organization and project, Google's quota project): the tenant's key decides, never the agent,
+so they are stripped like credentials."""
+
 USAGE_FORMATS: tuple[str, ...] = ("openai", "anthropic", "gemini")
 MODEL_FROM_BODY = "body"
 MODEL_FROM_NONE = "none"
