@@ -79,10 +79,15 @@ class PolicyStore:
         *,
         clock: Clock = SYSTEM_CLOCK,
         on_event: Callable[[PolicyEvent], None] | None = None,
+        lint: Callable[[Policy], tuple[list[str], list[str]]] | None = None,
     ) -> None:
+        """``lint``: the errors that refuse a policy that validates and the warnings logged
+        when it loads (``policy.lint``: an unknown region, a deny that never matches, a dead
+        limit), as ``aiid policy check`` reports them."""
         self.directory = directory
         self._clock = clock
         self._on_event = on_event
+        self._lint = lint
         self._policies: dict[str, Policy] = {}
         self._loaded_at: dict[str, float] = {}
         self._stamps: dict[str, tuple[int, int, int, int]] = {}
@@ -200,6 +205,12 @@ class PolicyStore:
             if NAME_RE.fullmatch(tenant) is None:
                 raise PolicyError("file name is not a valid tenant name", str(path))
             policy = load_policy_file(path)
+            problems, warnings = self._lint(policy) if self._lint is not None else ([], [])
+            if problems:
+                more = f" (and {len(problems) - 1} more: aiid policy check)" if problems[1:] else ""
+                raise PolicyError(problems[0] + more)
+            for w in warnings:
+                log.warning("policy %s: %s", tenant, w)
         except (AiidError, InvalidName, OSError) as e:
             msg = e.one_line() if isinstance(e, AiidError) else f"{path}: {e.strerror}"
             if isinstance(e, PolicyError) and e.others:

@@ -598,6 +598,8 @@ def test_policy_check_names_a_duplicate_of_a_rule_that_failed_on_a_key(
 
 
 def test_policy_check_names_rules_that_can_never_match(aiid: Run, policies: Path) -> None:
+    """A dead deny lets through what it meant to stop: an error, as a running gateway refuses
+    the file ([AB]). A dead allow only denies more than meant: a warning, exit 0."""
     bad = policies / f"{TENANT}.yaml"
     bad.write_text(
         "version: 1\ntenant: acme\ndefault: deny\nrules:\n"
@@ -607,11 +609,23 @@ def test_policy_check_names_rules_that_can_never_match(aiid: Run, policies: Path
         "  - {id: d, hosts: [api.github.com], effect: allow}\n"
     )
     r = aiid("policy", "check", policies)
+    assert r.code == 0 and "OK 2 policies" in r.out
+    warns = r.err.splitlines()
+    assert len(warns) == 2, r.err
+    assert warns[0].startswith(f"{bad}:5: warning: rule 'a': unknown provider 'opnai'")
+    assert warns[1].startswith(f"{bad}:7: warning: rule 'c': api.openai.com is provider 'openai'")
+    bad.write_text(
+        "version: 1\ntenant: acme\ndefault: deny\nrules:\n"
+        "  - {id: a, providers: [opnai], effect: deny}\n"  # 5
+        "  - {id: c, hosts: [api.openai.com], effect: deny}\n"  # 6
+        "  - {id: d, providers: [openai], effect: allow}\n"
+    )
+    r = aiid("policy", "check", policies)
     assert r.code == 1 and "OK" not in r.out
     errs = r.err.splitlines()
     assert len(errs) == 2, r.err
     assert errs[0].startswith(f"{bad}:5: rule 'a': unknown provider 'opnai'")
-    assert errs[1].startswith(f"{bad}:7: rule 'c': api.openai.com is provider 'openai'")
+    assert errs[1].startswith(f"{bad}:6: rule 'c': api.openai.com is provider 'openai'")
 
 
 def test_policy_check_names_each_bad_condition_limit_and_budget_and_dead_rules_too(

@@ -14,6 +14,7 @@ import pytest
 from conftest import CANARY_OPENAI, NOKEY_TENANT, TENANT, audit_rows
 
 from aiid_proxy.budget import pico_to_usd, usd_to_pico
+from aiid_proxy.clock import FakeClock
 from aiid_proxy.errors import ConfigError, IncompleteVerdict, RequestRefused
 from aiid_proxy.gateway import (
     STAGES,
@@ -633,3 +634,21 @@ def test_requests_an_earlier_run_left_unfinished_get_an_error_record_at_start(
     left = unfinished_requests(gateway_home.audit_path(TENANT), gw._started_wall)  # noqa: SLF001
     assert left == [], [(r["seq"], r["ts"], r["event"]) for r in audit_rows(gateway_home)]
     assert mine.request_id
+
+
+def test_the_gateway_refuses_a_policy_that_policy_check_refuses(
+    gateway_home: Home, fake_clock: FakeClock, tmp_path: Path
+) -> None:
+    """The gateway lints as `aiid policy check` does ([AB]): `region: mars` loaded and cut the
+    tenant off with no word of it."""
+    policies = tmp_path / "p"
+    policies.mkdir()
+    (policies / f"{TENANT}.yaml").write_text(
+        f"version: 1\ntenant: {TENANT}\ndefault: deny\nregion: mars\n"
+        "rules:\n  - {id: a, effect: allow}\n"
+    )
+    gw = Gateway(gateway_home, policies, clock=fake_clock, watch=False, env={})
+    try:
+        assert gw.policy_for(TENANT) is None
+    finally:
+        gw.close()

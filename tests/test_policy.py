@@ -684,6 +684,47 @@ def test_a_reload_with_several_errors_keeps_the_last_good_policy_and_counts_them
     assert ev.error.endswith("(and 2 more: aiid policy check)")
 
 
+@pytest.mark.parametrize(
+    ("body", "refused"),
+    [
+        pytest.param("region: mars\nrules:\n  - {id: a, effect: allow}\n",
+                     ":4: unknown region 'mars'", id="unknown-region"),
+        pytest.param("rules:\n  - {id: a, providers: [anthropc], effect: deny}\n"
+                     "  - {id: b, effect: allow}\n", ":5: rule 'a': unknown provider 'anthropc'",
+                     id="dead-deny"),
+        pytest.param("rules:\n  - {id: a, effect: allow}\nlimits:\n  agents:\n"
+                     "    '*': {requests_per_minute: 500}\n    edit-1: {requests_per_minute: 1}\n",
+                     ":9: limits.agents['edit-1'] never applies", id="dead-limit"),
+        pytest.param("rules:\n  - {id: a, providers: [opnai], effect: allow}\n", None,
+                     id="dead-allow-only-warned"),
+    ],
+)  # fmt: skip
+def test_a_live_edit_is_refused_as_policy_check_refuses_it(
+    tmp_path: Path, body: str, refused: str | None
+) -> None:
+    """`aiid policy check` failed files that a running gateway loaded: region: mars cut the
+    tenant off, a dead limit entry silently did not apply (pass [AB])."""
+    from aiid_proxy.clock import FakeClock
+    from aiid_proxy.policy.lint import policy_problems
+    from aiid_proxy.policystore import PolicyStore
+    from aiid_proxy.providers import Registry
+
+    reg = Registry.builtin()
+    f = tmp_path / "acme.yaml"
+    f.write_text(HEAD + "rules:\n  - {id: good, effect: allow}\n")
+    store = PolicyStore(tmp_path, clock=FakeClock(), lint=lambda p: policy_problems(p, reg))
+    store.refresh()
+    good = store.get("acme")
+    assert good is not None
+    f.write_text(HEAD + body)
+    (ev,) = store.refresh()
+    if refused is None:
+        assert ev.ok and store.get("acme") is not good
+        return
+    assert not ev.ok and store.get("acme") is good
+    assert ev.error is not None and ev.error.startswith(f"{f}{refused}"), ev.error
+
+
 def test_with_a_yaml_and_a_yml_file_the_yaml_is_in_force(tmp_path: Path) -> None:
     """The gateway read the .yml (it sorts after) while `policy explain` read the .yaml: an
     allow-all .yml kept a tenant open after its .yaml was emptied to cut it off."""

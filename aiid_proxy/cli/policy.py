@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,6 @@ import click
 from aiid_proxy.cli.base import (
     checked_name,
     home_of,
-    known_regions,
     main_group,
     policies_dir,
     provider_registry,
@@ -36,20 +35,30 @@ def policy() -> None:
 def policy_check(directory: str | None, policies: str | None) -> None:
     """Validate every policy file; exit 1 with file:line: reason on any error."""
     from aiid_proxy.policy import load_policy_dir
+    from aiid_proxy.policy.lint import policy_problems, rule_problems
 
     d = Path(directory).absolute() if directory else policies_dir(policies)
     if not d.is_dir():
         raise ConfigError(f"policy directory {d} does not exist")
     loaded, errors = load_policy_dir(d)
     extras = _check_data_files(d)
+    warnings: list[str] = []  # printed, not fatal (policy/lint.py)
     if not any("providers.yaml" in line for line in extras):
-        sources = [(p.source, (*p.rules, *p.overrides)) for _, p in sorted(loaded.items())]
-        sources += [(e.file, e.rules) for e in errors if e.file and e.rules]
-        extras += _region_problems(d, loaded) + _rule_problems(d, sources)
-        extras += _shadowed_entries(loaded)
+        # what a running gateway would refuse too (policy/lint.py); of a file with errors,
+        # the rules that did validate
+        registry = provider_registry(d)
+        for _, pol in sorted(loaded.items()):
+            errs, warns = policy_problems(pol, registry)
+            extras += errs
+            warnings += warns
+        for e in errors:
+            if e.file and e.rules:
+                errs, warns = rule_problems(e.file, e.rules, registry)
+                extras += errs
+                warnings += warns
     for e in errors:
         click.echo(e.one_line(), err=True)
-    for line in extras:
+    for line in extras + warnings:
         click.echo(line, err=True)
     if errors or extras:
         sys.exit(1)
@@ -58,108 +67,11 @@ def policy_check(directory: str | None, policies: str | None) -> None:
     click.echo(f"OK {len(loaded)} policies")
 
 
-def _region_problems(d: Path, loaded: Mapping[str, Any]) -> list[str]:
-    """``region:`` values no provider is in: every provider with a region would be denied."""
-    known = known_regions(d)
-    out: list[str] = []
-    for _tenant, pol in sorted(loaded.items()):
-        if pol.region is None or pol.region in known:
-            continue
-        try:
-            text = Path(pol.source).read_text(encoding="utf-8-sig")
-        except OSError:
-            text = ""
-        line = next(
-            (n for n, row in enumerate(text.splitlines(), 1) if row.startswith("region")), None
-        )
-        where = f"{pol.source}:{line}" if line is not None else str(pol.source)
-        out.append(
-            f"{where}: unknown region {pol.region!r}: no provider is in it "
-            f"(known: {', '.join(known)}; providers.yaml can add providers)"
-        )
-    return out
-
-
-def _rule_problems(d: Path, sources: Sequence[tuple[str, Sequence[Any]]]) -> list[str]:
-    """Rules that can never match: a provider name no provider has, or a ``hosts`` rule for a
-    provider's own host (provider hosts are governed by ``providers``/``models`` rules). Of
-    every file: the rules that validated in a file with errors too."""
-    registry = provider_registry(d)
-    known = registry.names()
-    out: list[str] = []
-    for source, rules in sources:
-        for rule in rules:
-            where = f"{source}:{rule.line}" if rule.line is not None else str(source)
-            for name in rule.providers or ():
-                if not any(c in name for c in "*?[") and name not in known:
-                    out.append(
-                        f"{where}: rule {rule.id!r}: unknown provider {name!r}, so the rule "
-                        f"never matches (known: {', '.join(known)}; providers.yaml can add more)"
-                    )
-            for host in rule.hosts or ():
-                p = registry.match_host(host) if not any(c in host for c in "*?[") else None
-                if p is not None:
-                    out.append(
-                        f"{where}: rule {rule.id!r}: {host} is provider {p.name!r}'s host, "
-                        f"governed by providers/models rules: this hosts rule never matches"
-                    )
-    return out
-
-
-def _shadowed_entries(loaded: Mapping[str, Any]) -> list[str]:
-    """``limits.agents`` / ``budgets.agents`` entries that never apply: the first glob that
-    matches an agent gives its limit, so an entry after ``"*"``, or a name after a glob that
-    matches it, is dead."""
-    from aiid_proxy.policy.engine import glob_to_regex
-
-    out: list[str] = []
-    for _tenant, pol in sorted(loaded.items()):
-        try:
-            lines = Path(pol.source).read_text(encoding="utf-8-sig").splitlines()
-        except (OSError, UnicodeDecodeError):
-            lines = []
-        for section, entries in (("limits", pol.agent_limits), ("budgets", pol.agent_budgets)):
-            globs = [g for g, _ in entries]
-            for i, glob in enumerate(globs):
-                literal = not any(c in glob for c in "*?[")
-                earlier = next(
-                    (
-                        g
-                        for g in globs[:i]
-                        if g == "*" or (literal and re.fullmatch(glob_to_regex(g), glob))
-                    ),
-                    None,
-                )
-                if earlier is None:
-                    continue
-                line = _key_line(lines, section, glob)
-                where = f"{pol.source}:{line}" if line else str(pol.source)
-                out.append(
-                    f"{where}: {section}.agents[{glob!r}] never applies: the earlier "
-                    f"{earlier!r} matches first (the first matching glob gives an agent's "
-                    f"{'limit' if section == 'limits' else 'budget'}; put specific names first)"
-                )
-    return out
-
-
-def _key_line(lines: Sequence[str], section: str, key: str) -> int | None:
-    """The line of ``key`` inside the top-level ``section`` (else the section's own line)."""
-    start = next((n for n, t in enumerate(lines) if t.startswith(f"{section}:")), None)
-    if start is None:
-        return None
-    pat = re.compile(rf"""(^|[{{,\s])['"]?{re.escape(key)}['"]?\s*:""")
-    for n in range(start + 1, len(lines)):
-        if lines[n] and not lines[n][0].isspace() and not lines[n].startswith("#"):
-            break  # the next top-level key
-        if pat.search(lines[n]):
-            return n + 1
-    return start + 1
-
-
 def _check_data_files(d: Path) -> list[str]:
     """Errors in the policy directory's ``prices.yaml`` and ``providers.yaml``, if present."""
     from aiid_proxy.budget import PRICES_FILE, PriceTable
     from aiid_proxy.errors import ConfigError, PolicyError
+    from aiid_proxy.policy.lint import key_line
     from aiid_proxy.providers import Registry
 
     out: list[str] = []
@@ -181,7 +93,7 @@ def _check_data_files(d: Path) -> list[str]:
             except (OSError, UnicodeDecodeError):
                 lines = []
             for name in unknown:
-                line = _key_line(lines, "prices", name)
+                line = key_line(lines, "prices", name)
                 where = f"{prices}:{line}" if line else str(prices)
                 out.append(
                     f"{where}: unknown provider {name!r}, so its prices never apply (known: "

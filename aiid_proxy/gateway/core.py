@@ -51,6 +51,7 @@ from aiid_proxy.gateway.wire import extract_token, refuse_target, unauthenticate
 from aiid_proxy.home import NAME_RE, Home
 from aiid_proxy.identity import AgentIdentity, RevocationList, TokenVerifier
 from aiid_proxy.policy import Decision, Policy, RequestContext
+from aiid_proxy.policy.lint import policy_problems
 from aiid_proxy.policystore import PolicyEvent, PolicyStore
 from aiid_proxy.providers import (
     Registry,
@@ -111,7 +112,12 @@ class Gateway(Records):
         self._tenant_lock = threading.Lock()
         self._live: weakref.WeakSet[FlowState] = weakref.WeakSet()  # flows not yet done
         self._closing = False
-        self.policies = PolicyStore(policies_dir, clock=clock, on_event=self._policy_event)
+        self.policies = PolicyStore(
+            policies_dir,
+            clock=clock,
+            on_event=self._policy_event,
+            lint=lambda p: policy_problems(p, self.registry),  # as `aiid policy check` does
+        )
         self._audit_writers = writer_factory(audit_writer)
         try:
             for t in home.tenants():
