@@ -272,6 +272,7 @@ def test_holds_count_against_the_budget_until_settled() -> None:
     assert isinstance(r, BudgetRefusal)
     assert r.message.startswith("agent budget usd_per_day 5.00 for support-* exceeded")
     assert "3.00 in flight" in r.message and r.retry_after == DAY_LEFT
+    assert not r.never  # it fits once the first settles
     # the real cost was 1: 4 left, a 3 fits again
     assert led.settle(h1, 1 * USD)
     assert isinstance(hold(led, 3 * USD, agent_budget=day5), Hold)
@@ -283,7 +284,9 @@ def test_exactly_at_the_cap_is_allowed_one_pico_more_is_not() -> None:
     spec = BudgetSpec(usd_per_day=5)
     assert isinstance(hold(led, 5 * USD, tenant_budget=spec), Hold)
     led2 = Ledger(FakeClock(T0))
-    assert isinstance(hold(led2, 5 * USD + 1, tenant_budget=spec), BudgetRefusal)
+    r = hold(led2, 5 * USD + 1, tenant_budget=spec)
+    # more than the whole budget: told it can never pass, not to retry at the reset ([AB])
+    assert isinstance(r, BudgetRefusal) and r.never
 
 
 DAY1 = BudgetSpec(usd_per_day=1)

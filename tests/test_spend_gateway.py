@@ -139,6 +139,7 @@ def test_daily_budget_trips_at_exactly_the_right_request(
     assert r.headers["x-should-retry"] == "false" and int(r.headers["retry-after"]) > 0
     assert "agent budget usd_per_day 10.00 for bud-* exceeded: spent 8.00" in r.message
     assert r.headers["retry-after"] == str(DAY_LEFT)
+    assert f"retry after {DAY_LEFT} s" in r.message
     # a 2-token request still fits exactly (8 + 2 = 10)
     finish(gw, start(gw, token, body(max_tokens=2)), Usage(5, 2))
     with pytest.raises(RequestRefused):
@@ -155,6 +156,9 @@ def test_without_max_tokens_the_default_cap_is_held(gw: Gateway, issue: Callable
     with pytest.raises(RequestRefused) as e:
         start(gw, issue("bud-1"), body(max_tokens=None))
     assert f"may cost up to {DEFAULT_MAX_TOKENS_RESERVE}.00" in e.value.message
+    # more than the whole 10 USD budget: it can never pass, so no "retry after" ([AB])
+    assert "it can never pass; lower max_tokens" in e.value.message
+    assert "retry after" not in e.value.message
 
 
 def test_spend_is_rebuilt_when_the_gateway_starts(

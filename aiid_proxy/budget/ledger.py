@@ -102,6 +102,7 @@ class BudgetRefusal:
     message: str
     budget: str  # "agent usd_per_day" | "tenant usd_per_month" | ...
     retry_after: int
+    never: bool = False  # the request alone costs more than that whole budget
 
 
 @dataclass(frozen=True)
@@ -239,9 +240,10 @@ class Ledger:
                             ),
                             budget=f"{scope} {period}",
                             retry_after=0,
+                            never=amount > cap_pico,
                         )
             if first is not None:
-                return BudgetRefusal(first.message, first.budget, retry)
+                return BudgetRefusal(first.message, first.budget, retry, first.never)
             for _, _, _, acc in scopes:
                 acc.held += amount
             h = Hold(tenant, agent, amount, price, next(self._ids))

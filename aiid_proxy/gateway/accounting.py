@@ -141,7 +141,10 @@ class Accounting:
             raise RequestRefused(
                 429,
                 "budget_exceeded",
-                f"{got.message}; retry after {got.retry_after} s",
+                f"{got.message}, more than the whole budget: it can never pass; lower "
+                "max_tokens or the prompt"
+                if got.never
+                else f"{got.message}; retry after {got.retry_after} s",
                 got.budget,
                 # the budget resets in hours: an SDK obeying Retry-After (anthropic's does, up
                 # to 49 days) would sleep that long, then send it again
