@@ -50,6 +50,11 @@ ERRORS = [
         id="stream-not-bool",
     ),
     pytest.param(
+        "rules:\n  - id: a\n    effect: allow\n    when:\n      max_tokens: {max: .inf}  # <-\n",
+        "must be a finite number, got inf",  # was "must be a number, got a number" ([AB])
+        id="bound-infinite",
+    ),
+    pytest.param(
         "rules:\n  - id: a\n    effect: allow\n    when: [stream]  # <-\n",
         "must be a mapping",
         id="when-not-mapping",

@@ -152,8 +152,10 @@ class Checker:
 
     def number(self, m: YMap, key: str, what: str, *, positive: bool = False) -> float:
         v = m[key]
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        if isinstance(v, bool) or not isinstance(v, int | float):
             self.fail(f"{what}.{key} must be a number, got {type_name(v)}", m.value_lines[key])
+        if not math.isfinite(v):
+            self.fail(f"{what}.{key} must be a finite number, got {v}", m.value_lines[key])
         if positive and v <= 0:
             self.fail(f"{what}.{key} must be positive, got {v}", m.value_lines[key])
         return v

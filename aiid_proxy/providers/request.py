@@ -119,8 +119,10 @@ def decode_json_object(body: bytes) -> dict[str, Any]:
         raise bad_request(f"JSON body contains {e}, which is not valid JSON") from None
     except RecursionError:
         raise bad_request("JSON body is nested too deeply") from None
-    except ValueError as e:
+    except json.JSONDecodeError as e:
         raise bad_request(f"request body is not valid JSON: {' '.join(str(e).split())}") from None
+    except ValueError:  # Python's cap on integer digits: its message names Python internals
+        raise bad_request("JSON body holds a number over 4,300 digits long") from None
     if not isinstance(value, dict):
         raise bad_request(f"request body must be a JSON object, not {_json_type(value)}")
     return value
