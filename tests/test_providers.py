@@ -760,6 +760,41 @@ USER_HELLO = [{"role": "user", "content": "hello"}]
             {"tools": False},
             id="tool-choice-none",
         ),
+        # Anthropic's and Gemini's spellings of "none" are no tools either ([AB])
+        pytest.param(
+            ANTHROPIC,
+            {"model": "m", "max_tokens": 5, "messages": [], "tool_choice": {"type": "none"}},
+            {"tools": False},
+            id="anthropic-tool-choice-none",
+        ),
+        pytest.param(
+            ANTHROPIC,
+            {"model": "m", "max_tokens": 5, "messages": [], "tool_choice": {"type": "auto"}},
+            {"tools": True},
+            id="anthropic-tool-choice-auto",
+        ),
+        pytest.param(
+            GEMINI,
+            {"contents": [], "toolConfig": {"functionCallingConfig": {"mode": "NONE"}}},
+            {"tools": False},
+            id="gemini-mode-none",
+        ),
+        pytest.param(
+            GEMINI,
+            {"contents": [], "tool_config": {"function_calling_config": {"mode": "ANY"}}},
+            {"tools": True},
+            id="gemini-mode-any",
+        ),
+        pytest.param(
+            GEMINI,
+            {
+                "contents": [],
+                "tools": [{"functionDeclarations": [{"name": "f"}]}],
+                "toolConfig": {"functionCallingConfig": {"mode": "NONE"}},
+            },
+            {"tools": True},
+            id="gemini-tools-listed",
+        ),
         pytest.param(
             OPENAI_CHAT,
             {

@@ -403,7 +403,9 @@ def _generic_facts(route: Route, obj: dict[str, Any], path_model: str | None) ->
     # OpenAI chat's built-in web search: a tool the provider runs (search-preview models)
     tools = tools or obj.get("web_search_options") is not None
     for choice in ("tool_choice", "function_call"):
-        if obj.get(choice) not in (None, "none"):
+        v = obj.get(choice)
+        # "none" (OpenAI) or {"type": "none"} (Anthropic): no tool may be called
+        if v not in (None, "none") and not (isinstance(v, dict) and v.get("type") == "none"):
             tools = True
     stream_options = obj.get("stream_options")
     include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
@@ -448,7 +450,15 @@ def _gemini_facts(route: Route, obj: dict[str, Any], path_model: str | None) -> 
         "topP": _alias(config, "topP", "top_p"),
         "candidateCount": _alias(config, "candidateCount", "candidate_count"),
     }
-    tools = bool(_opt_list(obj, "tools")) or _alias(obj, "toolConfig", "tool_config") is not None
+    tool_config = _alias(obj, "toolConfig", "tool_config")
+    calling = (
+        _alias(tool_config, "functionCallingConfig", "function_calling_config")
+        if isinstance(tool_config, dict)
+        else None
+    )
+    # mode NONE: no function may be called (as OpenAI's tool_choice "none")
+    no_calls = isinstance(calling, dict) and calling.get("mode") in ("NONE", "none")
+    tools = bool(_opt_list(obj, "tools")) or (tool_config is not None and not no_calls)
     contents = _opt_list(obj, "contents")
     system = _alias(obj, "systemInstruction", "system_instruction")
     prompt = _Count()
