@@ -1108,3 +1108,28 @@ def test_answering_twice_is_refused(aiid: Run, live: LiveControl, short_home: Ho
     live.hold("req_a")
     assert aiid("--home", short_home.root, "approve", TENANT, "req_a").code == 0
     one_line_error(aiid("--home", short_home.root, "deny", TENANT, "req_a"), 1, "already answered")
+
+
+def test_policy_explain_reads_a_stream_route_as_streaming(aiid: Run, tmp_path: Path) -> None:
+    """The gateway takes streaming from Gemini's :streamGenerateContent route; explain took
+    only --param stream, and allowed what a `stream: false` rule refuses live ([AB])."""
+    pol = tmp_path / "p"
+    pol.mkdir()
+    (pol / f"{TENANT}.yaml").write_text(
+        "version: 1\ntenant: acme\ndefault: deny\nrules:\n"
+        "  - {id: no-stream, providers: [gemini], when: {stream: false}, effect: allow}\n"
+    )
+    base = ["policy", "explain", TENANT, "--agent", "g1", "--provider", "gemini"]
+    path = "/v1beta/models/gemini-1.5-flash:{}"
+    r = aiid(*base, "--method", "POST", "--path", path.format("streamGenerateContent"),
+             "--policies", str(pol))  # fmt: skip
+    assert r.code == 0 and r.lines[:2] == ["decision: deny", "rule: default"], r.lines
+    r = aiid(*base, "--method", "POST", "--path", path.format("generateContent"),
+             "--policies", str(pol))  # fmt: skip
+    assert r.code == 0 and r.lines[:2] == ["decision: allow", "rule: no-stream"], r.lines
+
+
+def test_policy_explain_refuses_n_zero_as_the_gateway_does(aiid: Run, policies: Path) -> None:
+    r = aiid("policy", "explain", TENANT, "--agent", "bot", "--provider", "openai", "--model",
+             "gpt-4o-mini", "--param", "n=0", "--policies", policies)  # fmt: skip
+    assert r.code == 2 and "--param n must be 1 or more" in r.err

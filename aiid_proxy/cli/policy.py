@@ -139,8 +139,9 @@ def _param(values: Sequence[str]) -> dict[str, Any]:
                 out[k] = int(v)
             except ValueError:
                 raise UsageError(f"--param {k} must be an integer") from None
-            if out[k] < 0:
-                raise UsageError(f"--param {k} must be 0 or more")
+            low = 1 if k == "n" else 0  # as the gateway reads a body: n >= 1
+            if out[k] < low:
+                raise UsageError(f"--param {k} must be {low} or more")
         elif k in ("temperature", "top_p"):
             try:
                 out[k] = float(v)
@@ -199,6 +200,11 @@ def policy_explain(
     f = d / f"{tenant_name}.yaml"
     if not f.exists() and (d / f"{tenant_name}.yml").exists():
         f = d / f"{tenant_name}.yml"  # what the gateway reads when there is no .yaml
+        click.echo(
+            f"note: reading {f.name}; a running gateway that read {tenant_name}.yaml keeps "
+            "that policy until it restarts",
+            err=True,
+        )
     if not f.exists():
         raise ConfigError(f"no policy file {f}")
     pol = load_policy_file(f)
@@ -217,6 +223,7 @@ def policy_explain(
             raise UsageError(bad)
         now = when.timestamp()
     region = None
+    streamed = False
     registry = provider_registry(d)
     if provider is not None:
         try:
@@ -244,11 +251,18 @@ def policy_explain(
         elif match is not None:
             provider, region = match.provider.name, match.provider.region
             model = model or match.params.get("model")
+            if match.route is not None and match.route.kind == "stream_generate_content":
+                streamed = True
         if refused is not None:
             click.echo("decision: deny")
             click.echo(f"rule: {refused[0]}")
             click.echo(f"reason: {refused[1]} (refused before any rule is looked at)")
             return
+    facts = _param(params)
+    if streamed:
+        if facts.get("stream") is False:
+            raise UsageError(f"{path_} streams: --param stream=false does not apply to it")
+        facts["stream"] = True
     ctxt = RequestContext(
         tenant=tenant_name,
         agent=agent,
@@ -260,7 +274,7 @@ def policy_explain(
         now=now,
         region=region,
         tenant_region=registered_region(home_of(ctx), tenant_name),
-        **_param(params),
+        **facts,
     )
     ex = pol.explain(ctxt)
     dec = ex.decision
