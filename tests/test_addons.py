@@ -715,7 +715,7 @@ REFUSALS = [
         lambda h, i: make_flow(i(tenant=NOKEY_TENANT)),
         403,
         "policy_denied",
-        "everything-openai",
+        "vault",  # not the rule that allowed it ([AB])
         tenant=NOKEY_TENANT,
         events=("request", "deny"),
         id="tenant-without-vault-key",

@@ -60,6 +60,8 @@ from aiid_proxy.providers import (
 from aiid_proxy.ratelimit import RateDecision, RateLimiter
 from aiid_proxy.vault import ReloadingKeyring, Secret, Vault, wrong_master_key
 
+VAULT_RULE_ID = "vault"  # the rule a refusal for a missing vault key names
+
 log = logging.getLogger("aiid.gateway")
 
 VAULT_CACHE_S = 1.0  # a vault entry is read from disk at most once a second
@@ -470,11 +472,14 @@ class Gateway(Records):
         try:
             secret = rt.vault.get(secret_name)
         except SecretNotFound:
+            # named "vault", not the rule that allowed it: no rule refused this ([AB])
             raise RequestRefused(
                 403,
                 "policy_denied",
-                f"tenant {rt.name!r} has no key for {secret_name!r} in its vault",
-                state.decision.rule_id,
+                f"tenant {rt.name!r} has no key for {secret_name!r} in its vault "
+                f"(`aiid vault put {rt.name} {secret_name}`); rule "
+                f"{state.decision.rule_id!r} allowed the request",
+                VAULT_RULE_ID,
             ) from None
         except VaultError:
             # an error inside the gateway, not a refusal: the caller kills the flow and
