@@ -334,10 +334,12 @@ def issue_token(
     if pub_path.exists() and pub_path.read_bytes().strip() != _pem_public(key).strip():
         raise ConfigError(f"{pub_path} does not match the signing key: tokens would be refused")
     now = clock.now()
+    # iat is the issue second (rounded down: a verifier such as PyJWT refuses an iat ahead of
+    # its clock) and exp - iat is exactly the lifetime asked for (whole seconds, rounded up),
+    # as a reader of the claims expects: 900 for the default 15 minutes. The token is valid
+    # from iat, so for less than a second less than its ttl from the moment it is issued.
     iat = int(now)
-    # valid for at least ttl_seconds from now: rounded up from now, not from the second iat
-    # was rounded down to (a 1 s token issued at x.977 lived 23 ms)
-    exp = min(iat + MAX_LIFETIME, math.ceil(now + ttl_seconds))
+    exp = iat + min(MAX_LIFETIME, math.ceil(ttl_seconds))
     claims = {
         "iss": ISSUER,
         "aud": AUDIENCE,
