@@ -74,6 +74,13 @@ def _load_signing_key(home: Home) -> Ed25519PrivateKey:
     try:
         data = read_private(path).encode()
     except OSError:
+        if home.verify_key_path.exists():  # a gateway-only home, or a lost signing key
+            raise ConfigError(
+                f"token signing key missing: {path}, and this home verifies tokens with "
+                f"{home.verify_key_path}: issue tokens where the admin/ that goes with it is; "
+                f"if that key is lost, remove {home.verify_key_path.name} and run `aiid init` "
+                "(a new key pair: every token issued so far is refused)"
+            ) from None
         raise ConfigError(f"token signing key missing: {path} (run `aiid init`)") from None
     except UnicodeDecodeError:
         raise ConfigError(f"token signing key unreadable: {path}") from None

@@ -107,6 +107,21 @@ def test_init_creates_the_home_and_never_overwrites_a_key(aiid: Run, tmp_path: P
     assert {p: p.read_bytes() for p in keys} == keys
 
 
+def test_a_lost_signing_key_has_a_way_out(aiid: Run, tmp_path: Path) -> None:
+    """`aiid token issue` said "run `aiid init`", which then created nothing: a loop ([AA])."""
+    h = tmp_path / "h"
+    assert aiid("--home", h, "init").code == 0
+    assert aiid("--home", h, "tenant", "add", "acme").code == 0
+    (h / "admin" / "signing.key").unlink()
+    r = aiid("--home", h, "token", "issue", "acme", "bot")
+    one_line_error(r, 1, "token signing key missing", "remove token.pub and run `aiid init`")
+    r = aiid("--home", h, "init")
+    assert r.code == 0 and "remove token.pub and run `aiid init` again" in r.err
+    (h / "runtime" / "token.pub").unlink()  # as told
+    assert aiid("--home", h, "init").code == 0
+    assert aiid("--home", h, "token", "issue", "acme", "bot").code == 0
+
+
 def test_home_from_the_environment(aiid: Run, home: Home) -> None:
     r = aiid("tenant", "list", env={"AIID_HOME": str(home.root)})
     assert r.code == 0 and TENANT in r.out and NOKEY_TENANT in r.out

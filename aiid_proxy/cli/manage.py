@@ -27,7 +27,7 @@ MAX_REASON = 1000  # characters of a `deny --reason` (the agent is shown it)
 @click.pass_context
 def init(ctx: click.Context) -> None:
     """Create the home: keys and CA. Never overwrites an existing key."""
-    from aiid_proxy.admin import init_home
+    from aiid_proxy.admin import init_home, signing_key_path
 
     home = home_of(ctx)
     created = init_home(home)
@@ -35,6 +35,14 @@ def init(ctx: click.Context) -> None:
         click.echo(f"created {item}")
     if not created:
         click.echo(f"home {home.root} already initialised; nothing overwritten")
+    if not signing_key_path(home).exists():
+        click.echo(
+            f"note: no token signing key ({signing_key_path(home)}): tokens are verified with "
+            f"{home.verify_key_path} and issued where its admin/ is; if that key is lost, "
+            f"remove {home.verify_key_path.name} and run `aiid init` again (every token "
+            "issued so far is then refused)",
+            err=True,
+        )
     click.echo(f"agents trust: {home.ca_cert_path}")
 
 
