@@ -8,6 +8,7 @@ every time (replacing a placeholder or an older key).
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,21 @@ def gateway_running(home: Path) -> bool:
     return False
 
 
+def port_problem(listen: str) -> str | None:
+    """Why the gateway could not listen on ``listen`` (HOST:PORT), checked before the agent
+    lines are printed (they would point at nothing); None when it can."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as mitmproxy binds
+            s.bind((host, int(port)))
+    except (OSError, ValueError) as e:
+        return getattr(e, "strerror", None) or str(e)
+    return None
+
+
 def main() -> None:
     home = Path(os.environ.get("AIID_HOME") or ".aiid")
     listen = os.environ.get("AIID_LISTEN", "127.0.0.1:8080")
@@ -54,6 +70,12 @@ def main() -> None:
             aiid("vault", "put", "demo", provider, stdin=secret + "\n")
     if gateway_running(home):
         sys.exit(f"make run: a gateway is already running on {home}; stop it first")
+    problem = port_problem(listen)
+    if problem is not None:
+        sys.exit(
+            f"make run: cannot listen on {listen}: {problem}; pick another address, e.g. "
+            "AIID_LISTEN=127.0.0.1:8081 make run"
+        )
     token = aiid("token", "issue", "demo", "demo-agent", "--ttl", "24h").strip()
     # the console takes the screen: its hint points at this file for the same token
     token_file = Home(home).demo_token_path
