@@ -12,6 +12,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import socket
 import sqlite3
 import sys
@@ -1148,3 +1149,54 @@ def test_policy_explain_refuses_n_zero_as_the_gateway_does(aiid: Run, policies: 
     r = aiid("policy", "explain", TENANT, "--agent", "bot", "--provider", "openai", "--model",
              "gpt-4o-mini", "--param", "n=0", "--policies", policies)  # fmt: skip
     assert r.code == 2 and "--param n must be 1 or more" in r.err
+
+
+def test_vault_put_at_a_terminal_does_not_show_the_secret(home: Home) -> None:
+    """Typed or pasted at a terminal, the secret was echoed on the screen ([AA])."""
+    import pty
+    import select
+
+    secret = "sk-typed-SECRET-0123456789"
+    aiid_bin = str(Path(sys.executable).parent / "aiid")
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: stdin, stdout and stderr are the terminal
+        os.execve(
+            aiid_bin,
+            [aiid_bin, "--home", str(home.root), "vault", "put", TENANT, "mistral"],
+            {k: v for k, v in os.environ.items() if k != "AIID_MASTER_KEY"},
+        )
+    seen = b""
+    try:
+        for _ in range(200):  # bounded: up to 20 s for the prompt
+            if b"not shown" in seen:
+                break
+            if select.select([fd], [], [], 0.1)[0]:
+                seen += os.read(fd, 4096)
+        os.write(fd, secret.encode() + b"\n")
+        for _ in range(200):
+            if not select.select([fd], [], [], 0.1)[0]:
+                continue
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        status = None
+        for _ in range(100):  # bounded: a child still waiting for input is killed
+            done, st = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status = st
+                break
+            time.sleep(0.1)
+        if status is None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    assert status is not None and os.waitstatus_to_exitcode(status) == 0, seen
+    assert b"stored mistral for acme" in seen
+    assert secret.encode() not in seen
+    with Vault(home.vault_path(TENANT), TENANT, MasterKeyring.from_home(home, {})) as v:
+        assert v.get("mistral").reveal() == secret

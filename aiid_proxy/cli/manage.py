@@ -125,9 +125,12 @@ def vault_put(ctx: click.Context, tenant_name: str, provider: str, from_env: str
         if not secret:
             raise UsageError(f"environment variable {from_env} is not set or empty")
     else:
-        if sys.stdin.isatty():
-            click.echo("paste the secret, then Enter and Ctrl-D:", err=True)
-        secret = sys.stdin.read()
+        if sys.stdin.isatty():  # typed or pasted at a terminal: not shown on the screen
+            import getpass
+
+            secret = getpass.getpass("paste the secret (not shown), then Enter: ")
+        else:
+            secret = sys.stdin.read()
     secret = secret.strip()  # a line end, or spaces pasted around the key: never part of it
     if not secret or "\n" in secret:
         raise UsageError("expected exactly one non-empty secret line")
