@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable
 from typing import Any
 
@@ -116,6 +117,20 @@ class ConnectGuard:
             except RequestRefused:
                 token = ""  # malformed: every request on this connection is refused
             self.conn_tokens[flow.client_conn.id] = token
+        # mitmproxy's own "200 Connection established" carries no header at all; ours names
+        # the tunnel's id, as every response to an agent carries one (connection_strategy is
+        # pinned lazy, so a response set here skips no upstream connect)
+        now = time.time()
+        flow.response = http.Response(
+            flow.request.data.http_version,
+            200,
+            b"Connection established",
+            http.Headers([(b"x-aiid-request-id", st.request_id.encode())]),
+            b"",
+            None,
+            now,
+            now,
+        )
 
     def client_disconnected(self, client: connection.Client) -> None:
         self.conn_tokens.pop(client.id, None)

@@ -814,7 +814,11 @@ def test_connect_proxy_authorization_identifies_the_connection(
     flow = make_flow(headers=headers)
     conn = connect_flow(flow, OPENAI, connect_auth(token))
     h.run(h.hook(HttpConnectHook(conn)))
-    assert conn.response is None  # a host name: the tunnel is allowed
+    # a host name: the tunnel is allowed, its 200 names the tunnel's request id ([AA]: the
+    # contract has every response to an agent carry one; mitmproxy's own 200 had no header)
+    assert conn.response is not None and conn.response.status_code == 200
+    assert conn.response.headers["x-aiid-request-id"].startswith("req_")
+    assert "content-length" not in conn.response.headers  # none on a 2xx to CONNECT (RFC 9110)
 
     res = h.send(flow)
     assert not killed(flow)
