@@ -1200,3 +1200,20 @@ def test_vault_put_at_a_terminal_does_not_show_the_secret(home: Home) -> None:
     assert secret.encode() not in seen
     with Vault(home.vault_path(TENANT), TENANT, MasterKeyring.from_home(home, {})) as v:
         assert v.get("mistral").reveal() == secret
+
+
+def test_policy_explain_for_a_tenant_without_a_policy_says_deny(
+    aiid: Run, home: Home, tmp_path: Path
+) -> None:
+    """The gateway denies such a tenant everything (rule default); explain exited 1 ([AA])."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = aiid("--home", home.root, "policy", "explain", TENANT, "--agent", "a", "--provider",
+             "openai", "--model", "gpt-4o-mini", "--policies", empty)  # fmt: skip
+    assert r.code == 0 and r.lines[:2] == ["decision: deny", "rule: default"], r
+    assert "every request of this tenant is denied" in r.lines[2]
+
+
+def test_policy_check_on_a_file_says_it_is_not_a_directory(aiid: Run, policies: Path) -> None:
+    f = policies / f"{TENANT}.yaml"
+    one_line_error(aiid("policy", "check", f), 1, f"policy directory {f} is not a directory")

@@ -39,7 +39,8 @@ def policy_check(directory: str | None, policies: str | None) -> None:
 
     d = Path(directory).absolute() if directory else policies_dir(policies)
     if not d.is_dir():
-        raise ConfigError(f"policy directory {d} does not exist")
+        what = "is not a directory" if d.exists() else "does not exist"
+        raise ConfigError(f"policy directory {d} {what}")
     loaded, errors = load_policy_dir(d)
     extras = _check_data_files(d)
     warnings: list[str] = []  # printed, not fatal (policy/lint.py)
@@ -206,6 +207,13 @@ def policy_explain(
             err=True,
         )
     if not f.exists():
+        home = home_of(ctx)
+        if home.root.is_dir() and tenant_name in home.tenants():
+            # a registered tenant without a policy: the gateway denies it everything
+            click.echo("decision: deny")
+            click.echo("rule: default")
+            click.echo(f"reason: no policy file {f}: every request of this tenant is denied")
+            return
         raise ConfigError(f"no policy file {f}")
     pol = load_policy_file(f)
     now = SYSTEM_CLOCK.now()
