@@ -15,7 +15,7 @@ from pathlib import Path
 from aiid_proxy.clock import SYSTEM_CLOCK, Clock
 from aiid_proxy.errors import PolicyError
 from aiid_proxy.home import NAME_RE
-from aiid_proxy.policy.engine import glob_to_regex
+from aiid_proxy.policy.match import glob_to_regex
 from aiid_proxy.policy.yamlsrc import Checker, parse_yaml
 
 log = logging.getLogger("aiid.budget")

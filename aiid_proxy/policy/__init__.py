@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-from aiid_proxy.policy.engine import normalize_path
 from aiid_proxy.policy.loader import (
     MAX_POLICY_BYTES,
     NON_POLICY_FILES,
@@ -15,6 +14,7 @@ from aiid_proxy.policy.loader import (
     load_policy_file,
     load_policy_text,
 )
+from aiid_proxy.policy.match import normalize_path
 from aiid_proxy.policy.model import (
     DEFAULT_RULE_ID,
     REGION_RULE_ID,

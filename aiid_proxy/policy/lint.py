@@ -15,7 +15,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from aiid_proxy.policy.engine import glob_to_regex
+from aiid_proxy.policy.match import glob_to_regex
 from aiid_proxy.policy.model import Override, Policy, Rule
 from aiid_proxy.providers.registry import Registry
 

@@ -14,7 +14,7 @@ from typing import Any, cast
 
 from aiid_proxy.errors import PolicyError
 from aiid_proxy.home import NAME_RE
-from aiid_proxy.policy.engine import glob_to_regex
+from aiid_proxy.policy.match import glob_to_regex
 from aiid_proxy.policy.model import (
     DEFAULT_APPROVAL_TIMEOUT,
     DEFAULT_RULE_ID,
