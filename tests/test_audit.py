@@ -36,7 +36,7 @@ from aiid_proxy.audit import (
     verify_db,
     verify_rows,
 )
-from aiid_proxy.audit import log as log_mod
+from aiid_proxy.audit import durable as durable_mod
 from aiid_proxy.audit import verify as verify_mod
 from aiid_proxy.audit.record import format_ts
 from aiid_proxy.clock import FakeClock
@@ -1000,7 +1000,7 @@ def test_lazy_records_are_fsynced_before_a_checkpoint_names_them(
 def test_a_quiet_writer_fsyncs_lazy_records(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(log_mod, "LAZY_SYNC", 0.01)
+    monkeypatch.setattr(durable_mod, "LAZY_SYNC", 0.01)
     log = make_log(tmp_path / "a.db")
     log.append_sync("response")
     for _ in range(WAIT * 100):  # bounded wait for the writer's quiet period
@@ -1016,7 +1016,7 @@ def test_lazy_records_do_not_wait_for_quiet_forever(tmp_path: Path) -> None:
     log = make_log(tmp_path / "a.db", clock=clock)
     log.append_sync("response")
     assert log.unsynced and not log.overdue()
-    clock.advance(log_mod.LAZY_SYNC)
+    clock.advance(durable_mod.LAZY_SYNC)
     assert log.overdue()
     log.append_sync("response")  # still busy, never quiet: synced anyway once overdue
     for _ in range(WAIT * 100):

@@ -21,8 +21,7 @@ from typing import Any
 
 import pytest
 
-from aiid_proxy.audit import AuditLog, read_rows, service, tenant_key, verify_db
-from aiid_proxy.audit import log as audit_log
+from aiid_proxy.audit import AuditLog, durable, read_rows, service, tenant_key, verify_db
 from aiid_proxy.audit.child import read_batches
 from aiid_proxy.audit.frames import APPEND, ERR, OK, frame
 from aiid_proxy.audit.record import normalize
@@ -364,7 +363,7 @@ def _state(pid: int) -> str:
 def test_the_child_fsyncs_lazy_records_when_quiet(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(audit_log, "LAZY_SYNC", 0.01)
+    monkeypatch.setattr(durable, "LAZY_SYNC", 0.01)
     lg = AuditLog(tmp_path / "a.db", "acme", ROOT, threaded=False)
     lg.submit("2026-01-01T00:00:00.000000Z", normalize("response", {}))
     lg.drain()

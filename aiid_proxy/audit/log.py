@@ -30,6 +30,7 @@ from aiid_proxy.audit.chain import (
     canonical_values,
     tenant_key,
 )
+from aiid_proxy.audit.durable import Durability
 from aiid_proxy.audit.record import AppendResult, format_ts, is_lazy, normalize
 from aiid_proxy.audit.store import (
     BUSY_TIMEOUT_MS,
@@ -43,17 +44,15 @@ from aiid_proxy.audit.store import (
 from aiid_proxy.audit.verify_range import keyed_mac
 from aiid_proxy.clock import SYSTEM_CLOCK, Clock
 from aiid_proxy.errors import AuditError
-from aiid_proxy.home import append_durable, validate_name
+from aiid_proxy.home import validate_name
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1024
-CHECKPOINT_INTERVAL = 0.5  # seconds of clock.monotonic() between automatic checkpoints
 # Records between two WAL checkpoints (~3 pages each: SQLite's own default is 1,000 pages). The
 # writer runs them after a batch's answers are out: SQLite's automatic one would run inside a
 # COMMIT, on a request's way out (copying ~4 MB and an fsync: p99.9 1.5 ms against 0.6 ms).
 WAL_CHECKPOINT_RECORDS = 300
-LAZY_SYNC = 0.5  # seconds of quiet after which lazily committed records are fsync'd
 
 
 class _Pending:
@@ -77,7 +76,7 @@ def _file_id(path: Path) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino)
 
 
-class AuditLog:
+class AuditLog(Durability):
     """The tenant's audit log, opened for appending by one gateway process."""
 
     def __init__(
@@ -196,18 +195,6 @@ class AuditLog:
             self._take(batch, item)
             if batch:
                 self._commit(conn, batch)
-
-    def head(self) -> tuple[int, str]:
-        """The last committed (seq, mac); (0, GENESIS_MAC) for an empty log."""
-        with self._head_lock:
-            return self._head
-
-    def checkpoint(self) -> None:
-        """Append the current head as ``seq:mac`` to the checkpoint file (fsync'd)."""
-        try:
-            self._write_checkpoint(self.head(), force=True)
-        except OSError as e:
-            raise AuditError(f"cannot write audit checkpoint: {describe(e)}") from None
 
     def close(self) -> None:
         """Commit everything pending, write a last checkpoint and stop the writer. Idempotent."""
@@ -477,85 +464,3 @@ class AuditLog:
                 conn.execute("ROLLBACK")
         except sqlite3.Error:  # SQLite may already have rolled back (SQLITE_FULL, IOERR)
             pass
-
-    # -- durability of lazily committed records -----------------------------
-    @property
-    def unsynced(self) -> bool:
-        """Records committed with synchronous=NORMAL wait for an fsync (see LAZY_EVENTS)."""
-        return self._lazy_gen != self._synced_gen
-
-    def overdue(self) -> bool:
-        """Lazily committed records have waited LAZY_SYNC seconds for an fsync."""
-        return self.unsynced and self._clock.monotonic() - self._unsynced_at >= LAZY_SYNC
-
-    def idle_timeout(self) -> float | None:
-        """Seconds the owner may wait for more records before calling :meth:`idle`; None when
-        nothing waits. Lazily committed records wait LAZY_SYNC seconds of quiet; a committed
-        head not yet in the checkpoint file waits until CHECKPOINT_INTERVAL has passed since
-        the last one, so the last records before a quiet spell are anchored within it."""
-        waits: list[float] = []
-        if self.unsynced:
-            waits.append(LAZY_SYNC)
-        if self._checkpoint_path is not None:
-            head = self.head()
-            if head[0] and head != self._last_ckpt:
-                due = self._last_ckpt_at + CHECKPOINT_INTERVAL - self._clock.monotonic()
-                waits.append(min(max(due, 0.0), CHECKPOINT_INTERVAL))
-        return min(waits) if waits else None
-
-    def idle(self) -> None:
-        """Make lazily committed records durable now (the writer had LAZY_SYNC seconds of
-        quiet, or they are overdue), then write a due checkpoint."""
-        try:
-            self._sync()
-        except OSError as e:
-            log.error("cannot sync the audit log: %s", describe(e))
-            return
-        self._auto_checkpoint(force=False)
-
-    def _sync(self) -> None:
-        """fsync the WAL if records were committed without one. The WAL holds every frame
-        not yet checkpointed into the database file, and SQLite syncs the database file at
-        each checkpoint, so this makes every committed record durable."""
-        with self._head_lock:
-            gen = self._lazy_gen
-            if gen == self._synced_gen:
-                return
-        try:
-            fd = os.open(f"{self.path}-wal", os.O_RDONLY)
-        except FileNotFoundError:
-            fd = -1  # checkpointed into the database file and removed: synced by SQLite
-        if fd >= 0:
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        with self._head_lock:  # what was committed before the fsync started is covered
-            self._synced_gen = max(self._synced_gen, gen)
-
-    # -- checkpoints --------------------------------------------------------
-    def _auto_checkpoint(self, force: bool) -> None:
-        if self._checkpoint_path is None:
-            return
-        if not force and self._clock.monotonic() - self._last_ckpt_at < CHECKPOINT_INTERVAL:
-            return
-        try:
-            self._write_checkpoint(self.head(), force=force)
-        except OSError as e:
-            log.error("cannot write audit checkpoint: %s", describe(e))
-            self._last_ckpt_at = self._clock.monotonic()  # retried an interval later
-
-    def _write_checkpoint(self, head: tuple[int, str], force: bool) -> None:
-        path = self._checkpoint_path
-        if path is None:
-            return
-        with self._ckpt_lock:
-            if head[0] == 0 or head == self._last_ckpt:
-                return
-            if not force and self._clock.monotonic() - self._last_ckpt_at < CHECKPOINT_INTERVAL:
-                return
-            self._sync()  # a checkpoint names records that are on disk
-            path.parent.mkdir(parents=True, exist_ok=True)
-            append_durable(path, f"{head[0]}:{head[1]}\n")
-            self._last_ckpt = head
-            self._last_ckpt_at = self._clock.monotonic()
