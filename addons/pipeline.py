@@ -285,6 +285,14 @@ class PolicyStage(_Stage):
     """Decide; an `approve` decision holds the flow here until a human answers or time runs
     out (the hook awaits, so no later stage runs and nothing leaves meanwhile)."""
 
+    async def request(self, flow: http.HTTPFlow) -> None:
+        try:
+            await super().request(flow)
+        finally:  # a held flow is answered (its refusal set, or let on): shutdown may go on
+            st = flow.metadata.get(STATE)
+            if st is not None:
+                self.rt.answering.discard(st.request_id)
+
     async def run(self, gw: Gateway, st: FlowState, flow: http.HTTPFlow) -> None:
         d = gw.decide(st)
         if d.effect == "approve":
@@ -313,6 +321,7 @@ class PolicyStage(_Stage):
         gw.refuse_unpriced(st)  # refused anyway after the wait: never ask a human
         timeout = float(d.approval_timeout)
         pending = broker.hold(st.identity.tenant, st.request_id, key, timeout)
+        self.rt.answering.add(st.request_id)
         hold_key = (st.identity.tenant, st.request_id)
         self.rt.holds.setdefault(client, set()).add(hold_key)
         try:  # from here on the hold is released whatever happens (a hold record refused)

@@ -68,6 +68,9 @@ class Runtime:
         self._lock: HomeLock | None = None  # one gateway per home, for as long as this runs
         self.control: ControlServer | None = None
         self.holds: dict[str, set[tuple[str, str]]] = {}  # client id -> (tenant, request id)
+        # request ids held for approval whose hook has not returned yet: at shutdown, their
+        # refusal is recorded and set only after the hold itself is released
+        self.answering: set[str] = set()
 
     async def running(self) -> None:
         if self.gateway is None:
@@ -239,9 +242,13 @@ class Runtime:
         for p in held:
             p.future.set_result(Answer(False, "shutdown", "the gateway is shutting down"))
         for _ in range(SHUTDOWN_TICKS):  # bounded: let the held requests send their refusals
-            if not any(p.request_id in self.broker.pending for p in held):
+            if not any(
+                p.request_id in self.broker.pending or p.request_id in self.answering for p in held
+            ):
                 break
             await asyncio.sleep(0.01)
+        if held:  # the hooks returned: mitmproxy writes their answers on the next turns
+            await asyncio.sleep(0.05)
 
     def gw(self) -> Gateway:
         if self.gateway is None:

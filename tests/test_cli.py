@@ -1217,3 +1217,20 @@ def test_policy_explain_for_a_tenant_without_a_policy_says_deny(
 def test_policy_check_on_a_file_says_it_is_not_a_directory(aiid: Run, policies: Path) -> None:
     f = policies / f"{TENANT}.yaml"
     one_line_error(aiid("policy", "check", f), 1, f"policy directory {f} is not a directory")
+
+
+def test_policy_explain_gives_no_deny_text_as_the_reason_of_an_allow(
+    aiid: Run, tmp_path: Path
+) -> None:
+    """The contract's example rule has `reason: "shown to the agent on deny"`: explain printed
+    it as the reason of an allow ([AF])."""
+    pol = tmp_path / "p"
+    pol.mkdir()
+    (pol / f"{TENANT}.yaml").write_text(
+        "version: 1\ntenant: acme\ndefault: deny\nrules:\n"
+        "  - {id: small, models: ['gpt-4o-mini*'], effect: allow, reason: shown on deny}\n"
+    )
+    r = aiid("policy", "explain", TENANT, "--agent", "a", "--provider", "openai", "--model",
+             "gpt-4o-mini", "--policies", str(pol))  # fmt: skip
+    assert r.code == 0 and r.lines[:2] == ["decision: allow", "rule: small"], r.lines
+    assert not any(line.startswith("reason:") for line in r.lines), r.lines

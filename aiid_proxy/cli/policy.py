@@ -304,7 +304,8 @@ def policy_explain(
             return
     click.echo(f"decision: {dec.effect}")
     click.echo(f"rule: {dec.rule_id}")
-    if dec.reason:
+    if dec.reason and (dec.effect != "allow" or dec.override):
+        # a rule's `reason` is what a refused agent is shown: not the reason of an allow
         click.echo(f"reason: {dec.reason}")
     if dec.override:
         click.echo(f"override: {dec.override}")
