@@ -271,7 +271,8 @@ class ResponseFilter:
                     "killed", sent=True,
                 )  # fmt: skip
                 return
-            clean = scrubber.scrub_fragments(clean)  # a piece of the key, in any case
+            if resp.status_code >= 400:  # an error quoting the key: a piece of it, any case
+                clean = scrubber.scrub_fragments(clean)
             hits = scrubber.hits
             if hits:
                 resp.content = clean

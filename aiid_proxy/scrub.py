@@ -89,23 +89,39 @@ class Scrubber:
 
     def scrub_fragments(self, body: bytes) -> bytes:
         """A complete body with every run of :data:`FRAGMENT` or more characters of a secret,
-        in any letter case, or of its bytes' hex, replaced by ``[REDACTED]``: the key one
-        character short, upper-cased, split over two lines, or percent- or entity-encoded
-        between its letters. Counted as hits. Most bodies cost a few searches of their
-        ASCII-lowercased bytes: every such run holds one of the secret's aligned pieces
-        (:func:`_anchors`)."""
-        if not self.secrets:
+        in any letter case, replaced by ``[REDACTED]``: the key one character short,
+        upper-cased, split over two lines, or percent- or entity-encoded between its letters.
+        Counted as hits. A run inside the secret's first :data:`PUBLIC_PREFIX` characters is
+        left: every key of a provider starts alike (``sk-ant-api03-``), and a reply naming
+        that is no leak. Bodies over :data:`MAX_FRAGMENT_SCAN` bytes are not scanned.
+
+        Cost: one search of the ASCII-lowercased body per aligned piece of the secret
+        (:func:`_anchors`: every run of 12 holds one, ~1.6 us per piece and 2 KB), then a look
+        around each piece found, so the gateway runs it on error bodies only (a provider
+        quotes the key it was sent in an error), not on every response."""
+        if not self.secrets or len(body) > MAX_FRAGMENT_SCAN:
             return body
         low = body.lower()  # ASCII letters only: every offset stays
-        if not any(a in low for a in _anchors(self.secrets)):
-            return body
-        text = body.decode("latin-1")  # one char a byte: spans are byte offsets
-        spans = self.fragments.spans(text) + self.lower_fragments.spans(low.decode("latin-1"))
+        spans: list[list[int]] = []
+        for anchor, where in _anchors(self.secrets):
+            i = low.find(anchor)
+            while i >= 0:
+                for secret, k in where:  # the piece sits at k in this lower-cased secret
+                    a = i - k  # where the secret's first character would be in the body
+                    lo = k  # extend the match left and right of the piece
+                    while lo > 0 and a + lo > 0 and low[a + lo - 1] == secret[lo - 1]:
+                        lo -= 1
+                    hi = k + _ANCHOR
+                    while hi < len(secret) and a + hi < len(low) and low[a + hi] == secret[hi]:
+                        hi += 1
+                    if hi - lo >= FRAGMENT and hi > PUBLIC_PREFIX:
+                        spans.append([a + lo, a + hi])
+                i = low.find(anchor, i + 1)
         if not spans:
             return body
         spans = _merged(spans)
         self.hits += len(spans)
-        return _redacted(text, spans).encode("latin-1")
+        return _redacted(body.decode("latin-1"), spans).encode("latin-1")
 
     def scrub(self, data: bytes) -> bytes:
         """Scrub a complete body."""
@@ -306,22 +322,32 @@ def _slid(text: str, grams: frozenset[str]) -> bool:
 
 
 _ANCHOR = FRAGMENT // 2
+PUBLIC_PREFIX = 16
+"""A body's run of a secret's characters that ends within its first 16 counts for nothing:
+keys of a provider share their start (``sk-ant-api03-``, ``github_pat_11``)."""
+MAX_FRAGMENT_SCAN = 1 << 20
+"""Bodies over 1 MiB are scrubbed of whole keys only: a provider quotes a key in an error, a
+small body."""
 
 
 @functools.lru_cache(maxsize=256)
-def _anchors(secrets: tuple[str, ...]) -> tuple[bytes, ...]:
-    """The lower-cased pieces ``s[6k:6k+6]`` of every secret and of its bytes' hex: any run of
-    FRAGMENT (12) characters of one holds a whole piece, so a text without any piece holds no
-    fragment."""
-    texts = {t for s in secrets for t in (s.lower(), s.encode().hex(), s.lower().encode().hex())}
+def _anchors(secrets: tuple[str, ...]) -> tuple[tuple[bytes, tuple[tuple[bytes, int], ...]], ...]:
+    """Each lower-cased piece ``s[6k:6k+6]`` of the secrets, with every (secret, offset) it is
+    found at: any run of FRAGMENT (12) characters of a secret holds a whole piece, so a text
+    without any piece holds no run, and a run is found around its piece."""
+    lowered = [s.lower().encode("utf-8", "surrogateescape") for s in secrets]
+    pieces = {t[i : i + _ANCHOR] for t in lowered for i in range(0, len(t) - _ANCHOR + 1, _ANCHOR)}
     return tuple(
-        sorted(
-            {
-                t[i : i + _ANCHOR].encode("utf-8", "surrogateescape")
-                for t in texts
-                for i in range(0, len(t) - _ANCHOR + 1, _ANCHOR)
-            }
+        (
+            piece,
+            tuple(
+                (t, k)
+                for t in lowered
+                for k in range(len(t) - _ANCHOR + 1)
+                if t[k : k + _ANCHOR] == piece
+            ),
         )
+        for piece in sorted(pieces)
     )
 
 
