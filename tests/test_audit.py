@@ -1153,3 +1153,29 @@ def test_data_in_a_column_the_chain_does_not_cover_fails_verify(tmp_path: Path) 
     assert not res.ok
     assert res.first_bad_seq == 5
     assert "'extra'" in res.reason
+
+
+def test_a_failing_sync_is_retried_an_interval_later_not_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """[AE] A WAL that could not be synced (EIO, EACCES, a symlink loop) made the writer spin:
+    idle() gave up before the checkpoint, so idle_timeout() said 0 again at once (66,541 log
+    lines in 10 s)."""
+    clock = FakeClock()
+    log = make_log(tmp_path / "a.db", clock=clock, checkpoint_path=tmp_path / "ck", threaded=False)
+    log.append("request")
+    log.drain()
+    log.append("response")  # lazy: waits for a sync
+    log.drain()
+    clock.advance(0.5)  # and a checkpoint is due
+
+    def broken(self: object) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(durable_mod.Durability, "_sync", broken)
+    assert log.idle_timeout() == 0.0
+    log.idle()  # fails: logged
+    wait = log.idle_timeout()
+    assert wait is not None and wait >= 0.4  # not 0: the owner waits before trying again
+    monkeypatch.undo()
+    log.close()

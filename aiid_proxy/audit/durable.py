@@ -80,6 +80,9 @@ class Durability:
             self._sync()
         except OSError as e:
             log.error("cannot sync the audit log: %s", describe(e))
+            # retried an interval later: idle_timeout would otherwise say 0 at once, for a
+            # checkpoint due, and the writer spin on the failing sync
+            self._last_ckpt_at = self._clock.monotonic()
             return
         self._auto_checkpoint(force=False)
 

@@ -384,6 +384,8 @@ class AuditLog(Durability):
                 p.future.set_exception(AuditError(message))
             self._batch_done()
             return stop
+        if self._wal_id is None:  # a WAL renewed by _new_wal exists from its first commit on
+            self._wal_id = _file_id(self._wal_path)
         with self._head_lock:
             self._head = (seq, prev_hex)
             if full:  # its fsync also covers the WAL frames of earlier lazy commits
