@@ -410,6 +410,11 @@ rules:
     paths: ["/repos/*/admin/*", "/orgs/*"]
     effect: deny
     reason: no admin
+  - id: gitlab-project
+    agents: ["coder-*"]
+    hosts: [api.github.com]
+    paths: ["/api/v4/projects/mygroup%2Fmyproj", "/api/v4/projects/mygroup%2Fmyproj/*"]
+    effect: allow
 """
 
 
@@ -430,6 +435,17 @@ rules:
         pytest.param("/repos/group%2Fproject/issues", "gh-coders", id="both-readings-allow"),
         pytest.param("/user%2Fx", "default", id="decoded-reading-unmatched"),
         pytest.param("/repos/a/b/issues", "gh-coders", id="allowed"),
+        # [AE] a rule naming the encoded id is read alike for the decoded reading: GitLab's
+        # "/projects/group%2Fproject" was refused by the default deny of the other reading
+        pytest.param(
+            "/api/v4/projects/mygroup%2Fmyproj/issues",
+            "gitlab-project",
+            id="rule-names-the-encoded-id",
+        ),
+        pytest.param("/api/v4/projects/mygroup%2fmyproj", "gitlab-project", id="id-lower-case"),
+        # ... and a separator encoded twice or three times is decoded as the dot segments are
+        pytest.param("/repos/a/b/admin%252Fc", "gh-no-admin", id="double-encoded"),
+        pytest.param("/repos/a/b/admin%25252Fc", "gh-no-admin", id="triple-encoded"),
     ],
 )
 def test_an_egress_path_is_decided_as_every_server_may_read_it(path: str, rule_id: str) -> None:

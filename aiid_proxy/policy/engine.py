@@ -12,16 +12,17 @@ one did or did not match; tests check that it always reaches the same decision a
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from typing import TYPE_CHECKING
 
 from aiid_proxy.policy.match import (
     CompiledWhen,
     compile_globs,
+    decode_separators,
     fmt_ts,
     normalize_path,
     path_readings,
+    upper_escapes,
 )
 from aiid_proxy.policy.model import (
     DEFAULT_RULE_ID,
@@ -65,6 +66,7 @@ class _CompiledRule:
     __slots__ = (
         "agents",
         "decision",
+        "decoded_paths",
         "expires",
         "hosts",
         "is_host",
@@ -88,7 +90,15 @@ class _CompiledRule:
         self.methods = None if rule.methods is None else frozenset(m.upper() for m in rule.methods)
         # A deny's paths match in any letter case: a server that ignores case in paths
         # (many do) would otherwise serve /ADMIN past a deny of /admin*.
-        self.paths = _opt(rule.paths, any_case=rule.effect == "deny")
+        # escapes spelled in upper case, as normalize_path spells them in a request's path
+        paths = None if rule.paths is None else tuple(upper_escapes(g) for g in rule.paths)
+        self.paths = _opt(paths, any_case=rule.effect == "deny")
+        # for the reading of a server that decodes %2F: a glob naming "%2F" means "/" there
+        # (GitLab's "/api/v4/projects/group%2Fproject" must still match it)
+        decoded = None if paths is None else tuple(decode_separators(g) for g in paths)
+        self.decoded_paths = (
+            self.paths if decoded == rule.paths else _opt(decoded, any_case=rule.effect == "deny")
+        )
         self.when = None if rule.when is None else CompiledWhen(rule.when)
         self.expires = rule.expires if isinstance(rule, Override) else float("inf")
         self.decision = _decision_for(rule, approval_timeout)
@@ -105,13 +115,15 @@ class _CompiledRule:
             model is not None and self.models.fullmatch(model) is not None
         )
 
-    def host_match(self, host: str, method: str, path: str) -> bool:
-        """Host, method and path, for a host rule (checked on every request)."""
+    def host_match(self, host: str, method: str, path: str, decoded: bool = False) -> bool:
+        """Host, method and path, for a host rule (checked on every request); ``decoded``: the
+        path is the second reading (path_readings), matched by the globs read alike."""
+        paths = self.decoded_paths if decoded else self.paths
         return (
             self.hosts is not None
             and self.hosts.fullmatch(host) is not None
             and (self.methods is None or method in self.methods)
-            and (self.paths is None or self.paths.fullmatch(path) is not None)
+            and (paths is None or paths.fullmatch(path) is not None)
         )
 
     def failures(self, ctx: RequestContext, host: str, method: str, path: str) -> list[str]:
@@ -274,7 +286,7 @@ class Engine:
             first, *alts = path_readings(ctx.path)
             decision = self._egress(view[1], ctx, host, method, first)
             for alt in alts:  # the stricter of the two readings holds
-                other = self._egress(view[1], ctx, host, method, alt)
+                other = self._egress(view[1], ctx, host, method, alt, decoded=True)
                 if _STRICTNESS[other.effect] < _STRICTNESS[decision.effect]:
                     decision = other
             return decision
@@ -296,19 +308,22 @@ class Engine:
         host: str,
         method: str,
         path: str,
+        decoded: bool = False,
     ) -> Decision:
         overrides, denies, others = rules
         now = ctx.now
         for r in overrides:
             if (
                 now < r.expires
-                and r.host_match(host, method, path)
+                and r.host_match(host, method, path, decoded)
                 and (r.when is None or r.when.holds(ctx))
             ):
                 return r.decision
         for group in (denies, others):
             for r in group:
-                if r.host_match(host, method, path) and (r.when is None or r.when.holds(ctx)):
+                if r.host_match(host, method, path, decoded) and (
+                    r.when is None or r.when.holds(ctx)
+                ):
                     return r.decision
         return self._default
 
@@ -354,8 +369,10 @@ class Engine:
                     first_other = r.decision
         decision = decision or first_deny or first_other or self._default
         if ctx.provider is None and decision.rule_id != REGION_RULE_ID:
+            view = self._views.get(ctx.agent) or self._view(ctx.agent)
+            host, method = ctx.host.lower().rstrip("."), ctx.method.upper()
             for alt in path_readings(ctx.path)[1:]:
-                other = self.decide(dataclasses.replace(ctx, path=alt))
+                other = self._egress(view[1], ctx, host, method, alt, decoded=True)
                 stricter = _STRICTNESS[other.effect] < _STRICTNESS[decision.effect]
                 why = f"a server that decodes %2F reads the path as {alt!r}: " + (
                     "this stricter decision holds" if stricter else "no stricter decision"

@@ -69,6 +69,15 @@ def compile_globs(
 # -- paths and time ------------------------------------------------------------------------------
 
 
+_ESCAPE = re.compile(r"%[0-9a-fA-F]{2}")
+
+
+def upper_escapes(text: str) -> str:
+    """Percent-escapes in upper case, as normalize_path spells them in paths and the
+    engine in path globs."""
+    return _ESCAPE.sub(lambda m: m.group().upper(), text)
+
+
 def normalize_path(path: str) -> str:
     """The path a server would route: query and fragment dropped, ``.``/``..`` segments resolved
     (also percent-encoded ones) and empty segments dropped, so ``/repos/../admin`` cannot pass
@@ -76,6 +85,8 @@ def normalize_path(path: str) -> str:
     path = path.partition("?")[0].partition("#")[0]
     if not path.startswith("/") or ("." not in path and "%" not in path and "//" not in path):
         return path
+    if "%" in path:  # %2f and %2F are the same character (RFC 3986): one spelling
+        path = upper_escapes(path)
     segments = path.split("/")[1:]
     last = len(segments) - 1
     out: list[str] = []
@@ -96,17 +107,30 @@ def normalize_path(path: str) -> str:
 _ENCODED_SEPARATOR = re.compile(r"%(?:2[Ff]|5[Cc])")
 
 
+def decode_separators(text: str) -> str:
+    """``text`` as a server that decodes ``%2F`` and ``%5C`` before routing reads it: ``/``
+    there, also double- or triple-encoded (``%252F``), as the path checks decode dot segments
+    up to three times."""
+    for _ in range(3):
+        decoded = _ENCODED_SEPARATOR.sub("/", text).replace("%25", "%")
+        if decoded == text:
+            break
+        text = decoded
+    return _ENCODED_SEPARATOR.sub("/", text)
+
+
 def path_readings(path: str) -> tuple[str, ...]:
     """The path as the policy matches it (:func:`normalize_path`) and, when it percent-encodes
-    ``/`` or ``\\``, also as a server that decodes them before routing reads it:
-    ``/repos/a/b/admin%2Fc`` is ``/repos/a/b/admin/c`` there. A rule must hold for both."""
+    ``/`` or ``\\``, also as a server that decodes them before routing reads it
+    (:func:`decode_separators`): ``/repos/a/b/admin%2Fc`` is ``/repos/a/b/admin/c`` there.
+    A rule must hold for both; its own globs are read the same way for the second."""
     first = normalize_path(path)
     if "%" not in path:
         return (first,)
     bare = path.partition("?")[0].partition("#")[0]
-    if _ENCODED_SEPARATOR.search(bare) is None:
+    if _ENCODED_SEPARATOR.search(bare) is None and "%25" not in bare:
         return (first,)
-    alt = normalize_path(_ENCODED_SEPARATOR.sub("/", bare))
+    alt = normalize_path(decode_separators(bare))
     return (first,) if alt == first else (first, alt)
 
 
