@@ -652,3 +652,29 @@ def test_the_gateway_refuses_a_policy_that_policy_check_refuses(
         assert gw.policy_for(TENANT) is None
     finally:
         gw.close()
+
+
+def test_a_refusal_after_a_providers_file_edit_says_to_restart(
+    gateway_home: Home, fake_clock: FakeClock, tmp_path: Path
+) -> None:
+    """providers.yaml is read at start only: `policy check` read the edited one and passed,
+    the gateway refused against the old one and said to run `policy check` ([AE])."""
+    policies = tmp_path / "p"
+    policies.mkdir()
+    pol = policies / f"{TENANT}.yaml"
+    pol.write_text(
+        f"version: 1\ntenant: {TENANT}\ndefault: deny\nrules:\n  - {{id: a, effect: allow}}\n"
+    )
+    gw = Gateway(gateway_home, policies, clock=fake_clock, watch=False, env={})
+    try:
+        assert gw.policy_for(TENANT) is not None
+        (policies / "providers.yaml").write_text(
+            "version: 1\nproviders:\n  acme-llm:\n    openai_compatible: true\n"
+            "    hosts: [llm.acme.example]\n    region: moon\n"
+        )
+        pol.write_text(pol.read_text().replace("default: deny\n", "default: deny\nregion: moon\n"))
+        (ev,) = gw.policies.refresh()
+        assert not ev.ok and ev.error is not None
+        assert "unknown region 'moon'" in ev.error and "restart it" in ev.error
+    finally:
+        gw.close()

@@ -68,6 +68,15 @@ VAULT_CACHE_S = 1.0  # a vault entry is read from disk at most once a second
 PROVIDERS_FILE = "providers.yaml"
 
 
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """(mtime_ns, size) of ``path``; None if there is none."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
+
+
 class Gateway(Records):
     """Runtime state shared by all flows: keys, policies, vaults, audit logs, limits."""
 
@@ -93,6 +102,8 @@ class Gateway(Records):
         self._loop: asyncio.AbstractEventLoop | None = None
         self.body_limit = body_limit
         providers_file = policies_dir / PROVIDERS_FILE
+        self._providers_file = providers_file
+        self._providers_stamp = _stamp(providers_file)
         self.registry = registry or Registry.load(
             providers_file if providers_file.is_file() else None
         )
@@ -118,7 +129,7 @@ class Gateway(Records):
             policies_dir,
             clock=clock,
             on_event=self._policy_event,
-            lint=lambda p: policy_problems(p, self.registry),  # as `aiid policy check` does
+            lint=self._lint,  # as `aiid policy check` does
         )
         self._audit_writers = writer_factory(audit_writer)
         try:
@@ -133,6 +144,17 @@ class Gateway(Records):
             self.policies.start()
 
     # -- plumbing -----------------------------------------------------------
+    def _lint(self, policy: Policy) -> tuple[list[str], list[str]]:
+        """The policy's problems against the providers this gateway knows (policy.lint); an
+        error says so when providers.yaml changed since the start (read then only)."""
+        errors, warnings = policy_problems(policy, self.registry)
+        if errors and _stamp(self._providers_file) != self._providers_stamp:
+            errors[0] += (
+                f" (this gateway read {self._providers_file.name} at its start: restart it to "
+                "use the edited one)"
+            )
+        return errors, warnings
+
     def check_chains(self, close_unfinished: bool = False) -> threading.Thread:
         """Verify every tenant's whole audit chain in the background, each in a child process
         (``audit.startcheck``): a log altered while the gateway was down is named at once, in

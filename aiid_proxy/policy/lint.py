@@ -67,15 +67,15 @@ def rule_problems(
         for name in rule.providers or ():
             if not any(c in name for c in _GLOB_CHARS) and name not in known:
                 out.append(
-                    f"{where}: rule {rule.id!r}: unknown provider {name!r}, so the rule "
-                    f"never matches (known: {', '.join(known)}; providers.yaml can add more)"
+                    f"{where}: rule {rule.id!r}: unknown provider {name!r}, a name that never "
+                    f"matches (known: {', '.join(known)}; providers.yaml can add more)"
                 )
         for host in rule.hosts or ():
             p = registry.match_host(host) if not any(c in host for c in _GLOB_CHARS) else None
             if p is not None:
                 out.append(
                     f"{where}: rule {rule.id!r}: {host} is provider {p.name!r}'s host, "
-                    f"governed by providers/models rules: this hosts rule never matches"
+                    f"governed by providers/models rules: a hosts entry never matches it"
                 )
     return errors, warnings
 
