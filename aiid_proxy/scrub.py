@@ -91,9 +91,9 @@ class Scrubber:
         """A complete body with every run of :data:`FRAGMENT` or more characters of a secret,
         in any letter case, replaced by ``[REDACTED]``: the key one character short,
         upper-cased, split over two lines, or percent- or entity-encoded between its letters.
-        Counted as hits. A run inside the secret's first :data:`PUBLIC_PREFIX` characters is
-        left: every key of a provider starts alike (``sk-ant-api03-``), and a reply naming
-        that is no leak. Bodies over :data:`MAX_FRAGMENT_SCAN` bytes are not scanned.
+        Counted as hits. A run within the secret's public start (:func:`public_prefix`) is left:
+        every key of a provider starts alike (``sk-ant-api03-``), and a reply naming that is no
+        leak. Bodies over :data:`MAX_FRAGMENT_SCAN` bytes are not scanned.
 
         Cost: one search of the ASCII-lowercased body per aligned piece of the secret
         (:func:`_anchors`: every run of 12 holds one, ~1.6 us per piece and 2 KB), then a look
@@ -104,18 +104,21 @@ class Scrubber:
         low = body.lower()  # ASCII letters only: every offset stays
         spans: list[list[int]] = []
         for anchor, where in _anchors(self.secrets):
+            covered = -1  # the end of the last run found from this piece: no need to look again
             i = low.find(anchor)
             while i >= 0:
-                for secret, k in where:  # the piece sits at k in this lower-cased secret
-                    a = i - k  # where the secret's first character would be in the body
-                    lo = k  # extend the match left and right of the piece
-                    while lo > 0 and a + lo > 0 and low[a + lo - 1] == secret[lo - 1]:
-                        lo -= 1
-                    hi = k + _ANCHOR
-                    while hi < len(secret) and a + hi < len(low) and low[a + hi] == secret[hi]:
-                        hi += 1
-                    if hi - lo >= FRAGMENT and hi > PUBLIC_PREFIX:
-                        spans.append([a + lo, a + hi])
+                if i + _ANCHOR > covered:
+                    for secret, k, public in where:  # the piece sits at k in this secret
+                        a = i - k  # where the secret's first character would be in the body
+                        lo = k  # extend the match left and right of the piece
+                        while lo > 0 and a + lo > 0 and low[a + lo - 1] == secret[lo - 1]:
+                            lo -= 1
+                        hi = k + _ANCHOR
+                        while hi < len(secret) and a + hi < len(low) and low[a + hi] == secret[hi]:
+                            hi += 1
+                        if hi - lo >= FRAGMENT and hi > public:
+                            spans.append([a + lo, a + hi])
+                            covered = max(covered, a + hi)
                 i = low.find(anchor, i + 1)
         if not spans:
             return body
@@ -322,27 +325,37 @@ def _slid(text: str, grams: frozenset[str]) -> bool:
 
 
 _ANCHOR = FRAGMENT // 2
-PUBLIC_PREFIX = 16
-"""A body's run of a secret's characters that ends within its first 16 counts for nothing:
-keys of a provider share their start (``sk-ant-api03-``, ``github_pat_11``)."""
 MAX_FRAGMENT_SCAN = 1 << 20
 """Bodies over 1 MiB are scrubbed of whole keys only: a provider quotes a key in an error, a
 small body."""
+_PUBLIC_END = re.compile(r"^.{0,15}[-_]", re.DOTALL)
+
+
+def public_prefix(secret: str) -> int:
+    """How many leading characters of ``secret`` every key of its kind shares: up to its last
+    ``-``/``_`` among the first 16 (``sk-ant-api03-`` 13, ``sk-proj-`` 8, ``ghp_`` 4,
+    ``github_pat_`` 11); 0 for a key without one there (Gemini's ``AIza...``)."""
+    m = _PUBLIC_END.match(secret)
+    return m.end() if m else 0
 
 
 @functools.lru_cache(maxsize=256)
-def _anchors(secrets: tuple[str, ...]) -> tuple[tuple[bytes, tuple[tuple[bytes, int], ...]], ...]:
-    """Each lower-cased piece ``s[6k:6k+6]`` of the secrets, with every (secret, offset) it is
-    found at: any run of FRAGMENT (12) characters of a secret holds a whole piece, so a text
-    without any piece holds no run, and a run is found around its piece."""
-    lowered = [s.lower().encode("utf-8", "surrogateescape") for s in secrets]
-    pieces = {t[i : i + _ANCHOR] for t in lowered for i in range(0, len(t) - _ANCHOR + 1, _ANCHOR)}
+def _anchors(
+    secrets: tuple[str, ...],
+) -> tuple[tuple[bytes, tuple[tuple[bytes, int, int], ...]], ...]:
+    """Each lower-cased piece ``s[6k:6k+6]`` of the secrets, with every (secret, offset, public
+    prefix) it is found at: any run of FRAGMENT (12) characters of a secret holds a whole
+    piece, so a text without any piece holds no run, and a run is found around its piece."""
+    lowered = [(s.lower().encode("utf-8", "surrogateescape"), public_prefix(s)) for s in secrets]
+    pieces = {
+        t[i : i + _ANCHOR] for t, _ in lowered for i in range(0, len(t) - _ANCHOR + 1, _ANCHOR)
+    }
     return tuple(
         (
             piece,
             tuple(
-                (t, k)
-                for t in lowered
+                (t, k, public)
+                for t, public in lowered
                 for k in range(len(t) - _ANCHOR + 1)
                 if t[k : k + _ANCHOR] == piece
             ),

@@ -676,5 +676,14 @@ def test_a_refusal_after_a_providers_file_edit_says_to_restart(
         (ev,) = gw.policies.refresh()
         assert not ev.ok and ev.error is not None
         assert "unknown region 'moon'" in ev.error and "restart it" in ev.error
+        # a problem a restart would not fix gets no such hint ([AG])
+        pol.write_text(
+            pol.read_text().replace("region: moon\n", "")
+            + "limits:\n  agents:\n    '*': {requests_per_minute: 5}\n"
+            "    bot: {requests_per_minute: 1}\n"
+        )
+        (ev,) = gw.policies.refresh()
+        assert not ev.ok and ev.error is not None
+        assert "never applies" in ev.error and "restart" not in ev.error
     finally:
         gw.close()

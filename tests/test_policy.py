@@ -415,6 +415,11 @@ rules:
     hosts: [api.github.com]
     paths: ["/api/v4/projects/mygroup%2Fmyproj", "/api/v4/projects/mygroup%2Fmyproj/*"]
     effect: allow
+  - id: double-encoded-escape
+    agents: ["coder-*"]
+    hosts: [api.github.com]
+    paths: ["/dbl/a%253a"]
+    effect: allow
 """
 
 
@@ -446,6 +451,8 @@ rules:
         # ... and a separator encoded twice or three times is decoded as the dot segments are
         pytest.param("/repos/a/b/admin%252Fc", "gh-no-admin", id="double-encoded"),
         pytest.param("/repos/a/b/admin%25252Fc", "gh-no-admin", id="triple-encoded"),
+        # [AG] a rule's own double-encoded escape in lower case matches the request it names
+        pytest.param("/dbl/a%253a", "double-encoded-escape", id="rule-double-encoded-lower"),
     ],
 )
 def test_an_egress_path_is_decided_as_every_server_may_read_it(path: str, rule_id: str) -> None:

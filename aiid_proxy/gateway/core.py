@@ -68,6 +68,11 @@ VAULT_CACHE_S = 1.0  # a vault entry is read from disk at most once a second
 PROVIDERS_FILE = "providers.yaml"
 
 
+def _about_providers(problem: str) -> bool:
+    """Whether a lint problem depends on the providers the gateway knows."""
+    return "unknown region" in problem or "unknown provider" in problem or "'s host" in problem
+
+
 def _stamp(path: Path) -> tuple[int, int] | None:
     """(mtime_ns, size) of ``path``; None if there is none."""
     try:
@@ -148,11 +153,14 @@ class Gateway(Records):
         """The policy's problems against the providers this gateway knows (policy.lint); an
         error says so when providers.yaml changed since the start (read then only)."""
         errors, warnings = policy_problems(policy, self.registry)
-        if errors and _stamp(self._providers_file) != self._providers_stamp:
-            errors[0] += (
+        if _stamp(self._providers_file) != self._providers_stamp:
+            hint = (
                 f" (this gateway read {self._providers_file.name} at its start: restart it to "
                 "use the edited one)"
             )
+            # only where the providers it knows are the matter (a region, a provider's name)
+            errors = [e + hint if _about_providers(e) else e for e in errors]
+            warnings = [w + hint if _about_providers(w) else w for w in warnings]
         return errors, warnings
 
     def check_chains(self, close_unfinished: bool = False) -> threading.Thread:

@@ -95,7 +95,9 @@ class _CompiledRule:
         self.paths = _opt(paths, any_case=rule.effect == "deny")
         # for the reading of a server that decodes %2F: a glob naming "%2F" means "/" there
         # (GitLab's "/api/v4/projects/group%2Fproject" must still match it)
-        decoded = None if paths is None else tuple(decode_separators(g) for g in paths)
+        decoded = (  # upper-cased again: decoding "%253a" leaves "%3a", a request "%3A"
+            None if paths is None else tuple(upper_escapes(decode_separators(g)) for g in paths)
+        )
         self.decoded_paths = (
             self.paths if decoded == rule.paths else _opt(decoded, any_case=rule.effect == "deny")
         )
