@@ -27,7 +27,12 @@ from aiid_proxy.providers import (
     estimate_body_usage,
     parse_usage,
 )
-from aiid_proxy.scrub import Scrubber, escaped_anywhere, redact_escaped
+from aiid_proxy.scrub import (
+    Scrubber,
+    escaped_anywhere,
+    redact_escaped,
+    scrub_fragments_in_json,
+)
 from aiid_proxy.streaming import StreamGuard, spelled_in_array
 
 log = logging.getLogger("aiid")
@@ -271,8 +276,9 @@ class ResponseFilter:
                     "killed", sent=True,
                 )  # fmt: skip
                 return
-            if resp.status_code >= 400:  # an error quoting the key: a piece of it, any case
-                clean = scrubber.scrub_fragments(clean)
+            if resp.status_code >= 400:  # an error quoting the key: a piece of it, any case,
+                clean = scrubber.scrub_fragments(clean)  # also in JSON escapes
+                clean = scrub_fragments_in_json(clean, scrubber)
             hits = scrubber.hits
             if hits:
                 resp.content = clean

@@ -103,11 +103,16 @@ class Scrubber:
             return body
         low = body.lower()  # ASCII letters only: every offset stays
         spans: list[list[int]] = []
+        budget = SCAN_BUDGET
         for anchor, where in _anchors(self.secrets):
-            covered = -1  # the end of the last run found from this piece: no need to look again
+            covered = -1  # the end of the last run looked at from this piece: not again
             i = low.find(anchor)
             while i >= 0:
                 if i + _ANCHOR > covered:
+                    budget -= len(where)
+                    if budget < 0:  # a body made to be slow: withheld whole (fail closed)
+                        self.hits += 1
+                        return REDACTED
                     for secret, k, public in where:  # the piece sits at k in this secret
                         a = i - k  # where the secret's first character would be in the body
                         lo = k  # extend the match left and right of the piece
@@ -116,9 +121,9 @@ class Scrubber:
                         hi = k + _ANCHOR
                         while hi < len(secret) and a + hi < len(low) and low[a + hi] == secret[hi]:
                             hi += 1
+                        covered = max(covered, a + hi)
                         if hi - lo >= FRAGMENT and hi > public:
                             spans.append([a + lo, a + hi])
-                            covered = max(covered, a + hi)
                 i = low.find(anchor, i + 1)
         if not spans:
             return body
@@ -269,6 +274,37 @@ def redact_escaped(body: bytes, secrets: Iterable[str]) -> tuple[bytes, int]:
     return json.dumps(clean, ensure_ascii=False, separators=(",", ":")).encode(), found
 
 
+def scrub_fragments_in_json(body: bytes, scrubber: Scrubber) -> bytes:
+    """A JSON body whose strings hold a run of a secret only once decoded (``\\u`` escapes,
+    ``\\/``), re-encoded with every such run replaced (:meth:`Scrubber.scrub_fragments` on each
+    string); any other body unchanged."""
+    if b"\\" not in body or not scrubber.secrets:
+        return body
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return body
+    before = scrubber.hits
+
+    def walk(v: Any) -> Any:
+        if isinstance(v, str):
+            raw = v.encode("utf-8", "surrogatepass")
+            clean = scrubber.scrub_fragments(raw)
+            return v if clean is raw else clean.decode("utf-8", "surrogatepass")
+        if isinstance(v, dict):
+            return {walk(k): walk(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        return v
+
+    clean = walk(doc)
+    if scrubber.hits == before:
+        return body
+    return json.dumps(clean, ensure_ascii=False, separators=(",", ":")).encode(
+        "utf-8", "surrogatepass"
+    )
+
+
 def _count_in_strings(doc: Any, secrets: list[str]) -> int:
     found = 0
     stack = [doc]
@@ -328,15 +364,21 @@ _ANCHOR = FRAGMENT // 2
 MAX_FRAGMENT_SCAN = 1 << 20
 """Bodies over 1 MiB are scrubbed of whole keys only: a provider quotes a key in an error, a
 small body."""
-_PUBLIC_END = re.compile(r"^.{0,15}[-_]", re.DOTALL)
+SCAN_BUDGET = 20_000
+"""Places a fragment scan may look around (~10 ms): past it, the body is withheld whole."""
+PUBLIC_PREFIXES = (
+    "sk-ant-api03-", "sk-ant-admin01-", "sk-proj-", "sk-svcacct-", "sk-admin-", "sk-or-v1-",
+    "github_pat_", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "glpat-", "xai-", "gsk_", "hf_",
+    "pplx-", "r8_", "AIza", "sk-",
+)  # fmt: skip
+"""Starts that every key of a kind shares: a body naming one is no leak."""
 
 
 def public_prefix(secret: str) -> int:
-    """How many leading characters of ``secret`` every key of its kind shares: up to its last
-    ``-``/``_`` among the first 16 (``sk-ant-api03-`` 13, ``sk-proj-`` 8, ``ghp_`` 4,
-    ``github_pat_`` 11); 0 for a key without one there (Gemini's ``AIza...``)."""
-    m = _PUBLIC_END.match(secret)
-    return m.end() if m else 0
+    """How many leading characters of ``secret`` every key of its kind shares: the longest of
+    :data:`PUBLIC_PREFIXES` it starts with (``sk-ant-api03-`` 13, ``sk-proj-`` 8), else 0.
+    Only known starts: the ``-`` and ``_`` of a base64url key are random."""
+    return max((len(p) for p in PUBLIC_PREFIXES if secret.startswith(p)), default=0)
 
 
 @functools.lru_cache(maxsize=256)

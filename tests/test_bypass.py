@@ -1888,6 +1888,10 @@ TRAVERSAL_ATTEMPTS = [
     pytest.param(GITHUB, "coder-1", "/repos/%c0%ae%c0%ae/user/keys", id="egress-overlong-utf8"),
     pytest.param(GITHUB, "coder-1", "/repos//../user/keys", id="egress-empty-then-dot-dot"),
     pytest.param(GITHUB, "coder-1", "*", id="asterisk-form"),
+    # [AH] IIS reads %u002e as "." (and %u0061 as "a"): refused, as any other reading is
+    pytest.param(
+        GITHUB, "coder-1", "/repos/a/%u002e%u002e/%u002e%u002e/user/keys", id="egress-iis-u-escapes"
+    ),
 ]
 
 

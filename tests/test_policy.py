@@ -420,6 +420,10 @@ rules:
     hosts: [api.github.com]
     paths: ["/dbl/a%253a"]
     effect: allow
+  - id: secret-deny
+    hosts: [api.github.com]
+    paths: ["/repos/x/sec%2Fret"]
+    effect: deny
 """
 
 
@@ -453,6 +457,9 @@ rules:
         pytest.param("/repos/a/b/admin%25252Fc", "gh-no-admin", id="triple-encoded"),
         # [AG] a rule's own double-encoded escape in lower case matches the request it names
         pytest.param("/dbl/a%253a", "double-encoded-escape", id="rule-double-encoded-lower"),
+        # [AH] a deny naming "%2F" also stops the same path spelled with "/"
+        pytest.param("/repos/x/sec/ret", "secret-deny", id="deny-names-encoded-literal-slash"),
+        pytest.param("/repos/x/sec%2Fret", "secret-deny", id="deny-names-encoded"),
     ],
 )
 def test_an_egress_path_is_decided_as_every_server_may_read_it(path: str, rule_id: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Callable
 
 import pytest
@@ -18,6 +19,7 @@ from aiid_proxy.scrub import (
     escaped_secrets,
     public_prefix,
     redact_escaped,
+    scrub_fragments_in_json,
 )
 
 KEY = "sk-canary-openai-XYZ0123"
@@ -414,15 +416,48 @@ def test_only_a_keys_public_start_is_left(secret: str, body: bytes, redacted: bo
 @pytest.mark.parametrize(
     ("secret", "public"),
     [("sk-ant-api03-abc", 13), ("sk-proj-abc", 8), ("ghp_abc", 4), ("github_pat_11ABC", 11),
-     ("AIzaSyABC", 0), ("x" * 20 + "-y", 0)],
+     ("AIzaSyABC", 4), ("x" * 20 + "-y", 0),
+     # [AH] a base64url key's - and _ are random: not a shared start
+     ("Zq8Xw3Lm9Pk2Rt7_Yb1Nc8Vd3Hf5J0aQx", 0), ("sk-proj-ab_cd-ef", 8)],
 )  # fmt: skip
 def test_public_prefix(secret: str, public: int) -> None:
     assert public_prefix(secret) == public
 
 
-def test_a_key_of_one_repeated_character_is_scanned_in_linear_time() -> None:
-    """[AG] Every hit of a piece was matched at all of its places in such a key: 67 s for
-    256 KiB. A hit inside a run already found is skipped."""
-    key = "sk-" + "a" * 45
-    out = Scrubber([key]).scrub_fragments(b"a" * (256 * 1024))
-    assert b"aaaaaaaaaaaa" not in out
+@pytest.mark.parametrize(
+    ("key", "body"),
+    [
+        # [AG] every hit of a piece was matched at all of its places in such a key: 67 s
+        pytest.param("sk-" + "a" * 45, b"a" * (256 * 1024), id="one-repeated-character"),
+        pytest.param("sk-" + "a" * 45, (b"a" * 11 + b"b") * 20_000, id="runs-of-eleven"),
+        # [AH] 1 MiB of a key's public start: each hit looked at in Python, 0.35 s a response
+        pytest.param("sk-ant-api03-Xq7bN2kLm9Pz4Rt8Wv1Yc6Hd3Jf5Gs0Ae",
+                     b"sk-ant-api03-" * 80_000, id="public-start-repeated"),
+    ],
+)  # fmt: skip
+def test_a_body_made_to_be_slow_is_withheld_whole(key: str, body: bytes) -> None:
+    """The work is bounded (SCAN_BUDGET places looked around): a body that would take more is
+    withheld whole, as a hit (fail closed)."""
+    s = Scrubber([key])
+    assert s.scrub_fragments(body) == REDACTED and s.hits == 1
+
+
+@pytest.mark.parametrize(
+    "shown",
+    [
+        pytest.param(lambda k: "".join(f"\\u{ord(c):04x}" if i % 8 == 0 else c
+                                       for i, c in enumerate(k[:-1])), id="u-escapes-one-short"),
+        pytest.param(lambda k: k.upper().replace("-", "\\u002d"), id="u-escapes-upper"),
+    ],
+)  # fmt: skip
+def test_a_piece_of_the_key_in_json_escapes_is_scrubbed(shown: Callable[[str], str]) -> None:
+    """[AH] The key one character short with every 8th character a \\u escape came back: the
+    escape pass looked for the whole key, the fragment scan saw runs under 12 bytes."""
+    key = "AIzaSyB1xQ7Lm2P_z9Kw4Rt6Yb1Nc8Vd3Hf5J0a"
+    body = ('{"error":{"message":"invalid key ' + shown(key) + '"}}').encode()
+    s = Scrubber([key])
+    out = scrub_fragments_in_json(s.scrub_fragments(body), s)
+    text = json.loads(out)["error"]["message"].lower()
+    low = key.lower()
+    assert not [low[i : i + 12] for i in range(4, len(low) - 11) if low[i : i + 12] in text]
+    assert "[redacted]" in text

@@ -112,6 +112,7 @@ OVERRIDE_HEADERS = (
 )
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _PCT = re.compile(r"%([0-9A-Fa-f]{2})")
+_PCT_U = re.compile(r"%[uU][0-9A-Fa-f]{4}")
 _METHOD = re.compile(r"[A-Z]{1,20}")
 
 
@@ -133,6 +134,8 @@ def path_problem(path: str) -> str | None:
         return "contains a backslash"
     if any(chr(int(h, 16)) in _UNRESERVED for h in _PCT.findall(path)):
         return "percent-encodes a character that needs no encoding"
+    if _PCT_U.search(path):  # IIS reads %u0061 as "a": a server's reading, not the policy's
+        return "contains a %u escape"
     text = path
     for _ in range(4):  # the path as sent, then after each of up to three decodings
         for seg in text.replace("\\", "/").split("/"):

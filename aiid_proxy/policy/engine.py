@@ -99,8 +99,12 @@ class _CompiledRule:
             None if paths is None else tuple(upper_escapes(decode_separators(g)) for g in paths)
         )
         self.decoded_paths = (
-            self.paths if decoded == rule.paths else _opt(decoded, any_case=rule.effect == "deny")
+            self.paths if decoded == paths else _opt(decoded, any_case=rule.effect == "deny")
         )
+        if rule.effect == "deny" and decoded is not None and decoded != paths:
+            # a deny naming "%2F" also stops the path spelled with "/" (the same resource to
+            # a server that decodes it)
+            self.paths = _opt((*(paths or ()), *decoded), any_case=True)
         self.when = None if rule.when is None else CompiledWhen(rule.when)
         self.expires = rule.expires if isinstance(rule, Override) else float("inf")
         self.decision = _decision_for(rule, approval_timeout)
