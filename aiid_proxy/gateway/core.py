@@ -51,7 +51,7 @@ from aiid_proxy.gateway.wire import extract_token, refuse_target, unauthenticate
 from aiid_proxy.home import NAME_RE, Home
 from aiid_proxy.identity import AgentIdentity, RevocationList, TokenVerifier
 from aiid_proxy.policy import Decision, Policy, RequestContext
-from aiid_proxy.policy.lint import policy_problems
+from aiid_proxy.policy.lint import GatewayLint
 from aiid_proxy.policystore import PolicyEvent, PolicyStore
 from aiid_proxy.providers import (
     Registry,
@@ -66,20 +66,6 @@ log = logging.getLogger("aiid.gateway")
 
 VAULT_CACHE_S = 1.0  # a vault entry is read from disk at most once a second
 PROVIDERS_FILE = "providers.yaml"
-
-
-def _about_providers(problem: str) -> bool:
-    """Whether a lint problem depends on the providers the gateway knows."""
-    return "unknown region" in problem or "unknown provider" in problem or "'s host" in problem
-
-
-def _stamp(path: Path) -> tuple[int, int] | None:
-    """(mtime_ns, size) of ``path``; None if there is none."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size)
 
 
 class Gateway(Records):
@@ -107,8 +93,6 @@ class Gateway(Records):
         self._loop: asyncio.AbstractEventLoop | None = None
         self.body_limit = body_limit
         providers_file = policies_dir / PROVIDERS_FILE
-        self._providers_file = providers_file
-        self._providers_stamp = _stamp(providers_file)
         self.registry = registry or Registry.load(
             providers_file if providers_file.is_file() else None
         )
@@ -134,7 +118,7 @@ class Gateway(Records):
             policies_dir,
             clock=clock,
             on_event=self._policy_event,
-            lint=self._lint,  # as `aiid policy check` does
+            lint=GatewayLint(self.registry, providers_file),  # as `aiid policy check` does
         )
         self._audit_writers = writer_factory(audit_writer)
         try:
@@ -149,20 +133,6 @@ class Gateway(Records):
             self.policies.start()
 
     # -- plumbing -----------------------------------------------------------
-    def _lint(self, policy: Policy) -> tuple[list[str], list[str]]:
-        """The policy's problems against the providers this gateway knows (policy.lint); an
-        error says so when providers.yaml changed since the start (read then only)."""
-        errors, warnings = policy_problems(policy, self.registry)
-        if _stamp(self._providers_file) != self._providers_stamp:
-            hint = (
-                f" (this gateway read {self._providers_file.name} at its start: restart it to "
-                "use the edited one)"
-            )
-            # only where the providers it knows are the matter (a region, a provider's name)
-            errors = [e + hint if _about_providers(e) else e for e in errors]
-            warnings = [w + hint if _about_providers(w) else w for w in warnings]
-        return errors, warnings
-
     def check_chains(self, close_unfinished: bool = False) -> threading.Thread:
         """Verify every tenant's whole audit chain in the background, each in a child process
         (``audit.startcheck``): a log altered while the gateway was down is named at once, in

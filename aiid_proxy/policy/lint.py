@@ -121,3 +121,39 @@ def key_line(lines: Sequence[str], section: str, key: str) -> int | None:
         if pat.search(lines[n]):
             return n + 1
     return start + 1
+
+
+class GatewayLint:
+    """The lint of a running gateway: :func:`policy_problems` against the providers it read
+    at its start, and, once ``providers_file`` changed since, a hint on the problems a
+    restart would change (an unknown region or provider, a provider's host)."""
+
+    def __init__(self, registry: Registry, providers_file: Path) -> None:
+        self.registry = registry
+        self.providers_file = providers_file
+        self._stamp = _stamp(providers_file)
+
+    def __call__(self, policy: Policy) -> tuple[list[str], list[str]]:
+        errors, warnings = policy_problems(policy, self.registry)
+        if _stamp(self.providers_file) != self._stamp:
+            hint = (
+                f" (this gateway read {self.providers_file.name} at its start: restart it to "
+                "use the edited one)"
+            )
+            errors = [e + hint if _about_providers(e) else e for e in errors]
+            warnings = [w + hint if _about_providers(w) else w for w in warnings]
+        return errors, warnings
+
+
+def _about_providers(problem: str) -> bool:
+    """Whether a lint problem depends on the providers the gateway knows."""
+    return "unknown region" in problem or "unknown provider" in problem or "'s host" in problem
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """(mtime_ns, size) of ``path``; None if there is none."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
