@@ -297,7 +297,11 @@ def scrub_fragments_in_json(body: bytes, scrubber: Scrubber) -> bytes:
             return [walk(x) for x in v]
         return v
 
-    clean = walk(doc)
+    try:
+        clean = walk(doc)
+    except RecursionError:  # nested as deep as the parser allows: not looked through, withheld
+        scrubber.hits += 1
+        return REDACTED
     if scrubber.hits == before:
         return body
     return json.dumps(clean, ensure_ascii=False, separators=(",", ":")).encode(

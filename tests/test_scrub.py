@@ -461,3 +461,17 @@ def test_a_piece_of_the_key_in_json_escapes_is_scrubbed(shown: Callable[[str], s
     low = key.lower()
     assert not [low[i : i + 12] for i in range(4, len(low) - 11) if low[i : i + 12] in text]
     assert "[redacted]" in text
+
+
+def test_a_json_error_body_nested_deeply_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The walk over the decoded strings recurses as deep as the JSON: a document the parser
+    takes but the walk cannot (a deeper C stack than Python's) raised RecursionError in the
+    response hook (fail-closed, but a traceback). Too deep to walk: withheld whole."""
+    import aiid_proxy.scrub as scrub_mod
+
+    deep: object = "x"
+    for _ in range(5000):  # deeper than Python's recursion limit
+        deep = [deep]
+    monkeypatch.setattr(scrub_mod.json, "loads", lambda _body: deep)
+    s = Scrubber(["sk-proj-abcdefghijklmnopqrstuvwxyz0123456789"])
+    assert scrub_fragments_in_json(b'["\\u0041"]', s) == REDACTED and s.hits == 1
