@@ -87,7 +87,7 @@ class Scrubber:
             spans = _merged(spans + frags.spans(low))
         return _redacted(text, spans) if spans else text
 
-    def scrub_fragments(self, body: bytes) -> bytes:
+    def scrub_fragments(self, body: bytes, budget: list[int] | None = None) -> bytes:
         """A complete body with every run of :data:`FRAGMENT` or more characters of a secret,
         in any letter case, replaced by ``[REDACTED]``: the key one character short,
         upper-cased, split over two lines, or percent- or entity-encoded between its letters.
@@ -103,14 +103,13 @@ class Scrubber:
             return body
         low = body.lower()  # ASCII letters only: every offset stays
         spans: list[list[int]] = []
-        budget = SCAN_BUDGET
+        left = budget if budget is not None else [SCAN_BUDGET]  # shared by a body's strings
         for anchor, where in _anchors(self.secrets):
             covered = -1  # the end of the last run looked at from this piece: not again
             i = low.find(anchor)
             while i >= 0:
                 if i + _ANCHOR > covered:
-                    budget -= len(where)
-                    if budget < 0:  # a body made to be slow: withheld whole (fail closed)
+                    if left[0] < 0:  # a body made to be slow: withheld whole (fail closed)
                         self.hits += 1
                         return REDACTED
                     for secret, k, public in where:  # the piece sits at k in this secret
@@ -122,6 +121,7 @@ class Scrubber:
                         while hi < len(secret) and a + hi < len(low) and low[a + hi] == secret[hi]:
                             hi += 1
                         covered = max(covered, a + hi)
+                        left[0] -= 1 + hi - lo  # the steps it took
                         if hi - lo >= FRAGMENT and hi > public:
                             spans.append([a + lo, a + hi])
                 i = low.find(anchor, i + 1)
@@ -267,11 +267,14 @@ def redact_escaped(body: bytes, secrets: Iterable[str]) -> tuple[bytes, int]:
         doc = json.loads(body)
     except (ValueError, RecursionError):
         return body, 0
-    found = _count_in_strings(doc, watched)
-    if not found:
+    try:
+        found = _count_in_strings(doc, watched)
+        if not found:
+            return body, 0
+        clean = _replace_in_strings(doc, watched)
+    except RecursionError:  # too deep to walk: escaped_anywhere looks at it as text
         return body, 0
-    clean = _replace_in_strings(doc, watched)
-    return json.dumps(clean, ensure_ascii=False, separators=(",", ":")).encode(), found
+    return _dump_json(clean), found
 
 
 def scrub_fragments_in_json(body: bytes, scrubber: Scrubber) -> bytes:
@@ -280,16 +283,26 @@ def scrub_fragments_in_json(body: bytes, scrubber: Scrubber) -> bytes:
     string); any other body unchanged."""
     if b"\\" not in body or not scrubber.secrets:
         return body
+    budget = [SCAN_BUDGET]
     try:
         doc = json.loads(body)
     except (ValueError, RecursionError):
+        # not one JSON document (text, NDJSON, trailing bytes): undo the escapes as a reader
+        # would; a run found then cannot be re-encoded away, so the body is withheld whole
+        text = _U_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), body.decode("latin-1"))
+        text = text.replace("\\/", "/")
+        plain = text.encode("utf-8", "surrogatepass")
+        if plain != body and scrubber.scrub_fragments(plain, budget) is not plain:
+            return REDACTED
         return body
     before = scrubber.hits
 
     def walk(v: Any) -> Any:
         if isinstance(v, str):
             raw = v.encode("utf-8", "surrogatepass")
-            clean = scrubber.scrub_fragments(raw)
+            clean = scrubber.scrub_fragments(raw, budget)
+            if clean is REDACTED and budget[0] < 0:
+                raise _Withheld
             return v if clean is raw else clean.decode("utf-8", "surrogatepass")
         if isinstance(v, dict):
             return {walk(k): walk(x) for k, x in v.items()}
@@ -302,11 +315,27 @@ def scrub_fragments_in_json(body: bytes, scrubber: Scrubber) -> bytes:
     except RecursionError:  # nested as deep as the parser allows: not looked through, withheld
         scrubber.hits += 1
         return REDACTED
+    except _Withheld:  # past the budget
+        return REDACTED
     if scrubber.hits == before:
         return body
-    return json.dumps(clean, ensure_ascii=False, separators=(",", ":")).encode(
-        "utf-8", "surrogatepass"
-    )
+    return _dump_json(clean)
+
+
+class _Withheld(Exception):
+    """A JSON body's scan ran past its budget."""
+
+
+_U_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
+
+
+def _dump_json(doc: Any) -> bytes:
+    """``doc`` as compact JSON, UTF-8; with ASCII escapes if it holds a lone surrogate (which
+    UTF-8 cannot carry)."""
+    try:
+        return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:
+        return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def _count_in_strings(doc: Any, secrets: list[str]) -> int:
@@ -368,8 +397,9 @@ _ANCHOR = FRAGMENT // 2
 MAX_FRAGMENT_SCAN = 1 << 20
 """Bodies over 1 MiB are scrubbed of whole keys only: a provider quotes a key in an error, a
 small body."""
-SCAN_BUDGET = 20_000
-"""Places a fragment scan may look around (~10 ms): past it, the body is withheld whole."""
+SCAN_BUDGET = 200_000
+"""Steps a fragment scan may take around the pieces it finds (~20 ms), over a whole body (all
+the strings of a JSON one): past it, the body is withheld whole."""
 PUBLIC_PREFIXES = (
     "sk-ant-api03-", "sk-ant-admin01-", "sk-proj-", "sk-svcacct-", "sk-admin-", "sk-or-v1-",
     "github_pat_", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "glpat-", "xai-", "gsk_", "hf_",

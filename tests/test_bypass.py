@@ -1892,6 +1892,9 @@ TRAVERSAL_ATTEMPTS = [
     pytest.param(
         GITHUB, "coder-1", "/repos/a/%u002e%u002e/%u002e%u002e/user/keys", id="egress-iis-u-escapes"
     ),
+    pytest.param(
+        GITHUB, "coder-1", "/repos/a/%25u002e%25u002e/user/keys", id="egress-iis-u-escapes-encoded"
+    ),
 ]
 
 

@@ -134,8 +134,7 @@ def path_problem(path: str) -> str | None:
         return "contains a backslash"
     if any(chr(int(h, 16)) in _UNRESERVED for h in _PCT.findall(path)):
         return "percent-encodes a character that needs no encoding"
-    if _PCT_U.search(path):  # IIS reads %u0061 as "a": a server's reading, not the policy's
-        return "contains a %u escape"
+
     text = path
     for _ in range(4):  # the path as sent, then after each of up to three decodings
         for seg in text.replace("\\", "/").split("/"):
@@ -143,6 +142,8 @@ def path_problem(path: str) -> str | None:
                 return "contains '.' or '..' segments"
         if ";" in text:
             return "contains ';' (a server may cut the path there)"
+        if _PCT_U.search(text):  # IIS reads %u0061 as "a" (also once decoded: %25u0061)
+            return "contains a %u escape"
         if any(c < " " or c == "\x7f" for c in text):
             return "contains control characters once decoded"
         try:
