@@ -284,21 +284,31 @@ def scrub_fragments_in_json(body: bytes, scrubber: Scrubber) -> bytes:
     if b"\\" not in body or not scrubber.secrets:
         return body
     budget = [SCAN_BUDGET]
-    try:
-        doc = json.loads(body)
+    try:  # a duplicate key would hide all but its last value from the walk: not one document
+        doc = json.loads(body, object_pairs_hook=_unique_pairs)
     except (ValueError, RecursionError):
         # not one JSON document (text, NDJSON, trailing bytes): undo the escapes as a reader
         # would; a run found then cannot be re-encoded away, so the body is withheld whole
+        if body.count(b"\\u") > SCAN_BUDGET // 10:  # too many to undo in time
+            scrubber.hits += 1
+            return REDACTED
         text = _U_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), body.decode("latin-1"))
-        text = text.replace("\\/", "/")
-        plain = text.encode("utf-8", "surrogatepass")
+        # one byte a character (the key is ASCII): the scan's size cap sees the body's size
+        plain = text.replace("\\/", "/").encode("latin-1", "replace")
         if plain != body and scrubber.scrub_fragments(plain, budget) is not plain:
             return REDACTED
         return body
     before = scrubber.hits
+    cost = len(_anchors(scrubber.secrets))  # the searches a string of 12+ characters takes
 
     def walk(v: Any) -> Any:
+        budget[0] -= 1  # every value visited counts: many small strings are work too
+        if budget[0] < 0:
+            raise _Withheld
         if isinstance(v, str):
+            if len(v) < FRAGMENT:
+                return v  # too short to hold a run
+            budget[0] -= cost
             raw = v.encode("utf-8", "surrogatepass")
             clean = scrubber.scrub_fragments(raw, budget)
             if clean is REDACTED and budget[0] < 0:
@@ -316,10 +326,18 @@ def scrub_fragments_in_json(body: bytes, scrubber: Scrubber) -> bytes:
         scrubber.hits += 1
         return REDACTED
     except _Withheld:  # past the budget
+        scrubber.hits += 1
         return REDACTED
     if scrubber.hits == before:
         return body
     return _dump_json(clean)
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate key")
+    return out
 
 
 class _Withheld(Exception):

@@ -472,7 +472,7 @@ def test_a_json_error_body_nested_deeply_never_raises(monkeypatch: pytest.Monkey
     deep: object = "x"
     for _ in range(5000):  # deeper than Python's recursion limit
         deep = [deep]
-    monkeypatch.setattr(scrub_mod.json, "loads", lambda _body: deep)
+    monkeypatch.setattr(scrub_mod.json, "loads", lambda _body, **_kw: deep)
     s = Scrubber(["sk-proj-abcdefghijklmnopqrstuvwxyz0123456789"])
     assert scrub_fragments_in_json(b'["\\u0041"]', s) == REDACTED and s.hits == 1
 
@@ -516,3 +516,23 @@ def test_the_scan_budget_is_one_for_all_the_strings_of_a_json_body() -> None:
     body = ("[" + ",".join(f'"{piece}"' for _ in range(34)) + "]").encode()
     s = Scrubber([ESC_KEY])
     assert scrub_fragments_in_json(s.scrub_fragments(body), s) == REDACTED
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # [AJ] json.loads keeps only a duplicate key's last value: the walk missed the first
+        pytest.param(('{"error":"' + _esc6(ESC_KEY[:-1]) + '","error":"x"}').encode(),
+                     id="duplicate-key"),
+        # [AJ] undone as UTF-8, 600,000 bytes over 0x7f doubled past the scan's size cap
+        pytest.param(b"\xff" * 600_000 + (" " + _esc6(ESC_KEY[:-1]) + " ").encode(),
+                     id="non-ascii-body-under-the-cap"),
+        # [AJ] work no budget counted: 349,520 empty strings (0.3-0.7 s), 174,762 escapes
+        pytest.param(('["\\/"' + ',""' * 349_520 + "]").encode(), id="many-small-strings"),
+        pytest.param(b"\\u0041" * 174_762, id="many-escapes"),
+    ],
+)  # fmt: skip
+def test_an_error_body_that_evades_or_stalls_the_scan_is_withheld(body: bytes) -> None:
+    s = Scrubber([ESC_KEY])
+    assert scrub_fragments_in_json(s.scrub_fragments(body), s) == REDACTED
+    assert s.hits >= 1
