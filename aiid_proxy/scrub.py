@@ -304,6 +304,7 @@ def scrub_fragments_in_json(body: bytes, scrubber: Scrubber) -> bytes:
     def walk(v: Any) -> Any:
         budget[0] -= 1  # every value visited counts: many small strings are work too
         if budget[0] < 0:
+            scrubber.hits += 1
             raise _Withheld
         if isinstance(v, str):
             if len(v) < FRAGMENT:
@@ -311,7 +312,7 @@ def scrub_fragments_in_json(body: bytes, scrubber: Scrubber) -> bytes:
             budget[0] -= cost
             raw = v.encode("utf-8", "surrogatepass")
             clean = scrubber.scrub_fragments(raw, budget)
-            if clean is REDACTED and budget[0] < 0:
+            if budget[0] < 0:  # withheld by the scan itself (counted there)
                 raise _Withheld
             return v if clean is raw else clean.decode("utf-8", "surrogatepass")
         if isinstance(v, dict):
@@ -325,8 +326,7 @@ def scrub_fragments_in_json(body: bytes, scrubber: Scrubber) -> bytes:
     except RecursionError:  # nested as deep as the parser allows: not looked through, withheld
         scrubber.hits += 1
         return REDACTED
-    except _Withheld:  # past the budget
-        scrubber.hits += 1
+    except _Withheld:  # past the budget (the hit is counted where it ran out)
         return REDACTED
     if scrubber.hits == before:
         return body
