@@ -531,6 +531,11 @@ def _redacted(text: str, spans: list[list[int]]) -> str:
 
 
 _ESCAPE = re.compile(rb"\\(u[0-9a-fA-F]{4}|.)", re.DOTALL)
+# From an escape (aligned as _ESCAPE reads them: ``\\\\`` is one) up to the next quote or
+# control character: the rest of a JSON string, escapes and all.
+_ESCAPE_RUN = re.compile(
+    rb'\\(?:u[0-9a-fA-F]{4}|.)(?:\\(?:u[0-9a-fA-F]{4}|.)|[^\\"\x00-\x1f]+)*', re.DOTALL
+)
 
 
 def _unescape_once(m: re.Match[bytes]) -> bytes:
@@ -539,6 +544,20 @@ def _unescape_once(m: re.Match[bytes]) -> bytes:
     if esc[:1] == b"u" and len(esc) == 5:
         return chr(int(esc[1:], 16)).encode("utf-8", "replace")
     return {b"n": b"\n", b"t": b"\t", b"r": b"\r", b"b": b"\b", b"f": b"\f"}.get(esc, esc)
+
+
+def _unescape_run(m: re.Match[bytes]) -> bytes:
+    """The escapes of a run undone at once by the JSON decoder (a string of text in a
+    non-Latin script, escaped, is one run: one call, not one a character); a run holding what
+    JSON does not take (an escape it does not know, ``\\k``; bytes that are not UTF-8) one
+    escape at a time. A surrogate pair is the character it encodes, as a reader sees it; a
+    lone surrogate is ``?``."""
+    run = m.group()
+    try:
+        text = json.loads(b'"' + run + b'"')
+    except ValueError:
+        return _ESCAPE.sub(_unescape_once, run)
+    return str(text).encode("utf-8", "replace")
 
 
 def escaped_anywhere(blob: bytes, secrets: Iterable[str]) -> bool:
@@ -552,7 +571,7 @@ def escaped_anywhere(blob: bytes, secrets: Iterable[str]) -> bool:
     for _ in range(3):
         if b"\\" not in view:
             break
-        view = _ESCAPE.sub(_unescape_once, view)
+        view = _ESCAPE_RUN.sub(_unescape_run, view)
         if any(w in view for w in watched):
             return True
     return False
