@@ -11,7 +11,6 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from aiid_proxy import scrub as scrub_module
 from aiid_proxy.scrub import (
     _ESCAPE_RUN,
     MAX_FRAGMENT_SCAN,
@@ -26,6 +25,7 @@ from aiid_proxy.scrub import (
     redact_escaped,
     scrub_fragments_in_json,
 )
+from aiid_proxy.scrub import escapes as scrub_escapes
 
 KEY = "sk-canary-openai-XYZ0123"
 K = KEY.encode()
@@ -472,12 +472,10 @@ def test_a_json_error_body_nested_deeply_never_raises(monkeypatch: pytest.Monkey
     """The walk over the decoded strings recurses as deep as the JSON: a document the parser
     takes but the walk cannot (a deeper C stack than Python's) raised RecursionError in the
     response hook (fail-closed, but a traceback). Too deep to walk: withheld whole."""
-    import aiid_proxy.scrub as scrub_mod
-
     deep: object = "x"
     for _ in range(5000):  # deeper than Python's recursion limit
         deep = [deep]
-    monkeypatch.setattr(scrub_mod.json, "loads", lambda _body, **_kw: deep)
+    monkeypatch.setattr(scrub_escapes.json, "loads", lambda _body, **_kw: deep)
     s = Scrubber(["sk-proj-abcdefghijklmnopqrstuvwxyz0123456789"])
     assert scrub_fragments_in_json(b'["\\u0041"]', s) == REDACTED and s.hits == 1
 
@@ -621,13 +619,13 @@ def test_escaped_non_latin_text_is_undone_a_string_at_once(
     json.dumps does) took one call a character: 4.5 ms for 11 KB of Chinese, on the event
     loop, for every such response. One call a string now (counted here, not timed)."""
     calls: list[int] = []
-    real = scrub_module._unescape_once
+    real = scrub_escapes._unescape_once
 
     def counted(m: re.Match[bytes]) -> bytes:
         calls.append(1)
         return real(m)
 
-    monkeypatch.setattr(scrub_module, "_unescape_once", counted)
+    monkeypatch.setattr(scrub_escapes, "_unescape_once", counted)
     body = json.dumps({"choices": [{"message": {"content": "\u8fd9\u662f\u3002" * 500}}]})
     assert not escaped_anywhere(body.encode(), [KEY])
     assert calls == []
