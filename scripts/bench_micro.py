@@ -12,6 +12,9 @@
 - the floor under one request's latency: a bare SQLite WAL commit (synchronous=FULL) on this
   disk, and one ``request`` record awaited from an event loop through the writer thread and
   through the writer process (``aiid run``'s default);
+- the checks a whole (non-streamed) response body takes on its way back (``Scrubber.scrub``,
+  ``redact_escaped``, ``escaped_anywhere``): a 2 KB English completion, the same length in
+  Chinese as Python's json.dumps escapes it, and 1 MiB of escaped Chinese;
 - the mitmproxy addons' own CPU time per allowed request: each pipeline hook of
   ``addons/pipeline.py`` driven directly on one request after another (no network, no
   mitmproxy core), measured with the thread's CPU clock.
@@ -209,6 +212,41 @@ class Bench:
             remote.close()
         finally:
             proc.close()
+
+    # ------------------------------------------------------------------ bodies
+    def bodies(self) -> None:
+        """The whole-body checks of addons/response.py on a 200 body (no key in it)."""
+        from aiid_proxy.scrub import Scrubber, escaped_anywhere, redact_escaped
+
+        def completion(text: str) -> bytes:
+            doc = {
+                "id": "chatcmpl-1",
+                "object": "chat.completion",
+                "model": "gpt-4o-mini",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}}],
+                "usage": {"prompt_tokens": 7, "completion_tokens": 500, "total_tokens": 507},
+            }
+            return json.dumps(doc).encode()  # ensure_ascii: non-ASCII text escaped
+
+        en = completion("The gateway checks every response on its way back. " * 40)
+        zh = completion("\u7f51\u5173\u68c0\u67e5\u6bcf\u4e00\u4e2a\u54cd\u5e94\u3002" * 200)
+        big = completion("\u4e2d" * 174_000)
+
+        def checks(body: bytes) -> None:
+            clean = Scrubber([SECRET]).scrub(body)
+            clean, _ = redact_escaped(clean, [SECRET])
+            escaped_anywhere(clean, [SECRET])
+
+        n = 200 if self.quick else 2000
+        for key, body, count in (
+            ("body_checks_en", en, n),
+            ("body_checks_zh", zh, n),
+            ("body_checks_1mib", big, 5 if self.quick else 20),
+        ):
+            self.results[key] = {
+                **stats(timed(lambda b=body: checks(b), count)),
+                "bytes": len(body),
+            }
 
     # ------------------------------------------------------------------ pipeline
     def pipeline(self) -> None:
@@ -417,6 +455,13 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 f">= 300,000/s {'met' if v >= 300_000 else 'NOT MET'}",
             )
         )
+    for key, label in (
+        ("body_checks_en", "200 body checks, English completion"),
+        ("body_checks_zh", "200 body checks, Chinese completion, escaped"),
+        ("body_checks_1mib", "200 body checks, 1 MiB of escaped Chinese"),
+    ):
+        if key in r:
+            lat(key, f"{label} ({r[key]['bytes']:,} B)")
     lat("sqlite_commit", "SQLite WAL commit, synchronous=FULL (the disk's floor)")
     lat("audit_round_trip", "request record awaited from the event loop (writer thread)")
     lat("audit_round_trip_process", "request record awaited from the event loop (writer process)")
@@ -446,7 +491,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", type=Path, help="write the results here as JSON")
     ap.add_argument(
-        "--only", default="token,policy,vault,audit,pipeline", help="comma-separated subset"
+        "--only",
+        default="token,policy,vault,audit,bodies,pipeline",
+        help="comma-separated subset",
     )
     a = ap.parse_args()
     only = set(a.only.split(","))
@@ -457,6 +504,7 @@ def main() -> int:
             ("policy", b.policy),
             ("vault", b.vault),
             ("audit", b.audit),
+            ("bodies", b.bodies),
             ("pipeline", b.pipeline),
         ):
             if name in only:
