@@ -8,7 +8,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from aiid_proxy.scrub import Fragments, Scrubber
+from aiid_proxy.scrub import Scrubber
 
 log = logging.getLogger("aiid")
 
@@ -39,7 +39,6 @@ class LogScrubber:
 
     def __init__(self) -> None:
         self.secrets: frozenset[str] = frozenset()  # replaced, never mutated: other threads log
-        self.fragments = Fragments(())  # pieces of them (12+ characters): replaced likewise
         self.scrubber = Scrubber(())
         self._base: Callable[..., logging.LogRecord] | None = None
 
@@ -50,7 +49,6 @@ class LogScrubber:
 
     def add(self, secret: str) -> None:
         if secret and secret not in self.secrets:
-            self.fragments = Fragments((*self.secrets, secret))  # built once per new secret
             # also as a bytes repr quotes a JSON-escaped echo ("\\/" for "/"), and its first 8
             # characters: mitmproxy quotes undecodable upstream bodies cut short ("LookupError
             # when decoding b'sk-CANAR with 'bogus'")
@@ -63,9 +61,9 @@ class LogScrubber:
         self.install()
 
     def scrub(self, text: str) -> str:
-        """``text`` without any secret injected so far (or a piece of one), or anything
-        credential-shaped."""
-        return redact_credentials(self.fragments.redact(self.scrubber.scrub_text(text)))
+        """``text`` without any secret injected so far (or a piece of one, in any letter case),
+        or anything credential-shaped."""
+        return redact_credentials(self.scrubber.redact_any_case(self.scrubber.scrub_text(text)))
 
     def _record(self, *args: Any, **kwargs: Any) -> logging.LogRecord:
         assert self._base is not None
@@ -76,13 +74,12 @@ class LogScrubber:
                 msg = rec.getMessage()
             except Exception:
                 msg = str(rec.msg)
-            pieces = self.fragments
-            clean = redact_credentials(pieces.redact(scrubber.scrub_text(msg)))
+            clean = redact_credentials(scrubber.redact_any_case(scrubber.scrub_text(msg)))
             if clean != msg:
                 rec.msg, rec.args = clean, ()
             if rec.exc_info and rec.exc_info[1] is not None:
                 text = "".join(traceback.format_exception(*rec.exc_info)).rstrip("\n")
-                tb = redact_credentials(pieces.redact(scrubber.scrub_text(text)))
+                tb = redact_credentials(scrubber.redact_any_case(scrubber.scrub_text(text)))
                 if tb != text:
                     # into the message, exc_info gone: mitmproxy's formatter formats exc_info
                     # itself (it ignores exc_text), so nothing else would keep it out

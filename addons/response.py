@@ -14,6 +14,7 @@ from mitmproxy import ctx, http
 
 from addons.runtime import OURS, Runtime, state_of
 from aiid_proxy.audit.writers import log_unwritten
+from aiid_proxy.errors import AiidError
 from aiid_proxy.gateway import (
     RECORDED_BYTES,
     FlowState,
@@ -33,7 +34,7 @@ from aiid_proxy.scrub import (
     redact_escaped,
     scrub_fragments_in_json,
 )
-from aiid_proxy.streaming import StreamGuard, spelled_in_array
+from aiid_proxy.streaming import StreamGuard, looks_like_sse, spelled_in_array
 
 log = logging.getLogger("aiid")
 
@@ -195,7 +196,13 @@ class ResponseFilter:
         ctype = resp.headers.get("content-type", "").lower()
         encoded = resp.headers.get("content-encoding", "identity").lower() != "identity"
         route = st.route
-        if ctype.startswith("text/event-stream") and not encoded and route and route.provider:
+        if (
+            ctype.startswith("text/event-stream")
+            and not encoded
+            and resp.status_code < 400  # an error is read whole: scanned as error bodies are
+            and route
+            and route.provider
+        ):
             sf = StreamFilter(
                 scrubber,
                 SSEUsageTracker(route.provider, route.route),
@@ -236,57 +243,55 @@ class ResponseFilter:
             completion = bytes(sf.kept)
             if sf.cut:
                 extra["cut"] = sf.cut
-        elif (
-            resp.headers.get("content-type", "").lower().startswith("text/event-stream")
-            and st.route is not None
-            and st.route.provider is not None
-        ):
-            # An event stream that could not be streamed (the provider encoded it, gzip,
-            # although asked for identity): read whole, then guarded as a stream all the same
-            # (the key spelled over events, the reservation), and sent re-encoded.
-            body = resp.get_content(strict=True) or b""
-            guard = StreamGuard(
-                scrubber,
-                SSEUsageTracker(st.route.provider, st.route.route),
-                output_cap=st.output_cap,
-                request_id=st.request_id,
-            )
-            clean = guard.feed(body) + guard.close()
+        else:
+            body = resp.get_content(strict=True) or b""  # undecodable: cannot scrub, _fail
+            provider = st.route.provider if st.route is not None else None
+            sse = resp.headers.get("content-type", "").lower().startswith("text/event-stream")
+            if provider is not None and (sse or looks_like_sse(body)):
+                # An event stream read whole: encoded (gzip, although asked for identity), an
+                # error status, or not labelled as one (an SDK parses it all the same):
+                # guarded as a stream all the same (the key spelled over events, the
+                # reservation), and sent re-encoded.
+                assert st.route is not None
+                guard = StreamGuard(
+                    scrubber,
+                    SSEUsageTracker(provider, st.route.route),
+                    output_cap=st.output_cap,
+                    request_id=st.request_id,
+                )
+                clean = guard.feed(body) + guard.close()
+                usage = functools.partial(guard.usage, est_in)
+                if guard.cut:
+                    extra["cut"] = guard.cut
+            else:
+                clean = scrubber.scrub(body)
+                clean, escaped = redact_escaped(clean, scrubber.secrets)  # "\u0073k-..."
+                scrubber.hits += escaped
+                spelled = escaped_anywhere(clean, scrubber.secrets)  # no re-encoding reaches
+                if not spelled and provider is not None:
+                    assert st.route is not None
+                    tracker = SSEUsageTracker(provider, st.route.route)
+                    spelled = spelled_in_array(clean, tracker, scrubber.secrets)  # Gemini's
+                if spelled:
+                    if flow.killable:
+                        flow.kill()
+                    gw.record_error(
+                        st, "the response spelled the injected key where it cannot be "
+                        "scrubbed: killed", sent=True,
+                    )  # fmt: skip
+                    return
+                if provider is not None:
+                    assert st.route is not None
+                    usage = functools.partial(
+                        body_usage, provider, st.route.route, clean, resp.status_code, est_in
+                    )
+            if resp.status_code >= 400:  # an error quoting the key: a piece of it, any case;
+                clean = scrub_fragments_in_json(clean, scrubber)  # in its JSON strings first
+                clean = scrubber.scrub_fragments(clean)  # then as bytes (text, markup)
             hits = scrubber.hits
             if clean != body:
                 resp.content = clean
             completion = clean
-            usage = functools.partial(guard.usage, est_in)
-            if guard.cut:
-                extra["cut"] = guard.cut
-        else:
-            body = resp.get_content(strict=True) or b""  # undecodable: cannot scrub, _fail
-            clean = scrubber.scrub(body)
-            clean, escaped = redact_escaped(clean, scrubber.secrets)  # "\u0073k-..."
-            scrubber.hits += escaped
-            spelled = escaped_anywhere(clean, scrubber.secrets)  # where no re-encoding reaches
-            if not spelled and st.route is not None and st.route.provider is not None:
-                tracker = SSEUsageTracker(st.route.provider, st.route.route)
-                spelled = spelled_in_array(clean, tracker, scrubber.secrets)  # Gemini's array
-            if spelled:
-                if flow.killable:
-                    flow.kill()
-                gw.record_error(
-                    st, "the response spelled the injected key where it cannot be scrubbed: "
-                    "killed", sent=True,
-                )  # fmt: skip
-                return
-            if resp.status_code >= 400:  # an error quoting the key: a piece of it, any case,
-                clean = scrubber.scrub_fragments(clean)  # also in JSON escapes
-                clean = scrub_fragments_in_json(clean, scrubber)
-            hits = scrubber.hits
-            if hits:
-                resp.content = clean
-            completion = clean
-            if st.route is not None and st.route.provider is not None:
-                usage = functools.partial(
-                    body_usage, st.route.provider, st.route.route, clean, resp.status_code, est_in
-                )
         status = resp.status_code
 
         def account() -> None:
@@ -295,10 +300,19 @@ class ResponseFilter:
             st.finish = None
             try:
                 fut = gw.record_response(st, status, usage(), hits, extra, completion)
-            except Exception:
-                log.exception("response of request %s not accounted", st.request_id)
+            except Exception as e:
+                if isinstance(e, AiidError):  # the audit log: one line, no traceback
+                    why = e.one_line()
+                else:
+                    log.exception("response of request %s not accounted", st.request_id)
+                    why = type(e).__name__
                 with contextlib.suppress(Exception):
-                    gw.record_error(st, "the response could not be accounted", sent=True)
+                    gw.record_error(
+                        st,
+                        f"the response, sent to the agent, could not be recorded: {why}",
+                        sent=True,
+                        killed=False,
+                    )
                 return
             if fut is not None:
                 # Not awaited: the contract makes the *request* record durable before
@@ -316,7 +330,7 @@ class ResponseFilter:
             return
         msg = flow.error.msg if flow.error else "unknown error"
         scrubber = self._scrubber(st)  # errors quote upstream bytes (status lines, names)
-        clean = scrubber.fragments.redact(scrubber.scrub_text(msg))
+        clean = scrubber.redact_any_case(scrubber.scrub_text(msg))
         if clean != msg:
             if flow.killable:
                 flow.kill()  # else mitmproxy's 502 page would quote the key to the agent
@@ -335,7 +349,9 @@ class ResponseFilter:
             )
             return
         sent = st.allows() and flow.server_conn.timestamp_tls_setup is not None
-        self.rt.gateway.record_error(st, f"upstream or connection error: {msg}", sent=sent)
+        self.rt.gateway.record_error(
+            st, f"upstream or connection error: {msg}", sent=sent, killed=False
+        )
 
     @staticmethod
     def _scrubber(st: FlowState) -> Scrubber:

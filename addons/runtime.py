@@ -285,7 +285,10 @@ async def settled[T](fut: Future[T], timeout: float = AUDIT_WAIT) -> T:
         def late() -> None:
             if not waiter.done():
                 waiter.set_exception(
-                    AuditError(f"the audit log did not commit the record within {timeout:g} s")
+                    AuditError(
+                        f"the audit log did not commit the record within {timeout:g} s (it may "
+                        "still land; the request was not sent)"
+                    )
                 )
 
         fut.add_done_callback(done)

@@ -35,9 +35,18 @@ from aiid_proxy.scrub import Scrubber, TextWatch, escaped_anywhere, escaped_secr
 
 log = logging.getLogger("aiid.stream")
 _EOL = re.compile(rb"\r\n|\r|\n")
+_EOLS = re.compile(rb"[\r\n]+")
+_SSE_START = re.compile(rb"\A(?:\xef\xbb\xbf)?[\r\n]*(?:data|event|id|retry)?:")
 CUT_REASON = "reservation exceeded"
 KEY_CUT_REASON = "injected key in the output"
 LARGE_CUT_REASON = "event too large to check"
+CHANNELS_CUT_REASON = "too many interleaved texts to check"
+
+
+def looks_like_sse(body: bytes) -> bool:
+    """``body`` reads as an event stream (its first line a field or a comment), whatever its
+    content type says: an SDK that asked for a stream parses it as one."""
+    return _SSE_START.match(body) is not None
 
 
 def cut_event(
@@ -102,7 +111,11 @@ class EventSplitter:
                 break
             blank = m.start() == self._line_start
             end = m.end()
-            if m.group() == b"\r" and end == len(buf):
+            if blank and m.start() == 0:
+                # an event of nothing but line ends: every blank line that follows joins it
+                # (each would be an event of its own: work per byte, for nothing)
+                end = _EOLS.match(buf, end - 1).end()  # type: ignore[union-attr]
+            if buf[end - 1] == 0x0D and end == len(buf):
                 self._skip_lf = True  # a LF may follow in the next chunk
             if blank:
                 out.append(bytes(buf[:end]))
@@ -170,8 +183,17 @@ class StreamGuard:
 
     def feed(self, chunk: bytes) -> bytes:
         out = bytearray()
+        quiet = bytearray()  # events with no data line (comments, keep-alives): one go
         for event in self.splitter.feed(chunk):
+            if b"data" not in event:
+                quiet += event
+                continue
+            if quiet:
+                self._event(bytes(quiet), out)
+                quiet.clear()
             self._event(event, out)
+        if quiet:
+            self._event(bytes(quiet), out)
         self._released(out)
         return bytes(out)
 
@@ -251,6 +273,16 @@ class StreamGuard:
         if not found and escaped_anywhere(clean, self.scrubber.secrets):
             found = 1  # escaped where no JSON parse reaches it (a field over several lines)
         texts.clear()
+        if not found and self.watch.overflowed:
+            self.held.clear()
+            self._cut(
+                out,
+                CHANNELS_CUT_REASON,
+                "aiid: stream cut: too many interleaved texts to check for the key the gateway "
+                "injected",
+                "too_many_channels",
+            )
+            return True
         if not found:
             return False
         self.scrubber.hits += found
@@ -322,11 +354,13 @@ def spelled_in_array(body: bytes, tracker: SSEUsageTracker, secrets: tuple[str, 
 
 
 __all__ = [
+    "CHANNELS_CUT_REASON",
     "CUT_REASON",
     "KEY_CUT_REASON",
     "LARGE_CUT_REASON",
     "EventSplitter",
     "StreamGuard",
     "cut_event",
+    "looks_like_sse",
     "spelled_in_array",
 ]

@@ -1880,6 +1880,13 @@ def test_upstream_error_is_audited(h: Harness, issue: Callable[..., str]) -> Non
             CANARY_OPENAI[:16].encode().hex(),
             id="goaway-hex",
         ),
+        # [AK] mitmproxy's 502 quoted an upstream status line with the key upper-cased
+        pytest.param(
+            f"Cannot parse HTTP response: Bad HTTP response line: b'HTTP/1.1 2x0 "
+            f"{CANARY_OPENAI.upper()}'",
+            CANARY_OPENAI.upper()[:16],
+            id="status-line-upper-cased",
+        ),
     ],
 )
 def test_an_upstream_error_quoting_the_key_is_scrubbed_on_the_flow_too(
@@ -2572,3 +2579,63 @@ def test_headers_that_pick_the_billed_account_are_stripped(
     for name in ACCOUNT_HEADERS:
         assert res.sent.headers.get_all(name) == [], name
     assert res.sent.headers["x-keep"] == "1"
+
+
+# -- [AK] event streams read whole, error streams ---------------------------------------------
+@pytest.mark.parametrize(
+    "ctype",
+    [
+        pytest.param("application/json", id="json-label"),
+        pytest.param("text/plain", id="text-label"),
+        pytest.param("", id="no-label"),
+    ],
+)
+def test_an_event_stream_not_labelled_as_one_is_guarded_as_a_stream(
+    h: Harness, issue: Callable[..., str], ctype: str
+) -> None:
+    """An SDK that asked for a stream parses the body as one whatever its label: a key spelled
+    over deltas in a stream labelled application/json reached the agent whole."""
+    flow = make_flow(issue(), body=chat_body(stream=True))
+    k = CANARY_OPENAI
+    stream = _sse(
+        {"choices": [{"index": 0, "delta": {"content": k[:10]}}]},
+        {"choices": [{"index": 0, "delta": {"content": k[10:]}}]},
+    )
+    upstream = http.Response.make(200, stream, {"content-type": ctype} if ctype else {})
+    res = h.send(flow, upstream=upstream)
+    assert res.sent is not None and flow.response is not None
+    assert not callable(flow.response.stream)  # read whole: not labelled as a stream
+    text = "".join(
+        json.loads(line[6:]).get("choices", [{}])[0].get("delta", {}).get("content", "")
+        for line in flow.response.content.split(b"\n")
+        if line.startswith(b"data: {") and b'"choices"' in line
+    )
+    assert k not in text
+    assert b"injected_key_in_output" in flow.response.content
+
+
+def test_an_error_labelled_as_an_event_stream_is_scanned_as_an_error_body(
+    h: Harness, issue: Callable[..., str]
+) -> None:
+    """A 401 labelled text/event-stream was streamed, so checked for the whole key only: the
+    key upper-cased in it reached the agent."""
+    flow = make_flow(issue(), body=chat_body(stream=True))
+    body = json.dumps({"error": {"message": "bad key " + CANARY_OPENAI.upper()}}).encode()
+    upstream = http.Response.make(401, body, {"content-type": "text/event-stream"})
+    res = h.send(flow, upstream=upstream, chunks=[body])
+    assert res.streamed == []  # not streamed: read whole
+    assert flow.response is not None and flow.response.status_code == 401
+    out = flow.response.content
+    assert CANARY_OPENAI.upper().encode() not in out and CANARY_OPENAI.encode() not in out
+    assert b"[REDACTED]" in out
+
+
+def test_log_lines_and_error_pages_lose_the_key_in_any_letter_case() -> None:
+    """[AK] The log scrubber (which mitmproxy's error pages go through too) matched pieces of
+    the key in its own case only: a 502 quoting the key upper-cased reached the agent, the
+    audit log and the gateway log."""
+    ls = logscrub.LogScrubber()
+    ls.add(CANARY_OPENAI)
+    line = f"Bad HTTP response line: b'HTTP/1.1 2x0 {CANARY_OPENAI.upper()}'"
+    clean = ls.scrub(line)
+    assert "[REDACTED]" in clean and CANARY_OPENAI.upper()[:16] not in clean

@@ -655,3 +655,21 @@ def test_without_cache_every_get_reads_the_disk(home: Home) -> None:
     finally:
         cli.close()
         other.close()
+
+
+def test_a_vault_corrupted_past_its_header_is_one_clear_error(tmp_path: Path) -> None:
+    """[AM] Pages corrupted past the header: sqlite3's "malformed" reached the gateway's start
+    as a traceback (no file named), and a running gateway took it for a missing key."""
+    path = tmp_path / "acme" / "vault.db"
+    with Vault(path, "acme", MasterKeyring([K1])) as v:
+        for i in range(40):  # a few pages of entries
+            v.put(f"p{i}", CANARY + "x" * 200)
+    data = bytearray(path.read_bytes())
+    for i in range(4096, len(data), 3):
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+    with Vault(path, "acme", MasterKeyring([K1])) as v:
+        for read in (v.list, v.providers, lambda: v.get("p1")):
+            with pytest.raises(VaultError, match="unusable") as e:
+                read()
+            assert str(path) in str(e.value) and CANARY not in str(e.value)

@@ -193,12 +193,13 @@ class Records:
         )
 
     def record_error(
-        self, state: FlowState, reason: str, *, sent: bool = False
+        self, state: FlowState, reason: str, *, sent: bool = False, killed: bool = True
     ) -> concurrent.futures.Future[AppendResult] | None:
         """Audit a killed or failed flow. ``sent``: the request may have reached the provider
         (the error came after it left), so its input is charged as estimated -- an agent that
         hangs up early must not get its reservation back for free; else everything reserved
-        is given back."""
+        is given back. ``killed``: the gateway ended the flow (else it failed on its own, or
+        its answer was on its way already), as the log line says."""
         if state.error_recorded:
             return None
         state.error_recorded = True
@@ -216,7 +217,7 @@ class Records:
         else:
             self.accounting.release(state)
         self.emit("error", {"state": state, "reason": reason})
-        log.warning("flow %s killed: %s", state.request_id, reason)
+        log.warning("flow %s %s: %s", state.request_id, "killed" if killed else "failed", reason)
         if state.identity is None:
             return None
         fields = self._record_fields(state)

@@ -22,9 +22,16 @@ MAX_EVENT_BYTES = 16 << 20
 """An SSE event larger than this is dropped (and counted in ``dropped``), never buffered."""
 
 _EOL = re.compile(rb"\r\n|\r|\n")
+_EOLS = re.compile(rb"[\r\n]+")
 _CHARS_PER_TOKEN = 4
 _RESPONSES_FINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 _WATCH_NODES = 10_000
+# Part-start events of the Responses API, and the delta kind that continues their text (None:
+# named by the part's type, "output_text" -> "response.output_text.delta").
+_RESPONSES_PART_ADDED: dict[str, str | None] = {
+    "response.content_part.added": None,
+    "response.reasoning_summary_part.added": "response.reasoning_summary_text.delta",
+}
 _RESPONSES_TEXT = frozenset(
     {
         "response.output_text.delta",
@@ -217,8 +224,11 @@ class SSEUsageTracker:
                 return
             self._append(chunk[pos : m.start()])
             self._end_line()
-            self._pending_cr = m.group() == b"\r" and m.end() == end
             pos = m.end()
+            if not (self._data or self._line or self._dropping or self._event_name):
+                # at a line's start with nothing pending: more blank lines change nothing
+                pos = _EOLS.match(chunk, pos - 1).end()  # type: ignore[union-attr]
+            self._pending_cr = chunk[pos - 1] == 0x0D and pos == end
 
     def close(self) -> None:
         """End of stream: treat a last unterminated line and event as complete (lenient)."""
@@ -333,6 +343,11 @@ class SSEUsageTracker:
         if "delta" in obj:  # any kind of delta is watched (an audio transcript too)
             part = obj.get("content_index", obj.get("summary_index"))
             self._watch(obj["delta"], f"{kind}{obj.get('output_index')}:{part}")
+        elif kind in _RESPONSES_PART_ADDED and isinstance(obj.get("part"), dict):
+            # a part may start with text, which its deltas continue: one channel for both
+            part, index = obj["part"], obj.get("content_index", obj.get("summary_index"))
+            deltas = _RESPONSES_PART_ADDED[kind] or f"response.{part.get('type')}.delta"
+            self._watch(part.get("text"), f"{deltas}{obj.get('output_index')}:{index}")
         if kind in _RESPONSES_TEXT:
             part = obj.get("content_index", obj.get("summary_index"))
             self._text(obj.get("delta"), f"{kind}{obj.get('output_index')}:{part}", watch=False)
@@ -367,6 +382,13 @@ class SSEUsageTracker:
                 self._output = out
                 if self._input is not None:
                     self._final = Usage(self._input, out, cache_write_tokens=self._cache_writes)
+        elif kind == "content_block_start":
+            start = obj.get("content_block")
+            if isinstance(start, dict):  # its text, if any, is continued by the deltas
+                block = f"b{obj.get('index')}"
+                self._watch(start, block)
+                for key in ("text", "thinking"):
+                    self._text(start.get(key), block + key, watch=False)
         elif kind == "content_block_delta":
             delta = obj.get("delta")
             if isinstance(delta, dict):
@@ -426,7 +448,7 @@ class SSEUsageTracker:
             elif isinstance(v, dict):
                 stack.extend((f"{ch}.{k}", x) for k, x in reversed(v.items()))
             elif isinstance(v, list):
-                stack.extend((ch, x) for x in reversed(v))
+                stack.extend((_item_channel(ch, x), x) for x in reversed(v))
 
     # -- results ----------------------------------------------------------------------------
     @property
@@ -462,3 +484,14 @@ class SSEUsageTracker:
     @property
     def wire_format(self) -> str:
         return self._format
+
+
+def _item_channel(channel: str, item: object) -> str:
+    """The watch channel of a list item: its own for an item that names its ``index`` (tool
+    calls interleave: each one's arguments continue only its own), else the list's (a part's
+    text continues from the previous event's part)."""
+    if isinstance(item, dict):
+        index = item.get("index")
+        if isinstance(index, int) and not isinstance(index, bool):
+            return f"{channel}[{index}]"
+    return channel

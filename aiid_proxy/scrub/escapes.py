@@ -124,11 +124,16 @@ _U_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
 
 def _dump_json(doc: Any) -> bytes:
     """``doc`` as compact JSON, UTF-8; with ASCII escapes if it holds a lone surrogate (which
-    UTF-8 cannot carry)."""
+    UTF-8 cannot carry). A number JSON cannot write (``1e999`` read as infinity) would come
+    out as ``Infinity``, which is not JSON: such a body is withheld whole."""
     try:
-        return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
-    except UnicodeEncodeError:
-        return json.dumps(doc, separators=(",", ":")).encode()
+        try:
+            text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+            return text.encode()
+        except UnicodeEncodeError:
+            return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError:
+        return REDACTED
 
 
 def _count_in_strings(doc: Any, secrets: list[str]) -> int:

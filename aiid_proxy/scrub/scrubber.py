@@ -3,6 +3,7 @@ decoded text of streamed events (:class:`TextWatch`)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from aiid_proxy.scrub.fragments import (
@@ -16,18 +17,29 @@ from aiid_proxy.scrub.fragments import (
     _fragments,
     _merged,
     _redacted,
+    public_prefix,
 )
 
 MIN_WATCHED = 8
 """Secrets shorter than this are scrubbed as bytes only: as text they would match words."""
-MAX_CHANNELS = 64
-"""Interleaved texts (choices, blocks, candidates) a TextWatch keeps apart; more share one."""
+MAX_CHANNELS = 4096
+"""Interleaved texts (choices, blocks, candidates, tool calls and their fields) a TextWatch
+keeps apart; past that it is :attr:`TextWatch.overflowed` (the stream is cut: text of several
+channels run together would hide a key spelled over one)."""
 
 
 def _variants(secret: str) -> list[bytes]:
     raw = secret.encode()
     out = {raw, secret.replace("/", "\\/").encode()}
     return sorted((v for v in out if v), key=len, reverse=True)
+
+
+def _slashed(secret: str) -> re.Pattern[bytes] | None:
+    """A secret with two or more ``/`` spelled with any of them JSON-escaped (``\\/``), as
+    a JSON reader reads it whatever the mix; None for fewer (its two spellings are needles)."""
+    if secret.count("/") < 2:
+        return None
+    return re.compile(rb"\\?/".join(re.escape(part.encode()) for part in secret.split("/")))
 
 
 class Scrubber:
@@ -43,6 +55,7 @@ class Scrubber:
         self._needles = sorted(
             {v for s in self.secrets for v in _variants(s)}, key=len, reverse=True
         )
+        self._slashed = [p for s in self.secrets if (p := _slashed(s)) is not None]
         self._pending = b""
         self.hits = 0
 
@@ -55,6 +68,8 @@ class Scrubber:
         text ``low`` (as :meth:`in_name` finds it; decoded from ``data`` if not given); no hit
         is counted."""
         if any(n in data for n in self._needles):
+            return True
+        if self._slashed and b"\\/" in data and any(p.search(data) for p in self._slashed):
             return True
         if low is None:
             low = data.decode("utf-8", "surrogateescape").lower()
@@ -138,7 +153,7 @@ class Scrubber:
                 i = low.find(anchor, i + 1)
         if not spans:
             return body
-        spans = _merged(spans)
+        spans = _merged([_whole(body, a, b) for a, b in spans])
         self.hits += len(spans)
         return _redacted(body.decode("latin-1"), spans).encode("latin-1")
 
@@ -153,6 +168,14 @@ class Scrubber:
             if n in data:
                 self.hits += data.count(n)
                 data = data.replace(n, REDACTED)
+        return self._unslash(data)
+
+    def _unslash(self, data: bytes) -> bytes:
+        """``data`` with a secret spelled with some of its ``/`` escaped replaced."""
+        if self._slashed and b"\\/" in data:
+            for p in self._slashed:
+                data, n = p.subn(REDACTED, data)
+                self.hits += n
         return data
 
     def scrub_text(self, text: str) -> str:
@@ -168,6 +191,7 @@ class Scrubber:
             if n in data:
                 self.hits += data.count(n)
                 data = data.replace(n, REDACTED)
+        data = self._unslash(data)
         hold = self._held_suffix(data)
         if hold:
             self._pending = data[-hold:]
@@ -203,18 +227,24 @@ class TextWatch:
 
     Feed it the text pieces of each event in order. :meth:`feed` counts the secrets the text
     completes; :attr:`holding` says the text ends in the first :data:`HOLD` or more characters
-    of one, so that the event should wait for the next to show whether a secret follows. Text
+    of one, beyond its known public start (``sk-proj-``: every key of its kind starts so, no
+    leak), so that the event should wait for the next to show whether a secret follows. Text
     rarely ends that way, so streaming is held up (by one event) only where a key may follow;
-    at most ``HOLD - 1`` of a secret's first characters pass before it is recognised.
+    at most ``HOLD - 1`` of a secret's first characters past its public start pass before it
+    is recognised.
     """
 
     HOLD = 4
 
     def __init__(self, secrets: Iterable[str]) -> None:
         self._secrets = sorted({s for s in secrets if len(s) >= MIN_WATCHED}, key=len, reverse=True)
+        self._public = {s: max(public_prefix(s), self.HOLD - 1) for s in self._secrets}
         self._keep = max((len(s) for s in self._secrets), default=1) - 1
         self._tails: dict[str, str] = {}  # per channel: choices, blocks, candidates interleave
+        self._holding: set[str] = set()  # the channels whose text ends in a secret's start
         self.holding = False
+        self.overflowed = False
+        """More than MAX_CHANNELS channels: text past that was not kept apart, nor watched."""
 
     @property
     def active(self) -> bool:
@@ -226,22 +256,45 @@ class TextWatch:
         for piece in pieces:
             channel, text = piece if isinstance(piece, tuple) else ("", piece)
             if channel not in self._tails and len(self._tails) >= MAX_CHANNELS:
-                channel = ""  # bounded work per event, whatever indexes a provider sends
+                self.overflowed = True  # bounded memory and work: the caller cuts the stream
+                continue
             text = self._tails.get(channel, "") + text
             for s in self._secrets:
                 if s in text:
                     found += text.count(s)
                     text = text.replace(s, "\0")
-            self._tails[channel] = text[-self._keep :]
-        self.holding = any(self._ends_in_a_prefix(t) for t in self._tails.values())
+            tail = self._tails[channel] = text[-self._keep :]
+            if self._ends_in_a_prefix(tail):
+                self._holding.add(channel)
+            else:
+                self._holding.discard(channel)
+        self.holding = bool(self._holding)
         return found
 
     def _ends_in_a_prefix(self, t: str) -> bool:
+        """``t`` ends in a secret's first characters, more of them than its public start."""
         for s in self._secrets:
-            start = s[: self.HOLD]
+            public = self._public[s]
+            start = s[: public + 1]
             i = t.find(start, max(0, len(t) - (len(s) - 1)))
             while i != -1:
                 if s.startswith(t[i:]):
                     return True
                 i = t.find(start, i + 1)
         return False
+
+
+def _whole(body: bytes, a: int, b: int) -> list[int]:
+    """The span ``[a, b)`` of ``body`` widened to whole characters of UTF-8 and to the
+    backslash of an escape it starts inside (``\\/``): what replaces it leaves valid UTF-8 and
+    no dangling ``\\`` in a JSON string."""
+    while a > 0 and 0x80 <= body[a] < 0xC0:
+        a -= 1
+    while b < len(body) and 0x80 <= body[b] < 0xC0:
+        b += 1
+    k = a
+    while k > 0 and body[k - 1] == 0x5C:
+        k -= 1
+    if (a - k) % 2:  # an odd run of backslashes before it: the last escapes the span's start
+        a -= 1
+    return [a, b]

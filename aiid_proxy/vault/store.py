@@ -9,7 +9,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -262,7 +262,7 @@ class Vault:
                 return self._decrypt(provider, cached[1])
             except VaultError:
                 pass  # stale: read it again
-        with self._lock:
+        with self._lock, self._readable():
             row = self._conn.execute(
                 "SELECT key_id, wrapped_dek, dek_nonce, nonce, ciphertext"
                 " FROM secrets WHERE provider = ?",
@@ -286,16 +286,25 @@ class Vault:
         return Secret(self._open(dek, provider, nonce, ciphertext))
 
     def list(self) -> list[SecretInfo]:
-        with self._lock:
+        with self._lock, self._readable():
             rows = self._conn.execute(
                 "SELECT provider, key_id, created, rotated FROM secrets ORDER BY provider"
             ).fetchall()
         return [SecretInfo(provider=r[0], key_id=r[1], created=r[2], rotated=r[3]) for r in rows]
 
     def providers(self) -> set[str]:
-        with self._lock:
+        with self._lock, self._readable():
             rows = self._conn.execute("SELECT provider FROM secrets").fetchall()
         return {r[0] for r in rows}
+
+    @contextlib.contextmanager
+    def _readable(self) -> Iterator[None]:
+        """A database the file no longer is (pages corrupted under us, or before a start):
+        one VaultError naming the file, not sqlite3's exception with a traceback."""
+        try:
+            yield
+        except sqlite3.DatabaseError as e:
+            raise VaultError(f"vault {self.path} unusable: {e}") from None
 
     # -- crypto helpers (every failure is the same opaque VaultError) -----------------------
     def _unwrap(
