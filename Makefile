@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	@$(BIN)/python scripts/demo_home.py
-	$(BIN)/aiid run --listen "$${AIID_LISTEN:-127.0.0.1:8080}"
+	@$(BIN)/aiid run --listen "$${AIID_LISTEN:-127.0.0.1:8080}"
 
 lint: $(STAMP)
 	$(BIN)/ruff check aiid_proxy addons tests scripts

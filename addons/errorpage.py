@@ -51,6 +51,8 @@ def remember(request: http.Request, request_id: str) -> None:
 def _answer(status: int, message: str, request: http.Request | None) -> tuple[str, bytes]:
     """(request id, JSON body) of the answer to an error mitmproxy raised for ``request``."""
     request_id = _IDS.get(request) if request is not None else None
+    if "body_size_limit" in message:  # mitmproxy's own wording names an option of its own
+        message = "request body exceeds the gateway's body limit (aiid_body_limit)"
     refusal = RequestRefused(
         status,
         _TYPES.get(status, "gateway_error"),

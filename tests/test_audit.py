@@ -1179,3 +1179,18 @@ def test_a_failing_sync_is_retried_an_interval_later_not_at_once(
     assert wait is not None and wait >= 0.4  # not 0: the owner waits before trying again
     monkeypatch.undo()
     log.close()
+
+
+def test_append_once_writes_a_record_the_log_does_not_hold_yet(tmp_path: Path) -> None:
+    """[AM] For a record written again after its writer died: not twice."""
+    log = AuditLog(tmp_path / "a.db", "acme", b"k" * 32)
+    try:
+        first = log.append("response", request_id="r1", status=200).result(timeout=10)
+        again = log.append_once("response", request_id="r1", status=200).result(timeout=10)
+        other = log.append_once("response", request_id="r2", status=200).result(timeout=10)
+        error = log.append_once("error", request_id="r1", reason="x").result(timeout=10)
+    finally:
+        log.close()
+    assert again == first
+    assert (other.seq, error.seq) == (2, 3)
+    assert verify_db(tmp_path / "a.db", tenant_key(b"k" * 32, "acme")).ok

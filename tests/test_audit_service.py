@@ -833,3 +833,13 @@ def test_the_child_checkpoints_the_head_when_quiet(tmp_path: Path) -> None:
     os.close(r)
     assert ckpt.read_text().splitlines()[-1] == f"2:{lg.head()[1]}"
     lg.close()
+
+
+def test_append_once_through_the_writer_process(writer: AuditWriterProcess, tmp_path: Path) -> None:
+    """[AM] The `once` flag travels in the append frame: the child does not write a record
+    its log holds already."""
+    acme = _open(writer, tmp_path)
+    first = acme.append("response", request_id="r1", status=200).result(WAIT)
+    assert acme.append_once("response", request_id="r1", status=200).result(WAIT) == first
+    assert acme.append_once("response", request_id="r2", status=200).result(WAIT).seq == 2
+    acme.close()

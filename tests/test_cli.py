@@ -623,13 +623,16 @@ def test_policy_check_names_rules_that_can_never_match(aiid: Run, policies: Path
         "  - {id: b, providers: [open*], effect: allow}\n"  # a glob: may match
         "  - {id: c, hosts: [api.openai.com], effect: allow}\n"  # 7
         "  - {id: d, hosts: [api.github.com], effect: allow}\n"
+        "  - {id: e, agents: [eg-*], hosts: ['*'], effect: allow}\n"  # 9: [AL] any host
+        "  - {id: f, hosts: ['*'], effect: deny}\n"  # a deny of every host: no warning
     )
     r = aiid("policy", "check", policies)
     assert r.code == 0 and "OK 2 policies" in r.out
     warns = r.err.splitlines()
-    assert len(warns) == 2, r.err
+    assert len(warns) == 3, r.err
     assert warns[0].startswith(f"{bad}:5: warning: rule 'a': unknown provider 'opnai'")
     assert warns[1].startswith(f"{bad}:7: warning: rule 'c': api.openai.com is provider 'openai'")
+    assert warns[2].startswith(f"{bad}:9: warning: rule 'e': hosts '*' lets the agent name any")
     bad.write_text(
         "version: 1\ntenant: acme\ndefault: deny\nrules:\n"
         "  - {id: a, providers: [opnai], effect: deny}\n"  # 5

@@ -188,3 +188,12 @@ def test_the_swap_is_installed_once(tmp_path: Path) -> None:
     assert _http1.Http1Server.send is send
     assert _http2.Http2Server._handle_event is handle
     assert _http1.make_error_response is errorpage.error_response
+
+
+def test_mitmproxys_body_limit_is_worded_as_the_gateways() -> None:
+    """[AL] The same limit answered in two wordings, one naming an option users never set."""
+    _, _, body = _parse(
+        errorpage.error_response(413, "Request body exceeds mitmproxy's body_size_limit.")
+    )
+    message = body["error"]["message"]
+    assert "body_size_limit" not in message and "aiid_body_limit" in message

@@ -85,6 +85,14 @@ def basic(user: str, password: str) -> str:
             id="connection-token-sdk-header-unread",
         ),
         pytest.param([("x-api-key", "junk")], "tok", "tok", id="connection-token-wins"),
+        # [AL] HTTPS_PROXY=http://agent@gateway: a user name and an empty password is no token
+        pytest.param(
+            [("Proxy-Authorization", basic("agent", "")), ("Authorization", "Bearer tok")],
+            None,
+            "tok",
+            id="empty-proxy-password-api-key-token",
+        ),
+        pytest.param([("Authorization", "Bearer tok")], "", "tok", id="empty-connection-token"),
         pytest.param([], "tok", "tok", id="connection-token-alone"),
         pytest.param(
             [("content-type", "application/json"), ("Authorization", "Bearer tok")],
@@ -687,3 +695,62 @@ def test_a_refusal_after_a_providers_file_edit_says_to_restart(
         assert "never applies" in ev.error and "restart" not in ev.error
     finally:
         gw.close()
+
+
+# -- [AM] a response record its writer lost is written again, once --------------------------
+@pytest.mark.parametrize(
+    "failure",
+    [
+        pytest.param("future", id="writer-died-with-it"),
+        pytest.param("submit", id="writer-dead-at-submit"),
+    ],
+)
+def test_a_response_record_the_writer_failed_is_written_again_never_twice(
+    gateway: Gateway,
+    gateway_home: Home,
+    issue: Callable[..., str],
+    monkeypatch: pytest.MonkeyPatch,
+    failure: str,
+) -> None:
+    """When the audit writer process died, the `response` records it held were lost (34 of 50
+    in one kill): the next start called them unfinished requests. They are written again on
+    the replacement writer, with append_once: one that did commit before the writer died is
+    not written twice."""
+    from concurrent.futures import Future
+
+    from aiid_proxy.audit import AppendResult
+    from aiid_proxy.errors import AuditError
+    from aiid_proxy.gateway import records
+
+    monkeypatch.setattr(records, "RESPONSE_RETRY_S", 0.0)
+    loop = asyncio.new_event_loop()
+    gateway._loop = loop
+    audit = gateway.tenant(TENANT).audit
+    real_append = audit.append
+    committed_then_died = failure == "future"
+
+    def dying(event: str, **fields: object) -> Future[AppendResult]:
+        if event != "response":
+            return real_append(event, **fields)
+        if committed_then_died:  # it commits, and its reply is lost with the writer
+            real_append(event, **fields).result(timeout=10)
+            lost: Future[AppendResult] = Future()
+            lost.set_exception(AuditError("audit writer process exited (status -9)"))
+            return lost
+        raise AuditError("audit writer process is gone")
+
+    monkeypatch.setattr(audit, "append", dying)
+    st = run_pipeline(gateway, issue())
+    gateway.seal(st, "POST", URL, BODY)
+    written = gateway.record_response(st, 200, Usage(3, 5))
+    assert written is not None
+    try:
+        result = loop.run_until_complete(
+            asyncio.wait_for(asyncio.wrap_future(written, loop=loop), 10)
+        )
+    finally:
+        loop.close()
+    rows = [r for r in audit_rows(gateway_home) if r["request_id"] == st.request_id]
+    assert [r["event"] for r in rows] == ["request", "response"]  # once, in both cases
+    assert result.seq == rows[-1]["seq"]
+    assert (rows[-1]["input_tokens"], rows[-1]["output_tokens"]) == (3, 5)

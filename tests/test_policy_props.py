@@ -88,6 +88,8 @@ def rule_fields(draw: st.DrawFn, allow: bool = True) -> dict[str, Any]:
         fields["providers"] = draw(globs(PROVIDER_GLOBS))
         fields["models"] = draw(globs(MODEL_GLOBS))
     else:
+        # request parameters are an LLM request's: an egress rule's when holds hours only
+        fields["when"] = draw(st.none() | st.builds(When, hours=hours()))
         fields["hosts"] = draw(
             st.lists(st.sampled_from(HOST_GLOBS), min_size=1, max_size=2).map(tuple)
         )

@@ -88,6 +88,19 @@ ERRORS = [
         "duplicate id 'INC-1'",
         id="duplicate-rule-override-id",
     ),
+    # [AL] an override above its rule was named as the first and the rule as the second
+    pytest.param(
+        "overrides:\n  - id: INC-1\n"
+        "    effect: allow\n    approved_by: bob\n    expires: 2026-01-01T00:00:00Z\n"
+        "rules:\n  - id: INC-1  # <-\n    effect: allow\n",
+        "duplicate id 'INC-1' (first on line 5)",
+        id="duplicate-override-above-rule-id",
+    ),
+    pytest.param(
+        "rules:\n  - id: ''  # <-\n    effect: allow\n",
+        "must be a non-empty string, got an empty string",
+        id="rule-id-empty",
+    ),
     pytest.param(
         "rules:\n  - id: a b  # <-\n    effect: allow\n", "invalid rule id", id="rule-id-charset"
     ),
@@ -253,6 +266,25 @@ ERRORS = [
         "rules:\n  - id: a\n    methods: [GET]  # <-\n    effect: allow\n",
         "methods needs hosts",
         id="methods-without-hosts",
+    ),
+    # [AL] never held on egress, while `policy explain --param` said it did
+    pytest.param(
+        "rules:\n  - id: a\n    hosts: [h.example]\n    effect: deny\n"
+        "    when:\n      max_tokens: {min: 100}  # <-\n",
+        "a hosts rule can only use hours",
+        id="hosts-when-max-tokens",
+    ),
+    pytest.param(
+        "rules:\n  - id: a\n    hosts: [h.example]\n    effect: deny\n"
+        "    when:\n      hours: 08:00-20:00 UTC\n      stream: true  # <-\n",
+        "a hosts rule can only use hours",
+        id="hosts-when-stream",
+    ),
+    pytest.param(
+        "rules:\n  - id: a\n    hosts: [h.example]\n    effect: allow\n"
+        "    when: {tools: false}  # <-\n",
+        "a hosts rule can only use hours",
+        id="hosts-when-tools",
     ),
     pytest.param(
         "rules:\n  - id: a\n    hosts: [h.example]\n"

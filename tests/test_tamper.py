@@ -851,9 +851,11 @@ def test_stolen_audit_key_cannot_rewrite_history_before_an_exported_checkpoint(
     assert line.startswith("aiid-checkpoint/1 acme 30:")
     _write_records(home, "acme", 10)  # seq 31..40, after the export
     assert _aiid(home, "audit", "verify", "acme").stdout.startswith("OK 40 records")
-    # the same checkpoint in admin/checkpoints and in the exported file: counted once
+    # the same checkpoint in admin/checkpoints and in the exported file: counted once; on
+    # stderr ([AL]): stdout is exactly the contract's `OK <n> records`
     out = _aiid(home, "audit", "verify", "acme", "--checkpoint", str(tmp_path / "exported"))
-    assert "reached 1 exported checkpoint(s) (1 signed), the latest at seq 30" in out.stdout
+    assert "reached 1 exported checkpoint(s) (1 signed), the latest at seq 30" in out.stderr
+    assert out.stdout == "OK 40 records\n"
 
     # The thief edits record 5 and re-MACs 5..40 with the stolen key; runtime/ is theirs.
     _thief_rewrites(home, "acme", 5)

@@ -208,9 +208,10 @@ def _handle(
             if lg is None:
                 raise AuditError("audit log is closed")
             ts, values = args[1], args[2]
+            once = len(args) > 3 and args[3] is True  # AuditLog.append_once
             if not (isinstance(ts, str) and isinstance(values, tuple)):
                 raise AuditError("audit writer: bad request")
-            fut = lg.submit(ts, values)
+            fut = lg.submit(ts, values, once=once)
             fut.add_done_callback(lambda f: out.on_done(rid, f))
             dirty[tid] = lg
             return

@@ -66,6 +66,8 @@ class AuditAppender(Protocol):
 
     def append(self, event: str, **fields: object) -> Future[AppendResult]: ...
 
+    def append_once(self, event: str, **fields: object) -> Future[AppendResult]: ...
+
     def head(self) -> tuple[int, str]: ...
 
     def checkpoint(self) -> None: ...
@@ -459,8 +461,12 @@ class RemoteAuditLog:
         """Queue a record; the future resolves once the child has durably committed it."""
         return self._append(event, fields)[1]
 
+    def append_once(self, event: str, **fields: object) -> Future[AppendResult]:
+        """As AuditLog.append_once: not written again if the log holds it already."""
+        return self._append(event, fields, once=True)[1]
+
     def _append(
-        self, event: str, fields: dict[str, object]
+        self, event: str, fields: dict[str, object], *, once: bool = False
     ) -> tuple[AuditWriterProcess, Future[AppendResult]]:
         values = normalize(event, fields)
         if self._closed:
@@ -474,6 +480,7 @@ class RemoteAuditLog:
             tid,
             ts,
             values,
+            *((True,) if once else ()),
             convert=self._committed,
             hold=is_lazy(values),
         )

@@ -117,9 +117,10 @@ def audit_verify(
             heads = {(a.seq, a.mac) for a in exported}
             signed = len({(a.seq, a.mac) for a in exported if a.signed})
             last = max(a.seq for a in exported)
-            click.echo(
+            click.echo(  # stderr, like the head: stdout is the contract's one line
                 f"reached {len(heads)} exported checkpoint(s) ({signed} signed), "
-                f"the latest at seq {last}"
+                f"the latest at seq {last}",
+                err=True,
             )
         return
     _verify_failed(res)

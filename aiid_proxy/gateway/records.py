@@ -4,6 +4,7 @@ that writes them (``request``, ``deny``, ``held``, ``approval``, ``error``, ``re
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import dataclasses
 import logging
@@ -15,7 +16,7 @@ from aiid_proxy.audit import AppendResult
 from aiid_proxy.audit.service import AuditAppender
 from aiid_proxy.budget import COSTLESS_KINDS, pico_to_usd
 from aiid_proxy.clock import Clock
-from aiid_proxy.errors import AiidError, RequestRefused
+from aiid_proxy.errors import AiidError, AuditError, AuditFieldError, RequestRefused
 from aiid_proxy.gateway.accounting import Accounting
 from aiid_proxy.gateway.flow import FlowState
 from aiid_proxy.policy import Policy
@@ -24,6 +25,11 @@ from aiid_proxy.providers import Usage
 from aiid_proxy.vault import Vault
 
 log = logging.getLogger("aiid.gateway")
+
+RESPONSE_RETRIES = 5
+RESPONSE_RETRY_S = 2.0
+"""A ``response`` record its writer process failed (it died) is written again this long
+after, on the replacement (RESPAWN_AFTER is 1 s), up to RESPONSE_RETRIES times."""
 
 RECORDED_BYTES = 65536
 """Of a prompt (the request body) and a completion (the response body, scrubbed), what a
@@ -51,6 +57,7 @@ class Records:
     clock: Clock
     accounting: Accounting
     _closing: bool
+    _loop: asyncio.AbstractEventLoop | None
 
     def tenant(self, name: str) -> TenantRuntime:
         raise NotImplementedError
@@ -299,11 +306,76 @@ class Records:
                 "cost_usd": cost_usd,
             },
         )
-        return self.tenant(state.identity.tenant).audit.append(
-            "response",
-            status=status,
-            input_tokens=usage.input_tokens if usage else None,
-            output_tokens=usage.output_tokens if usage else None,
-            latency_ms=round(latency_ms, 3),
+        record = {
+            "status": status,
+            "input_tokens": usage.input_tokens if usage else None,
+            "output_tokens": usage.output_tokens if usage else None,
+            "latency_ms": round(latency_ms, 3),
             **fields,
-        )
+        }
+        written: concurrent.futures.Future[AppendResult] = concurrent.futures.Future()
+        self._write_response(state.identity.tenant, record, written, 0)
+        return written
+
+    def _write_response(
+        self,
+        tenant: str,
+        record: dict[str, Any],
+        written: concurrent.futures.Future[AppendResult],
+        attempt: int,
+    ) -> None:
+        """Write a ``response`` record; if its writer fails (the writer process died: what it
+        held is lost), again on the replacement, up to RESPONSE_RETRIES times, never twice
+        (``append_once``: it may have committed before dying). ``written`` gets the outcome."""
+        try:
+            audit = self.tenant(tenant).audit
+            fut = (audit.append_once if attempt else audit.append)("response", **record)
+        except AuditError as e:
+            self._response_unwritten(tenant, record, written, attempt, e)
+            return
+
+        def done(f: concurrent.futures.Future[AppendResult]) -> None:
+            e = f.exception()
+            if e is None:
+                written.set_result(f.result())
+            else:
+                self._response_unwritten(tenant, record, written, attempt, e)
+
+        fut.add_done_callback(done)
+
+    def _response_unwritten(
+        self,
+        tenant: str,
+        record: dict[str, Any],
+        written: concurrent.futures.Future[AppendResult],
+        attempt: int,
+        e: BaseException,
+    ) -> None:
+        loop = self._loop
+        if (
+            isinstance(e, AuditError)
+            and not isinstance(e, AuditFieldError)  # the record itself: no retry helps
+            and attempt < RESPONSE_RETRIES
+            and loop is not None
+            and not self._closing
+        ):
+            log.warning(
+                "response record of %s not written (%s): trying again in %g s",
+                record.get("request_id"),
+                e.one_line(),
+                RESPONSE_RETRY_S,
+            )
+            try:
+                loop.call_soon_threadsafe(
+                    loop.call_later,
+                    RESPONSE_RETRY_S,
+                    self._write_response,
+                    tenant,
+                    record,
+                    written,
+                    attempt + 1,
+                )
+                return
+            except RuntimeError:  # the loop is closed: the gateway is stopping
+                pass
+        written.set_exception(e)

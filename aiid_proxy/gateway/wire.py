@@ -77,6 +77,9 @@ def extract_token(headers: Iterable[tuple[str, str]], connection_token: str | No
             others.append((lname, value))
     if connection_token is not None:
         proxy.append(connection_token)
+    # An empty one is no token ("http://agent@gateway": a user name and no password): the
+    # API key may then carry it ([AL]).
+    proxy = [p for p in proxy if p]
     # with a proxy token the SDK's key headers may hold anything: they are not even parsed
     chosen = proxy if proxy else [token_from_value(n, v) for n, v in others]
     distinct = set(chosen)

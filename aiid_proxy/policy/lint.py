@@ -71,6 +71,12 @@ def rule_problems(
                     f"matches (known: {', '.join(known)}; providers.yaml can add more)"
                 )
         for host in rule.hosts or ():
+            if host == "*" and rule.effect != "deny":
+                warnings.append(
+                    f"{where}: rule {rule.id!r}: hosts '*' lets the agent name any host, "
+                    "internal names included (localhost, metadata.google.internal): name the "
+                    "hosts instead"
+                )
             p = registry.match_host(host) if not any(c in host for c in _GLOB_CHARS) else None
             if p is not None:
                 out.append(

@@ -165,8 +165,9 @@ class Validator(Checker):
             )
         if rid in (DEFAULT_RULE_ID, REGION_RULE_ID):
             self.fail(f"{kind} id {rid!r} is reserved", m.value_lines["id"])
-        if rid in self.ids:
-            self.fail(f"duplicate id {rid!r} (first on line {self.ids[rid]})", m.value_lines["id"])
+        if rid in self.ids:  # named where it is the second in the file (rules are read first)
+            first, second = sorted((self.ids[rid], m.value_lines["id"]))
+            self.fail(f"duplicate id {rid!r} (first on line {first})", second)
         self.ids[rid] = m.value_lines["id"]
         what = f"{kind} {rid!r}"
         effect = self.string(m, "effect", what)
@@ -194,6 +195,20 @@ class Validator(Checker):
         if inject is not None and effect == "deny":
             self.fail(f"{what}: inject on a deny rule has no effect", m.key_lines["inject"])
         when = self.when(m["when"], what, m.value_lines["when"]) if "when" in m else None
+        if "hosts" in m and "when" in m and isinstance(m["when"], YMap):
+            # request parameters are read from LLM requests only: on egress such a condition
+            # never held live, while `policy explain --param` said it did ([AL])
+            wm = m["when"]
+            for k in (k for k in wm if k != "hours"):
+                self.attempt(
+                    partial(
+                        self.fail,
+                        f"{what}.when.{k}: request parameters apply to providers/models rules; "
+                        "a hosts rule can only use hours",
+                        wm.key_lines[k],
+                    ),
+                    None,
+                )
         reason = self.string(m, "reason", what) if "reason" in m else None
         common: dict[str, Any] = {
             "id": rid,

@@ -139,9 +139,8 @@ class Checker:
     def string(self, m: YMap, key: str, what: str) -> str:
         v = m[key]
         if not isinstance(v, str) or not v.strip():
-            self.fail(
-                f"{what}.{key} must be a non-empty string, got {type_name(v)}", m.value_lines[key]
-            )
+            got = "an empty string" if isinstance(v, str) else type_name(v)
+            self.fail(f"{what}.{key} must be a non-empty string, got {got}", m.value_lines[key])
         return v
 
     def boolean(self, m: YMap, key: str, what: str) -> bool:
