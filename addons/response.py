@@ -309,7 +309,7 @@ class ResponseFilter:
                 with contextlib.suppress(Exception):
                     gw.record_error(
                         st,
-                        f"the response, sent to the agent, could not be recorded: {why}",
+                        f"the response could not be accounted (it was sent to the agent): {why}",
                         sent=True,
                         killed=False,
                     )
