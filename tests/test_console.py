@@ -236,6 +236,10 @@ def test_a_tenant_whose_edit_was_refused_says_so_until_it_validates(width: int) 
     lines = screen(s, width, 24)
     assert any("acme" in line and "EDIT REFUSED" in line for line in lines), lines
     assert not any("beta" in line and "EDIT REFUSED" in line for line in lines)
+    # [AL] the load time of the policy in force sits by its hash, not after "EDIT REFUSED",
+    # where it read as the time of the refusal
+    (acme,) = [line for line in lines if "acme" in line and "EDIT REFUSED" in line]
+    assert acme.index("abc123def456") < acme.index("@") < acme.index("EDIT REFUSED")
 
 
 @pytest.mark.parametrize("width", [60, 80, 120, 160])

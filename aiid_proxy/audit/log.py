@@ -237,7 +237,7 @@ class AuditLog(Durability):
         if not self._create and not self.path.is_file():
             raise AuditError(
                 f"audit database missing: {self.path} (never created here: restore it from "
-                "backup; every request of this tenant is refused meanwhile)"
+                "backup; the tenant's requests cannot be recorded, so none is let through)"
             )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists():

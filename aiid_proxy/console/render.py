@@ -160,7 +160,9 @@ def _tenant_lines(state: ConsoleState, n: int) -> list[Text]:
         pol: list[str | tuple[str, str]] = (
             [("policy ", "dim"), info.policy] if info.policy else [("no policy", "bold red")]
         )
-        loaded = f" @{_t(info.loaded)}" if info.loaded is not None else ""
+        # when the policy in force was loaded, beside it (after "EDIT REFUSED" it read as the
+        # time of the refusal, which the events list shows)
+        pol.append((f" @{_t(info.loaded)}" if info.loaded is not None else "", "dim"))
         if info.refused:  # until the file validates again: not just an event that scrolls
             pol.append((" EDIT REFUSED", "bold red"))
         out.append(
@@ -168,7 +170,6 @@ def _tenant_lines(state: ConsoleState, n: int) -> list[Text]:
                 (name, "bold"),
                 "  ",
                 *pol,
-                (loaded, "dim"),
                 ("  audit ", "dim"),
                 info.head or "-",
             )
