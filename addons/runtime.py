@@ -205,6 +205,7 @@ class Runtime:
                 policies.absolute(),
                 body_limit=int(opts.aiid_body_limit),
                 audit_writer=str(opts.aiid_audit_writer),
+                keep_fds=self._lock.fds,
             )
         except AiidError as e:
             self._rollback = True  # the next configure is mitmproxy undoing these options

@@ -19,6 +19,7 @@ import socket
 import stat
 import struct
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +152,9 @@ def _peer_uid(sock: socket.socket) -> int | None:
     return int(uid)
 
 
+LOCK_WAIT = 3.0  # seconds a gateway waits for the home lock before it refuses to start
+
+
 class HomeLock:
     """One gateway per home: an exclusive lock (``flock``) on ``runtime/control/gateway.lock``
     for the process's lifetime. Two gateways would each enforce the tenants' rate limits and
@@ -163,15 +167,29 @@ class HomeLock:
         d.chmod(0o700)
         self.root = home.root
         self._fd: int | None = os.open(d / "gateway.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self._fd)
-            self._fd = None
-            raise ConfigError(
-                f"another gateway is running on the home {home.root}: two would each enforce "
-                "the rate limits and budgets alone; stop it first"
-            ) from None
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError:
+                # the audit writer of a gateway just killed holds it while it commits what
+                # it was sent (milliseconds): wait that long, not for a running gateway
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.05)
+        os.close(self._fd)
+        self._fd = None
+        raise ConfigError(
+            f"another gateway is running on the home {home.root} (or the audit writer of one "
+            "that was killed has not exited yet): two would each enforce the rate limits and "
+            "budgets alone, and write the same audit logs; stop it first"
+        ) from None
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        """The lock's descriptor, for a child that must hold the home with this process."""
+        return () if self._fd is None else (self._fd,)
 
     def release(self) -> None:
         if self._fd is not None:

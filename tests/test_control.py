@@ -432,3 +432,27 @@ def test_a_socket_directory_open_to_others_is_not_used(long_home: Home) -> None:
     with pytest.raises(AiidError, match="not safe to use: .* is open to other users"):
         s.call(loosen_then_answer)
     assert s.seen == []
+
+
+def test_an_audit_writer_holds_the_home_until_it_exits(
+    short_home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """[AM] A writer process that outlived its killed gateway (stopped, or still committing)
+    went on appending to the logs a new gateway had opened: records of requests never sent,
+    adopted and never closed. The writer keeps the home lock's descriptor: no gateway starts
+    until it has exited."""
+    from aiid_proxy import control
+    from aiid_proxy.audit.service import AuditWriterProcess
+    from aiid_proxy.control import HomeLock
+    from aiid_proxy.errors import ConfigError
+
+    monkeypatch.setattr(control, "LOCK_WAIT", 0.2)
+    gateway = HomeLock(short_home)
+    writer = AuditWriterProcess(keep_fds=gateway.fds)
+    try:
+        gateway.release()  # the gateway is gone; its writer is not
+        with pytest.raises(ConfigError, match="audit writer of one that was killed"):
+            HomeLock(short_home)
+    finally:
+        writer.close()
+    HomeLock(short_home).release()  # the writer exited: free again

@@ -117,7 +117,10 @@ def _resolve(entry: tuple[Future[object], _Convert], msg: tuple[object, ...]) ->
 class AuditWriterProcess:
     """A child process holding the tenants' audit logs; ``open`` gives a RemoteAuditLog."""
 
-    def __init__(self, *, python: str = sys.executable) -> None:
+    def __init__(self, *, python: str = sys.executable, keep_fds: tuple[int, ...] = ()) -> None:
+        """``keep_fds``: descriptors the child keeps open, the gateway's home lock: a writer
+        that outlives a killed gateway (still committing what it was sent, or stopped) holds
+        the home until it exits, so no new gateway starts writing the same logs meanwhile."""
         self._lock = threading.Lock()  # one frame at a time on the request pipe
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[Future[object], _Convert]] = {}
@@ -136,6 +139,7 @@ class AuditWriterProcess:
                 stdout=subprocess.PIPE,
                 env=env,
                 close_fds=True,
+                pass_fds=keep_fds,
             )
         except OSError as e:
             raise AuditError(f"cannot start the audit writer process: {describe(e)}") from None

@@ -59,9 +59,10 @@ class ThreadWriters:
 class ProcessWriters:
     """The "process" mode: one writer process, replaced when it dies."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_fds: tuple[int, ...] = ()) -> None:
         self._lock = threading.Lock()
-        self._writer = AuditWriterProcess()
+        self._keep_fds = keep_fds
+        self._writer = AuditWriterProcess(keep_fds=keep_fds)
         self._logs: weakref.WeakSet[RemoteAuditLog] = weakref.WeakSet()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_attempt: float | None = None
@@ -141,7 +142,7 @@ class ProcessWriters:
         with self._lock:
             current = self._writer
             logs = [lg for lg in self._logs if _stranded(lg)]
-        target = AuditWriterProcess() if current.dead else current
+        target = AuditWriterProcess(keep_fds=self._keep_fds) if current.dead else current
         installed = False
         try:
             moved = []
@@ -198,12 +199,13 @@ def _stranded(lg: RemoteAuditLog) -> bool:
     return not lg.closed and lg.service.dead
 
 
-def writer_factory(mode: str) -> ThreadWriters | ProcessWriters:
-    """The audit writers for ``mode``: "thread" (in-process) or "process" (a child)."""
+def writer_factory(mode: str, keep_fds: tuple[int, ...] = ()) -> ThreadWriters | ProcessWriters:
+    """The audit writers for ``mode``: "thread" (in-process) or "process" (a child, which
+    keeps ``keep_fds`` open: see AuditWriterProcess)."""
     if mode == "thread":
         return ThreadWriters()
     if mode == "process":
-        return ProcessWriters()
+        return ProcessWriters(keep_fds)
     raise AuditError(f"unknown audit writer mode {mode!r} (thread or process)")
 
 

@@ -82,9 +82,11 @@ class Gateway(Records):
         env: Mapping[str, str] | None = None,
         watch: bool = True,
         audit_writer: str = "thread",
+        keep_fds: tuple[int, ...] = (),
     ) -> None:
         """``audit_writer``: "thread" keeps each tenant's audit writer in this process,
-        "process" in one child process (:mod:`aiid_proxy.audit.service`)."""
+        "process" in one child process (:mod:`aiid_proxy.audit.service`), which keeps
+        ``keep_fds`` (the home lock) open for as long as it runs."""
         env = os.environ if env is None else env
         home.require()
         self.home = home
@@ -120,7 +122,7 @@ class Gateway(Records):
             on_event=self._policy_event,
             lint=GatewayLint(self.registry, providers_file),  # as `aiid policy check` does
         )
-        self._audit_writers = writer_factory(audit_writer)
+        self._audit_writers = writer_factory(audit_writer, keep_fds)
         try:
             for t in home.tenants():
                 self.tenant(t)
