@@ -754,3 +754,37 @@ def test_a_response_record_the_writer_failed_is_written_again_never_twice(
     assert [r["event"] for r in rows] == ["request", "response"]  # once, in both cases
     assert result.seq == rows[-1]["seq"]
     assert (rows[-1]["input_tokens"], rows[-1]["output_tokens"]) == (3, 5)
+
+
+def test_a_response_record_waiting_for_its_retry_is_written_at_shutdown(
+    gateway: Gateway,
+    gateway_home: Home,
+    issue: Callable[..., str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """[AN] A gateway stopped within the retry's 2 s lost the record (its answer had gone
+    out): the next start charged the request as unfinished, with its whole hold."""
+    from aiid_proxy.errors import AuditError
+    from aiid_proxy.gateway import records
+
+    monkeypatch.setattr(records, "RESPONSE_RETRY_S", 3600.0)  # never fires in this test
+    loop = asyncio.new_event_loop()
+    gateway._loop = loop
+    audit = gateway.tenant(TENANT).audit
+    real_append = audit.append
+
+    def dead(event: str, **fields: object) -> Any:
+        if event == "response":
+            raise AuditError("audit writer process is gone")
+        return real_append(event, **fields)
+
+    monkeypatch.setattr(audit, "append", dead)
+    st = run_pipeline(gateway, issue())
+    gateway.seal(st, "POST", URL, BODY)
+    written = gateway.record_response(st, 200, Usage(3, 5))
+    assert written is not None and not written.done()
+    gateway.close()
+    loop.close()
+    assert written.result(timeout=0).seq > 0
+    rows = [r for r in audit_rows(gateway_home) if r["request_id"] == st.request_id]
+    assert [r["event"] for r in rows] == ["request", "response"]

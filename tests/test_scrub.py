@@ -12,13 +12,13 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from aiid_proxy.scrub import (
-    _ESCAPE_RUN,
+    _ESCAPES,
     MAX_FRAGMENT_SCAN,
     REDACTED,
     Fragments,
     Scrubber,
     TextWatch,
-    _unescape_run,
+    _unescape,
     escaped_anywhere,
     escaped_secrets,
     public_prefix,
@@ -581,13 +581,17 @@ def test_escapes_are_undone_as_one_at_a_time_a_string_at_once(pieces: list[bytes
     view = b"".join(pieces)
     for _ in range(3):
         assume(not re.search(rb"\\ud[89ab][0-9a-f]{2}\\ud[c-f]", view, re.I))  # a pair: below
-        ours = _ESCAPE_RUN.sub(_unescape_run, view)
+        ours = _ESCAPES.sub(_unescape, view)
         assert ours == _unescaped_one_at_a_time(view)
         view = ours
 
 
-def test_a_surrogate_pair_reads_as_its_character() -> None:
-    assert _ESCAPE_RUN.sub(_unescape_run, b'"\\ud83d\\ude00 x"') == '"\U0001f600 x"'.encode()
+def test_a_surrogate_pair_reads_as_its_character_in_a_long_run() -> None:
+    """The JSON decoder reads a pair as one character; one escape at a time, each half is a
+    lone surrogate (``?``). Either way no ASCII key is made or hidden."""
+    run = b"\\u0041" * 6 + b"\\ud83d\\ude00 x"
+    assert _ESCAPES.sub(_unescape, b'"' + run + b'"') == '"AAAAAA\U0001f600 x"'.encode()
+    assert _ESCAPES.sub(_unescape, b'"\\ud83d\\ude00 x"') == b'"?? x"'
 
 
 _AMONG_TEXT = json.dumps({"c": "\u4e2d\u6587" * 50 + KEY + "\u6587" * 50}).encode()
@@ -625,20 +629,26 @@ def test_escaped_non_latin_text_is_undone_a_string_at_once(
 ) -> None:
     """A completion in a non-Latin script from a provider that escapes it (Python's
     json.dumps does) took one call a character: 4.5 ms for 11 KB of Chinese, on the event
-    loop, for every such response. One call a string now (counted here, not timed)."""
-    calls: list[int] = []
-    real = scrub_escapes._unescape_once
+    loop, for every such response. A long run of escapes is one call of the JSON decoder now;
+    a short one is still undone an escape at a time (a decoder call would cost it more: [AN]
+    measured 4-10x on bodies of many short runs). Counted here, not timed."""
+    calls: list[bytes] = []
+    real = scrub_escapes._undo
 
-    def counted(m: re.Match[bytes]) -> bytes:
-        calls.append(1)
-        return real(m)
+    def counted(esc: bytes) -> bytes:
+        calls.append(esc)
+        return real(esc)
 
-    monkeypatch.setattr(scrub_escapes, "_unescape_once", counted)
+    monkeypatch.setattr(scrub_escapes, "_undo", counted)
     body = json.dumps({"choices": [{"message": {"content": "\u8fd9\u662f\u3002" * 500}}]})
     assert not escaped_anywhere(body.encode(), [KEY])
     assert calls == []
     assert escaped_anywhere(b'{"a": "\\k\\u0073k-canary-openai-XYZ0123"}', [KEY])
-    assert len(calls) == 2  # an escape JSON does not know: that string one at a time
+    assert calls == [b"k", b"u0073"]  # a short run: one at a time
+    calls.clear()
+    long_run = b"\\k" + b"\\u0041" * 8 + b"\\u0073k-canary-openai-XYZ0123"
+    assert escaped_anywhere(b'{"a": "' + long_run + b'"}', [KEY])
+    assert len(calls) == 10  # a long run JSON does not take: one at a time
 
 
 # -- [AK] error bodies: escapes, characters and numbers left whole ---------------------------

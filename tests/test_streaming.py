@@ -584,6 +584,10 @@ def test_adapter_never_hands_mitmproxy_an_empty_bytes_chunk() -> None:
 SLASHED = "sk-abcdEFGH/ijklMNOP/qrstUVWX+yz012345=="
 
 
+def _resp(kind: str, **fields: object) -> bytes:
+    return ev({"type": kind, "output_index": 0, **fields}, kind)
+
+
 def _cut(out: bytes) -> bool:
     return b"injected_key_in_output" in out or b"spelled out the key" in out
 
@@ -691,6 +695,47 @@ def test_more_channels_than_the_watch_keeps_apart_cut_the_stream(
                 ),
             ],
             id="responses-part-added",
+        ),
+        # [AN] an item's start: a call's arguments, a message's parts; a refusal part
+        pytest.param(
+            "openai",
+            "/v1/responses",
+            [
+                _resp(
+                    "response.output_item.added",
+                    item={"type": "function_call", "name": "f", "arguments": SLASHED[:14]},
+                ),
+                _resp("response.function_call_arguments.delta", delta=SLASHED[14:]),
+            ],
+            id="responses-item-arguments",
+        ),
+        pytest.param(
+            "openai",
+            "/v1/responses",
+            [
+                _resp(
+                    "response.output_item.added",
+                    item={
+                        "type": "message",
+                        "content": [{"type": "output_text", "text": SLASHED[:14]}],
+                    },
+                ),
+                _resp("response.output_text.delta", content_index=0, delta=SLASHED[14:]),
+            ],
+            id="responses-item-message-text",
+        ),
+        pytest.param(
+            "openai",
+            "/v1/responses",
+            [
+                _resp(
+                    "response.content_part.added",
+                    content_index=0,
+                    part={"type": "refusal", "refusal": SLASHED[:14]},
+                ),
+                _resp("response.refusal.delta", content_index=0, delta=SLASHED[14:]),
+            ],
+            id="responses-refusal-part",
         ),
     ],
 )

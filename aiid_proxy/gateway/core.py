@@ -93,6 +93,7 @@ class Gateway(Records):
         self.clock = clock
         self._started_wall = clock.now()  # records from before are an earlier run's
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._retrying = {}
         self.body_limit = body_limit
         providers_file = policies_dir / PROVIDERS_FILE
         self.registry = registry or Registry.load(
@@ -287,6 +288,7 @@ class Gateway(Records):
                     "gateway shut down before the request completed",
                     sent=state.digest is not None,
                 )
+        self._flush_response_retries(getattr(self._audit_writers, "join", None))
         for rt in self._tenants.values():
             rt.audit.close()
         self._audit_writers.close()

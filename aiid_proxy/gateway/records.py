@@ -8,7 +8,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,8 @@ RESPONSE_RETRIES = 5
 RESPONSE_RETRY_S = 2.0
 """A ``response`` record its writer process failed (it died) is written again this long
 after, on the replacement (RESPAWN_AFTER is 1 s), up to RESPONSE_RETRIES times."""
+
+RESPONSE_FLUSH_S = 5.0  # seconds the shutdown gives each such record (and a replacement)
 
 RECORDED_BYTES = 65536
 """Of a prompt (the request body) and a completion (the response body, scrubbed), what a
@@ -58,6 +60,8 @@ class Records:
     accounting: Accounting
     _closing: bool
     _loop: asyncio.AbstractEventLoop | None
+    # response records waiting for a retry, by id() of their outcome future
+    _retrying: dict[int, tuple[str, dict[str, Any], concurrent.futures.Future[AppendResult]]]
 
     def tenant(self, name: str) -> TenantRuntime:
         raise NotImplementedError
@@ -317,6 +321,30 @@ class Records:
         self._write_response(state.identity.tenant, record, written, 0)
         return written
 
+    def _flush_response_retries(self, join: Callable[[float], None] | None) -> None:
+        """At shutdown: the response records waiting for a retry are written now (their
+        answers went out), on a replacement writer if one is starting; those that cannot be
+        are named in the log (the next start records their requests as unfinished)."""
+        pending, self._retrying = self._retrying, {}
+        for tenant, record, written in pending.values():
+            for attempt in range(2):
+                if written.done():
+                    break
+                try:
+                    result = self.tenant(tenant).audit.append_once("response", **record)
+                    written.set_result(result.result(timeout=RESPONSE_FLUSH_S))
+                except (AuditError, concurrent.futures.TimeoutError) as e:
+                    if attempt == 0 and join is not None:
+                        join(RESPONSE_FLUSH_S)  # the failed append started a replacement
+                        continue
+                    log.error(
+                        "response record of %s not written before the gateway stopped (%s): "
+                        "the next start records its request as unfinished",
+                        record.get("request_id"),
+                        e.one_line() if isinstance(e, AiidError) else "timed out",
+                    )
+                    written.set_exception(e)
+
     def _write_response(
         self,
         tenant: str,
@@ -327,6 +355,9 @@ class Records:
         """Write a ``response`` record; if its writer fails (the writer process died: what it
         held is lost), again on the replacement, up to RESPONSE_RETRIES times, never twice
         (``append_once``: it may have committed before dying). ``written`` gets the outcome."""
+        self._retrying.pop(id(written), None)
+        if written.done():  # written at shutdown meanwhile
+            return
         try:
             audit = self.tenant(tenant).audit
             fut = (audit.append_once if attempt else audit.append)("response", **record)
@@ -336,6 +367,8 @@ class Records:
 
         def done(f: concurrent.futures.Future[AppendResult]) -> None:
             e = f.exception()
+            if written.done():
+                return
             if e is None:
                 written.set_result(f.result())
             else:
@@ -365,6 +398,7 @@ class Records:
                 e.one_line(),
                 RESPONSE_RETRY_S,
             )
+            self._retrying[id(written)] = (tenant, record, written)
             try:
                 loop.call_soon_threadsafe(
                     loop.call_later,
@@ -377,5 +411,6 @@ class Records:
                 )
                 return
             except RuntimeError:  # the loop is closed: the gateway is stopping
-                pass
-        written.set_exception(e)
+                self._retrying.pop(id(written), None)
+        if not written.done():
+            written.set_exception(e)

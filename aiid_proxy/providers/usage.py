@@ -32,6 +32,13 @@ _RESPONSES_PART_ADDED: dict[str, str | None] = {
     "response.content_part.added": None,
     "response.reasoning_summary_part.added": "response.reasoning_summary_text.delta",
 }
+# Item types of the Responses API whose start (output_item.added) may hold text a delta kind
+# continues: the field, and that delta kind.
+_RESPONSES_ITEM_STARTS: dict[str, tuple[str, str]] = {
+    "function_call": ("arguments", "response.function_call_arguments.delta"),
+    "custom_tool_call": ("input", "response.custom_tool_call_input.delta"),
+    "code_interpreter_call": ("code", "response.code_interpreter_call_code.delta"),
+}
 _RESPONSES_TEXT = frozenset(
     {
         "response.output_text.delta",
@@ -345,9 +352,24 @@ class SSEUsageTracker:
             self._watch(obj["delta"], f"{kind}{obj.get('output_index')}:{part}")
         elif kind in _RESPONSES_PART_ADDED and isinstance(obj.get("part"), dict):
             # a part may start with text, which its deltas continue: one channel for both
-            part, index = obj["part"], obj.get("content_index", obj.get("summary_index"))
-            deltas = _RESPONSES_PART_ADDED[kind] or f"response.{part.get('type')}.delta"
-            self._watch(part.get("text"), f"{deltas}{obj.get('output_index')}:{index}")
+            index = obj.get("content_index", obj.get("summary_index"))
+            self._responses_part(obj["part"], obj.get("output_index"), index, kind)
+        elif kind == "response.output_item.added" and isinstance(obj.get("item"), dict):
+            # an item may start with text too (a message's parts, a call's arguments), which
+            # the SDK's snapshot continues with the deltas ([AN])
+            item, out = obj["item"], obj.get("output_index")
+            started = _RESPONSES_ITEM_STARTS.get(str(item.get("type")))
+            if started is not None:
+                field, deltas = started
+                self._watch(item.get(field), f"{deltas}{out}:None")
+            for key, added in (
+                ("content", "response.content_part.added"),
+                ("summary", "response.reasoning_summary_part.added"),
+            ):
+                parts = item.get(key)
+                for i, part in enumerate(parts if isinstance(parts, list) else []):
+                    if isinstance(part, dict):
+                        self._responses_part(part, out, i, added)
         if kind in _RESPONSES_TEXT:
             part = obj.get("content_index", obj.get("summary_index"))
             self._text(obj.get("delta"), f"{kind}{obj.get('output_index')}:{part}", watch=False)
@@ -358,6 +380,14 @@ class SSEUsageTracker:
                 found = _openai_usage(response.get("usage"))
                 if found is not None:
                     self._final = found
+
+    def _responses_part(self, part: dict[str, Any], out: object, index: object, added: str) -> None:
+        """Watch a Responses part's start text on the channel of the deltas that continue it:
+        ``response.<type>.delta`` (output_text, refusal, reasoning_text) or, for a reasoning
+        summary part, ``response.reasoning_summary_text.delta``."""
+        deltas = _RESPONSES_PART_ADDED[added] or f"response.{part.get('type')}.delta"
+        text = part.get("refusal") if part.get("type") == "refusal" else part.get("text")
+        self._watch(text, f"{deltas}{out}:{index}")
 
     def _anthropic(self, obj: dict[str, Any]) -> None:
         kind = obj.get("type")

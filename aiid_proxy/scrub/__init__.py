@@ -10,8 +10,8 @@
 from __future__ import annotations
 
 from aiid_proxy.scrub.escapes import (
-    _ESCAPE_RUN,
-    _unescape_run,
+    _ESCAPES,
+    _unescape,
     escaped_anywhere,
     escaped_secrets,
     redact_escaped,
@@ -36,11 +36,11 @@ __all__ = [
     "PUBLIC_PREFIXES",
     "REDACTED",
     "SCAN_BUDGET",
-    "_ESCAPE_RUN",
+    "_ESCAPES",
     "Fragments",
     "Scrubber",
     "TextWatch",
-    "_unescape_run",
+    "_unescape",
     "escaped_anywhere",
     "escaped_secrets",
     "public_prefix",

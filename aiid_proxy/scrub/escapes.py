@@ -166,28 +166,50 @@ def _replace_in_strings(doc: Any, secrets: list[str]) -> Any:
 
 
 _ESCAPE = re.compile(rb"\\(u[0-9a-fA-F]{4}|.)", re.DOTALL)
-# From an escape (aligned as _ESCAPE reads them: ``\\\\`` is one) up to the next quote or
-# control character: the rest of a JSON string, escapes and all.
-_ESCAPE_RUN = re.compile(
-    rb'\\(?:u[0-9a-fA-F]{4}|.)(?:(?:\\u[0-9a-fA-F]{4})++|\\.|[^\\"\x00-\x1f]+)*+', re.DOTALL
-)  # possessive: nothing to backtrack into (5x faster on escaped text)
+_ONE = rb"\\(?:u[0-9a-fA-F]{4}|.)"
+_TEXT = rb'[^\\"\x00-\x1f]*+'
+LONG_RUN = 8
+"""Escapes, with plain text between them up to the next quote or control character (the rest
+of a JSON string), that :func:`escaped_anywhere` undoes in one call of the JSON decoder
+(escaped text in a non-Latin script); fewer are undone one at a time, as a decoder call (and
+its failure) would cost them more. Trying the long branch gives up at the first quote."""
+_ESCAPES = re.compile(
+    rb"(?P<run>"
+    + _ONE
+    + rb"(?:"
+    + _TEXT
+    + _ONE
+    + rb"){%d}(?:" % (LONG_RUN - 1)
+    + _TEXT
+    + _ONE
+    + rb")*+"
+    + _TEXT
+    + rb")|\\(?P<one>u[0-9a-fA-F]{4}|.)",
+    re.DOTALL,
+)  # aligned as _ESCAPE reads escapes: ``\\\\`` is one
+_SIMPLE = {b"n": b"\n", b"t": b"\t", b"r": b"\r", b"b": b"\b", b"f": b"\f"}
+
+
+def _undo(esc: bytes) -> bytes:
+    """The escape ``\\`` + ``esc`` undone."""
+    if esc[:1] == b"u" and len(esc) == 5:
+        return chr(int(esc[1:], 16)).encode("utf-8", "replace")
+    return _SIMPLE.get(esc, esc)
 
 
 def _unescape_once(m: re.Match[bytes]) -> bytes:
     """One level of JSON string escapes, left to right (``\\\\u0073`` is ``\\u0073``)."""
-    esc = m.group(1)
-    if esc[:1] == b"u" and len(esc) == 5:
-        return chr(int(esc[1:], 16)).encode("utf-8", "replace")
-    return {b"n": b"\n", b"t": b"\t", b"r": b"\r", b"b": b"\b", b"f": b"\f"}.get(esc, esc)
+    return _undo(m.group(1))
 
 
-def _unescape_run(m: re.Match[bytes]) -> bytes:
-    """The escapes of a run undone at once by the JSON decoder (a string of text in a
-    non-Latin script, escaped, is one run: one call, not one a character); a run holding what
-    JSON does not take (an escape it does not know, ``\\k``; bytes that are not UTF-8) one
-    escape at a time. A surrogate pair is the character it encodes, as a reader sees it; a
+def _unescape(m: re.Match[bytes]) -> bytes:
+    """An escape undone, or a long run of them by the JSON decoder; a run holding what JSON
+    does not take (an escape it does not know, ``\\k``; bytes that are not UTF-8) one escape
+    at a time. A surrogate pair in a run is the character it encodes, as a reader sees it; a
     lone surrogate is ``?``."""
-    run = m.group()
+    run = m.group("run")
+    if run is None:
+        return _undo(m.group("one"))
     try:
         text = json.loads(b'"' + run + b'"')
     except ValueError:
@@ -206,7 +228,7 @@ def escaped_anywhere(blob: bytes, secrets: Iterable[str]) -> bool:
     for _ in range(3):
         if b"\\" not in view:
             break
-        view = _ESCAPE_RUN.sub(_unescape_run, view)
+        view = _ESCAPES.sub(_unescape, view)
         if any(w in view for w in watched):
             return True
     return False
