@@ -8,6 +8,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -324,26 +325,41 @@ class Records:
     def _flush_response_retries(self, join: Callable[[float], None] | None) -> None:
         """At shutdown: the response records waiting for a retry are written now (their
         answers went out), on a replacement writer if one is starting; those that cannot be
-        are named in the log (the next start records their requests as unfinished)."""
+        within RESPONSE_FLUSH_S in all are named in the log (the next start records their
+        requests as unfinished)."""
         pending, self._retrying = self._retrying, {}
+        if not pending:
+            return
+        deadline = time.monotonic() + RESPONSE_FLUSH_S  # a real wait: the wall's clock
+        sent: list[tuple[str, dict[str, Any], concurrent.futures.Future[AppendResult], Any]] = []
         for tenant, record, written in pending.values():
-            for attempt in range(2):
-                if written.done():
-                    break
-                try:
-                    result = self.tenant(tenant).audit.append_once("response", **record)
-                    written.set_result(result.result(timeout=RESPONSE_FLUSH_S))
-                except (AuditError, concurrent.futures.TimeoutError) as e:
-                    if attempt == 0 and join is not None:
-                        join(RESPONSE_FLUSH_S)  # the failed append started a replacement
-                        continue
-                    log.error(
-                        "response record of %s not written before the gateway stopped (%s): "
-                        "the next start records its request as unfinished",
-                        record.get("request_id"),
-                        e.one_line() if isinstance(e, AiidError) else "timed out",
-                    )
-                    written.set_exception(e)
+            try:
+                sent.append((tenant, record, written, self._flush_one(tenant, record)))
+            except AuditError:  # the writer is dead: the attempt started a replacement
+                sent.append((tenant, record, written, None))
+        if join is not None and any(fut is None for *_, fut in sent):
+            join(max(0.0, deadline - time.monotonic()))
+        for tenant, record, written, fut in sent:
+            if written.done():
+                continue
+            try:
+                if fut is None:  # again, on the replacement if there is one by now
+                    fut = self._flush_one(tenant, record)
+                left = max(0.0, deadline - time.monotonic())
+                written.set_result(fut.result(timeout=left))
+            except (AuditError, concurrent.futures.TimeoutError) as e:
+                log.error(
+                    "response record of %s not written before the gateway stopped (%s): "
+                    "the next start records its request as unfinished",
+                    record.get("request_id"),
+                    e.one_line() if isinstance(e, AiidError) else "timed out",
+                )
+                written.set_exception(e)
+
+    def _flush_one(
+        self, tenant: str, record: dict[str, Any]
+    ) -> concurrent.futures.Future[AppendResult]:
+        return self.tenant(tenant).audit.append_once("response", **record)
 
     def _write_response(
         self,
