@@ -166,25 +166,38 @@ class HomeLock:
         d.mkdir(parents=True, exist_ok=True)
         d.chmod(0o700)
         self.root = home.root
-        self._fd: int | None = os.open(d / "gateway.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        path = d / "gateway.lock"
+        self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         deadline = time.monotonic() + LOCK_WAIT
         while True:
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
             except OSError:
-                # the audit writer of a gateway just killed holds it while it commits what
-                # it was sent (milliseconds): wait that long, not for a running gateway
-                if time.monotonic() >= deadline:
+                holder = _pid_in(self._fd)
+                # A live gateway holds it: refused at once. Else the audit writer of one that
+                # was killed (it keeps the lock while it commits what it was sent, which takes
+                # milliseconds): waited for, a few seconds.
+                if (holder is not None and _alive(holder)) or time.monotonic() >= deadline:
                     break
                 time.sleep(0.05)
+                continue
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+            return
         os.close(self._fd)
         self._fd = None
+        if holder is not None and _alive(holder):
+            raise ConfigError(
+                f"another gateway (pid {holder}) is running on the home {home.root}: two would "
+                "each enforce the rate limits and budgets alone, and write the same audit "
+                "logs; stop it first"
+            )
+        gone = f" (pid {holder})" if holder is not None else ""
         raise ConfigError(
-            f"another gateway is running on the home {home.root} (or the audit writer of one "
-            "that was killed has not exited yet): two would each enforce the rate limits and "
-            "budgets alone, and write the same audit logs; stop it first"
-        ) from None
+            f"the audit writer process of a gateway that was killed{gone} still holds the home "
+            f"{home.root}: it exits once it has committed what it was sent; a stopped one "
+            f"must be continued (kill -CONT) or killed (`fuser {path}` names it)"
+        )
 
     @property
     def fds(self) -> tuple[int, ...]:
@@ -193,8 +206,29 @@ class HomeLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # closing the only descriptor releases the lock
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)  # no gateway holds it any more (a writer may)
+            os.close(self._fd)  # the last descriptor closed (the writer's too) releases it
             self._fd = None
+
+
+def _pid_in(fd: int) -> int | None:
+    """The pid the lock file names (the gateway that took it), if any."""
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's: alive
+        return True
+    return True
 
 
 def _answers(path: Path) -> bool:

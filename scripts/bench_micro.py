@@ -231,6 +231,10 @@ class Bench:
         en = completion("The gateway checks every response on its way back. " * 40)
         zh = completion("\u7f51\u5173\u68c0\u67e5\u6bcf\u4e00\u4e2a\u54cd\u5e94\u3002" * 200)
         big = completion("\u4e2d" * 174_000)
+        # [AO] strings of a few escapes far apart: the escape pattern re-read them 128 ways
+        sparse = (
+            b'{"a":[' + b",".join([b'"' + (b"\\u0041" + b"x" * 1000) * 3 + b'"'] * 1000) + b"]}"
+        )
 
         def checks(body: bytes) -> None:
             clean = Scrubber([SECRET]).scrub(body)
@@ -242,6 +246,7 @@ class Bench:
             ("body_checks_en", en, n),
             ("body_checks_zh", zh, n),
             ("body_checks_1mib", big, 5 if self.quick else 20),
+            ("body_checks_sparse", sparse, 5 if self.quick else 20),
         ):
             self.results[key] = {
                 **stats(timed(lambda b=body: checks(b), count)),
@@ -459,6 +464,7 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         ("body_checks_en", "200 body checks, English completion"),
         ("body_checks_zh", "200 body checks, Chinese completion, escaped"),
         ("body_checks_1mib", "200 body checks, 1 MiB of escaped Chinese"),
+        ("body_checks_sparse", "200 body checks, 1,000 strings of 3 escapes 1 KB apart"),
     ):
         if key in r:
             lat(key, f"{label} ({r[key]['bytes']:,} B)")

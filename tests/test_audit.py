@@ -1194,3 +1194,21 @@ def test_append_once_writes_a_record_the_log_does_not_hold_yet(tmp_path: Path) -
     assert again == first
     assert (other.seq, error.seq) == (2, 3)
     assert verify_db(tmp_path / "a.db", tenant_key(b"k" * 32, "acme")).ok
+
+
+def test_append_once_in_the_batch_of_its_first_attempt_is_not_written_twice(
+    tmp_path: Path,
+) -> None:
+    """[AO] At shutdown a held `response` record and its retry reached the writer in one read:
+    append_once looked in the database only, and both were committed."""
+    log = AuditLog(tmp_path / "a.db", "acme", b"k" * 32, threaded=False)
+    try:
+        first = log.append("response", request_id="r1", status=200)
+        again = log.append_once("response", request_id="r1", status=200)
+        other = log.append_once("response", request_id="r2", status=200)
+        log.drain()  # one batch
+        assert again.result(0) == first.result(0)
+        assert other.result(0).seq == 2
+    finally:
+        log.close()
+    assert verify_db(tmp_path / "a.db", tenant_key(b"k" * 32, "acme")).count == 2

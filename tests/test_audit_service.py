@@ -843,3 +843,26 @@ def test_append_once_through_the_writer_process(writer: AuditWriterProcess, tmp_
     assert acme.append_once("response", request_id="r1", status=200).result(WAIT) == first
     assert acme.append_once("response", request_id="r2", status=200).result(WAIT).seq == 2
     acme.close()
+
+
+def test_write_once_from_the_blocked_loop_thread_is_sent_and_read(
+    writer: AuditWriterProcess, tmp_path: Path
+) -> None:
+    """[AO] At shutdown (the loop's thread, blocked) a retried `response` record was held back
+    to travel with the next record, as lazy ones are, and its reply was never read: it timed
+    out, and was committed twice at close with the held first attempt."""
+
+    acme = _open(writer, tmp_path)
+
+    async def shutdown_like() -> tuple[Any, Any]:
+        writer.attach(asyncio.get_running_loop())
+        held = acme.append("response", request_id="r1", status=200)  # lazy: held back
+        again = acme.write_once("response", 3.0, request_id="r1", status=200)
+        return held, again
+
+    held, again = asyncio.run(shutdown_like())
+    assert held.result(0) == again  # the same record: sent in one batch, written once
+    acme.close()
+    db = sqlite3.connect(tmp_path / "acme.db")
+    assert db.execute("SELECT count(*) FROM audit WHERE request_id = 'r1'").fetchone()[0] == 1
+    db.close()

@@ -388,7 +388,7 @@ def test_one_gateway_per_home_is_an_exclusive_lock(short_home: Home) -> None:
     from aiid_proxy.errors import ConfigError
 
     first = HomeLock(short_home)
-    with pytest.raises(ConfigError, match="another gateway is running on the home"):
+    with pytest.raises(ConfigError, match=r"another gateway \(pid \d+\) is running on the home"):
         HomeLock(short_home)
     first.release()
     HomeLock(short_home).release()  # free again
@@ -451,7 +451,7 @@ def test_an_audit_writer_holds_the_home_until_it_exits(
     writer = AuditWriterProcess(keep_fds=gateway.fds)
     try:
         gateway.release()  # the gateway is gone; its writer is not
-        with pytest.raises(ConfigError, match="audit writer of one that was killed"):
+        with pytest.raises(ConfigError, match="audit writer process of a gateway that was killed"):
             HomeLock(short_home)
     finally:
         writer.close()

@@ -539,8 +539,9 @@ def test_a_second_gateway_on_the_same_home_refuses_to_start(
     )
     assert p.returncode == 1, p
     assert p.stderr.startswith(  # the home's lock, taken before anything listens
-        "aiid: error: aiid-proxy cannot start: another gateway is running on the home"
+        "aiid: error: aiid-proxy cannot start: another gateway (pid "
     ), p.stderr
+    assert "is running on the home" in p.stderr
     assert len(p.stderr.splitlines()) == 1
 
 

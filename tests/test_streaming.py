@@ -737,6 +737,26 @@ def test_more_channels_than_the_watch_keeps_apart_cut_the_stream(
             ],
             id="responses-refusal-part",
         ),
+        # [AO] the SDK appends a part where its list ends and applies deltas by content_index:
+        # indexes that disagree put the part's start text before another part's deltas
+        pytest.param(
+            "openai",
+            "/v1/responses",
+            [
+                _resp(
+                    "response.output_item.added",
+                    item={"type": "message", "content": [{"type": "output_text", "text": ""}]},
+                ),
+                _resp(
+                    "response.content_part.added",
+                    content_index=0,
+                    part={"type": "output_text", "text": SLASHED[:13]},
+                ),
+                _resp("response.output_text.delta", content_index=0, delta=" ok"),
+                _resp("response.output_text.delta", content_index=1, delta=SLASHED[13:]),
+            ],
+            id="responses-part-indexes-disagree",
+        ),
     ],
 )
 def test_a_key_begun_in_a_start_event_and_continued_by_deltas_is_cut(

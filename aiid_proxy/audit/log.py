@@ -177,6 +177,10 @@ class AuditLog(Durability):
         first attempt failed without saying whether it committed (its writer died)."""
         return self.submit(format_ts(self._clock.now()), normalize(event, fields), once=True)
 
+    def write_once(self, event: str, timeout: float, **fields: object) -> AppendResult:
+        """:meth:`append_once`, waited for (at most ``timeout`` s: TimeoutError)."""
+        return self.append_once(event, **fields).result(timeout)
+
     def submit(
         self, ts: str, values: tuple[object, ...], *, once: bool = False
     ) -> Future[AppendResult]:
@@ -381,10 +385,14 @@ class AuditLog(Durability):
                 self._check_extends(conn, seq)
             prev = bytes.fromhex(prev_hex)
             copy = self._base.copy
-            there = self._already(conn, live) if any(p.once for p in live) else {}
+            once = any(p.once for p in live)
+            there = self._already(conn, live) if once else {}
+            batch: dict[tuple[object, object], AppendResult] = {}  # this batch's, for once
             for i, p in enumerate(live):
-                if i in there:
-                    results.append(there[i])
+                key = (p.values[_REQUEST_ID], p.values[_EVENT])
+                if i in there or (p.once and key in batch):
+                    # ([AO]) the first attempt may travel in the same batch as its retry
+                    results.append(there[i] if i in there else batch[key])
                     continue
                 seq += 1
                 values = (seq, p.ts, *p.values, prev_hex)
@@ -395,6 +403,8 @@ class AuditLog(Durability):
                 prev_hex = prev.hex()
                 rows.append((*values, prev_hex))
                 results.append(AppendResult(seq, prev_hex))
+                if once and key[0] is not None:
+                    batch.setdefault(key, results[-1])
             conn.executemany(INSERT_SQL, rows)
             conn.execute("COMMIT")
         except Exception as e:

@@ -68,6 +68,8 @@ class AuditAppender(Protocol):
 
     def append_once(self, event: str, **fields: object) -> Future[AppendResult]: ...
 
+    def write_once(self, event: str, timeout: float, **fields: object) -> AppendResult: ...
+
     def head(self) -> tuple[int, str]: ...
 
     def checkpoint(self) -> None: ...
@@ -469,6 +471,13 @@ class RemoteAuditLog:
         """As AuditLog.append_once: not written again if the log holds it already."""
         return self._append(event, fields, once=True)[1]
 
+    def write_once(self, event: str, timeout: float, **fields: object) -> AppendResult:
+        """:meth:`append_once`, sent at once and waited for (at most ``timeout`` s), reading
+        the replies itself: the caller may be the loop's thread, blocked (the shutdown)."""
+        service, fut = self._append(event, fields, once=True)
+        service.release()
+        return service.wait(fut, timeout)
+
     def _append(
         self, event: str, fields: dict[str, object], *, once: bool = False
     ) -> tuple[AuditWriterProcess, Future[AppendResult]]:
@@ -486,7 +495,7 @@ class RemoteAuditLog:
             values,
             *((True,) if once else ()),
             convert=self._committed,
-            hold=is_lazy(values),
+            hold=is_lazy(values) and not once,  # a retry does not wait for company
         )
         return service, fut  # type: ignore[return-value]  # resolved with an AppendResult
 

@@ -326,40 +326,32 @@ class Records:
         """At shutdown: the response records waiting for a retry are written now (their
         answers went out), on a replacement writer if one is starting; those that cannot be
         within RESPONSE_FLUSH_S in all are named in the log (the next start records their
-        requests as unfinished)."""
+        requests as unfinished). Called on the loop's thread, blocked: ``write_once`` reads
+        the writer's replies itself."""
         pending, self._retrying = self._retrying, {}
         if not pending:
             return
         deadline = time.monotonic() + RESPONSE_FLUSH_S  # a real wait: the wall's clock
-        sent: list[tuple[str, dict[str, Any], concurrent.futures.Future[AppendResult], Any]] = []
+        joined = False
         for tenant, record, written in pending.values():
-            try:
-                sent.append((tenant, record, written, self._flush_one(tenant, record)))
-            except AuditError:  # the writer is dead: the attempt started a replacement
-                sent.append((tenant, record, written, None))
-        if join is not None and any(fut is None for *_, fut in sent):
-            join(max(0.0, deadline - time.monotonic()))
-        for tenant, record, written, fut in sent:
-            if written.done():
-                continue
-            try:
-                if fut is None:  # again, on the replacement if there is one by now
-                    fut = self._flush_one(tenant, record)
+            while not written.done():
                 left = max(0.0, deadline - time.monotonic())
-                written.set_result(fut.result(timeout=left))
-            except (AuditError, concurrent.futures.TimeoutError) as e:
-                log.error(
-                    "response record of %s not written before the gateway stopped (%s): "
-                    "the next start records its request as unfinished",
-                    record.get("request_id"),
-                    e.one_line() if isinstance(e, AiidError) else "timed out",
-                )
-                written.set_exception(e)
-
-    def _flush_one(
-        self, tenant: str, record: dict[str, Any]
-    ) -> concurrent.futures.Future[AppendResult]:
-        return self.tenant(tenant).audit.append_once("response", **record)
+                try:
+                    audit = self.tenant(tenant).audit
+                    written.set_result(audit.write_once("response", left, **record))
+                except (AuditError, concurrent.futures.TimeoutError) as e:
+                    if not joined and join is not None and left > 0:
+                        joined = True  # the failed attempt started a replacement: wait once
+                        join(left)
+                        continue
+                    why = e.one_line() if isinstance(e, AiidError) else "timed out"
+                    log.error(
+                        "response record of %s not written before the gateway stopped (%s): "
+                        "the next start records its request as unfinished",
+                        record.get("request_id"),
+                        why,
+                    )
+                    written.set_exception(AuditError(f"not written at shutdown: {why}"))
 
     def _write_response(
         self,

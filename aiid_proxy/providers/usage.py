@@ -26,6 +26,7 @@ _EOLS = re.compile(rb"[\r\n]+")
 _CHARS_PER_TOKEN = 4
 _RESPONSES_FINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 _WATCH_NODES = 10_000
+_MAX_ITEMS = 4096  # Responses items whose parts are counted (the watch's channels cap too)
 # Part-start events of the Responses API, and the delta kind that continues their text (None:
 # named by the part's type, "output_text" -> "response.output_text.delta").
 _RESPONSES_PART_ADDED: dict[str, str | None] = {
@@ -205,6 +206,8 @@ class SSEUsageTracker:
         """When a list: every piece of generated text is appended to it, in order, with its
         channel (a choice, content block or candidate: they interleave), for
         :class:`~aiid_proxy.scrub.TextWatch`; whoever set it empties it."""
+        # Responses API: per (output_index, part-added kind), how many parts the SDK holds
+        self._responses_parts: dict[tuple[object, str], int] = {}
         self._line = bytearray()
         self._line_len = 0
         self._data: list[str] = []
@@ -351,9 +354,17 @@ class SSEUsageTracker:
             part = obj.get("content_index", obj.get("summary_index"))
             self._watch(obj["delta"], f"{kind}{obj.get('output_index')}:{part}")
         elif kind in _RESPONSES_PART_ADDED and isinstance(obj.get("part"), dict):
-            # a part may start with text, which its deltas continue: one channel for both
+            # a part may start with text, which its deltas continue: one channel for both.
+            # The SDK appends the part where its list ends, whatever content_index says, and
+            # applies deltas by content_index: a provider whose indexes disagree has the
+            # text continued in the other part ([AO]): watched under both.
+            out = obj.get("output_index")
             index = obj.get("content_index", obj.get("summary_index"))
-            self._responses_part(obj["part"], obj.get("output_index"), index, kind)
+            at = self._responses_parts.get((out, kind), 0)
+            if len(self._responses_parts) < _MAX_ITEMS:
+                self._responses_parts[(out, kind)] = at + 1
+            for i in {str(index): index, str(at): at}.values():
+                self._responses_part(obj["part"], out, i, kind)
         elif kind == "response.output_item.added" and isinstance(obj.get("item"), dict):
             # an item may start with text too (a message's parts, a call's arguments), which
             # the SDK's snapshot continues with the deltas ([AN])
@@ -367,7 +378,10 @@ class SSEUsageTracker:
                 ("summary", "response.reasoning_summary_part.added"),
             ):
                 parts = item.get(key)
-                for i, part in enumerate(parts if isinstance(parts, list) else []):
+                parts = parts if isinstance(parts, list) else []
+                if len(self._responses_parts) < _MAX_ITEMS:
+                    self._responses_parts[(out, added)] = len(parts)  # where the SDK adds next
+                for i, part in enumerate(parts):
                     if isinstance(part, dict):
                         self._responses_part(part, out, i, added)
         if kind in _RESPONSES_TEXT:
