@@ -287,6 +287,13 @@ ERRORS = [
         id="hosts-when-tools",
     ),
     pytest.param(
+        "rules:\n  - id: llm\n    providers: [openai]\n    effect: allow\n"
+        "    when: &w {stream: true}\n"
+        "  - id: gh\n    hosts: [h.example]\n    effect: deny\n    when: *w  # <-\n",
+        "a hosts rule can only use hours",
+        id="hosts-when-from-an-alias",
+    ),
+    pytest.param(
         "rules:\n  - id: a\n    hosts: [h.example]\n"
         "    paths:\n      - /ok\n      - repos/*  # <-\n"
         "    effect: allow\n",

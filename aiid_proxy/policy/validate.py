@@ -200,12 +200,15 @@ class Validator(Checker):
             # never held live, while `policy explain --param` said it did ([AL])
             wm = m["when"]
             for k in (k for k in wm if k != "hours"):
+                line = wm.key_lines[k]
+                if m.line is not None and line < m.line:  # a YAML alias: the anchor is above
+                    line = m.key_lines["when"]  # ([AN]) named where this rule uses it
                 self.attempt(
                     partial(
                         self.fail,
                         f"{what}.when.{k}: request parameters apply to providers/models rules; "
                         "a hosts rule can only use hours",
-                        wm.key_lines[k],
+                        line,
                     ),
                     None,
                 )
