@@ -119,12 +119,16 @@ def check_sets(opts: options.Options, sets: list[str]) -> None:
     now) with a value it takes, parsed as ``mitmdump --set`` parses it (``NAME`` alone turns a
     boolean on)."""
     values: dict[str, list[str]] = {}
+    bare: set[str] = set()  # named without "=": a boolean turned on, or a mistyped pair
     for spec in sets:
         name, sep, value = spec.partition("=")
         values.setdefault(name.strip(), []).extend([value] if sep else [])
+        if not sep:
+            bare.add(name.strip())
     unknown = sorted(set(values) - set(opts.keys()))
     if unknown:
-        raise BadSetting(f"unknown option(s) for --set: {', '.join(unknown)}")
+        hint = " (expected OPTION=VALUE)" if set(unknown) <= bare else ""
+        raise BadSetting(f"unknown option(s) for --set: {', '.join(unknown)}{hint}")
     for name, given in values.items():
         try:
             opts._parse_setval(opts._options[name], given)  # mitmdump --set parses so

@@ -440,6 +440,12 @@ def test_a_command_without_its_subcommand_prints_the_help(aiid: Run, args: list[
         pytest.param(["listen_port=abc"], "--set listen_port: ", id="bad-int"),
         pytest.param(["ssl_insecure=maybe"], "--set ssl_insecure: ", id="bad-bool"),
         pytest.param(["tcp_timeout"], "--set tcp_timeout: ", id="no-value-for-an-int"),
+        # [AL] a pair mistyped without "=" said only "unknown option"
+        pytest.param(
+            ["badformat"],
+            "unknown option(s) for --set: badformat (expected OPTION=VALUE)",
+            id="no-equals-sign",
+        ),
     ],
 )
 def test_run_with_a_bad_set_is_a_usage_error_before_anything_starts(
@@ -1237,3 +1243,12 @@ def test_policy_explain_gives_no_deny_text_as_the_reason_of_an_allow(
              "gpt-4o-mini", "--policies", str(pol))  # fmt: skip
     assert r.code == 0 and r.lines[:2] == ["decision: allow", "rule: small"], r.lines
     assert not any(line.startswith("reason:") for line in r.lines), r.lines
+
+
+def test_vault_put_for_an_unknown_tenant_says_so_before_reading_a_secret(
+    aiid: Run, home: Home
+) -> None:
+    """[AL] With no input it said "expected exactly one non-empty secret line" (exit 2)."""
+    r = aiid("--home", home.root, "vault", "put", "nosuch", "openai", stdin="")
+    assert r.code == 1 and "unknown tenant 'nosuch'" in r.err
+    assert len(r.err.splitlines()) == 1

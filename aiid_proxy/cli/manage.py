@@ -120,6 +120,8 @@ def _vault(home: Home, tenant_name: str) -> Any:
 @click.pass_context
 def vault_put(ctx: click.Context, tenant_name: str, provider: str, from_env: str | None) -> None:
     """Store PROVIDER's key for TENANT, read from stdin (or --from-env)."""
+    home = home_of(ctx)
+    v = _vault(home, tenant_name)  # an unknown tenant is said before any secret is asked for
     if from_env is not None:
         secret = os.environ.get(from_env)
         if not secret:
@@ -134,8 +136,6 @@ def vault_put(ctx: click.Context, tenant_name: str, provider: str, from_env: str
     secret = secret.strip()  # a line end, or spaces pasted around the key: never part of it
     if not secret or "\n" in secret:
         raise UsageError("expected exactly one non-empty secret line")
-    home = home_of(ctx)
-    v = _vault(home, tenant_name)
     if not v.list():  # its own entries are what Vault.put checks the key against
         _same_key_as_the_other_tenants(home, tenant_name, v.keyring)
     info = v.put(provider, secret)
