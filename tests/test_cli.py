@@ -271,6 +271,11 @@ def test_token_issue_prints_only_the_token_and_revoke_refuses_it(aiid: Run, home
     r = aiid("--home", home.root, "token", "revoke", TENANT, claims["jti"])
     assert (r.code, r.out.strip(), r.err) == (0, f"revoked {claims['jti']}", "")
     assert RevocationList(home).is_revoked(TENANT, claims["jti"])
+    # [AL] again: said "revoked" again and appended a second line
+    lines = home.revoked_path(TENANT).read_text()
+    r = aiid("--home", home.root, "token", "revoke", TENANT, claims["jti"])
+    assert (r.code, r.out.strip(), r.err) == (0, f"already revoked {claims['jti']}", "")
+    assert home.revoked_path(TENANT).read_text() == lines
 
 
 def test_token_revoke_of_an_id_never_issued_warns_and_revokes(aiid: Run, home: Home) -> None:

@@ -225,6 +225,11 @@ def token_revoke(ctx: click.Context, tenant_name: str, jti: str) -> None:
     home.require()
     home.require_tenant(tenant_name)
     jti, expires_at = revocation_target(home, tenant_name, jti)
+    path = home.revoked_path(tenant_name)
+    listed = path.read_text().split() if path.is_file() else []
+    if jti in listed[0::2]:  # "<jti> <exp>" lines
+        click.echo(f"already revoked {jti}")
+        return
     revoke_token(home, tenant_name, jti, expires_at)
     if expires_at is None and not was_issued(home, tenant_name, jti):
         # revoked all the same (the token may come from a copy of this home's admin key)
