@@ -220,14 +220,13 @@ def token_revoke(ctx: click.Context, tenant_name: str, jti: str) -> None:
     """Refuse token JTI from now on (a running gateway too, within 2 s). JTI may also be the
     token itself: it must then be one of this home's tokens for TENANT."""
     from aiid_proxy.admin import revocation_target, revoke_token, was_issued
+    from aiid_proxy.identity import RevocationList
 
     home = home_of(ctx)
     home.require()
     home.require_tenant(tenant_name)
     jti, expires_at = revocation_target(home, tenant_name, jti)
-    path = home.revoked_path(tenant_name)
-    listed = path.read_text().split() if path.is_file() else []
-    if jti in listed[0::2]:  # "<jti> <exp>" lines
+    if RevocationList(home).is_revoked(tenant_name, jti):
         click.echo(f"already revoked {jti}")
         return
     revoke_token(home, tenant_name, jti, expires_at)
