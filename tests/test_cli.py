@@ -355,7 +355,7 @@ def test_token_revoke_takes_the_token_itself(aiid: Run, home: Home) -> None:
                 ("explain-inf", ["--provider", "openai", "--param", "top_p=inf"], "finite"),
                 ("explain-negative", ["--provider", "openai", "--param", "max_tokens=-5"], "0 or"),
                 ("explain-both", ["--provider", "openai", "--host", "api.github.com"], "not both"),
-                ("explain-method", ["--host", "api.github.com", "--method", "get"], "upper case"),
+                ("explain-method", ["--host", "api.github.com", "--method", "G-T"], "HTTP method"),
                 # read in the shell's zone, the same --at would explain another hour elsewhere
                 ("explain-at-naive", ["--provider", "openai", "--at", "2026-11-26T23:00"], "Z or"),
                 ("explain-at-date", ["--provider", "openai", "--at", "2026-11-26"], "Z or"),
@@ -775,6 +775,11 @@ def test_policy_check_names_a_region_no_provider_is_in(aiid: Run, policies: Path
             ["--agent", "bot", "--host", "api.github.com", "--method", "GET", "--path", "/repos/x"],
             ["decision: allow", "rule: github-read"],
             id="egress",
+        ),
+        pytest.param(  # [AL] a policy's methods take `get`: explain does too
+            ["--agent", "bot", "--host", "api.github.com", "--method", "get", "--path", "/repos/x"],
+            ["decision: allow", "rule: github-read"],
+            id="egress-method-lower-case",
         ),
         pytest.param(
             ["--agent", "bot", "--provider", "mistral", "--model", "mistral-large"],

@@ -195,8 +195,9 @@ def policy_explain(
         raise UsageError("give --provider (and --model) or --host")
     if provider is not None and host is not None:
         raise UsageError("give --provider (and --model) or --host, not both")
-    if re.fullmatch(r"[A-Z]+", method) is None:
-        raise UsageError(f"--method must be an HTTP method in upper case, got {method!r}")
+    if re.fullmatch(r"[A-Za-z]+", method) is None:
+        raise UsageError(f"--method must be an HTTP method (GET, POST...), got {method!r}")
+    method = method.upper()  # as a policy's methods are read ([AL]: `get` there, refused here)
     d = policies_dir(policies)
     f = d / f"{tenant_name}.yaml"
     if not f.exists() and (d / f"{tenant_name}.yml").exists():
