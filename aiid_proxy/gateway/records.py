@@ -32,7 +32,7 @@ RESPONSE_RETRY_S = 2.0
 """A ``response`` record its writer process failed (it died) is written again this long
 after, on the replacement (RESPAWN_AFTER is 1 s), up to RESPONSE_RETRIES times."""
 
-RESPONSE_FLUSH_S = 5.0  # seconds the shutdown gives each such record (and a replacement)
+RESPONSE_FLUSH_S = 5.0  # seconds the shutdown gives those records in all (and a replacement)
 
 RECORDED_BYTES = 65536
 """Of a prompt (the request body) and a completion (the response body, scrubbed), what a
