@@ -222,13 +222,20 @@ def _pid_in(fd: int) -> int | None:
 
 
 def _alive(pid: int) -> bool:
+    """``pid`` runs: not gone, and not a zombie its parent has yet to reap ([AP]: a killed
+    gateway whose parent had not waited for it was taken for a live one)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except OSError:  # another user's: alive
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in (b"Z", b"X")
 
 
 def _answers(path: Path) -> bool:

@@ -273,7 +273,7 @@ class StreamGuard:
         if not found and escaped_anywhere(clean, self.scrubber.secrets):
             found = 1  # escaped where no JSON parse reaches it (a field over several lines)
         texts.clear()
-        if not found and self.watch.overflowed:
+        if not found and (self.watch.overflowed or self.tracker.items_overflowed):
             self.held.clear()
             self._cut(
                 out,

@@ -456,3 +456,26 @@ def test_an_audit_writer_holds_the_home_until_it_exits(
     finally:
         writer.close()
     HomeLock(short_home).release()  # the writer exited: free again
+
+
+def test_a_zombie_gateway_is_not_a_running_one() -> None:
+    """[AP] A killed gateway its parent had not reaped yet was named as running."""
+    import subprocess
+    import time
+
+    from aiid_proxy.control import _alive
+
+    p = subprocess.Popen(["true"])
+    try:
+        for _ in range(3000):  # bounded (30 s): until it has exited, not waited for
+            with open(f"/proc/{p.pid}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    break
+            time.sleep(0.01)
+        else:
+            pytest.fail("the child never exited")
+        assert not _alive(p.pid)  # a zombie
+    finally:
+        p.wait()
+    assert not _alive(p.pid)
+    assert _alive(os.getpid())

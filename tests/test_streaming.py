@@ -757,6 +757,29 @@ def test_more_channels_than_the_watch_keeps_apart_cut_the_stream(
             ],
             id="responses-part-indexes-disagree",
         ),
+        # [AP] the SDK starts its snapshot with the items response.created carries
+        pytest.param(
+            "openai",
+            "/v1/responses",
+            [
+                ev(
+                    {
+                        "type": "response.created",
+                        "response": {
+                            "output": [
+                                {
+                                    "type": "message",
+                                    "content": [{"type": "output_text", "text": SLASHED[:13]}],
+                                }
+                            ]
+                        },
+                    },
+                    "response.created",
+                ),
+                _resp("response.output_text.delta", content_index=0, delta=SLASHED[13:]),
+            ],
+            id="responses-created-output",
+        ),
     ],
 )
 def test_a_key_begun_in_a_start_event_and_continued_by_deltas_is_cut(
@@ -826,3 +849,19 @@ def test_the_tracker_skips_runs_of_blank_lines(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(t, "_end_line", counted)
     t.feed(b"data: {}\n\n" + b"\n" * 10_000 + b"data: [DONE]\n\n")
     assert len(calls) == 4 and t.finished
+
+
+def test_responses_items_past_the_count_cap_cut_the_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """[AP] Past the cap on counted items, parts' positions were no longer known and a part
+    whose index disagreed with the SDK's position leaked again: cut instead."""
+    from aiid_proxy.providers import usage
+
+    monkeypatch.setattr(usage, "_MAX_ITEMS", 6)  # two counts an item: content, summary
+    g, _ = guard("openai", "/v1/responses", secrets=(SLASHED,))
+    empty = [
+        _resp("response.output_item.added", output_index=i, item={"type": "message", "content": []})
+        for i in range(3)
+    ]
+    out = b"".join(g(e) for e in empty)
+    assert g.cut is None and out == b"".join(empty)
+    assert b"too_many_channels" in g(empty[-1].replace(b'"output_index": 2', b'"output_index": 9'))

@@ -208,6 +208,8 @@ class SSEUsageTracker:
         :class:`~aiid_proxy.scrub.TextWatch`; whoever set it empties it."""
         # Responses API: per (output_index, part-added kind), how many parts the SDK holds
         self._responses_parts: dict[tuple[object, str], int] = {}
+        self.items_overflowed = False
+        """More Responses items than their parts can be counted for (_MAX_ITEMS)."""
         self._line = bytearray()
         self._line_len = 0
         self._data: list[str] = []
@@ -361,29 +363,20 @@ class SSEUsageTracker:
             out = obj.get("output_index")
             index = obj.get("content_index", obj.get("summary_index"))
             at = self._responses_parts.get((out, kind), 0)
-            if len(self._responses_parts) < _MAX_ITEMS:
-                self._responses_parts[(out, kind)] = at + 1
+            self._count_parts(out, kind, at + 1)
             for i in {str(index): index, str(at): at}.values():
                 self._responses_part(obj["part"], out, i, kind)
         elif kind == "response.output_item.added" and isinstance(obj.get("item"), dict):
             # an item may start with text too (a message's parts, a call's arguments), which
             # the SDK's snapshot continues with the deltas ([AN])
-            item, out = obj["item"], obj.get("output_index")
-            started = _RESPONSES_ITEM_STARTS.get(str(item.get("type")))
-            if started is not None:
-                field, deltas = started
-                self._watch(item.get(field), f"{deltas}{out}:None")
-            for key, added in (
-                ("content", "response.content_part.added"),
-                ("summary", "response.reasoning_summary_part.added"),
-            ):
-                parts = item.get(key)
-                parts = parts if isinstance(parts, list) else []
-                if len(self._responses_parts) < _MAX_ITEMS:
-                    self._responses_parts[(out, added)] = len(parts)  # where the SDK adds next
-                for i, part in enumerate(parts):
-                    if isinstance(part, dict):
-                        self._responses_part(part, out, i, added)
+            self._responses_item(obj["item"], obj.get("output_index"))
+        elif kind in ("response.created", "response.in_progress"):
+            # the SDK starts its snapshot with the items these carry ([AP])
+            response = obj.get("response")
+            items = response.get("output") if isinstance(response, dict) else None
+            for out, item in enumerate(items if isinstance(items, list) else []):
+                if isinstance(item, dict):
+                    self._responses_item(item, out)
         if kind in _RESPONSES_TEXT:
             part = obj.get("content_index", obj.get("summary_index"))
             self._text(obj.get("delta"), f"{kind}{obj.get('output_index')}:{part}", watch=False)
@@ -394,6 +387,30 @@ class SSEUsageTracker:
                 found = _openai_usage(response.get("usage"))
                 if found is not None:
                     self._final = found
+
+    def _responses_item(self, item: dict[str, Any], out: object) -> None:
+        """Watch an item's start texts (a call's arguments, its parts' texts) on the channels
+        of the deltas that continue them, and count its parts where the SDK holds them."""
+        started = _RESPONSES_ITEM_STARTS.get(str(item.get("type")))
+        if started is not None:
+            field, deltas = started
+            self._watch(item.get(field), f"{deltas}{out}:None")
+        for key, added in (
+            ("content", "response.content_part.added"),
+            ("summary", "response.reasoning_summary_part.added"),
+        ):
+            parts = item.get(key)
+            parts = parts if isinstance(parts, list) else []
+            self._count_parts(out, added, len(parts))  # where the SDK adds the next one
+            for i, part in enumerate(parts):
+                if isinstance(part, dict):
+                    self._responses_part(part, out, i, added)
+
+    def _count_parts(self, out: object, added: str, n: int) -> None:
+        if (out, added) in self._responses_parts or len(self._responses_parts) < _MAX_ITEMS:
+            self._responses_parts[(out, added)] = n
+        else:  # ([AP]) past the cap the positions are unknown: the stream is cut (fail closed)
+            self.items_overflowed = True
 
     def _responses_part(self, part: dict[str, Any], out: object, index: object, added: str) -> None:
         """Watch a Responses part's start text on the channel of the deltas that continue it:
