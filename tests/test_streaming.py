@@ -780,6 +780,39 @@ def test_more_channels_than_the_watch_keeps_apart_cut_the_stream(
             ],
             id="responses-created-output",
         ),
+        # [AQ] response.in_progress lists items the SDK does not apply to one being written:
+        # counting its parts again lost the SDK's position
+        pytest.param(
+            "openai",
+            "/v1/responses",
+            [
+                _resp("response.output_item.added", item={"type": "message", "content": []}),
+                _resp(
+                    "response.content_part.added",
+                    content_index=0,
+                    part={"type": "output_text", "text": ""},
+                ),
+                _resp(
+                    "response.content_part.added",
+                    content_index=1,
+                    part={"type": "output_text", "text": ""},
+                ),
+                ev(
+                    {
+                        "type": "response.in_progress",
+                        "response": {"output": [{"type": "message", "content": []}]},
+                    },
+                    "response.in_progress",
+                ),
+                _resp(
+                    "response.content_part.added",
+                    content_index=0,
+                    part={"type": "output_text", "text": SLASHED[:15]},
+                ),
+                _resp("response.output_text.delta", content_index=2, delta=SLASHED[15:]),
+            ],
+            id="responses-in-progress-output",
+        ),
     ],
 )
 def test_a_key_begun_in_a_start_event_and_continued_by_deltas_is_cut(
@@ -856,7 +889,7 @@ def test_responses_items_past_the_count_cap_cut_the_stream(monkeypatch: pytest.M
     whose index disagreed with the SDK's position leaked again: cut instead."""
     from aiid_proxy.providers import usage
 
-    monkeypatch.setattr(usage, "_MAX_ITEMS", 6)  # two counts an item: content, summary
+    monkeypatch.setattr(usage, "_MAX_ITEMS", 3)  # a count an item with content
     g, _ = guard("openai", "/v1/responses", secrets=(SLASHED,))
     empty = [
         _resp("response.output_item.added", output_index=i, item={"type": "message", "content": []})

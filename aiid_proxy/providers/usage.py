@@ -370,8 +370,9 @@ class SSEUsageTracker:
             # an item may start with text too (a message's parts, a call's arguments), which
             # the SDK's snapshot continues with the deltas ([AN])
             self._responses_item(obj["item"], obj.get("output_index"))
-        elif kind in ("response.created", "response.in_progress"):
-            # the SDK starts its snapshot with the items these carry ([AP])
+        elif kind == "response.created":
+            # the SDK starts its snapshot with the items it carries ([AP]); not with those of
+            # response.in_progress, which it applies to no item still being written ([AQ])
             response = obj.get("response")
             items = response.get("output") if isinstance(response, dict) else None
             for out, item in enumerate(items if isinstance(items, list) else []):
@@ -400,7 +401,8 @@ class SSEUsageTracker:
             ("summary", "response.reasoning_summary_part.added"),
         ):
             parts = item.get(key)
-            parts = parts if isinstance(parts, list) else []
+            if not isinstance(parts, list):
+                continue  # a call: no parts, no count ([AQ]: each took a slot of the cap)
             self._count_parts(out, added, len(parts))  # where the SDK adds the next one
             for i, part in enumerate(parts):
                 if isinstance(part, dict):

@@ -168,13 +168,11 @@ def _replace_in_strings(doc: Any, secrets: list[str]) -> Any:
 
 _ESCAPE = re.compile(rb"\\(u[0-9a-fA-F]{4}|.)", re.DOTALL)
 _ONE = rb"(?>\\(?:u[0-9a-fA-F]{4}|.))"  # atomic: \u0041 is never \u then text
-_TEXT = rb'[^\\"\x00-\x1f]*+'
 _GAP = rb'[^\\"\x00-\x1f]{0,16}+'
 LONG_RUN = 4
-"""Escapes that :func:`escaped_anywhere` undoes in one call of the JSON decoder: LONG_RUN of
-them at most 16 characters apart (escaped text in a non-Latin script: letters, spaces,
-punctuation), then every escape and plain character up to the next quote or control character
-(the rest of the JSON string). Sparser or fewer escapes are undone one at a time, as a
+"""Escapes that :func:`escaped_anywhere` undoes in one call of the JSON decoder: LONG_RUN or
+more, each at most 16 characters from the next (escaped text in a non-Latin script: letters,
+spaces, punctuation). Sparser or fewer escapes are undone one at a time, as a
 decoder call (and its failure) would cost them more. The long branch never backtracks
 (possessive, atomic) and gives up within LONG_RUN * 22 bytes: [AO] found a string of 7
 escapes 1,000 characters apart re-read 128 ways (16 MiB: 5.8 s)."""
@@ -183,13 +181,13 @@ _ESCAPES = re.compile(
     + _GAP
     + _ONE
     + rb"){%d}+(?:" % (LONG_RUN - 1)
-    + _TEXT
+    + _GAP
     + _ONE
-    + rb")*+"
-    + _TEXT
-    + rb")|(?P<one>u[0-9a-fA-F]{4}|.))",
+    + rb")*+)|(?P<one>u[0-9a-fA-F]{4}|.))",
     re.DOTALL,
-)  # aligned as _ESCAPE reads escapes (``\\\\`` is one); a literal start: searched fast
+)  # aligned as _ESCAPE reads escapes (``\\\\`` is one); a literal start: searched fast.
+# A run ends at its last dense escape ([AQ]: carried on to the quote, a few escapes before
+# 16 MiB of plain text made the decoder and its check read all of it, three levels deep).
 # Matches (from the start: ``match``) up to an escape JSON does not know (``\\k``,
 # ``\\u12g4``), reading escapes aligned as _ESCAPE does; one pass, no backtracking.
 _NOT_JSON = re.compile(rb'(?:\\["\\/bfnrt]|\\u[0-9a-fA-F]{4}|[^\\])*+\\', re.DOTALL)
