@@ -41,6 +41,7 @@ CUT_REASON = "reservation exceeded"
 KEY_CUT_REASON = "injected key in the output"
 LARGE_CUT_REASON = "event too large to check"
 CHANNELS_CUT_REASON = "too many interleaved texts to check"
+INDEX_CUT_REASON = "an index the gateway cannot follow"
 
 
 def looks_like_sse(body: bytes) -> bool:
@@ -273,6 +274,16 @@ class StreamGuard:
         if not found and escaped_anywhere(clean, self.scrubber.secrets):
             found = 1  # escaped where no JSON parse reaches it (a field over several lines)
         texts.clear()
+        if not found and self.tracker.odd_index:
+            self.held.clear()
+            self._cut(
+                out,
+                INDEX_CUT_REASON,
+                "aiid: stream cut: an event names a position (index) the gateway cannot follow "
+                "to check for the key it injected",
+                "unplaceable_index",
+            )
+            return True
         if not found and (self.watch.overflowed or self.tracker.items_overflowed):
             self.held.clear()
             self._cut(
@@ -356,6 +367,7 @@ def spelled_in_array(body: bytes, tracker: SSEUsageTracker, secrets: tuple[str, 
 __all__ = [
     "CHANNELS_CUT_REASON",
     "CUT_REASON",
+    "INDEX_CUT_REASON",
     "KEY_CUT_REASON",
     "LARGE_CUT_REASON",
     "EventSplitter",

@@ -14,6 +14,7 @@ from aiid_proxy.scrub import REDACTED, Scrubber, TextWatch
 from aiid_proxy.streaming import (
     CHANNELS_CUT_REASON,
     CUT_REASON,
+    INDEX_CUT_REASON,
     KEY_CUT_REASON,
     LARGE_CUT_REASON,
     EventSplitter,
@@ -898,3 +899,85 @@ def test_responses_items_past_the_count_cap_cut_the_stream(monkeypatch: pytest.M
     out = b"".join(g(e) for e in empty)
     assert g.cut is None and out == b"".join(empty)
     assert b"too_many_channels" in g(empty[-1].replace(b'"output_index": 2', b'"output_index": 9'))
+
+
+@pytest.mark.parametrize(
+    ("provider", "path", "event"),
+    [
+        pytest.param(
+            "openai",
+            "/v1/responses",
+            _resp("response.output_text.delta", content_index=-1, delta="x"),
+            id="negative-content-index",
+        ),
+        pytest.param(
+            "openai",
+            "/v1/responses",
+            _resp("response.output_text.delta", content_index=True, delta="x"),
+            id="boolean-content-index",
+        ),
+        pytest.param(
+            "openai",
+            "/v1/responses",
+            ev(
+                {
+                    "type": "response.function_call_arguments.delta",
+                    "output_index": 0.0,
+                    "delta": "x",
+                },
+                "response.function_call_arguments.delta",
+            ),
+            id="float-output-index",
+        ),
+        pytest.param(
+            "openai",
+            "/v1/chat/completions",
+            ev({"choices": [{"index": -1, "delta": {"content": "x"}}]}),
+            id="negative-choice-index",
+        ),
+        pytest.param(
+            "openai",
+            "/v1/chat/completions",
+            ev(
+                {
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": {
+                                "tool_calls": [{"index": "1", "function": {"arguments": "x"}}]
+                            },
+                        }
+                    ]
+                }
+            ),
+            id="string-tool-call-index",
+        ),
+        pytest.param(
+            "anthropic",
+            "/v1/messages",
+            ev(
+                {
+                    "type": "content_block_delta",
+                    "index": 1.0,
+                    "delta": {"type": "text_delta", "text": "x"},
+                },
+                "content_block_delta",
+            ),
+            id="float-block-index",
+        ),
+    ],
+)
+def test_an_event_with_a_position_the_watch_cannot_follow_cuts_the_stream(
+    provider: str, path: str, event: bytes
+) -> None:
+    """[AR] The SDKs read -1 (the last), true (1) and 0.0 (0) as positions the watch named
+    otherwise: a key begun under one and continued under the other reached the snapshot."""
+    g, _ = guard(provider, path, secrets=(SLASHED,))
+    assert b"cannot follow" in g(event) and g.cut == INDEX_CUT_REASON
+
+
+def test_indexes_that_are_null_or_absent_are_fine() -> None:
+    g, _ = guard(secrets=(SLASHED,))
+    out = g(ev({"choices": [{"index": None, "delta": {"content": "x"}}]}))
+    out += g(ev({"choices": [{"delta": {"content": "y"}}]}))
+    assert g.cut is None and b"unplaceable" not in out

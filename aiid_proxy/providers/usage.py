@@ -209,6 +209,10 @@ class SSEUsageTracker:
         # Responses API: per (output_index, part-added kind), how many parts the SDK holds
         self._responses_parts: dict[tuple[object, str], int] = {}
         self.items_overflowed = False
+        self.odd_index = False
+        """An event named a position (choice, block, item, part, tool call) other than a
+        non-negative whole number: the SDKs read ``-1``, ``true`` and ``0.0`` as positions
+        the watch cannot follow ([AR]), so the stream is cut."""
         """More Responses items than their parts can be counted for (_MAX_ITEMS)."""
         self._line = bytearray()
         self._line_len = 0
@@ -297,6 +301,8 @@ class SSEUsageTracker:
             self.finished = True
             return
         obj = _loads(data)
+        if isinstance(obj, dict) and not self.odd_index and _odd_index(obj):
+            self.odd_index = True
         if not isinstance(obj, dict):
             self.junk += 1
             return
@@ -558,3 +564,32 @@ def _item_channel(channel: str, item: object) -> str:
         if isinstance(index, int) and not isinstance(index, bool):
             return f"{channel}[{index}]"
     return channel
+
+
+_INDEX_KEYS = ("index", "output_index", "content_index", "summary_index")
+
+
+def _odd_index(obj: dict[str, Any]) -> bool:
+    """Whether an event (or its choices, candidates, tool calls) names a position that is not
+    a non-negative whole number (null or absent is fine)."""
+
+    def odd(d: dict[str, Any]) -> bool:
+        return any(
+            (v := d.get(k)) is not None and (type(v) is not int or v < 0) for k in _INDEX_KEYS
+        )
+
+    if odd(obj):
+        return True
+    for key in ("choices", "candidates"):
+        items = obj.get(key)
+        for c in items if isinstance(items, list) else []:
+            if not isinstance(c, dict):
+                continue
+            if odd(c):
+                return True
+            delta = c.get("delta")
+            calls = delta.get("tool_calls") if isinstance(delta, dict) else None
+            for t in calls if isinstance(calls, list) else []:
+                if isinstance(t, dict) and odd(t):
+                    return True
+    return False
