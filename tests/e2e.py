@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shlex
 import shutil
 import signal
@@ -26,7 +27,23 @@ ANTHROPIC_CANARY = "sk-ant-canary-b81d4e0f92c6477aa5e2"
 GITHUB_CANARY = "ghp_canary9d2f61a0c7e84b3f95"
 
 
+# Below the kernel's ephemeral range (32768-60999 here): a port the OS handed out with bind(0)
+# can be taken as the source port of any outgoing connection (the other xdist worker's
+# clients) before the gateway binds it, and a gateway that waits for the home lock binds
+# seconds later ("address already in use" in test_crash).
+_PORTS = random.Random(os.getpid())
+
+
 def free_port() -> int:
+    """A port free now, outside the ephemeral range; bounded tries, then any free port."""
+    for _ in range(200):
+        port = _PORTS.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
