@@ -981,3 +981,63 @@ def test_indexes_that_are_null_or_absent_are_fine() -> None:
     out = g(ev({"choices": [{"index": None, "delta": {"content": "x"}}]}))
     out += g(ev({"choices": [{"delta": {"content": "y"}}]}))
     assert g.cut is None and b"unplaceable" not in out
+
+
+@pytest.mark.parametrize(
+    ("provider", "path", "events"),
+    [
+        pytest.param(
+            "anthropic",
+            "/v1/messages",
+            [
+                ev(
+                    {
+                        "type": "content_block_start",
+                        "index": 3,
+                        "content_block": {"type": "text", "text": SECRET[:3]},
+                    },
+                    "content_block_start",
+                ),
+                ev(
+                    {
+                        "type": "content_block_delta",
+                        "index": 0,
+                        "delta": {"type": "text_delta", "text": SECRET[3:]},
+                    },
+                    "content_block_delta",
+                ),
+            ],
+            id="anthropic-block-started-under-another-index",
+        ),
+        pytest.param(
+            "openai",
+            "/v1/chat/completions",
+            [
+                ev(
+                    {
+                        "choices": [
+                            {"index": 0, "delta": {"parts": [{"index": 0, "text": SECRET[:3]}]}}
+                        ]
+                    }
+                ),
+                ev(
+                    {
+                        "choices": [
+                            {"index": 0, "delta": {"parts": [{"index": 4, "text": SECRET[3:]}]}}
+                        ]
+                    }
+                ),
+            ],
+            id="chat-list-items-the-sdk-merges-by-position",
+        ),
+    ],
+)
+def test_a_key_the_sdk_joins_from_pieces_named_apart_is_cut(
+    provider: str, path: str, events: list[bytes]
+) -> None:
+    """[AS] The SDKs join text the tracker names apart: Anthropic's appends a started block
+    whatever its index and applies deltas by position; openai's merges any list of a delta by
+    its items' index, as a list position. Every piece is also read in the order it came."""
+    g, _ = guard(provider, path, secrets=(SECRET,))
+    out = b"".join(g(e) for e in events) + g(b"")
+    assert g.cut == KEY_CUT_REASON and SECRET.encode() not in out

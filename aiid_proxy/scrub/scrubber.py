@@ -20,6 +20,14 @@ from aiid_proxy.scrub.fragments import (
     public_prefix,
 )
 
+_POSITION = re.compile(r"\[[^\]]*\]|\d+")
+
+
+def _field(channel: str) -> str:
+    """The channel of a piece's field at any position (no tracker names one so: NUL)."""
+    return "\x00" + _POSITION.sub("", channel.rsplit(".", 1)[-1])
+
+
 MIN_WATCHED = 8
 """Secrets shorter than this are scrubbed as bytes only: as text they would match words."""
 MAX_CHANNELS = 4096
@@ -251,24 +259,40 @@ class TextWatch:
         return bool(self._secrets)
 
     def feed(self, pieces: Iterable[str | tuple[str, str]]) -> int:
-        """Add one event's text pieces (``(channel, text)``, or text on the one channel)."""
-        found = 0
+        """Add one event's text pieces (``(channel, text)``, or text on the one channel).
+
+        Each piece is also read on a channel of its field, whatever its position (the name
+        after the channel's last dot, without indexes: ``b3.text`` and ``b0.text`` are both
+        ``text``), in the order the pieces came: an SDK may join text the tracker named apart
+        (a block started under one index and continued under another; a list item whose index
+        it reads as another position, [AS]). Found there, a secret counts once with the
+        channels' finds."""
+        found = found_by_field = 0
         for piece in pieces:
             channel, text = piece if isinstance(piece, tuple) else ("", piece)
             if channel not in self._tails and len(self._tails) >= MAX_CHANNELS:
                 self.overflowed = True  # bounded memory and work: the caller cuts the stream
                 continue
-            text = self._tails.get(channel, "") + text
-            for s in self._secrets:
-                if s in text:
-                    found += text.count(s)
-                    text = text.replace(s, "\0")
-            tail = self._tails[channel] = text[-self._keep :]
-            if self._ends_in_a_prefix(tail):
-                self._holding.add(channel)
-            else:
-                self._holding.discard(channel)
+            found += self._add(channel, text)
+            found_by_field += self._add(_field(channel), text)
+        found = max(found, found_by_field)
         self.holding = bool(self._holding)
+        return found
+
+    def _add(self, channel: str, text: str) -> int:
+        """``text`` after the channel's tail: the secrets it completes (replaced, so never
+        counted twice), and whether it now ends in a secret's start."""
+        found = 0
+        text = self._tails.get(channel, "") + text
+        for s in self._secrets:
+            if s in text:
+                found += text.count(s)
+                text = text.replace(s, "\0")
+        tail = self._tails[channel] = text[-self._keep :]
+        if self._ends_in_a_prefix(tail):
+            self._holding.add(channel)
+        else:
+            self._holding.discard(channel)
         return found
 
     def _ends_in_a_prefix(self, t: str) -> bool:
