@@ -216,7 +216,7 @@ class StreamGuard:
             self.tracker.feed(clean)
             self.tracker.close()  # dispatches an unterminated last event
             if not self._check(out) and not self._watched(clean, out):
-                if self.watch.holding:  # the text ends in a secret's start: not released
+                if self.watch.holding_at_end:  # text ends in a secret's start: not released
                     self._key_cut(out)
                 else:
                     out += self.held + clean
@@ -361,7 +361,7 @@ def spelled_in_array(body: bytes, tracker: SSEUsageTracker, secrets: tuple[str, 
         if watch.feed(tracker.texts):
             return True
         tracker.texts.clear()
-    return watch.holding
+    return watch.holding_at_end
 
 
 __all__ = [

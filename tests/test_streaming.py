@@ -1041,3 +1041,43 @@ def test_a_key_the_sdk_joins_from_pieces_named_apart_is_cut(
     g, _ = guard(provider, path, secrets=(SECRET,))
     out = b"".join(g(e) for e in events) + g(b"")
     assert g.cut == KEY_CUT_REASON and SECRET.encode() not in out
+
+
+PROJ = "sk-proj-a1B2c3D4e5F6g7H8i9J0kLmNoPqRsTuV"
+
+
+@pytest.mark.parametrize(
+    ("continued", "cut"),
+    [
+        pytest.param("a", False, id="one-past-the-public-start"),
+        pytest.param("a1B", False, id="three-past"),
+        pytest.param("a1B2", True, id="four-past"),
+    ],
+)
+def test_a_public_start_in_one_choice_and_the_next_characters_in_another(
+    continued: str, cut: bool
+) -> None:
+    """[AT] Read on one field, "...sk-proj-" in choice 0 and "a" in choice 1 ended the stream
+    held, and it was cut as a leak: no SDK joins two choices. At the end, a field may end in
+    up to HOLD - 1 characters past the public start, as a channel's text may pass."""
+    events = [
+        ev({"choices": [{"index": 0, "delta": {"content": "Keys look like sk-proj-"}}]}),
+        ev({"choices": [{"index": 1, "delta": {"content": continued}}]}),
+        ev({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+        ev("[DONE]"),
+    ]
+    g, _ = guard(secrets=(PROJ,))
+    out = b"".join(g(e) for e in events) + g(b"")
+    if cut:
+        assert g.cut == KEY_CUT_REASON and continued.encode() not in out
+    else:
+        assert g.cut is None and out == b"".join(events)
+
+
+def test_fields_do_not_count_towards_the_channel_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiid_proxy.scrub import scrubber
+
+    monkeypatch.setattr(scrubber, "MAX_CHANNELS", 3)
+    w = TextWatch([PROJ])
+    w.feed([("c0.content", "a"), ("c1.content", "b"), ("c2.content", "c")])
+    assert not w.overflowed

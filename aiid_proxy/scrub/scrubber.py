@@ -246,10 +246,15 @@ class TextWatch:
 
     def __init__(self, secrets: Iterable[str]) -> None:
         self._secrets = sorted({s for s in secrets if len(s) >= MIN_WATCHED}, key=len, reverse=True)
-        self._public = {s: max(public_prefix(s), self.HOLD - 1) for s in self._secrets}
+        self._known = {s: public_prefix(s) for s in self._secrets}  # its known public start
+        self._public = {s: max(self._known[s], self.HOLD - 1) for s in self._secrets}
         self._keep = max((len(s) for s in self._secrets), default=1) - 1
         self._tails: dict[str, str] = {}  # per channel: choices, blocks, candidates interleave
-        self._holding: set[str] = set()  # the channels whose text ends in a secret's start
+        self._fields: dict[str, str] = {}  # per field at any position (see feed)
+        # the channels (and fields) whose text ends in a secret's start: how many characters
+        # of it past its public start
+        self._holding: dict[str, int] = {}
+        self._field_holding: dict[str, int] = {}
         self.holding = False
         self.overflowed = False
         """More than MAX_CHANNELS channels: text past that was not kept apart, nor watched."""
@@ -257,6 +262,14 @@ class TextWatch:
     @property
     def active(self) -> bool:
         return bool(self._secrets)
+
+    @property
+    def holding_at_end(self) -> bool:
+        """At the stream's end: a channel's text ends in a secret's start (what follows the
+        public start is not let out), or a field's ends in more than HOLD - 1 characters past
+        it ([AT]: "...sk-proj-" in one choice and "a" in the next is no key, and the usual
+        HOLD - 1 characters may pass)."""
+        return bool(self._holding) or any(n >= self.HOLD for n in self._field_holding.values())
 
     def feed(self, pieces: Iterable[str | tuple[str, str]]) -> int:
         """Add one event's text pieces (``(channel, text)``, or text on the one channel).
@@ -266,46 +279,51 @@ class TextWatch:
         ``text``), in the order the pieces came: an SDK may join text the tracker named apart
         (a block started under one index and continued under another; a list item whose index
         it reads as another position, [AS]). Found there, a secret counts once with the
-        channels' finds."""
+        channels' finds; held there, the event waits as for a channel (so that no more of a
+        secret passes), but at the stream's end see :attr:`holding_at_end`. Fields do not
+        count towards MAX_CHANNELS."""
         found = found_by_field = 0
         for piece in pieces:
             channel, text = piece if isinstance(piece, tuple) else ("", piece)
             if channel not in self._tails and len(self._tails) >= MAX_CHANNELS:
                 self.overflowed = True  # bounded memory and work: the caller cuts the stream
                 continue
-            found += self._add(channel, text)
-            found_by_field += self._add(_field(channel), text)
+            found += self._add(self._tails, self._holding, channel, text)
+            found_by_field += self._add(self._fields, self._field_holding, _field(channel), text)
         found = max(found, found_by_field)
-        self.holding = bool(self._holding)
+        self.holding = bool(self._holding) or bool(self._field_holding)
         return found
 
-    def _add(self, channel: str, text: str) -> int:
+    def _add(self, tails: dict[str, str], holding: dict[str, int], channel: str, text: str) -> int:
         """``text`` after the channel's tail: the secrets it completes (replaced, so never
         counted twice), and whether it now ends in a secret's start."""
         found = 0
-        text = self._tails.get(channel, "") + text
+        text = tails.get(channel, "") + text
         for s in self._secrets:
             if s in text:
                 found += text.count(s)
                 text = text.replace(s, "\0")
-        tail = self._tails[channel] = text[-self._keep :]
-        if self._ends_in_a_prefix(tail):
-            self._holding.add(channel)
+        tail = tails[channel] = text[-self._keep :]
+        past = self._past_public(tail)
+        if past:
+            holding[channel] = past
         else:
-            self._holding.discard(channel)
+            holding.pop(channel, None)
         return found
 
-    def _ends_in_a_prefix(self, t: str) -> bool:
-        """``t`` ends in a secret's first characters, more of them than its public start."""
+    def _past_public(self, t: str) -> int:
+        """When ``t`` ends in a secret's first characters, more than HOLD - 1 past its known
+        public start (or than its public start): how many past the known start; else 0."""
+        best = 0
         for s in self._secrets:
-            public = self._public[s]
-            start = s[: public + 1]
+            start = s[: self._public[s] + 1]
             i = t.find(start, max(0, len(t) - (len(s) - 1)))
             while i != -1:
                 if s.startswith(t[i:]):
-                    return True
+                    best = max(best, len(t) - i - self._known[s])
+                    break  # the leftmost is the longest
                 i = t.find(start, i + 1)
-        return False
+        return best
 
 
 def _whole(body: bytes, a: int, b: int) -> list[int]:
