@@ -1081,3 +1081,38 @@ def test_fields_do_not_count_towards_the_channel_cap(monkeypatch: pytest.MonkeyP
     w = TextWatch([PROJ])
     w.feed([("c0.content", "a"), ("c1.content", "b"), ("c2.content", "c")])
     assert not w.overflowed
+
+
+def test_an_anthropic_block_is_watched_at_the_position_the_sdk_gives_it() -> None:
+    """[AU] The SDK appends a started block whatever its index: a block announced as 5 is its
+    first, which a delta of index 0 continues. Watched under the announced index, with
+    another block between them, the key split at its public start passed whole."""
+    events = [
+        ev(
+            {
+                "type": "content_block_start",
+                "index": 5,
+                "content_block": {"type": "text", "text": "Key: " + PROJ[:8]},
+            },
+            "content_block_start",
+        ),
+        ev(
+            {
+                "type": "content_block_start",
+                "index": 6,
+                "content_block": {"type": "text", "text": "zz"},
+            },
+            "content_block_start",
+        ),
+        ev(
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "text_delta", "text": PROJ[8:]},
+            },
+            "content_block_delta",
+        ),
+    ]
+    g, _ = guard("anthropic", "/v1/messages", secrets=(PROJ,))
+    out = b"".join(g(e) for e in events) + g(b"")
+    assert g.cut == KEY_CUT_REASON and PROJ[8:].encode() not in out

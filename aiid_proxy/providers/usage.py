@@ -208,6 +208,7 @@ class SSEUsageTracker:
         :class:`~aiid_proxy.scrub.TextWatch`; whoever set it empties it."""
         # Responses API: per (output_index, part-added kind), how many parts the SDK holds
         self._responses_parts: dict[tuple[object, str], int] = {}
+        self._blocks = 0  # Anthropic: the content blocks started so far (the SDK's list)
         self.items_overflowed = False
         self.odd_index = False
         """An event named a position (choice, block, item, part, tool call) other than a
@@ -454,7 +455,11 @@ class SSEUsageTracker:
         elif kind == "content_block_start":
             start = obj.get("content_block")
             if isinstance(start, dict):  # its text, if any, is continued by the deltas
-                block = f"b{obj.get('index')}"
+                # The SDK appends a started block where its list ends, whatever its index
+                # says, and applies deltas by index as a position ([AU]): watched at the
+                # position it takes, which its deltas name.
+                block = f"b{self._blocks}"
+                self._blocks += 1
                 self._watch(start, block)
                 for key in ("text", "thinking"):
                     self._text(start.get(key), block + key, watch=False)
