@@ -589,6 +589,16 @@ def _resp(kind: str, **fields: object) -> bytes:
     return ev({"type": kind, "output_index": 0, **fields}, kind)
 
 
+def _block_start(index: object, text: str) -> bytes:
+    start = {"type": "content_block_start", "index": index}
+    return ev({**start, "content_block": {"type": "text", "text": text}}, "content_block_start")
+
+
+def _block_delta(index: object, text: str) -> bytes:
+    delta = {"type": "content_block_delta", "index": index}
+    return ev({**delta, "delta": {"type": "text_delta", "text": text}}, "content_block_delta")
+
+
 def _cut(out: bytes) -> bool:
     return b"injected_key_in_output" in out or b"spelled out the key" in out
 
@@ -653,22 +663,8 @@ def test_more_channels_than_the_watch_keeps_apart_cut_the_stream(
             "anthropic",
             "/v1/messages",
             [
-                ev(
-                    {
-                        "type": "content_block_start",
-                        "index": 0,
-                        "content_block": {"type": "text", "text": SLASHED[:25]},
-                    },
-                    "content_block_start",
-                ),
-                ev(
-                    {
-                        "type": "content_block_delta",
-                        "index": 0,
-                        "delta": {"type": "text_delta", "text": SLASHED[25:]},
-                    },
-                    "content_block_delta",
-                ),
+                _block_start(0, SLASHED[:25]),
+                _block_delta(0, SLASHED[25:]),
             ],
             id="anthropic-block-start",
         ),
@@ -955,14 +951,7 @@ def test_responses_items_past_the_count_cap_cut_the_stream(monkeypatch: pytest.M
         pytest.param(
             "anthropic",
             "/v1/messages",
-            ev(
-                {
-                    "type": "content_block_delta",
-                    "index": 1.0,
-                    "delta": {"type": "text_delta", "text": "x"},
-                },
-                "content_block_delta",
-            ),
+            _block_delta(1.0, "x"),
             id="float-block-index",
         ),
     ],
@@ -990,22 +979,8 @@ def test_indexes_that_are_null_or_absent_are_fine() -> None:
             "anthropic",
             "/v1/messages",
             [
-                ev(
-                    {
-                        "type": "content_block_start",
-                        "index": 3,
-                        "content_block": {"type": "text", "text": SECRET[:3]},
-                    },
-                    "content_block_start",
-                ),
-                ev(
-                    {
-                        "type": "content_block_delta",
-                        "index": 0,
-                        "delta": {"type": "text_delta", "text": SECRET[3:]},
-                    },
-                    "content_block_delta",
-                ),
+                _block_start(3, SECRET[:3]),
+                _block_delta(0, SECRET[3:]),
             ],
             id="anthropic-block-started-under-another-index",
         ),
@@ -1088,30 +1063,9 @@ def test_an_anthropic_block_is_watched_at_the_position_the_sdk_gives_it() -> Non
     first, which a delta of index 0 continues. Watched under the announced index, with
     another block between them, the key split at its public start passed whole."""
     events = [
-        ev(
-            {
-                "type": "content_block_start",
-                "index": 5,
-                "content_block": {"type": "text", "text": "Key: " + PROJ[:8]},
-            },
-            "content_block_start",
-        ),
-        ev(
-            {
-                "type": "content_block_start",
-                "index": 6,
-                "content_block": {"type": "text", "text": "zz"},
-            },
-            "content_block_start",
-        ),
-        ev(
-            {
-                "type": "content_block_delta",
-                "index": 0,
-                "delta": {"type": "text_delta", "text": PROJ[8:]},
-            },
-            "content_block_delta",
-        ),
+        _block_start(5, "Key: " + PROJ[:8]),
+        _block_start(6, "zz"),
+        _block_delta(0, PROJ[8:]),
     ]
     g, _ = guard("anthropic", "/v1/messages", secrets=(PROJ,))
     out = b"".join(g(e) for e in events) + g(b"")

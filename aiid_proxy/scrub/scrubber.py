@@ -3,6 +3,7 @@ decoded text of streamed events (:class:`TextWatch`)."""
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 
@@ -23,6 +24,7 @@ from aiid_proxy.scrub.fragments import (
 _POSITION = re.compile(r"\[[^\]]*\]|\d+")
 
 
+@functools.lru_cache(maxsize=4096)  # a stream's channels repeat every event
 def _field(channel: str) -> str:
     """The channel of a piece's field at any position (no tracker names one so: NUL)."""
     return "\x00" + _POSITION.sub("", channel.rsplit(".", 1)[-1])
@@ -42,6 +44,7 @@ def _variants(secret: str) -> list[bytes]:
     return sorted((v for v in out if v), key=len, reverse=True)
 
 
+@functools.lru_cache(maxsize=256)  # a Scrubber is made per flow, twice: compiled once a key
 def _slashed(secret: str) -> re.Pattern[bytes] | None:
     """A secret with two or more ``/`` spelled with any of them JSON-escaped (``\\/``), as
     a JSON reader reads it whatever the mix; None for fewer (its two spellings are needles)."""
